@@ -1,0 +1,391 @@
+"""The forward model of quasi-static elastography, ``K(E) u = D(u) E = f`` (paper, equation 1).
+
+Linear elasticity on P1 triangles with a nodal (P1) Young's modulus ``E``. The stiffness ``K(E)``
+is the Jacobian of the residual form ``r(E; u, v) = inner(sigma(E, u), eps(v)) dx`` with respect to
+``u``; because ``r`` is linear in ``E`` too, its derivative with respect to ``E`` gives the
+rectangular operator ``D(u)`` (vector dofs x scalar dofs) with ``D(u) E = K(E) u`` to round-off.
+Forms are compiled once per model and matrices reassembled in place when ``E`` or ``u`` change.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ufl
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from dolfinx import fem, mesh
+from dolfinx.fem import petsc as fem_petsc
+
+from .grid import ImageGrid, NodalImage, validate_image
+
+__all__ = ["ForwardSettings", "ElasticityModel", "strain", "stress", "lame_parameters",
+           "simulate_displacement"]
+
+_SOLVER_OPTIONS = {
+    "lu": {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"},
+    "gamg": {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12, "ksp_atol": 1e-30,
+             "ksp_max_it": 2000, "pc_gamg_coarse_eq_limit": 1000,
+             "mg_levels_ksp_type": "chebyshev", "mg_levels_pc_type": "jacobi"},
+}
+_instance_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """Material law, loads, supports and linear solver of the forward model.
+
+    Attributes:
+        nu: Poisson ratio (tissue is nearly incompressible: 0.495 by default).
+        plane: ``"stress"`` (default; does not lock for nu -> 1/2) or ``"strain"``.
+        traction: downward pressure on the top (transducer) edge, force per unit length.
+        shear_traction: tangential traction on the top edge (positive to the right).
+        support: ``"fixed"`` clamps the bottom edge; ``"sliding"`` holds it vertically and fixes
+            the horizontal displacement of the bottom-left corner only (free lateral expansion).
+        solver: ``"lu"`` (MUMPS) or ``"gamg"`` (CG + smoothed aggregation with the rigid-body
+            near-nullspace, for large meshes).
+        petsc_options: extra PETSc options for the forward KSP (without prefix); they override the
+            defaults of ``solver``.
+    """
+
+    nu: float = 0.495
+    plane: str = "stress"
+    traction: float = 1e-3
+    shear_traction: float = 0.0
+    support: str = "fixed"
+    solver: str = "lu"
+    petsc_options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (np.isfinite(self.nu) and -1.0 < self.nu < 0.5):
+            raise ValueError(f"Poisson ratio nu must lie in (-1, 0.5), got {self.nu!r}")
+        if self.plane not in ("stress", "strain"):
+            raise ValueError(f"plane must be 'stress' or 'strain', got {self.plane!r}")
+        if self.support not in ("fixed", "sliding"):
+            raise ValueError(f"support must be 'fixed' or 'sliding', got {self.support!r}")
+        if self.solver not in _SOLVER_OPTIONS:
+            raise ValueError(f"solver must be one of {sorted(_SOLVER_OPTIONS)}, got {self.solver!r}")
+        for name in ("traction", "shear_traction"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (for attributes of output files)."""
+        out = asdict(self)
+        out["petsc_options"] = dict(self.petsc_options)
+        return out
+
+
+def lame_parameters(E, nu: float, plane: str):
+    """Lamé parameters ``(mu, lambda)`` of a modulus ``E`` (UFL or numbers) in 2D.
+
+    Plane stress uses the effective ``lambda* = E nu / (1 - nu^2)``.
+    """
+    mu = E / (2.0 * (1.0 + nu))
+    if plane == "strain":
+        lmbda = E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
+    else:
+        lmbda = E * nu / (1.0 - nu**2)
+    return mu, lmbda
+
+
+def strain(u):
+    """Small-strain tensor ``sym(grad u)``."""
+    return ufl.sym(ufl.grad(u))
+
+
+def stress(E, u, nu: float, plane: str = "stress"):
+    """Cauchy stress of isotropic linear elasticity, linear in both ``E`` and ``u``."""
+    mu, lmbda = lame_parameters(E, nu, plane)
+    eps = strain(u)
+    return 2.0 * mu * eps + lmbda * ufl.tr(eps) * ufl.Identity(len(u))
+
+
+def _orthonormalize(vectors: list[PETSc.Vec]) -> None:
+    """Modified Gram-Schmidt in place (collective)."""
+    for i, v in enumerate(vectors):
+        for w in vectors[:i]:
+            v.axpy(-w.dot(v), w)
+        v.normalize()
+
+
+class ElasticityModel:
+    """Assembles ``K(E)``, ``D(u)`` and ``f``, and solves ``K(E) u = f`` with PETSc KSP.
+
+    The communicator is the mesh's. ``E`` (:attr:`E`) lives in a scalar P1 space :attr:`Q`,
+    displacements in a vector P1 space :attr:`V`. Dirichlet rows are the supports; the other
+    (free) rows are the equations the inverse problem uses (:attr:`free_dofs`).
+
+    Args:
+        msh: a triangle mesh (for images, from :meth:`ImageGrid.create_mesh`).
+        settings: material law, loads, supports, solver.
+        grid: the image grid the mesh was made from; enables the image conversions.
+        body_force: optional UFL vector expression added to the load (used by verification tests).
+        bcs: optional list of Dirichlet conditions on :attr:`V` replacing the supports of
+            ``settings`` (build them with :attr:`V` from :meth:`function_spaces`).
+    """
+
+    def __init__(self, msh: mesh.Mesh, settings: ForwardSettings | None = None,
+                 grid: ImageGrid | None = None, *, body_force=None, bcs=None):
+        self.settings = settings = settings or ForwardSettings()
+        self.mesh = msh
+        self.comm = msh.comm
+        self.grid = grid
+        self.V, self.Q = self.function_spaces(msh)
+        self.E = fem.Function(self.Q, name="E")
+        self.E.x.array[:] = 1.0
+        self.u = fem.Function(self.V, name="u")
+        self.u_data = fem.Function(self.V, name="u_data")
+
+        tdim = msh.topology.dim
+        fdim = tdim - 1
+        x = msh.geometry.x
+        local_min = x[:, :2].min(axis=0) if len(x) else np.full(2, np.inf)
+        local_max = x[:, :2].max(axis=0) if len(x) else np.full(2, -np.inf)
+        self.lower, self.upper = np.empty(2), np.empty(2)
+        self.comm.Allreduce(local_min, self.lower, op=MPI.MIN)
+        self.comm.Allreduce(local_max, self.upper, op=MPI.MAX)
+        tol = 1e-10 * float(np.max(self.upper - self.lower))
+        msh.topology.create_connectivity(fdim, tdim)
+        top = mesh.locate_entities_boundary(msh, fdim, lambda p: np.isclose(p[1], self.upper[1],
+                                                                             atol=tol))
+        bottom = mesh.locate_entities_boundary(msh, fdim, lambda p: np.isclose(p[1], self.lower[1],
+                                                                               atol=tol))
+        tags = mesh.meshtags(msh, fdim, top, np.full(len(top), 1, dtype=np.int32))
+        ds = ufl.Measure("ds", domain=msh, subdomain_data=tags)
+
+        v = ufl.TestFunction(self.V)
+        residual = ufl.inner(stress(self.E, self.u, settings.nu, settings.plane), strain(v)) * ufl.dx
+        data_residual = ufl.replace(residual, {self.u: self.u_data})
+        self._a = fem.form(ufl.derivative(residual, self.u, ufl.TrialFunction(self.V)))
+        self._D = fem.form(ufl.derivative(data_residual, self.E, ufl.TrialFunction(self.Q)))
+        self._t = fem.Constant(msh, PETSc.ScalarType((settings.shear_traction, -settings.traction)))
+        load = ufl.inner(self._t, v) * ds(1)
+        if body_force is not None:
+            load = load + ufl.inner(body_force, v) * ufl.dx
+        self._L = fem.form(load)
+
+        if bcs is None:
+            bcs = self._supports(bottom)
+        self.bcs = list(bcs)
+
+        self._matrices: dict[tuple[str, bool], PETSc.Mat] = {}
+        self._modulus_changed = True
+        self.b = fem_petsc.create_vector(self._L)
+        self.ksp = self._create_solver()
+        self._images = {}
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @staticmethod
+    def function_spaces(msh: mesh.Mesh) -> tuple[fem.FunctionSpace, fem.FunctionSpace]:
+        """The displacement (vector P1) and modulus (scalar P1) spaces on ``msh``."""
+        gdim = msh.geometry.dim
+        return (fem.functionspace(msh, ("Lagrange", 1, (gdim,))),
+                fem.functionspace(msh, ("Lagrange", 1)))
+
+    @classmethod
+    def on_grid(cls, grid: ImageGrid, comm: MPI.Comm, settings: ForwardSettings | None = None
+                ) -> ElasticityModel:
+        """A model on the mesh of an image grid, distributed over ``comm``."""
+        return cls(grid.create_mesh(comm), settings, grid)
+
+    def _supports(self, bottom_facets: np.ndarray) -> list[fem.DirichletBC]:
+        fdim = self.mesh.topology.dim - 1
+        if self.settings.support == "fixed":
+            dofs = fem.locate_dofs_topological(self.V, fdim, bottom_facets)
+            return [fem.dirichletbc(np.zeros(2, dtype=PETSc.ScalarType), dofs, self.V)]
+        dofs_y = fem.locate_dofs_topological(self.V.sub(1), fdim, bottom_facets)
+        self.mesh.topology.create_connectivity(0, self.mesh.topology.dim)
+        lo = self.lower
+        corner = mesh.locate_entities_boundary(
+            self.mesh, 0, lambda p: np.isclose(p[0], lo[0]) & np.isclose(p[1], lo[1]))
+        dofs_x = fem.locate_dofs_topological(self.V.sub(0), 0, corner)
+        zero = PETSc.ScalarType(0)
+        return [fem.dirichletbc(zero, dofs_y, self.V.sub(1)),
+                fem.dirichletbc(zero, dofs_x, self.V.sub(0))]
+
+    def _create_solver(self) -> PETSc.KSP:
+        K = self._matrix("K", True)
+        ksp = PETSc.KSP().create(self.comm)
+        ksp.setOperators(K)
+        prefix = f"fenics_red_forward_{next(_instance_counter)}_"
+        ksp.setOptionsPrefix(prefix)
+        options = dict(_SOLVER_OPTIONS[self.settings.solver])
+        options.update(self.settings.petsc_options)
+        db = PETSc.Options(prefix)
+        for key, value in options.items():
+            db[key] = value
+        if options.get("pc_type") == "gamg":
+            K.setNearNullSpace(self.rigid_body_modes())
+        ksp.setFromOptions()
+        for key in options:
+            db.delValue(key)
+        return ksp
+
+    def rigid_body_modes(self) -> PETSc.NullSpace:
+        """The three in-plane rigid-body modes as an orthonormal PETSc near-nullspace."""
+        points = self.V.tabulate_dof_coordinates()
+        n_owned = self.V.dofmap.index_map.size_local
+        x, y = points[:n_owned, 0], points[:n_owned, 1]
+        modes = [fem.Function(self.V).x.petsc_vec.copy() for _ in range(3)]
+        for vec, (mx, my) in zip(modes, [(1.0 + 0 * x, 0 * x), (0 * x, 1.0 + 0 * x), (-y, x)],
+                                 strict=True):
+            with vec.localForm() as local:
+                values = local.array
+                values[: 2 * n_owned: 2] = mx
+                values[1: 2 * n_owned: 2] = my
+        _orthonormalize(modes)
+        return PETSc.NullSpace().create(vectors=modes, comm=self.comm)
+
+    def _matrix(self, name: str, apply_bcs: bool) -> PETSc.Mat:
+        key = (name, apply_bcs)
+        if key not in self._matrices:
+            self._matrices[key] = fem_petsc.create_matrix(self._a if name == "K" else self._D)
+        return self._matrices[key]
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def images(self, space: str) -> NodalImage:
+        """The nodal/image map of ``"V"`` (displacement) or ``"Q"`` (modulus); needs a grid."""
+        if self.grid is None:
+            raise RuntimeError("this model was built without an ImageGrid; images need one")
+        if space not in self._images:
+            self._images[space] = NodalImage(self.V if space == "V" else self.Q, self.grid)
+        return self._images[space]
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def set_modulus(self, E) -> None:
+        """Set ``E`` from an image ``(ny+1, nx+1)``, a function on :attr:`Q` or local dof values.
+
+        Raises ``ValueError`` for non-finite or non-positive moduli.
+        """
+        if isinstance(E, fem.Function):
+            values = E.x.array
+        else:
+            values = np.asarray(E, dtype=np.float64)
+            if values.ndim == 2:
+                values = validate_image(values, self.grid.shape if self.grid else None,
+                                        "modulus image", positive=True)
+                self.images("Q").from_image(values, self.E)
+                values = None
+        if values is not None:
+            if values.shape != self.E.x.array.shape:
+                raise ValueError(f"modulus values have shape {values.shape}, expected "
+                                 f"{self.E.x.array.shape} (local dofs) or an image")
+            self.E.x.array[:] = values
+        self.check_modulus()
+        self._modulus_changed = True
+
+    def check_modulus(self) -> None:
+        """Raise ``ValueError`` on every rank if any rank holds a non-finite or non-positive E."""
+        local = self.E.x.array
+        bad = int(not (np.isfinite(local).all() and (local > 0).all()))
+        if self.comm.allreduce(bad, op=MPI.MAX):
+            finite = local[np.isfinite(local)]
+            raise ValueError("Young's modulus must be finite and strictly positive everywhere "
+                             f"(local minimum {finite.min() if len(finite) else 'n/a'})")
+
+    def modulus_changed(self) -> None:
+        """Declare that :attr:`E` was modified in place, so ``K(E)`` is reassembled when needed."""
+        self._modulus_changed = True
+
+    # -- assembly --------------------------------------------------------------------------------
+
+    def assemble_K(self, apply_bcs: bool = True) -> PETSc.Mat:
+        """Reassemble ``K(E)`` in place and return it.
+
+        With ``apply_bcs`` the Dirichlet rows and columns are replaced by the identity, so the
+        matrix is ``diag(K_ff, I)`` (free dofs first in this picture); without, it is the full
+        stiffness for which ``D(u) E = K(E) u`` holds on every row.
+        """
+        K = self._matrix("K", apply_bcs)
+        K.zeroEntries()
+        fem_petsc.assemble_matrix(K, self._a, bcs=self.bcs if apply_bcs else [])
+        K.assemble()
+        if apply_bcs:
+            self._modulus_changed = False
+        return K
+
+    def assemble_D(self, u=None, apply_bcs: bool = False) -> PETSc.Mat:
+        """Reassemble ``D(u)`` (size ``2N x N``) in place and return it.
+
+        ``u`` (a function on :attr:`V` or local values) defaults to the current :attr:`u_data`.
+        With ``apply_bcs`` the Dirichlet rows are zero, leaving the free equations only.
+        """
+        if u is not None:
+            self.u_data.x.array[:] = u.x.array if isinstance(u, fem.Function) else u
+        D = self._matrix("D", apply_bcs)
+        D.zeroEntries()
+        fem_petsc.assemble_matrix(D, self._D, bcs=self.bcs if apply_bcs else [])
+        D.assemble()
+        return D
+
+    def assemble_load(self) -> PETSc.Vec:
+        """Reassemble the load vector ``f`` (Dirichlet rows hold the prescribed values)."""
+        with self.b.localForm() as local:
+            local.set(0.0)
+        fem_petsc.assemble_vector(self.b, self._L)
+        fem_petsc.apply_lifting(self.b, [self._a], bcs=[self.bcs])
+        self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        fem_petsc.set_bc(self.b, self.bcs)
+        return self.b
+
+    @property
+    def free_dofs(self) -> np.ndarray:
+        """Boolean mask over owned displacement dofs (unrolled): True where not Dirichlet."""
+        n = self.V.dofmap.index_map.size_local * self.V.dofmap.index_map_bs
+        mask = np.ones(n, dtype=bool)
+        for bc in self.bcs:
+            dofs, _ = bc.dof_indices()
+            mask[dofs[dofs < n]] = False
+        return mask
+
+    # -- solve -----------------------------------------------------------------------------------
+
+    def solve(self, E=None) -> fem.Function:
+        """Solve ``K(E) u = f`` and return :attr:`u`; ``E`` as in :meth:`set_modulus`."""
+        if E is not None:
+            self.set_modulus(E)
+        if self._modulus_changed:
+            self.assemble_K()
+        self.assemble_load()
+        self.ksp.solve(self.b, self.u.x.petsc_vec)
+        reason = self.ksp.getConvergedReason()
+        if reason < 0:
+            raise RuntimeError(f"forward solve failed to converge (PETSc KSP reason {reason}); "
+                               "check the modulus for extreme contrasts or use solver='lu'")
+        self.u.x.scatter_forward()
+        return self.u
+
+    def displacement_images(self, u: fem.Function | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(ux, uy)`` images of a displacement (default :attr:`u`). Collective."""
+        images = self.images("V").to_image(u or self.u)
+        return images[0], images[1]
+
+    def destroy(self) -> None:
+        """Free the PETSc objects (collective)."""
+        self.ksp.destroy()
+        self.b.destroy()
+        for matrix in self._matrices.values():
+            matrix.destroy()
+        self._matrices.clear()
+
+
+def simulate_displacement(modulus: np.ndarray, grid: ImageGrid | None = None,
+                          settings: ForwardSettings | None = None,
+                          comm: MPI.Comm = MPI.COMM_SELF) -> tuple[np.ndarray, np.ndarray]:
+    """Displacement images ``(ux, uy)`` of a modulus image: one forward solve on ``comm``."""
+    modulus = validate_image(modulus, None, "modulus image", positive=True)
+    grid = grid or ImageGrid.from_shape(modulus.shape)
+    model = ElasticityModel.on_grid(grid, comm, settings)
+    try:
+        model.solve(modulus)
+        return model.displacement_images()
+    finally:
+        model.destroy()
