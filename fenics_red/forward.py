@@ -105,14 +105,6 @@ def stress(E, u, nu: float, plane: str = "stress"):
     return 2.0 * mu * eps + lmbda * ufl.tr(eps) * ufl.Identity(len(u))
 
 
-def _orthonormalize(vectors: list[PETSc.Vec]) -> None:
-    """Modified Gram-Schmidt in place (collective)."""
-    for i, v in enumerate(vectors):
-        for w in vectors[:i]:
-            v.axpy(-w.dot(v), w)
-        v.normalize()
-
-
 class ElasticityModel:
     """Assembles ``K(E)``, ``D(u)`` and ``f``, and solves ``K(E) u = f`` with PETSc KSP.
 
@@ -125,8 +117,8 @@ class ElasticityModel:
         settings: material law, loads, supports, solver.
         grid: the image grid the mesh was made from; enables the image conversions.
         body_force: optional UFL vector expression added to the load (used by verification tests).
-        bcs: optional list of Dirichlet conditions on :attr:`V` replacing the supports of
-            ``settings`` (build them with :attr:`V` from :meth:`function_spaces`).
+        bcs: optional callable ``bcs(V) -> list[DirichletBC]`` building Dirichlet conditions on
+            the model's displacement space, replacing the supports of ``settings``.
     """
 
     def __init__(self, msh: mesh.Mesh, settings: ForwardSettings | None = None,
@@ -169,9 +161,7 @@ class ElasticityModel:
             load = load + ufl.inner(body_force, v) * ufl.dx
         self._L = fem.form(load)
 
-        if bcs is None:
-            bcs = self._supports(bottom)
-        self.bcs = list(bcs)
+        self.bcs = self._supports(bottom) if bcs is None else list(bcs(self.V))
 
         self._matrices: dict[tuple[str, bool], PETSc.Mat] = {}
         self._modulus_changed = True
@@ -229,18 +219,20 @@ class ElasticityModel:
 
     def rigid_body_modes(self) -> PETSc.NullSpace:
         """The three in-plane rigid-body modes as an orthonormal PETSc near-nullspace."""
-        points = self.V.tabulate_dof_coordinates()
         n_owned = self.V.dofmap.index_map.size_local
-        x, y = points[:n_owned, 0], points[:n_owned, 1]
-        modes = [fem.Function(self.V).x.petsc_vec.copy() for _ in range(3)]
-        for vec, (mx, my) in zip(modes, [(1.0 + 0 * x, 0 * x), (0 * x, 1.0 + 0 * x), (-y, x)],
-                                 strict=True):
-            with vec.localForm() as local:
-                values = local.array
-                values[: 2 * n_owned: 2] = mx
-                values[1: 2 * n_owned: 2] = my
-        _orthonormalize(modes)
-        return PETSc.NullSpace().create(vectors=modes, comm=self.comm)
+        x, y = self.V.tabulate_dof_coordinates()[:n_owned, :2].T
+        modes = np.zeros((3, n_owned, 2))
+        modes[0, :, 0] = 1.0
+        modes[1, :, 1] = 1.0
+        modes[2, :, 0], modes[2, :, 1] = -y, x
+        modes = modes.reshape(3, -1)
+        for i in range(3):  # modified Gram-Schmidt with global dot products
+            for j in range(i):
+                modes[i] -= self.comm.allreduce(modes[j] @ modes[i], op=MPI.SUM) * modes[j]
+            modes[i] /= np.sqrt(self.comm.allreduce(modes[i] @ modes[i], op=MPI.SUM))
+        self._rigid_body_arrays = modes  # PETSc borrows this memory: keep it alive
+        vectors = [PETSc.Vec().createWithArray(mode, bsize=2, comm=self.comm) for mode in modes]
+        return PETSc.NullSpace().create(vectors=vectors, comm=self.comm)
 
     def _matrix(self, name: str, apply_bcs: bool) -> PETSc.Mat:
         key = (name, apply_bcs)
@@ -276,8 +268,9 @@ class ElasticityModel:
                 values = None
         if values is not None:
             if values.shape != self.E.x.array.shape:
-                raise ValueError(f"modulus values have shape {values.shape}, expected "
-                                 f"{self.E.x.array.shape} (local dofs) or an image")
+                expected = f"a 2-D image of shape {self.grid.shape} or " if self.grid else ""
+                raise ValueError(f"modulus must be {expected}{self.E.x.array.size} local nodal "
+                                 f"values, got an array of shape {values.shape}")
             self.E.x.array[:] = values
         self.check_modulus()
         self._modulus_changed = True

@@ -62,8 +62,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     comm = MPI.COMM_WORLD
     settings = forward_settings(args)
-    if comm.rank == 0:
-        check_output_path(args.out, args.overwrite)
+    check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
     modulus = validate_image(load_image(args.modulus, "modulus image"), name="modulus image",
                              positive=True)
     grid = ImageGrid.from_shape(modulus.shape, args.width, args.height)

@@ -1,0 +1,38 @@
+# fenics-red: every target sets the environment up first when needed (scripts/setup is idempotent).
+SHELL := /bin/bash
+ENV := scripts/env
+# Tests under MPI: one thread per rank, and a hard limit so that a hang fails instead of blocking.
+MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
+DEMO_OUT ?= demo-output
+
+.PHONY: help setup test test-serial test-mpi demo bench docker clean
+
+help:
+	@echo "make setup   provision the DOLFINx/PETSc/torch stack and .venv (idempotent)"
+	@echo "make test    run the tests serially and under mpirun -n 2"
+	@echo "make demo    run the main job on the built-in phantom, results in $(DEMO_OUT)/"
+	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
+	@echo "make docker  build the Docker image fenics-red (needs a Docker engine)"
+
+setup:
+	@scripts/setup
+
+test: test-serial test-mpi
+
+test-serial: setup
+	$(ENV) python -m pytest -q --color=no
+
+test-mpi: setup
+	$(MPI_TEST)
+
+demo: setup
+	$(ENV) fenics-red demo --out $(DEMO_OUT)
+
+bench: setup
+	$(ENV) python benchmarks/run.py
+
+docker:
+	docker build -f docker/Dockerfile -t fenics-red .
+
+clean:
+	rm -rf .venv build *.egg-info $(DEMO_OUT)
