@@ -1,0 +1,47 @@
+"""``fenics-red show``: a figure of one data set sample (modulus, clean and noisy displacements)."""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from ..data import load_dataset
+from ..parallel import on_root
+from ..io import check_output_path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "show", help="plot one sample of a data set",
+        description="Write a PNG with the modulus, the inclusion mask and the clean and noisy "
+                    "lateral (ux) and axial (uy) displacement images of one sample.")
+    parser.add_argument("dataset", help="data set file (.h5) from 'fenics-red simulate'")
+    parser.add_argument("--sample", type=int, default=0, help="sample index (default 0)")
+    parser.add_argument("--out", required=True, help="output PNG file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    comm = MPI.COMM_WORLD
+    check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
+    with load_dataset(args.dataset, check_data=False) as dataset:
+        n = len(dataset)
+        if not 0 <= args.sample < n:
+            raise ValueError(f"--sample {args.sample} does not exist: {args.dataset!r} has {n} "
+                             f"samples (0 to {n - 1})")
+        sample = dataset.sample(args.sample)
+        grid = dataset.grid
+    for name in ("E", "ux", "uy", "ux_noisy", "uy_noisy"):
+        if not np.isfinite(getattr(sample, name)).all():
+            raise ValueError(f"sample {args.sample} of {args.dataset!r} has non-finite values in "
+                             f"{name}: the file is damaged")
+
+    def plot():
+        from ..visualise import plot_sample
+
+        plot_sample(sample, args.out, grid, overwrite=args.overwrite)
+        print(f"wrote {args.out}: sample {args.sample} of {args.dataset}")
+
+    on_root(comm, plot)
+    return 0

@@ -1,0 +1,91 @@
+"""``fenics-red simulate``: a synthetic data set of phantoms and noisy displacements (paper, §5)."""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from ..data import SimulationSettings, simulate_dataset
+from ..grid import ImageGrid
+from ..phantoms import SHAPES, PhantomSettings
+from .forward import add_forward_arguments, forward_settings
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate", help="simulate a synthetic data set (phantoms, clean and noisy displacements)",
+        description="Draw phantoms (random inclusions, or the connected components of the mask "
+                    "images of --masks), solve the forward model and add Gaussian noise at the "
+                    "target SNR; write everything to an HDF5 file. The same seed gives the same "
+                    "file on any number of MPI ranks; an interrupted run resumes from "
+                    "OUT.partial when started again with the same options.")
+    parser.add_argument("--samples", type=int, required=True, help="number of samples")
+    parser.add_argument("--grid", type=int, default=64,
+                        help="cells along x (default %(default)s)")
+    parser.add_argument("--grid-y", type=int, default=None,
+                        help="cells along y (default: square cells, i.e. --grid for a square)")
+    parser.add_argument("--snr", type=float, default=35.0,
+                        help="SNR of the displacement noise in dB (default %(default)s)")
+    parser.add_argument("--noise-ratio", type=float, default=1.0,
+                        help="lateral-to-axial noise ratio sigma_x / sigma_y (default "
+                             "%(default)s)")
+    parser.add_argument("--force-noise", type=float, default=0.0,
+                        help="standard deviation of the nodal force noise (default 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    parser.add_argument("--out", required=True, help="output HDF5 file")
+    parser.add_argument("--masks", default=None, metavar="DIR",
+                        help="folder of PNG/.npy mask images; each connected component becomes "
+                             "an inclusion (sample i uses the (i mod n)-th mask by name)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (and discard an unfinished run)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="samples per rank between two writes of the file (default "
+                             "%(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("phantoms")
+    defaults = PhantomSettings()
+    group.add_argument("--inclusions", type=int, nargs=2, metavar=("MIN", "MAX"),
+                       default=defaults.n_inclusions,
+                       help="number of inclusions of random phantoms (default %(default)s)")
+    group.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(defaults.shapes),
+                       help="inclusion shapes to draw from (default: all)")
+    group.add_argument("--min-size", type=float, default=defaults.min_size,
+                       help="smallest inclusion diameter in cells (default %(default)s)")
+    group.add_argument("--max-size", type=float, default=defaults.max_size,
+                       help="largest inclusion diameter as a fraction of the field "
+                            "(default 1/3)")
+    group.add_argument("--soft-edge", type=float, default=defaults.soft_edge,
+                       help="width of a smooth inclusion edge in cells (default 0: sharp)")
+    add_forward_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def grid_from_args(args) -> ImageGrid:
+    """The grid of ``--grid``, ``--grid-y``, ``--width`` and ``--height`` (square cells by default)."""
+    nx = args.grid
+    if nx is None or nx < 1:
+        raise ValueError(f"--grid must be a positive number of cells, got {nx}")
+    width = 1.0 if args.width is None else args.width
+    ny = args.grid_y
+    if ny is None:
+        ny = nx if args.height is None else max(1, round(nx * args.height / width))
+    if ny < 1:
+        raise ValueError(f"--grid-y must be a positive number of cells, got {ny}")
+    height = width * ny / nx if args.height is None else args.height
+    return ImageGrid(nx, ny, width, height)
+
+
+def run(args) -> int:
+    comm = MPI.COMM_WORLD
+    phantoms = PhantomSettings(n_inclusions=tuple(args.inclusions), shapes=tuple(args.shapes),
+                               min_size=args.min_size, max_size=args.max_size,
+                               soft_edge=args.soft_edge)
+    settings = SimulationSettings(grid_from_args(args), forward_settings(args), args.snr,
+                                  args.noise_ratio, args.force_noise, args.seed, phantoms)
+    path = simulate_dataset(args.out, args.samples, settings, comm, masks_dir=args.masks,
+                            overwrite=args.overwrite, progress=not args.quiet,
+                            batch_size=args.batch_size)
+    if comm.rank == 0:
+        g = settings.grid
+        print(f"wrote {path}: {args.samples} samples on a {g.nx} x {g.ny} grid at "
+              f"{settings.snr_db:g} dB")
+    return 0

@@ -1,0 +1,599 @@
+"""Synthetic elastography data sets in HDF5: simulate, resume, load and validate (paper, section 5).
+
+A data set holds ``n`` samples, each a phantom modulus ``E`` (:mod:`fenics_red.phantoms`), its clean
+displacement ``u = K(E)⁻¹ f`` (:mod:`fenics_red.forward`, equation 1) and a noisy measurement
+``u_m`` at a target SNR (:mod:`fenics_red.measurements`). The paper trains its denoiser on such
+data made from 540 mask images at 35 dB.
+
+File layout (format version 1; every image in the convention of :mod:`fenics_red.grid`: shape
+``(ny+1, nx+1)``, row 0 the transducer edge ``y = H``, column 0 at ``x = 0``):
+
+========== ========================= ======== ==============================================
+dataset    shape                     dtype    meaning
+========== ========================= ======== ==============================================
+E          (n, ny+1, nx+1)           float64  Young's modulus (normalised, 1 = 100 kPa)
+ux, uy     (n, ny+1, nx+1)           float64  clean lateral / axial displacement
+ux_noisy   (n, ny+1, nx+1)           float64  measured (noisy) lateral displacement
+uy_noisy   (n, ny+1, nx+1)           float64  measured (noisy) axial displacement
+mask       (n, ny+1, nx+1)           uint16   0 background, k = 1..K nodes of inclusion k
+noise_std  (n, 2)                    float64  (σx, σy) of the displacement noise: Σn
+force_std  (n,)                      float64  σw of the force noise: Σw = σw² I (0: none)
+done       (n,)                      uint8    1 once the sample is written (all 1 when complete)
+========== ========================= ======== ==============================================
+
+Attributes (everything needed to redo the file): ``format``, ``format_version``,
+``fenics_red_version``, ``n_samples``; the grid ``nx``, ``ny``, ``width``, ``height``; the forward
+model ``nu``, ``plane``, ``traction``, ``shear_traction``, ``support``, ``solver``,
+``petsc_options`` (JSON); the noise ``snr_db``, ``noise_ratio``, ``force_noise``; ``seed``; the
+phantom settings ``phantoms`` (JSON); the masks ``masks_dir``, ``n_masks``, ``masks_sha256``
+(empty / 0 for random phantoms), and descriptive ``image_convention`` and ``units`` strings.
+
+Reproducibility: sample ``i`` is drawn from ``SeedSequence(seed).spawn(n)[i]`` (two children of
+it: phantom, then noise), so it is the same whatever the number of samples, the MPI rank count or
+the resumption history. Each rank solves its samples on ``MPI.COMM_SELF``; rank 0 writes.
+Interrupted runs leave ``FILE.h5.partial`` (flushed after every batch); running again with the
+same settings resumes it, and the file is renamed to ``FILE.h5`` when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from .forward import ElasticityModel, ForwardSettings
+from .grid import ImageGrid
+from .measurements import simulate_measurement
+from .parallel import on_root as _on_root
+from .parallel import raise_local_or_shared as _raise_local_or_shared
+from .phantoms import PhantomSettings, load_mask_folder, mask_phantom, random_phantom
+
+__all__ = ["SimulationSettings", "Sample", "Dataset", "load_dataset", "simulate_dataset",
+           "simulate_sample", "sample_generators", "FORMAT", "FORMAT_VERSION", "IMAGE_DATASETS"]
+
+#: Value of the ``format`` attribute of every data set file.
+FORMAT = "fenics-red synthetic elastography"
+#: Version of the layout described in the module docstring.
+FORMAT_VERSION = 1
+#: Float64 image stacks of a data set, ``(n, ny+1, nx+1)``.
+IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
+MASK_DTYPE = np.uint16
+
+_FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
+#: Attributes that describe, but do not determine, the data (ignored when resuming).
+_INFORMATIVE = ("masks_dir", "image_convention", "units")
+
+
+# -- settings and samples ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """Everything that determines a synthetic data set (with the mask folder, if any).
+
+    Attributes:
+        grid: the image grid (nodes = pixels).
+        forward: material law, loads, supports and solver of the forward model.
+        snr_db: SNR of the displacement noise in dB over the free dofs (paper: 35 dB).
+        noise_ratio: lateral-to-axial noise ratio ``σx / σy``.
+        force_noise: standard deviation ``σw`` of the nodal force noise (0: none).
+        seed: root seed; sample ``i`` uses ``SeedSequence(seed).spawn(n)[i]``.
+        phantoms: how random phantoms are drawn (also the moduli of mask phantoms).
+    """
+
+    grid: ImageGrid
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    snr_db: float = 35.0
+    noise_ratio: float = 1.0
+    force_noise: float = 0.0
+    seed: int = 0
+    phantoms: PhantomSettings = field(default_factory=PhantomSettings)
+
+    def __post_init__(self):
+        for name, kind in (("grid", ImageGrid), ("forward", ForwardSettings),
+                           ("phantoms", PhantomSettings)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"SimulationSettings.{name} must be a {kind.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        checks = (("snr_db", lambda v: math.isfinite(v), "a finite number of dB"),
+                  ("noise_ratio", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
+                  ("force_noise", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"))
+        for name, ok, what in checks:
+            try:
+                value = float(getattr(self, name))
+            except (TypeError, ValueError):
+                value = math.nan
+            if not ok(value):
+                raise ValueError(f"SimulationSettings.{name} must be {what}, got "
+                                 f"{getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"SimulationSettings.seed must be a non-negative integer, got {seed!r}")
+        object.__setattr__(self, "seed", int(seed))
+
+    def to_attrs(self) -> dict:
+        """Flat HDF5 attributes (strings, numbers, JSON for nested values)."""
+        g, f = self.grid, self.forward
+        attrs = {"nx": int(g.nx), "ny": int(g.ny), "width": float(g.width),
+                 "height": float(g.height)}
+        attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
+        attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
+        attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
+                     force_noise=self.force_noise, seed=self.seed,
+                     phantoms=json.dumps(self.phantoms.to_dict(), sort_keys=True))
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs) -> SimulationSettings:
+        """Inverse of :meth:`to_attrs`; raises ``ValueError`` naming missing or bad attributes."""
+        needed = ["nx", "ny", "width", "height", *_FORWARD_KEYS, "petsc_options", "snr_db",
+                  "noise_ratio", "force_noise", "seed", "phantoms"]
+        missing = [key for key in needed if key not in attrs]
+        if missing:
+            raise ValueError(f"missing attribute(s) {missing}")
+        a = {key: _plain(attrs[key]) for key in needed}
+        try:
+            grid = ImageGrid(_int(a["nx"], "nx"), _int(a["ny"], "ny"), float(a["width"]),
+                             float(a["height"]))
+            forward = ForwardSettings(
+                nu=float(a["nu"]), plane=str(a["plane"]), traction=float(a["traction"]),
+                shear_traction=float(a["shear_traction"]), support=str(a["support"]),
+                solver=str(a["solver"]), petsc_options=json.loads(a["petsc_options"]))
+            phantoms = PhantomSettings.from_dict(json.loads(a["phantoms"]))
+            return cls(grid, forward, float(a["snr_db"]), float(a["noise_ratio"]),
+                       float(a["force_noise"]), _int(a["seed"], "seed"), phantoms)
+        except (TypeError, ValueError, json.JSONDecodeError) as error:
+            raise ValueError(f"invalid settings attributes: {error}") from None
+
+
+def _plain(value):
+    """HDF5 attribute -> Python value (numpy scalars, bytes)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"attribute {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class Sample:
+    """One sample of a data set: images ``(ny+1, nx+1)`` and its noise levels.
+
+    ``mask`` holds integer labels (0 background, ``k > 0`` inclusion ``k``); ``noise_std`` is
+    ``(σx, σy)`` (``Σn``) and ``force_std`` is ``σw`` (``Σw = σw² I``) of the measurement.
+    """
+
+    index: int
+    E: np.ndarray
+    ux: np.ndarray
+    uy: np.ndarray
+    ux_noisy: np.ndarray
+    uy_noisy: np.ndarray
+    mask: np.ndarray
+    noise_std: tuple[float, float]
+    force_std: float
+
+
+def sample_generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """``(phantom_rng, noise_rng)`` of sample ``index``: the two children of its seed sequence.
+
+    The sample's sequence equals ``SeedSequence(seed).spawn(n)[index]`` for any ``n > index``.
+    Separate streams keep the phantoms of a seed the same when only the noise settings change.
+    """
+    sequence = np.random.SeedSequence(seed, spawn_key=(int(index),))
+    phantom, noise = sequence.spawn(2)
+    return np.random.default_rng(phantom), np.random.default_rng(noise)
+
+
+def simulate_sample(index: int, settings: SimulationSettings,
+                    model: ElasticityModel | None = None, masks: np.ndarray | None = None
+                    ) -> Sample:
+    """Sample ``index`` of the data set of ``settings``: phantom, clean and noisy displacements.
+
+    ``model``: a forward model of ``settings.grid`` and ``settings.forward`` to reuse (default: a
+    new one on ``MPI.COMM_SELF``, destroyed afterwards). ``masks``: boolean masks
+    ``(n_masks, ny+1, nx+1)`` (:func:`~fenics_red.phantoms.load_mask_folder`); sample ``i`` uses
+    mask ``i mod n_masks``. Without masks the phantom is random.
+    """
+    phantom_rng, noise_rng = sample_generators(settings.seed, index)
+    if masks is not None:
+        E, labels = mask_phantom(masks[index % len(masks)], settings.grid, phantom_rng,
+                                 settings.phantoms)
+    else:
+        E, labels = random_phantom(settings.grid, phantom_rng, settings.phantoms)
+    if int(labels.max()) > np.iinfo(MASK_DTYPE).max:
+        raise ValueError(f"sample {index} has {int(labels.max())} inclusions; at most "
+                         f"{np.iinfo(MASK_DTYPE).max} fit the mask's integer type")
+    own = model is None
+    if own:
+        model = ElasticityModel.on_grid(settings.grid, MPI.COMM_SELF, settings.forward)
+    try:
+        m = simulate_measurement(model, E, noise_rng, settings.snr_db, settings.noise_ratio,
+                                 settings.force_noise)
+    finally:
+        if own:
+            model.destroy()
+    return Sample(int(index), E, m.ux, m.uy, m.ux_noisy, m.uy_noisy,
+                  labels.astype(MASK_DTYPE), tuple(float(s) for s in m.noise_std),
+                  float(m.force_std))
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _file_attrs(settings: SimulationSettings, n_samples: int, masks_dir, n_masks: int,
+                masks_sha256: str) -> dict:
+    from . import __version__
+
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+             "fenics_red_version": __version__, "n_samples": int(n_samples)}
+    attrs.update(settings.to_attrs())
+    attrs.update(masks_dir="" if masks_dir is None else str(Path(masks_dir).resolve()),
+                 n_masks=int(n_masks), masks_sha256=masks_sha256,
+                 image_convention="(ny+1, nx+1) nodal images; row 0 = transducer edge y = H, "
+                                  "column 0 = x = 0",
+                 units="modulus normalised (1 = 100 kPa); displacement in length units of the "
+                       "grid; mask: 0 background, k > 0 inclusion k")
+    return attrs
+
+
+def _attr_differences(old, new: dict) -> list[str]:
+    differences = []
+    for key, value in new.items():
+        if key in _INFORMATIVE:
+            continue
+        if key not in old:
+            differences.append(f"{key}: missing in the file, {value!r} now")
+        elif _plain(old[key]) != value:
+            differences.append(f"{key}: {_plain(old[key])!r} in the file, {value!r} now")
+    return differences
+
+
+class _Writer:
+    """Rank 0's handle on ``FILE.h5.partial``: creates or reopens it, writes batches, finishes."""
+
+    def __init__(self, path: Path, attrs: dict, shape: tuple[int, int], overwrite: bool):
+        import h5py
+
+        self.path, self.partial = path, _partial_path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"output {str(path)!r} already exists; remove it or pass "
+                                  "--overwrite (overwrite=True) to replace it")
+        n = attrs["n_samples"]
+        if self.partial.exists() and not overwrite:
+            try:
+                self.file = h5py.File(self.partial, "r+")
+            except OSError as error:
+                raise ValueError(
+                    f"cannot resume from {str(self.partial)!r}: it is not a readable HDF5 file "
+                    f"({error}); delete it or pass --overwrite (overwrite=True) to start again"
+                    ) from None
+            try:
+                self._check_resumable(attrs, shape)
+            except Exception:
+                self.file.close()
+                raise
+        else:
+            if self.partial.exists():
+                self.partial.unlink()
+            self.file = h5py.File(self.partial, "w")
+            for key, value in attrs.items():
+                self.file.attrs[key] = value
+            chunk = (1, *shape)
+            for name in IMAGE_DATASETS:
+                self.file.create_dataset(name, (n, *shape), dtype=np.float64, chunks=chunk)
+            self.file.create_dataset("mask", (n, *shape), dtype=MASK_DTYPE, chunks=chunk)
+            self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
+            self.file.create_dataset("force_std", (n,), dtype=np.float64)
+            self.file.create_dataset("done", (n,), dtype=np.uint8)
+            self.file.flush()
+        self.done = np.asarray(self.file["done"][...], dtype=bool)
+
+    def _check_resumable(self, attrs: dict, shape: tuple[int, int]) -> None:
+        where = (f"the unfinished run {str(self.partial)!r}")
+        advice = ("run again with the same settings to resume it, or pass --overwrite "
+                  "(overwrite=True) to start again")
+        if _plain(self.file.attrs.get("format")) != FORMAT:
+            raise ValueError(f"{where} is not a fenics-red data set; delete it or {advice}")
+        differences = _attr_differences(self.file.attrs, attrs)
+        if differences:
+            raise ValueError(f"{where} was made with different settings ("
+                             + "; ".join(differences) + f"); {advice}")
+        n = attrs["n_samples"]
+        for name, expected in [*((d, (n, *shape)) for d in (*IMAGE_DATASETS, "mask")),
+                               ("noise_std", (n, 2)), ("force_std", (n,)), ("done", (n,))]:
+            if name not in self.file or self.file[name].shape != expected:
+                raise ValueError(f"{where} has no dataset {name!r} of shape {expected}; it is "
+                                 f"damaged: delete it or pass --overwrite (overwrite=True)")
+
+    def write(self, samples: list[Sample]) -> None:
+        f = self.file
+        for s in samples:
+            i = s.index
+            for name in IMAGE_DATASETS:
+                f[name][i] = getattr(s, name)
+            f["mask"][i] = s.mask
+            f["noise_std"][i] = s.noise_std
+            f["force_std"][i] = s.force_std
+        for s in samples:  # flags last: a sample is done only once all its data are written
+            f["done"][s.index] = 1
+            self.done[s.index] = True
+        f.flush()
+
+    def finish(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: SimulationSettings,
+                     comm: MPI.Comm, masks_dir: str | os.PathLike | None = None,
+                     overwrite: bool = False, progress: bool = True, *,
+                     batch_size: int = 8,
+                     on_batch: Callable[[int], None] | None = None) -> Path:
+    """Simulate ``n_samples`` samples into the HDF5 file ``path`` (layout: module docstring).
+
+    Collective on ``comm``: the samples are spread over its ranks, each solving its own on
+    ``MPI.COMM_SELF``; rank 0 writes ``path + ".partial"`` after every batch (``batch_size``
+    samples per rank) and renames it to ``path`` when all are done. An existing partial file made
+    with the same settings is resumed (a mismatch is a ``ValueError`` listing the differences); an
+    existing ``path`` is a ``FileExistsError`` unless ``overwrite`` (which also discards a
+    partial file). With ``masks_dir`` the phantoms come from the folder's mask images (sample
+    ``i`` uses the ``i mod n_masks``-th by name). ``on_batch(n_done)`` is called on every rank
+    after each batch is written (a hook for tests and progress reports; an exception raised in it
+    stops the run, leaving a resumable partial file). Returns ``path``.
+    """
+    path = Path(path)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueError(f"the number of samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(settings, SimulationSettings):
+        raise ValueError(f"settings must be SimulationSettings, got {type(settings).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n_samples = int(n_samples)
+    grid = settings.grid
+
+    masks, sha = None, ""
+    if masks_dir is not None:
+        _, masks, sha = _on_root(comm, lambda: load_mask_folder(masks_dir, grid))
+    attrs = _file_attrs(settings, n_samples, masks_dir, 0 if masks is None else len(masks), sha)
+
+    writer: _Writer | None = None
+    model: ElasticityModel | None = None
+    bar = None
+    try:
+        def open_writer():
+            nonlocal writer
+            writer = _Writer(path, attrs, grid.shape, overwrite)
+            return np.flatnonzero(~writer.done)
+        pending = _on_root(comm, open_writer)
+        if comm.rank == 0 and progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_samples, initial=n_samples - len(pending), unit="sample",
+                       desc=f"simulate {path.name}", dynamic_ncols=True)
+        step = batch_size * comm.size
+        for start in range(0, len(pending), step):
+            mine = pending[start:start + step][comm.rank::comm.size]
+            results, error = [], None
+            try:
+                if len(mine) and model is None:
+                    model = ElasticityModel.on_grid(grid, MPI.COMM_SELF, settings.forward)
+                for index in mine:
+                    results.append(simulate_sample(int(index), settings, model, masks))
+            except Exception as exc:
+                error = exc
+            _raise_local_or_shared(comm, error)
+            gathered = comm.gather(results, root=0)
+
+            def write(gathered=gathered):
+                writer.write([s for part in gathered for s in part])
+                return int(writer.done.sum())
+            n_done = _on_root(comm, write)
+            if bar is not None:
+                bar.update(n_done - bar.n)
+            if on_batch is not None:
+                on_batch(n_done)
+        _on_root(comm, lambda: writer.finish())
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if model is not None:
+            model.destroy()
+    return path
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+class Dataset:
+    """A validated data set file, read lazily (h5py, read-only; safe on every rank at once).
+
+    Use as a context manager or call :meth:`close`. ``len(dataset)`` is the number of samples,
+    ``dataset.sample(i)`` one :class:`Sample`, ``dataset.read(name)`` a whole stack.
+    """
+
+    def __init__(self, path: str | os.PathLike, check_data: bool = True):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"data set {str(self.path)!r} does not exist")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data set {str(self.path)!r} is not a file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise ValueError(f"data set {str(self.path)!r} is not a readable HDF5 file (truncated "
+                             f"or corrupt?): {error}") from None
+        try:
+            self._validate(check_data)
+        except Exception:
+            self._file.close()
+            raise
+
+    def _fail(self, message: str):
+        raise ValueError(f"data set {str(self.path)!r}: {message}")
+
+    def _validate(self, check_data: bool) -> None:
+        f = self._file
+        attrs = f.attrs
+        if _plain(attrs.get("format")) != FORMAT:
+            self._fail(f"not a fenics-red data set (attribute format is "
+                       f"{_plain(attrs.get('format'))!r}, expected {FORMAT!r})")
+        version = _plain(attrs.get("format_version"))
+        if version != FORMAT_VERSION:
+            self._fail(f"format version {version!r} is not supported (this fenics-red reads "
+                       f"version {FORMAT_VERSION})")
+        missing = [k for k in ("n_samples", "fenics_red_version", "n_masks", "masks_sha256")
+                   if k not in attrs]
+        if missing:
+            self._fail(f"missing attribute(s) {missing}")
+        try:
+            self.settings = SimulationSettings.from_attrs(attrs)
+        except ValueError as error:
+            self._fail(str(error))
+        n = _plain(attrs["n_samples"])
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            self._fail(f"attribute n_samples must be a positive integer, got {n!r}")
+        self.n_samples = n
+        shape = self.settings.grid.shape
+        expected = {name: ((n, *shape), "f") for name in IMAGE_DATASETS}
+        expected.update(mask=((n, *shape), "iu"), noise_std=((n, 2), "f"), force_std=((n,), "f"),
+                        done=((n,), "iub"))
+        for name, (want, kinds) in expected.items():
+            if name not in f:
+                self._fail(f"dataset {name!r} is missing")
+            d = f[name]
+            if not hasattr(d, "shape"):
+                self._fail(f"{name!r} is a group, expected a dataset")
+            if d.shape != want:
+                self._fail(f"dataset {name!r} has shape {d.shape}, expected {want} "
+                           f"(n_samples, ...) from the attributes")
+            if d.dtype.kind not in kinds:
+                self._fail(f"dataset {name!r} has dtype {d.dtype}, expected "
+                           f"{'float' if kinds == 'f' else 'integer'}")
+        done = np.asarray(f["done"][...])
+        if not (done == 1).all():
+            self._fail(f"incomplete: {int((done == 1).sum())} of {n} samples were written (an "
+                       "interrupted run; run the same simulate command again to finish it)")
+        if check_data:
+            self._check_values()
+
+    def _check_values(self) -> None:
+        f = self._file
+        per_block = max(1, int(2**25 // (8 * np.prod(self.settings.grid.shape))))
+        for name in (*IMAGE_DATASETS, "mask"):
+            d = f[name]
+            for start in range(0, self.n_samples, per_block):
+                block = d[start:start + per_block]
+                if name == "mask":
+                    if (block < 0).any():
+                        self._fail("dataset 'mask' has negative labels")
+                    continue
+                finite = np.isfinite(block)
+                if not finite.all():
+                    i, r, c = np.argwhere(~finite)[0]
+                    self._fail(f"dataset {name!r} has {int((~finite).sum())} non-finite value(s) "
+                               f"(NaN or inf), first in sample {start + i} at row {r}, "
+                               f"column {c}")
+                if name == "E" and not (block > 0).all():
+                    i = int(np.argwhere((block <= 0).any(axis=(1, 2)))[0, 0])
+                    self._fail(f"dataset 'E' must be strictly positive; sample {start + i} has "
+                               f"minimum {block[i].min()!r}")
+        sigma = f["noise_std"][...]
+        if not (np.isfinite(sigma).all() and (sigma > 0).all()):
+            i = int(np.argwhere(~(np.isfinite(sigma) & (sigma > 0)).all(axis=1))[0, 0])
+            self._fail(f"dataset 'noise_std' must be finite and > 0; sample {i} has "
+                       f"{sigma[i].tolist()}")
+        force = f["force_std"][...]
+        if not (np.isfinite(force).all() and (force >= 0).all()):
+            i = int(np.argwhere(~(np.isfinite(force) & (force >= 0)))[0, 0])
+            self._fail(f"dataset 'force_std' must be finite and >= 0; sample {i} has "
+                       f"{force[i]!r}")
+
+    # -- access ----------------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> ImageGrid:
+        return self.settings.grid
+
+    @property
+    def attrs(self) -> dict:
+        """All file attributes as plain Python values."""
+        return {key: _plain(value) for key, value in self._file.attrs.items()}
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def sample(self, index: int) -> Sample:
+        """Sample ``index`` (``0 <= index < n_samples``; raises ``IndexError`` otherwise)."""
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"sample index must be an integer, got {index!r}")
+        if not 0 <= index < self.n_samples:
+            raise IndexError(f"sample {index} does not exist: {str(self.path)!r} has "
+                             f"{self.n_samples} samples (0 to {self.n_samples - 1})")
+        f, i = self._file, int(index)
+        images = {name: np.asarray(f[name][i], dtype=np.float64) for name in IMAGE_DATASETS}
+        sigma = f["noise_std"][i]
+        return Sample(i, mask=np.asarray(f["mask"][i]),
+                      noise_std=(float(sigma[0]), float(sigma[1])),
+                      force_std=float(f["force_std"][i]), **images)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(self.n_samples):
+            yield self.sample(i)
+
+    def read(self, name: str, index=slice(None)) -> np.ndarray:
+        """A whole dataset (or ``index`` of it) as a numpy array, e.g. ``read("E")``."""
+        if name not in (*IMAGE_DATASETS, "mask", "noise_std", "force_std"):
+            raise KeyError(f"no dataset {name!r}; choose from "
+                           f"{[*IMAGE_DATASETS, 'mask', 'noise_std', 'force_std']}")
+        return np.asarray(self._file[name][index])
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        g = self.grid
+        return (f"Dataset({str(self.path)!r}, n_samples={self.n_samples}, grid={g.nx}x{g.ny}, "
+                f"snr_db={self.settings.snr_db})")
+
+
+def load_dataset(path: str | os.PathLike, check_data: bool = True) -> Dataset:
+    """Open and validate a data set (layout: module docstring).
+
+    Checks the format attributes, the settings, every dataset's presence, shape and dtype, that
+    all samples were written, and (``check_data``) that all values are finite, ``E > 0``,
+    ``noise_std > 0`` and ``force_std >= 0``. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` saying what is wrong otherwise. Not collective.
+    """
+    return Dataset(path, check_data)

@@ -1,0 +1,429 @@
+"""Synthetic modulus phantoms: stiff inclusions in a soft background (paper, section 5).
+
+The paper builds its ground truths from 540 mask images, each inclusion with a normalised modulus
+drawn uniformly from [0.3, 0.8] in a background drawn uniformly from [0.10, 0.15] (the unit of its
+colour bars is 100 kPa), so that the inclusion-to-background stiffness ratio lies in [2, 8]. This
+module makes such phantoms in two ways:
+
+* :func:`random_phantom`: one to several inclusions of random shape (circles, axis-aligned
+  ellipses, rotated ellipses, smooth random blobs, polygons) with sizes from a few cells to a third
+  of the field;
+* :func:`mask_phantom`: the inclusions of a user's mask image (PNG or ``.npy``, any resolution),
+  resized to the grid, each connected component an inclusion (:func:`load_mask_folder` reads a
+  folder of them).
+
+Both return ``(E, labels)``: ``E`` a float64 image of nodal moduli of shape ``(ny+1, nx+1)`` and
+``labels`` an ``int32`` image of the same shape with 0 in the background and ``k = 1..K`` on the
+nodes of inclusion ``k`` (the inclusion mask is ``labels > 0``). Images follow the convention of
+:mod:`fenics_red.grid` (row 0 is the transducer edge ``y = H``).
+
+With a soft edge the modulus ramps smoothly (a smoothstep over ``soft_edge`` cells centred on the
+inclusion boundary) from the background to the inclusion value; the labels mark the nodes where the
+ramp is past its midpoint, which are exactly the nodes inside the sharp shape. Every modulus value
+is a convex combination of the background and inclusion values, so the bounds always hold.
+
+Everything is deterministic given a :class:`numpy.random.Generator`: the same generator state gives
+the same phantom, bit for bit, on any machine and any number of MPI ranks (no MPI is involved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .grid import ImageGrid
+
+__all__ = ["SHAPES", "PhantomSettings", "random_phantom", "mask_phantom", "compose_phantom",
+           "inclusion_weight", "read_mask", "resize_mask", "mask_files", "load_mask_folder",
+           "MASK_SUFFIXES"]
+
+#: Shapes of :func:`random_phantom`.
+SHAPES = ("circle", "ellipse", "rotated_ellipse", "blob", "polygon")
+
+#: File types of mask images.
+MASK_SUFFIXES = (".png", ".npy")
+
+_MAX_TRIES = 200  # placements tried per inclusion before giving up on it
+
+
+def _range(value, name: str, low: float = 0.0, integer: bool = False) -> tuple:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"PhantomSettings.{name} must be a pair (low, high), got {value!r}"
+                         ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo <= hi):
+        raise ValueError(f"PhantomSettings.{name} must satisfy {low} <= low <= high (finite), "
+                         f"got {value!r}")
+    if integer:
+        if lo != int(lo) or hi != int(hi):
+            raise ValueError(f"PhantomSettings.{name} must be a pair of integers, got {value!r}")
+        return (int(lo), int(hi))
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """How random phantoms are drawn (paper, section 5; defaults follow the paper).
+
+    Attributes:
+        background: range of the uniform background modulus (normalised units, 1 = 100 kPa).
+        inclusion: range of the uniform modulus of each inclusion (drawn independently per
+            inclusion).
+        n_inclusions: inclusive range of the number of inclusions of :func:`random_phantom`
+            (fewer are placed when the field has no room left for another one).
+        shapes: shapes to draw from, uniformly (a subset of :data:`SHAPES`).
+        min_size: smallest inclusion diameter, in cells ("a few cells").
+        max_size: largest inclusion diameter as a fraction of the field's shorter side (a third).
+            Diameters are drawn log-uniformly between the two, so small and large inclusions are
+            equally common.
+        max_aspect: largest ratio of the long to the short axis of ellipses.
+        soft_edge: width of the smooth transition at inclusion edges, in cells (0: sharp edges).
+        overlap: whether inclusions may overlap (later ones are drawn over earlier ones); by
+            default they keep at least one cell (plus the soft edge) apart.
+    """
+
+    background: tuple[float, float] = (0.10, 0.15)
+    inclusion: tuple[float, float] = (0.30, 0.80)
+    n_inclusions: tuple[int, int] = (1, 4)
+    shapes: tuple[str, ...] = SHAPES
+    min_size: float = 3.0
+    max_size: float = 1.0 / 3.0
+    max_aspect: float = 3.0
+    soft_edge: float = 0.0
+    overlap: bool = False
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "background", _range(self.background, "background", low=0.0))
+        set_(self, "inclusion", _range(self.inclusion, "inclusion", low=0.0))
+        if self.background[0] <= 0:
+            raise ValueError(f"PhantomSettings.background must be strictly positive, got "
+                             f"{self.background!r}")
+        set_(self, "n_inclusions", _range(self.n_inclusions, "n_inclusions", low=1, integer=True))
+        shapes = (self.shapes,) if isinstance(self.shapes, str) else tuple(self.shapes)
+        unknown = [s for s in shapes if s not in SHAPES]
+        if not shapes or unknown:
+            raise ValueError(f"PhantomSettings.shapes must be a non-empty subset of {SHAPES}, "
+                             f"got {self.shapes!r}")
+        set_(self, "shapes", shapes)
+        for name, low in (("min_size", 1.0), ("max_aspect", 1.0)):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= low):
+                raise ValueError(f"PhantomSettings.{name} must be a number >= {low}, got "
+                                 f"{getattr(self, name)!r}")
+            set_(self, name, value)
+        max_size = float(self.max_size)
+        if not (math.isfinite(max_size) and 0 < max_size <= 1):
+            raise ValueError(f"PhantomSettings.max_size is a fraction of the field in (0, 1], got "
+                             f"{self.max_size!r}")
+        set_(self, "max_size", max_size)
+        soft = float(self.soft_edge)
+        if not (math.isfinite(soft) and soft >= 0):
+            raise ValueError(f"PhantomSettings.soft_edge must be >= 0 cells, got "
+                             f"{self.soft_edge!r}")
+        set_(self, "soft_edge", soft)
+        set_(self, "overlap", bool(self.overlap))
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (JSON-serialisable, for file attributes)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PhantomSettings:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a file from another version)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown phantom settings {unknown}; known ones are {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+def _coordinates(grid: ImageGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Physical coordinates ``(x, y)`` of every pixel (image convention: row 0 at ``y = H``)."""
+    hx, hy = grid.spacing
+    x = np.arange(grid.nx + 1) * hx
+    y = grid.height - np.arange(grid.ny + 1) * hy
+    return np.meshgrid(x, y)
+
+
+def _polygon_inside(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+    """Even-odd rule: which points ``(x, y)`` lie inside the polygon with vertices ``(vx, vy)``."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for k in range(len(vx)):
+        x0, y0, x1, y1 = vx[k - 1], vy[k - 1], vx[k], vy[k]
+        crosses = (y0 > y) != (y1 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_cross = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < x_cross)
+    return inside
+
+
+def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, centre: tuple[float, float],
+                diameter: float, rng: np.random.Generator, settings: PhantomSettings
+                ) -> np.ndarray:
+    """Nodes inside one inclusion of ``shape`` whose largest extent is ``diameter``."""
+    dx, dy = x - centre[0], y - centre[1]
+    radius = diameter / 2.0
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape in ("ellipse", "rotated_ellipse"):
+        aspect = rng.uniform(1.0, settings.max_aspect)
+        if shape == "ellipse":  # long axis lateral or axial
+            angle = 0.5 * math.pi * rng.integers(2)
+        else:
+            angle = rng.uniform(0.0, math.pi)
+        c, s = math.cos(angle), math.sin(angle)
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        return (u / radius) ** 2 + (v * aspect / radius) ** 2 <= 1.0
+    phi0 = rng.uniform(0.0, 2.0 * math.pi)
+    if shape == "blob":
+        # star-shaped with a smooth random radius r(phi) = 1 + sum_k a_k cos(k phi + p_k)
+        orders = np.arange(2, 6)
+        amplitudes = rng.uniform(0.0, 0.3, len(orders)) / orders
+        phases = rng.uniform(0.0, 2.0 * math.pi, len(orders))
+        phi_fine = np.linspace(0.0, 2.0 * math.pi, 721)
+        profile = 1.0 + np.cos(np.outer(phi_fine, orders) + phases) @ amplitudes
+        scale = radius / profile.max()
+        r = np.hypot(dx, dy)
+        phi = np.arctan2(dy, dx) - phi0
+        boundary = scale * (1.0 + np.cos(phi[..., None] * orders + phases) @ amplitudes)
+        return r <= boundary
+    if shape == "polygon":
+        n = int(rng.integers(3, 9))
+        angles = phi0 + 2.0 * math.pi * (np.arange(n) + rng.uniform(-0.3, 0.3, n)) / n
+        radii = rng.uniform(0.6, 1.0, n)
+        radii *= radius / radii.max()
+        return _polygon_inside(dx, dy, radii * np.cos(angles), radii * np.sin(angles))
+    raise ValueError(f"unknown inclusion shape {shape!r}; choose from {SHAPES}")
+
+
+def inclusion_weight(inside: np.ndarray, grid: ImageGrid, soft_edge: float = 0.0) -> np.ndarray:
+    """Blending weight of one inclusion: 1 inside, 0 outside, a smooth ramp across the edge.
+
+    The ramp is a smoothstep of the signed distance to the inclusion boundary (Euclidean distance
+    transform, boundary half a cell outside the last inside node) over ``soft_edge`` cells; it is
+    above 1/2 exactly on the nodes of ``inside``. ``soft_edge = 0`` gives the sharp indicator.
+    """
+    inside = np.asarray(inside, dtype=bool)
+    if soft_edge <= 0 or inside.all() or not inside.any():
+        return inside.astype(np.float64)
+    hx, hy = grid.spacing
+    h = min(hx, hy)
+    depth = ndimage.distance_transform_edt(inside, sampling=(hy, hx))
+    gap = ndimage.distance_transform_edt(~inside, sampling=(hy, hx))
+    signed = np.where(inside, 0.5 * h - depth, gap - 0.5 * h)
+    t = np.clip(0.5 - signed / (soft_edge * h), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def compose_phantom(regions: list[np.ndarray], grid: ImageGrid, rng: np.random.Generator,
+                    settings: PhantomSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(E, labels)`` of inclusions on the given node sets, moduli drawn from ``rng``.
+
+    The background value is drawn first, then one value per region, in order. Region ``k`` gets
+    label ``k + 1``; a later region is drawn over an earlier one where they overlap.
+    """
+    background = rng.uniform(*settings.background)
+    values = rng.uniform(*settings.inclusion, size=len(regions))
+    E = np.full(grid.shape, background, dtype=np.float64)
+    labels = np.zeros(grid.shape, dtype=np.int32)
+    for k, (inside, value) in enumerate(zip(regions, values, strict=True)):
+        weight = inclusion_weight(inside, grid, settings.soft_edge)
+        E = (1.0 - weight) * E + weight * value
+        labels[inside] = k + 1
+    return E, labels
+
+
+def random_phantom(grid: ImageGrid, rng: np.random.Generator,
+                   settings: PhantomSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A random phantom: ``(E, labels)`` images (see the module docstring).
+
+    The number of inclusions, their shapes, sizes, positions and moduli are drawn from ``rng``.
+    Inclusions lie entirely inside the field, at least one cell from its edges, and (unless
+    ``settings.overlap``) at least one cell plus the soft edge from each other; when no place is
+    found after a few hundred tries the phantom keeps the inclusions placed so far (always at least
+    one). Raises ``ValueError`` when the grid is too small for an inclusion of ``min_size`` cells.
+    """
+    settings = settings or PhantomSettings()
+    hx, hy = grid.spacing
+    h = min(hx, hy)
+    shorter = min(grid.width, grid.height)
+    d_min = settings.min_size * h
+    d_max = max(settings.max_size * shorter, d_min)
+    if d_min + 2 * h > shorter:
+        raise ValueError(
+            f"the {grid.nx} x {grid.ny} grid is too small for inclusions of min_size = "
+            f"{settings.min_size} cells plus a one-cell margin; use a finer grid or a smaller "
+            "min_size")
+    x, y = _coordinates(grid)
+    n_wanted = int(rng.integers(settings.n_inclusions[0], settings.n_inclusions[1] + 1))
+    gap = int(math.ceil(settings.soft_edge)) + 1
+    occupied = np.zeros(grid.shape, dtype=bool)
+    regions: list[np.ndarray] = []
+    for _ in range(n_wanted):
+        for _attempt in range(_MAX_TRIES):
+            shape = settings.shapes[int(rng.integers(len(settings.shapes)))]
+            diameter = math.exp(rng.uniform(math.log(d_min), math.log(d_max)))
+            half = 0.5 * diameter + h  # keep a one-cell margin to the field's edges
+            centre = (rng.uniform(half, grid.width - half) if grid.width > 2 * half
+                      else 0.5 * grid.width,
+                      rng.uniform(half, grid.height - half) if grid.height > 2 * half
+                      else 0.5 * grid.height)
+            inside = _shape_mask(shape, x, y, centre, diameter, rng, settings)
+            if not inside.any():
+                continue
+            if not settings.overlap and (
+                    ndimage.binary_dilation(inside, iterations=gap) & occupied).any():
+                continue
+            regions.append(inside)
+            occupied |= inside
+            break
+        else:
+            if not regions:
+                raise ValueError("could not place a single inclusion on the "
+                                 f"{grid.nx} x {grid.ny} grid; use a finer grid")
+            break  # no room left for more inclusions
+    return compose_phantom(regions, grid, rng, settings)
+
+
+# -- user masks ----------------------------------------------------------------------------------
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A boolean inclusion mask from a PNG or ``.npy`` file, at the file's own resolution.
+
+    Grey-level, RGB(A) and boolean images are accepted; bright (non-zero) pixels are inclusions:
+    the threshold is halfway between the image's smallest and largest value (the alpha channel is
+    ignored). Raises ``ValueError`` for unreadable files and masks without (or with only) inclusion.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            image = np.load(path, allow_pickle=False)
+        elif suffix == ".png":
+            from matplotlib import image as mpl_image
+
+            image = mpl_image.imread(path)
+        else:
+            raise ValueError(f"mask {str(path)!r} is neither a .png nor a .npy file")
+    except (OSError, ValueError, EOFError, SyntaxError) as error:
+        if isinstance(error, ValueError) and "neither" in str(error):
+            raise
+        raise ValueError(f"cannot read mask image {str(path)!r}: {error}") from None
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] in (1, 2, 3, 4):
+        channels = image.shape[2]
+        colour = image[..., : 3 if channels >= 3 else 1]  # drop alpha
+        image = colour.astype(np.float64).mean(axis=2)
+    if image.ndim != 2 or min(image.shape) < 2:
+        raise ValueError(f"mask image {str(path)!r} must be a 2-D (grey or colour) image, got "
+                         f"shape {image.shape}")
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"mask image {str(path)!r} must hold numbers, got dtype {image.dtype}")
+    image = image.astype(np.float64)
+    if not np.isfinite(image).all():
+        raise ValueError(f"mask image {str(path)!r} has non-finite values")
+    lo, hi = image.min(), image.max()
+    if lo == hi:
+        raise ValueError(f"mask image {str(path)!r} is constant ({lo}): it has no inclusion")
+    return image > 0.5 * (lo + hi)
+
+
+def resize_mask(mask: np.ndarray, grid: ImageGrid) -> np.ndarray:
+    """A boolean mask resampled to the grid's nodes (bilinear, then thresholded at 1/2).
+
+    The mask's corner pixels map to the field's corners. Shrinking by more than a factor 2 first
+    averages over the pixels that fall on one node, so thin features are not skipped.
+    """
+    mask = np.asarray(mask, dtype=np.float64)
+    if mask.shape == grid.shape:
+        return mask > 0.5
+    factors = [t / s for t, s in zip(grid.shape, mask.shape, strict=True)]
+    size = [max(1, int(round(1.0 / f))) if f < 0.5 else 1 for f in factors]
+    if max(size) > 1:
+        mask = ndimage.uniform_filter(mask, size=size, mode="nearest")
+    resized = ndimage.zoom(mask, factors, order=1, mode="nearest")
+    if resized.shape != grid.shape:  # rounding of the output shape: crop or pad by one pixel
+        fixed = np.zeros(grid.shape)
+        rows, cols = min(resized.shape[0], grid.shape[0]), min(resized.shape[1], grid.shape[1])
+        fixed[:rows, :cols] = resized[:rows, :cols]
+        resized = fixed
+    return resized >= 0.5
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (8-neighbour connectivity) of a boolean image, in scan order."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return [labels == k for k in range(1, n + 1)]
+
+
+def mask_phantom(mask: np.ndarray, grid: ImageGrid, rng: np.random.Generator,
+                 settings: PhantomSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(E, labels)`` of a user's mask: every connected component becomes one inclusion.
+
+    ``mask`` is a boolean image of any size (resized with :func:`resize_mask` when it does not fit
+    the grid). Components are found with 8-neighbour connectivity and labelled in scan order. The
+    background and one modulus per inclusion are drawn from ``rng``. Raises ``ValueError`` when
+    nothing of the mask is left on the grid or it covers the whole field.
+    """
+    settings = settings or PhantomSettings()
+    on_grid = resize_mask(mask, grid)
+    if not on_grid.any():
+        raise ValueError(f"the mask has no inclusion left on the {grid.nx} x {grid.ny} grid (its "
+                         "inclusions are smaller than a cell); use a finer grid")
+    if on_grid.all():
+        raise ValueError("the mask covers the whole field: there is no background")
+    return compose_phantom(_components(on_grid), grid, rng, settings)
+
+
+def mask_files(folder: str | os.PathLike) -> list[Path]:
+    """The PNG and ``.npy`` files of a folder, sorted by name (the order samples use them in)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"mask folder {str(folder)!r} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+    if not files:
+        raise ValueError(f"mask folder {str(folder)!r} holds no .png or .npy mask images")
+    return files
+
+
+def load_mask_folder(folder: str | os.PathLike, grid: ImageGrid
+                     ) -> tuple[list[str], np.ndarray, str]:
+    """Read and resize every mask of a folder: ``(names, masks, sha256)``.
+
+    ``masks`` is a boolean array ``(n_masks, ny+1, nx+1)``; ``sha256`` fingerprints the resized
+    masks (and their names), so a data set can tell whether a folder still holds the same masks.
+    Every mask is checked here, before any simulation starts; a bad one raises ``ValueError``
+    naming the file.
+    """
+    names, masks = [], []
+    for path in mask_files(folder):
+        resized = resize_mask(read_mask(path), grid)
+        if not resized.any():
+            raise ValueError(f"mask {str(path)!r} has no inclusion left on the {grid.nx} x "
+                             f"{grid.ny} grid (its inclusions are smaller than a cell)")
+        if resized.all():
+            raise ValueError(f"mask {str(path)!r} covers the whole field on the grid: there is "
+                             "no background")
+        names.append(path.name)
+        masks.append(resized)
+    stack = np.stack(masks)
+    digest = hashlib.sha256()
+    digest.update("\n".join(names).encode())
+    digest.update(np.packbits(stack).tobytes())
+    digest.update(str(stack.shape).encode())
+    return names, stack, digest.hexdigest()

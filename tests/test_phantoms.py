@@ -1,0 +1,203 @@
+"""Specification of the phantoms: stiff inclusions in a soft background (paper, section 5).
+
+Pure numpy: every rank runs the same checks on its own, with no communication.
+"""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from scipy import ndimage
+
+from fenics_red import ImageGrid
+from fenics_red.phantoms import (SHAPES, PhantomSettings, load_mask_folder, mask_phantom,
+                                 random_phantom, read_mask, resize_mask)
+
+GRID = ImageGrid(24, 20, 1.2, 1.0)
+
+
+def _rank_dir(mpi_tmp_path):
+    """A folder of this rank's own inside the shared temporary folder."""
+    path = mpi_tmp_path / f"rank{MPI.COMM_WORLD.rank}"
+    path.mkdir()
+    return path
+
+
+def _check_moduli(E, labels, settings, sharp=True):
+    """The paper's bounds: background and inclusions uniform in their ranges, ratio 2-8."""
+    assert E.shape == labels.shape == GRID.shape
+    assert E.dtype == np.float64 and labels.dtype == np.int32
+    assert np.isfinite(E).all()
+    lo = min(settings.background[0], settings.inclusion[0])
+    hi = max(settings.background[1], settings.inclusion[1])
+    assert lo <= E.min() and E.max() <= hi
+    n = int(labels.max())
+    assert n >= 1 and set(np.unique(labels)) == set(range(n + 1))  # labels 0..K, none missing
+    if sharp:
+        background = np.unique(E[labels == 0])
+        assert len(background) == 1
+        b = background[0]
+        assert settings.background[0] <= b <= settings.background[1]
+        for k in range(1, n + 1):
+            values = np.unique(E[labels == k])
+            assert len(values) == 1, f"inclusion {k} is not uniform"
+            assert settings.inclusion[0] <= values[0] <= settings.inclusion[1]
+            assert 2.0 - 1e-12 <= values[0] / b <= 8.0 + 1e-12
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_each_shape_gives_uniform_inclusions_within_the_paper_bounds(shape):
+    settings = PhantomSettings(shapes=(shape,))
+    for seed in range(8):
+        E, labels = random_phantom(GRID, np.random.default_rng(seed), settings)
+        _check_moduli(E, labels, settings)
+        assert settings.n_inclusions[0] <= labels.max() <= settings.n_inclusions[1]
+        # inclusions keep off the field's edges (one-cell margin)
+        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        assert not border.any()
+
+
+def test_mixed_shapes_and_the_stiffness_ratio_over_many_phantoms():
+    settings = PhantomSettings()
+    ratios = []
+    for seed in range(40):
+        E, labels = random_phantom(GRID, np.random.default_rng(seed), settings)
+        _check_moduli(E, labels, settings)
+        ratios.append(E.max() / E.min())
+    assert 2.0 <= min(ratios) and max(ratios) <= 8.0
+    assert max(ratios) - min(ratios) > 1.5  # the ratio really varies
+
+
+def test_phantoms_are_deterministic_given_the_generator():
+    a = random_phantom(GRID, np.random.default_rng(7))
+    b = random_phantom(GRID, np.random.default_rng(7))
+    c = random_phantom(GRID, np.random.default_rng(8))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_inclusion_sizes_span_a_few_cells_to_a_third_of_the_field():
+    grid = ImageGrid(48, 48)
+    settings = PhantomSettings(shapes=("circle",), n_inclusions=(1, 1), min_size=3.0,
+                               max_size=1 / 3)
+    diameters = []
+    for seed in range(60):
+        _, labels = random_phantom(grid, np.random.default_rng(seed), settings)
+        rows, cols = np.nonzero(labels == 1)
+        diameters.append(max(np.ptp(rows), np.ptp(cols)) + 1)  # extent in nodes
+    assert min(diameters) <= 6  # a few cells
+    assert max(diameters) >= 12  # large ones too
+    assert max(diameters) <= 48 / 3 + 1  # never more than a third of the field
+
+
+def test_inclusions_do_not_overlap_or_touch_unless_asked():
+    settings = PhantomSettings(n_inclusions=(4, 4), max_size=0.3)
+    for seed in range(10):
+        _, labels = random_phantom(GRID, np.random.default_rng(seed), settings)
+        for k in range(1, labels.max() + 1):
+            grown = ndimage.binary_dilation(labels == k, iterations=1)
+            assert set(np.unique(labels[grown])) <= {0, k}
+
+
+def test_soft_edges_ramp_between_background_and_inclusion_and_keep_the_labels():
+    grid = ImageGrid(32, 32)
+    sharp = PhantomSettings(shapes=("circle",), n_inclusions=(1, 1), min_size=10)
+    soft = PhantomSettings(shapes=("circle",), n_inclusions=(1, 1), min_size=10, soft_edge=3.0)
+    E0, labels0 = random_phantom(grid, np.random.default_rng(3), sharp)
+    E1, labels1 = random_phantom(grid, np.random.default_rng(3), soft)
+    assert np.array_equal(labels0, labels1)  # labels mark the sharp shape
+    b, v = E0.min(), E0.max()
+    assert np.isclose(E1.min(), b) and np.isclose(E1.max(), v)
+    between = (E1 > b + 1e-9) & (E1 < v - 1e-9)
+    assert between.sum() > 10  # a real ramp
+    assert (E1[labels1 > 0] > 0.5 * (b + v)).all()  # past the midpoint inside
+    assert (E1[labels1 == 0] < 0.5 * (b + v)).all()
+    assert len(np.unique(E0)) == 2  # sharp phantoms take two values only
+
+
+def test_a_grid_too_small_for_an_inclusion_is_refused():
+    with pytest.raises(ValueError, match="too small"):
+        random_phantom(ImageGrid(4, 4), np.random.default_rng(0), PhantomSettings(min_size=3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"background": (0.2, 0.1)}, "background"),
+    ({"background": (0.0, 0.1)}, "strictly positive"),
+    ({"inclusion": (0.3,)}, "pair"),
+    ({"n_inclusions": (0, 2)}, "n_inclusions"),
+    ({"n_inclusions": (1.5, 2)}, "integers"),
+    ({"shapes": ("circle", "star")}, "subset"),
+    ({"shapes": ()}, "subset"),
+    ({"min_size": 0.5}, "min_size"),
+    ({"max_size": 1.5}, "max_size"),
+    ({"max_aspect": 0.5}, "max_aspect"),
+    ({"soft_edge": -1}, "soft_edge"),
+])
+def test_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PhantomSettings(**kwargs)
+
+
+def test_settings_round_trip_through_a_dictionary():
+    settings = PhantomSettings(n_inclusions=(2, 3), shapes=("blob", "polygon"), soft_edge=1.5)
+    assert PhantomSettings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(ValueError, match="unknown phantom settings"):
+        PhantomSettings.from_dict({**settings.to_dict(), "colour": "red"})
+
+
+# -- user masks ------------------------------------------------------------------------------------
+
+def _two_discs(shape=(60, 80)):
+    rows, cols = np.mgrid[0: shape[0], 0: shape[1]]
+    a = (rows - 20) ** 2 + (cols - 20) ** 2 < 10**2
+    b = (rows - 40) ** 2 + (cols - 58) ** 2 < 12**2
+    return a | b
+
+
+def test_each_connected_component_of_a_mask_becomes_one_inclusion():
+    settings = PhantomSettings()
+    E, labels = mask_phantom(_two_discs(), GRID, np.random.default_rng(0), settings)
+    assert labels.max() == 2
+    _check_moduli(E, labels, settings)
+    # the resized mask keeps the area fraction of the original
+    assert abs((labels > 0).mean() - _two_discs().mean()) < 0.03
+
+
+def test_masks_are_read_from_png_and_npy_in_grey_colour_and_boolean(mpi_tmp_path):
+    from matplotlib import image as mpl_image
+
+    folder = _rank_dir(mpi_tmp_path)
+    mask = _two_discs()
+    np.save(folder / "a.npy", mask)  # boolean
+    np.save(folder / "b.npy", mask.astype(np.uint8) * 255)  # 0/255 grey
+    mpl_image.imsave(folder / "c.png", mask.astype(float), cmap="gray")  # RGBA PNG
+    (folder / "notes.txt").write_text("not a mask")  # ignored
+    for name in ("a.npy", "b.npy", "c.png"):
+        assert np.array_equal(read_mask(folder / name), mask), name
+    names, masks, sha = load_mask_folder(folder, GRID)
+    assert names == ["a.npy", "b.npy", "c.png"]
+    assert masks.shape == (3, *GRID.shape) and masks.dtype == bool
+    assert np.array_equal(masks[0], resize_mask(mask, GRID))
+    assert load_mask_folder(folder, GRID)[2] == sha  # a stable fingerprint
+    np.save(folder / "b.npy", np.flipud(mask))
+    assert load_mask_folder(folder, GRID)[2] != sha  # that changes with the masks
+
+
+def test_bad_masks_are_refused_with_the_file_named(mpi_tmp_path):
+    folder = _rank_dir(mpi_tmp_path)
+    with pytest.raises(ValueError, match="no .png or .npy"):
+        load_mask_folder(folder, GRID)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_mask_folder(folder / "missing", GRID)
+    np.save(folder / "flat.npy", np.zeros((10, 10)))
+    with pytest.raises(ValueError, match="flat.npy.*constant"):
+        load_mask_folder(folder, GRID)
+    (folder / "flat.npy").unlink()
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read mask image .*broken.png"):
+        load_mask_folder(folder, GRID)
+    (folder / "broken.png").unlink()
+    tiny = np.zeros((200, 200), dtype=bool)
+    tiny[100, 100] = True  # one pixel: nothing left on a 24 x 20 grid
+    np.save(folder / "tiny.npy", tiny)
+    with pytest.raises(ValueError, match="tiny.npy.*smaller than a cell"):
+        load_mask_folder(folder, GRID)
