@@ -1,0 +1,66 @@
+"""Specification of ``fenics-red simulate`` and ``fenics-red show``."""
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from fenics_red.cli import main
+from fenics_red.data import load_dataset
+
+
+def _simulate(out, *extra):
+    return main(["simulate", "--samples", "3", "--grid", "10", "--grid-y", "8", "--snr", "30",
+                 "--seed", "4", "--out", str(out), "--quiet", *extra])
+
+
+def test_simulate_writes_a_data_set_with_the_requested_settings(mpi_tmp_path):
+    out = mpi_tmp_path / "set.h5"
+    assert _simulate(out, "--noise-ratio", "1.5", "--inclusions", "1", "2",
+                     "--plane-strain") == 0
+    with load_dataset(out) as data:
+        assert len(data) == 3
+        assert (data.grid.nx, data.grid.ny) == (10, 8)
+        assert data.grid.height == pytest.approx(0.8)  # square cells by default
+        s = data.settings
+        assert (s.snr_db, s.noise_ratio, s.seed) == (30.0, 1.5, 4)
+        assert s.forward.plane == "strain" and s.phantoms.n_inclusions == (1, 2)
+        assert all(1 <= m.max() <= 2 for m in data.read("mask"))
+
+
+def test_simulate_is_reproducible_and_refuses_to_overwrite(mpi_tmp_path, capsys):
+    first, second = mpi_tmp_path / "a.h5", mpi_tmp_path / "b.h5"
+    assert _simulate(first) == 0 and _simulate(second) == 0
+    with load_dataset(first) as a, load_dataset(second) as b:
+        np.testing.assert_array_equal(a.read("uy_noisy"), b.read("uy_noisy"))
+    assert _simulate(first) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert _simulate(first, "--overwrite") == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--snr", "nan"], "snr_db must be a finite number"),
+    (["--noise-ratio", "-1"], "noise_ratio must be finite and > 0"),
+    (["--masks", "/nonexistent/folder"], "does not exist"),
+])
+def test_simulate_reports_impossible_settings(mpi_tmp_path, capsys, extra, message):
+    assert _simulate(mpi_tmp_path / "x.h5", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (mpi_tmp_path / "x.h5").exists()
+
+
+def test_show_plots_a_sample(mpi_tmp_path):
+    data, fig = mpi_tmp_path / "set.h5", mpi_tmp_path / "sample.png"
+    assert _simulate(data) == 0
+    assert main(["show", str(data), "--sample", "2", "--out", str(fig)]) == 0
+    if MPI.COMM_WORLD.rank == 0:
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_refuses_a_missing_sample_or_file(mpi_tmp_path, capsys):
+    data = mpi_tmp_path / "set.h5"
+    assert _simulate(data) == 0
+    assert main(["show", str(data), "--sample", "3", "--out", str(mpi_tmp_path / "f.png")]) == 2
+    assert "--sample 3 does not exist" in capsys.readouterr().err
+    assert main(["show", str(mpi_tmp_path / "none.h5"), "--out",
+                 str(mpi_tmp_path / "f.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""Synthetic data sets: reproducible from a seed on any rank count, resumable, validated on load."""
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from fenics_red.data import (IMAGE_DATASETS, SimulationSettings, load_dataset, simulate_dataset,
+                             simulate_sample)
+from fenics_red.grid import ImageGrid
+from fenics_red.measurements import measured_snr_db
+
+GRID = ImageGrid(12, 10, 1.2, 1.0)
+SETTINGS = SimulationSettings(GRID, snr_db=35.0, noise_ratio=2.0, seed=7)
+
+
+def _stacks(path):
+    with h5py.File(path, "r") as f:
+        return {name: f[name][...] for name in (*IMAGE_DATASETS, "mask", "noise_std",
+                                                "force_std", "done")}
+
+
+@pytest.fixture
+def reference(mpi_tmp_path, comm):
+    """The 5-sample set simulated serially on rank 0 (the ground truth for MPI runs)."""
+    path = mpi_tmp_path / "serial.h5"
+    if comm.rank == 0:
+        simulate_dataset(path, 5, SETTINGS, MPI.COMM_SELF, progress=False)
+    comm.Barrier()
+    return path
+
+
+def test_a_data_set_holds_what_the_docstring_says(reference):
+    with load_dataset(reference) as data:
+        assert len(data) == 5
+        assert data.grid == GRID
+        assert data.settings == SETTINGS
+        sample = data.sample(3)
+        for name in IMAGE_DATASETS:
+            assert getattr(sample, name).shape == (11, 13)
+        assert sample.mask.max() >= 1 and sample.mask.min() == 0
+        # the mask marks the inclusions: they are stiffer than the background
+        assert sample.E[sample.mask > 0].min() > sample.E[sample.mask == 0].max()
+        sx, sy = sample.noise_std
+        assert sx == pytest.approx(2.0 * sy)
+        attrs = data.attrs
+        assert attrs["snr_db"] == 35.0 and attrs["seed"] == 7 and attrs["nu"] == 0.495
+        assert attrs["fenics_red_version"]
+
+
+def test_samples_do_not_depend_on_the_set_size_or_on_resimulation(reference):
+    with load_dataset(reference) as data:
+        stored = data.sample(2)
+    again = simulate_sample(2, SETTINGS)
+    for name in (*IMAGE_DATASETS, "mask"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(stored, name))
+
+
+def test_the_realised_snr_is_near_the_target(reference):
+    with load_dataset(reference) as data:
+        for sample in data:
+            snr = measured_snr_db(sample.ux, sample.uy, sample.ux_noisy, sample.uy_noisy,
+                                  free=np.stack([sample.ux_noisy != sample.ux,
+                                                 sample.uy_noisy != sample.uy]))
+            assert abs(snr - 35.0) < 1.5  # 12x10 grid: ~200 free dofs, scatter ~0.4 dB
+
+
+def test_the_same_seed_gives_bit_identical_files_on_any_number_of_ranks(reference,
+                                                                        mpi_tmp_path, comm):
+    path = simulate_dataset(mpi_tmp_path / "parallel.h5", 5, SETTINGS, comm, progress=False,
+                            batch_size=2)
+    if comm.rank == 0:
+        serial, parallel = _stacks(reference), _stacks(path)
+        for name, array in serial.items():
+            np.testing.assert_array_equal(parallel[name], array, err_msg=name)
+
+
+def test_an_interrupted_run_resumes_to_the_same_file(reference, mpi_tmp_path, comm):
+    path = mpi_tmp_path / "resumed.h5"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_batch(n_done):
+        raise Interrupt(f"stopped after {n_done}")
+
+    with pytest.raises(Interrupt):
+        simulate_dataset(path, 5, SETTINGS, comm, progress=False, batch_size=1,
+                         on_batch=stop_after_first_batch)
+    assert not path.exists()
+    partial = path.with_name(path.name + ".partial")
+    assert partial.exists()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_dataset(partial)
+    done = []
+    simulate_dataset(path, 5, SETTINGS, comm, progress=False, batch_size=1,
+                     on_batch=done.append)
+    assert done[0] > comm.size  # the first batch was not simulated again
+    assert not partial.exists()
+    if comm.rank == 0:
+        resumed, serial = _stacks(path), _stacks(reference)
+        for name, array in serial.items():
+            np.testing.assert_array_equal(resumed[name], array, err_msg=name)
+
+
+def test_a_partial_file_with_other_settings_is_not_resumed(mpi_tmp_path, comm):
+    path = mpi_tmp_path / "mixed.h5"
+
+    def stop(n_done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(path, 4, SETTINGS, comm, progress=False, batch_size=1, on_batch=stop)
+    other = SimulationSettings(GRID, snr_db=25.0, noise_ratio=2.0, seed=7)
+    with pytest.raises(ValueError, match=r"different settings \(snr_db: 35.0 in the file, 25.0"):
+        simulate_dataset(path, 4, other, comm, progress=False)
+    simulate_dataset(path, 4, other, comm, progress=False, overwrite=True)
+    with load_dataset(path) as data:
+        assert data.settings.snr_db == 25.0
+
+
+def test_an_existing_output_is_never_silently_overwritten(reference, comm):
+    before = reference.read_bytes() if comm.rank == 0 else None
+    with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
+        simulate_dataset(reference, 5, SETTINGS, comm, progress=False)
+    if comm.rank == 0:
+        assert reference.read_bytes() == before
+
+
+def test_masks_from_a_folder_become_the_inclusions(mpi_tmp_path, comm):
+    folder = mpi_tmp_path / "masks"
+    if comm.rank == 0:
+        folder.mkdir()
+        square = np.zeros((40, 48), dtype=bool)
+        square[10:20, 8:20] = True
+        two = np.zeros((40, 48), dtype=bool)
+        two[5:15, 5:15] = two[25:35, 30:44] = True
+        np.save(folder / "a_square.npy", square)
+        np.save(folder / "b_two.npy", two)
+    comm.Barrier()
+    path = simulate_dataset(mpi_tmp_path / "masks.h5", 3, SETTINGS, comm, masks_dir=folder,
+                            progress=False)
+    with load_dataset(path) as data:
+        labels = data.read("mask")
+        assert [int(m.max()) for m in labels] == [1, 2, 1]  # masks used in name order, cycled
+        assert data.attrs["n_masks"] == 2 and len(data.attrs["masks_sha256"]) == 64
+
+
+def _corrupt_copy(source, target, edit):
+    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            src.copy(name, dst)
+        edit(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f.attrs.__setitem__("format", "something else"), "not a fenics-red data set"),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "format version 99"),
+    (lambda f: f.__delitem__("uy_noisy"), "'uy_noisy' is missing"),
+    (lambda f: f.attrs.__setitem__("n_samples", 6), r"shape \(5, 11, 13\), expected \(6, 11, 13\)"),
+    (lambda f: f.attrs.__setitem__("nx", 20), r"has shape \(5, 11, 13\), expected \(5, 11, 21\)"),
+    (lambda f: f["E"].__setitem__((1, 2, 3), np.nan), "non-finite.*sample 1 at row 2, column 3"),
+    (lambda f: f["E"].__setitem__((4, 0, 0), -1.0), "strictly positive; sample 4"),
+    (lambda f: f["done"].__setitem__(2, 0), "incomplete: 4 of 5"),
+    (lambda f: f.attrs.__delitem__("snr_db"), "snr_db"),
+])
+def test_corrupt_or_mismatched_files_are_rejected_clearly(reference, mpi_tmp_path, comm, edit,
+                                                          message):
+    bad = mpi_tmp_path / "bad.h5"
+    if comm.rank == 0:
+        _corrupt_copy(reference, bad, edit)
+    comm.Barrier()
+    with pytest.raises(ValueError, match=message):
+        load_dataset(bad)
+
+
+def test_files_that_are_not_data_sets_are_rejected(mpi_tmp_path, comm):
+    truncated = mpi_tmp_path / "truncated.h5"
+    if comm.rank == 0:
+        truncated.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    comm.Barrier()
+    with pytest.raises(ValueError, match="not a readable HDF5 file"):
+        load_dataset(truncated)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset(mpi_tmp_path / "missing.h5")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"snr_db": float("nan")}, "snr_db must be a finite number"),
+    ({"noise_ratio": 0.0}, "noise_ratio must be finite and > 0"),
+    ({"force_noise": -1.0}, "force_noise must be finite and >= 0"),
+    ({"seed": -3}, "seed must be a non-negative integer"),
+])
+def test_impossible_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SimulationSettings(GRID, **kwargs)
+
+
+def test_bad_sample_counts_are_refused(mpi_tmp_path, comm):
+    with pytest.raises(ValueError, match="positive integer"):
+        simulate_dataset(mpi_tmp_path / "x.h5", 0, SETTINGS, comm, progress=False)
