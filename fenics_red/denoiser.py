@@ -1,0 +1,351 @@
+"""The learned denoiser ``C_w`` of regularisation by denoising (paper, equations 10-12).
+
+RED uses the denoiser's residual as the gradient of the regulariser, ``∇R(E) = E − C_w(E)``
+(equation 10), with the explicit regulariser ``R(E) = ½ Eᵀ(E − C_w(E))`` (equation 11) and the
+regularisation weight chosen from ``λ ≥ ‖∇g(E)‖`` (equation 12). Both identities assume what the
+RED papers (Romano, Elad & Milanfar 2017; Reehorst & Schniter 2019) call *local homogeneity*,
+``C(sE) = s C(E)``, and a well-behaved Jacobian. This module builds a denoiser with those
+properties by construction:
+
+* **Scale equivariance, exactly.** The image is divided by its scale ``s(E)`` (the median of
+  ``|E|``, which is the background modulus of a phantom whose inclusions cover less than half the
+  field), the network acts on ``E / s`` and its output is multiplied back by ``s``. Since
+  ``s(aE) = a s(E)`` for ``a > 0``, ``C(aE) = a C(E)``: modulus maps in kPa, in Pa or normalised
+  to a background of 1 go through the same network. The division and multiplication are done in
+  float64, so the property holds to round-off, not only approximately.
+* **Residual prediction.** The network predicts the *error* ``N(E/s)`` and
+  ``C(E) = E − s N(E/s)``. Then ``∇R(E) = E − C(E) = s N(E/s)`` is the network output itself (no
+  cancellation between two nearly equal images), a clean map is a fixed point exactly where the
+  network outputs zero (the easiest function for it to learn: training on clean inputs, see
+  :mod:`fenics_red.training`, pushes clean maps towards fixed points), and the last layer starts
+  at zero, so an untrained denoiser *is* the identity and RED with it reduces to the unregularised
+  estimate. Predicting the clean image instead would make the identity (and hence fixed points) a
+  function the network has to learn through all its layers.
+* **Any image size.** The UNet halves the image ``depth`` times, so the input is padded by
+  reflection to a multiple of ``2**depth`` and the output cropped back: 65 × 65 nodal images of a
+  64² grid work as well as 17 × 21.
+* **Smoothness.** SiLU activations and average pooling make ``C`` a smooth map, so the RED
+  gradient ``E − C(E)`` has a Lipschitz Jacobian, which the gradient-descent step needs.
+
+The network runs in float32; images enter and leave as float64 NumPy arrays. torch is imported by
+this module (and :mod:`fenics_red.training`) only: ``import fenics_red`` stays free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .io import atomic_output, check_input_file
+
+__all__ = ["Denoiser", "DenoiserNet", "UNet", "UNetConfig", "count_parameters", "image_scale",
+           "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
+
+#: Value of the ``format`` key of a denoiser file: tells a fenics-red model from other torch files.
+MODEL_FORMAT = "fenics-red-denoiser"
+#: Version of the file layout; :meth:`Denoiser.load` refuses other versions with a clear message.
+MODEL_FORMAT_VERSION = 1
+#: ``format`` of the training checkpoints written by :mod:`fenics_red.training` (not loadable here).
+CHECKPOINT_FORMAT = "fenics-red-training-checkpoint"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the UNet: everything needed to rebuild it before loading its weights.
+
+    ``channels`` feature maps at full resolution, doubled at each of the ``depth`` levels (so the
+    bottleneck has ``channels * 2**depth``); two 3 × 3 convolutions per level. The defaults (16, 3)
+    have about 0.47 M parameters (1.9 MB) and denoise a 129 × 129 image in a few tens of
+    milliseconds on one CPU core (see ``benchmarks/results/denoiser.md``); the receptive field of
+    depth 3 spans about 70 pixels, the size of a 64² phantom.
+    """
+
+    channels: int = 16
+    depth: int = 3
+
+    def __post_init__(self):
+        for name, low in (("channels", 1), ("depth", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"UNetConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.depth > 8:
+            raise ValueError(f"UNetConfig.depth must be at most 8, got {self.depth}")
+
+    def to_dict(self) -> dict:
+        return {"name": "unet", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values) -> UNetConfig:
+        """Rebuild from :meth:`to_dict`; unknown or missing keys raise ``ValueError``."""
+        if not isinstance(values, dict):
+            raise ValueError(f"architecture must be a dictionary, got {type(values).__name__}")
+        values = dict(values)
+        name = values.pop("name", "unet")
+        if name != "unet":
+            raise ValueError(f"unknown architecture {name!r}; this fenics-red knows 'unet'")
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+        if unknown or missing:
+            raise ValueError(f"architecture keys do not match UNetConfig: unknown {unknown}, "
+                             f"missing {missing}")
+        return cls(**values)
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+
+
+class UNet(nn.Module):
+    """UNet on single-channel images of any size, ``(B, 1, H, W) -> (B, 1, H, W)``.
+
+    Encoder: a block of two 3 × 3 convolutions, then ``depth`` times average pooling and a block
+    with twice the channels. Decoder: a 2 × 2 transposed convolution (deterministic on CUDA, unlike
+    bilinear upsampling's backward pass), concatenation with the encoder's features and a block.
+    The image is padded by reflection to a multiple of ``2**depth`` (split evenly between the two
+    sides) and the output cropped back. The final 1 × 1 convolution starts at zero, so an untrained
+    network outputs zeros.
+    """
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        c, d = config.channels, config.depth
+        widths = [c * 2**i for i in range(d + 1)]
+        self.inc = _block(1, widths[0])
+        self.down = nn.ModuleList(_block(widths[i], widths[i + 1]) for i in range(d))
+        self.upsample = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(d))
+        self.up = nn.ModuleList(_block(2 * widths[i], widths[i]) for i in range(d))
+        self.out = nn.Conv2d(widths[0], 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"UNet expects a (batch, 1, height, width) tensor, got "
+                             f"{tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        x, crop = _pad_to_multiple(x, 2**self.config.depth)
+        skips = []
+        h = self.inc(x)
+        for block in self.down:
+            skips.append(h)
+            h = block(F.avg_pool2d(h, 2))
+        for upsample, block in zip(reversed(self.upsample), reversed(self.up), strict=True):
+            h = block(torch.cat([skips.pop(), upsample(h)], dim=1))
+        h = self.out(h)
+        top, left = crop
+        return h[..., top:top + height, left:left + width]
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the last two axes to a multiple of ``multiple`` (reflection; replication where the
+    image is too small to reflect); return the padded tensor and the offset of the original."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x, (0, 0)
+    top, left = pad_h // 2, pad_w // 2
+    pads = (left, pad_w - left, top, pad_h - top)
+    mode = "reflect" if max(pads[:2]) < width and max(pads[2:]) < height else "replicate"
+    return F.pad(x, pads, mode=mode), (top, left)
+
+
+def image_scale(x: torch.Tensor) -> torch.Tensor:
+    """Scale ``s`` of each image of a ``(B, 1, H, W)`` batch, shape ``(B, 1, 1, 1)``, detached.
+
+    The median of ``|x|`` (the lower median for an even number of pixels); where it is zero the
+    mean of ``|x|``; where that is zero too (an all-zero image) 1. Positively homogeneous:
+    ``image_scale(a x) = a image_scale(x)`` for ``a > 0``, which makes the denoiser
+    scale-equivariant.
+    """
+    flat = x.detach().abs().flatten(1)
+    scale = flat.median(dim=1).values
+    scale = torch.where(scale > 0, scale, flat.mean(dim=1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.reshape(-1, 1, 1, 1)
+
+
+class DenoiserNet(nn.Module):
+    """``C(x) = x − s(x) N(x / s(x))``: the scale-normalised residual denoiser around a UNet ``N``.
+
+    Accepts ``(B, 1, H, W)`` tensors of any floating dtype: the normalisation and the residual are
+    computed in the input's dtype (float64 at inference, so scale equivariance holds to round-off)
+    and the UNet in its own (float32). :meth:`residual` returns ``x − C(x) = s N(x/s)``, the RED
+    gradient of equation (10).
+    """
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        scale = image_scale(x)
+        dtype = next(self.unet.parameters()).dtype
+        return self.unet((x / scale).to(dtype)).to(x.dtype) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.residual(x)
+
+
+class Denoiser:
+    """A trained (or untrained) denoiser applied to NumPy images: ``denoised = denoiser(image)``.
+
+    ``image`` is a 2-D array of modulus values of any size and scale (shape kept, float64 out); the
+    call runs the network in eval mode without autograd. :meth:`save` writes the architecture, the
+    weights and a model card to one torch file; :meth:`load` reads it back with
+    ``torch.load(weights_only=True)`` (no code is unpickled) and explains any problem.
+
+    >>> denoiser = Denoiser.load("model.pt")            # doctest: +SKIP
+    >>> gradient = image - denoiser(image)               # ∇R(E), equation (10)  # doctest: +SKIP
+    """
+
+    def __init__(self, network: DenoiserNet | None = None, card: dict | None = None,
+                 device: str | torch.device = "cpu"):
+        self.network = (network if network is not None else DenoiserNet()).to(device).eval()
+        self.card = dict(card or {})
+        self.device = torch.device(device)
+
+    @classmethod
+    def untrained(cls, config: UNetConfig = UNetConfig(), seed: int = 0,
+                  device: str | torch.device = "cpu") -> Denoiser:
+        """A freshly initialised denoiser (the identity map, since its last layer is zero)."""
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            network = DenoiserNet(config)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return cls(network, {"trained": False, "seed": seed}, device)
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.network.config
+
+    def __repr__(self) -> str:
+        trained = "trained" if self.card.get("trained", True) else "untrained"
+        return f"Denoiser({self.config}, {trained}, device={self.device})"
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = _check_image(image)
+        with torch.inference_mode():
+            tensor = torch.from_numpy(x).to(self.device)[None, None]
+            return self.network(tensor)[0, 0].cpu().numpy()
+
+    def residual(self, image: np.ndarray) -> np.ndarray:
+        """``image − C(image)``, the RED gradient ``∇R(E)`` of equation (10), computed directly."""
+        x = _check_image(image)
+        with torch.inference_mode():
+            tensor = torch.from_numpy(x).to(self.device)[None, None]
+            return self.network.residual(tensor)[0, 0].cpu().numpy()
+
+    def save(self, path: str | os.PathLike, card: dict | None = None, *,
+             overwrite: bool = True) -> Path:
+        """Write architecture, weights and ``card`` (JSON-serialisable; default: ``self.card``)
+        to ``path`` atomically. Returns the path."""
+        card = self.card if card is None else card
+        try:
+            card = json.loads(json.dumps(card))  # plain types only, as weights_only loading needs
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the model card must be JSON-serialisable: {error}") from None
+        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        payload = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+                   "architecture": self.config.to_dict(), "state_dict": state, "card": card}
+        path = Path(path)
+        with atomic_output(path, overwrite) as tmp:
+            torch.save(payload, tmp)
+        self.card = card
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
+        """Read a file written by :meth:`save`.
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file and
+        the problem) for one that is not a torch file, is corrupt, is a torch file of something
+        else (including a training checkpoint), has another format version, or whose weights do
+        not match its architecture.
+        """
+        path = check_input_file(path, "denoiser model")
+        payload = _read_torch_file(path, "denoiser model")
+        where = f"denoiser model {str(path)!r}"
+        if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+            if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+                raise ValueError(f"{where} is a training checkpoint, not a model; give the model "
+                                 "file that `fenics-red train --out` wrote")
+            raise ValueError(f"{where} is not a fenics-red denoiser file (no format "
+                             f"{MODEL_FORMAT!r} marker)")
+        version = payload.get("format_version")
+        if version != MODEL_FORMAT_VERSION:
+            raise ValueError(f"{where} has format version {version!r}; this fenics-red reads "
+                             f"version {MODEL_FORMAT_VERSION}")
+        missing = [k for k in ("architecture", "state_dict", "card") if k not in payload]
+        if missing:
+            raise ValueError(f"{where} is incomplete: missing {missing}")
+        try:
+            config = UNetConfig.from_dict(payload["architecture"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten below
+            network = DenoiserNet(config)
+        try:
+            network.load_state_dict(payload["state_dict"], strict=True)
+        except (RuntimeError, TypeError, AttributeError) as error:
+            first = str(error).strip().splitlines()
+            raise ValueError(f"{where}: the weights do not match its architecture {config}: "
+                             f"{' '.join(line.strip() for line in first[:4])}") from None
+        card = payload["card"] if isinstance(payload["card"], dict) else {}
+        return cls(network, card, device)
+
+
+def _read_torch_file(path: Path, what: str):
+    """``torch.load(weights_only=True)`` with one clear ``ValueError`` for anything unreadable.
+
+    ``torch.save`` writes a zip archive; anything else (random bytes, a truncated copy whose
+    central directory is gone, an empty file, another kind of file) is refused before torch sees
+    it, so the message names the problem instead of torch's advice about ``weights_only``.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {str(path)!r} is not a torch file (not a zip archive: corrupt, "
+                         "truncated or another kind of file); give a file written by "
+                         "`fenics-red train`")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{what} {str(path)!r} is not a fenics-red file or holds objects that "
+                         f"are not safe to load: {str(error).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            AttributeError, ImportError, TypeError) as error:
+        message = str(error).strip().splitlines()
+        raise ValueError(f"{what} {str(path)!r} is not a readable torch file (corrupt or "
+                         f"truncated?): {message[0] if message else type(error).__name__}"
+                         ) from None
+
+
+def _check_image(image) -> np.ndarray:
+    x = np.asarray(image)
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"the denoiser takes real images, got dtype {x.dtype}")
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"the denoiser takes one non-empty 2-D image, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"the image has {int((~np.isfinite(x)).sum())} non-finite value(s)")
+    return x
+
+
+def count_parameters(config: UNetConfig) -> int:
+    """Number of trainable parameters of the UNet of ``config``."""
+    return sum(p.numel() for p in UNet(config).parameters())
+

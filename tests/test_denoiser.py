@@ -1,0 +1,159 @@
+"""The learned denoiser C_w (paper, eqs. 10-12): shapes, scales, identity at start, model files."""
+
+import numpy as np
+import pytest
+import torch
+
+from fenics_red.denoiser import (MODEL_FORMAT, Denoiser, DenoiserNet, UNet, UNetConfig,
+                                 count_parameters)
+
+TINY = UNetConfig(channels=4, depth=2)
+
+
+def phantom(shape, rng):
+    """A piecewise-constant modulus map: background 0.1-0.15 with a stiffer disc."""
+    ny, nx = shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    image = np.full(shape, rng.uniform(0.1, 0.15))
+    cy, cx, r = rng.uniform(0.3, 0.7) * ny, rng.uniform(0.3, 0.7) * nx, 0.25 * min(shape)
+    image[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.uniform(0.3, 0.8)
+    return image
+
+
+def perturbed(config=TINY, seed=1) -> Denoiser:
+    """A denoiser whose output layer is non-zero (an untrained one is the identity)."""
+    denoiser = Denoiser.untrained(config, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in denoiser.network.unet.out.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return denoiser
+
+
+@pytest.mark.parametrize("shape", [(17, 21), (65, 65), (2, 3), (33, 9)])
+def test_the_denoiser_keeps_the_shape_of_any_image(shape, rng):
+    denoiser = perturbed()
+    image = rng.uniform(0.1, 0.8, shape)
+    out = denoiser(image)
+    assert out.shape == shape and out.dtype == np.float64
+    assert np.isfinite(out).all()
+    assert not np.allclose(out, image)  # it does something
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_the_unet_maps_batches_of_odd_sizes(depth):
+    net = UNet(UNetConfig(channels=2, depth=depth))
+    assert net(torch.ones(3, 1, 19, 23)).shape == (3, 1, 19, 23)
+    with pytest.raises(ValueError, match="batch, 1, height, width"):
+        net(torch.ones(1, 19, 23))
+
+
+@pytest.mark.parametrize("a", [1e3, 2.5, 1e-3, 7.3])
+def test_the_denoiser_is_scale_equivariant_to_round_off(a, rng):
+    """C(aE) = a C(E): maps in kPa and in normalised units go through the same network."""
+    denoiser = perturbed()
+    image = phantom((17, 21), rng) + 0.02 * rng.standard_normal((17, 21))
+    reference = denoiser(image)
+    np.testing.assert_allclose(denoiser(a * image), a * reference,
+                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
+    np.testing.assert_allclose(denoiser.residual(a * image), a * (image - reference),
+                               rtol=1e-9, atol=1e-12 * a * np.abs(reference).max())
+
+
+def test_an_untrained_denoiser_is_the_identity(rng):
+    denoiser = Denoiser.untrained(TINY)
+    image = rng.uniform(0.1, 0.8, (17, 21))
+    np.testing.assert_array_equal(denoiser(image), image)
+    np.testing.assert_array_equal(denoiser.residual(image), np.zeros_like(image))
+
+
+def test_the_residual_is_the_image_minus_its_denoised_version(rng):
+    """∇R(E) = E − C(E) (eq. 10), computed without the cancellation of the subtraction."""
+    denoiser = perturbed()
+    image = rng.uniform(0.1, 0.8, (17, 21))
+    np.testing.assert_allclose(denoiser.residual(image), image - denoiser(image),
+                               atol=1e-14 * np.abs(image).max())
+
+
+def test_bad_images_are_refused_with_a_message():
+    denoiser = Denoiser.untrained(TINY)
+    with pytest.raises(ValueError, match="2-D"):
+        denoiser(np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="non-finite"):
+        denoiser(np.array([[1.0, np.nan], [1.0, 1.0]]))
+
+
+def test_save_and_load_round_trip_exactly(tmp_path, rng):
+    denoiser = perturbed(UNetConfig(channels=3, depth=1))
+    path = denoiser.save(tmp_path / "model.pt", {"note": "test", "values": [1, 2.5]})
+    loaded = Denoiser.load(path)
+    assert loaded.config == denoiser.config
+    assert loaded.card == {"note": "test", "values": [1, 2.5]}
+    for (k1, v1), (k2, v2) in zip(denoiser.network.state_dict().items(),
+                                  loaded.network.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    image = rng.uniform(0.1, 0.8, (9, 13))
+    np.testing.assert_array_equal(loaded(image), denoiser(image))
+    assert torch.load(path, weights_only=True)["format"] == MODEL_FORMAT
+
+
+def test_save_refuses_to_replace_a_file_unless_asked(tmp_path):
+    denoiser = Denoiser.untrained(TINY)
+    denoiser.save(tmp_path / "model.pt")
+    with pytest.raises(FileExistsError):
+        denoiser.save(tmp_path / "model.pt", overwrite=False)
+    with pytest.raises(ValueError, match="JSON"):
+        denoiser.save(tmp_path / "other.pt", {"bad": object()})
+
+
+def test_a_missing_model_file_is_a_file_not_found_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Denoiser.load(tmp_path / "nothing.pt")
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_a_corrupt_model_file_is_a_clear_value_error(tmp_path, rng, damage):
+    path = Denoiser.untrained(TINY).save(tmp_path / "model.pt")
+    raw = path.read_bytes()
+    bad = {"random": rng.bytes(len(raw)), "truncated": raw[: len(raw) // 2], "empty": b""}[damage]
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match="not a torch file.*corrupt"):
+        Denoiser.load(path)
+
+
+def test_a_torch_file_of_something_else_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fenics-red denoiser"):
+        Denoiser.load(tmp_path / "other.pt")
+
+
+def test_weights_that_do_not_match_the_architecture_are_refused(tmp_path):
+    path = Denoiser.untrained(TINY).save(tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["architecture"]["channels"] = 8
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="do not match its architecture"):
+        Denoiser.load(path)
+
+
+def test_another_format_version_is_refused(tmp_path):
+    path = Denoiser.untrained(TINY).save(tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="format version 99"):
+        Denoiser.load(path)
+
+
+def test_architecture_settings_are_checked():
+    with pytest.raises(ValueError, match="channels"):
+        UNetConfig(channels=0)
+    with pytest.raises(ValueError, match="unknown"):
+        UNetConfig.from_dict({"name": "unet", "channels": 4, "depth": 2, "width": 3})
+    assert UNetConfig.from_dict(TINY.to_dict()) == TINY
+    assert count_parameters(TINY) == sum(p.numel() for p in DenoiserNet(TINY).parameters())
+
+
+def test_the_default_denoiser_is_small():
+    """A few MB at most in the package: under a million parameters (float32)."""
+    assert count_parameters(UNetConfig()) < 1_000_000

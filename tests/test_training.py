@@ -1,0 +1,240 @@
+"""Training the RED denoiser on (ML estimate, truth) pairs: data, learning, determinism, resume."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fenics_red.denoiser import Denoiser, UNetConfig
+from fenics_red.training import (PAIRS_FORMAT, TrainingSettings, card_path, checkpoint_path,
+                                 read_pairs, train_denoiser)
+
+TINY = UNetConfig(channels=6, depth=2)
+FAST = TrainingSettings(epochs=3, batch_size=4, lr=3e-3, seed=3, val_fraction=0.25,
+                        architecture=TINY, device="cpu", num_threads=1)
+
+
+def make_pairs(n=24, shape=(17, 17), seed=0, noise=0.25):
+    """Piecewise-constant phantoms (a disc or a square in a background) and a noisy version."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    truth = np.empty((n, ny, nx))
+    for k in range(n):
+        image = np.full(shape, rng.uniform(0.1, 0.15))
+        cy, cx = rng.uniform(0.3, 0.7) * ny, rng.uniform(0.3, 0.7) * nx
+        r = rng.uniform(0.15, 0.3) * min(shape)
+        inside = ((y - cy) ** 2 + (x - cx) ** 2 < r**2 if k % 2
+                  else (abs(y - cy) < r) & (abs(x - cx) < r))
+        image[inside] = rng.uniform(0.3, 0.8)
+        truth[k] = image
+    estimate = truth * (1 + noise * rng.standard_normal(truth.shape))
+    return truth, np.maximum(estimate, 0.01)
+
+
+def write_pairs(path, truth, estimate, *, method="ml", done=None, snr_db=35.0, fmt=PAIRS_FORMAT):
+    """A file in the layout of `fenics-red reconstruct DATA.h5 --method ml --all --out PAIRS.h5`."""
+    n = truth.shape[0]
+    with h5py.File(path, "w") as f:
+        f["estimate"] = estimate
+        f["truth"] = truth
+        f["index"] = np.arange(n, dtype=np.int64)
+        f["done"] = np.ones(n, np.uint8) if done is None else np.asarray(done, np.uint8)
+        f.create_group("history/0")
+        f.attrs.update(format=fmt, format_version=1, fenics_red_version="test", method=method,
+                       settings=json.dumps({"method": "fista", "max_steps": 150}),
+                       data_path="/data/DATA.h5",
+                       data_attrs=json.dumps({"snr_db": snr_db, "nx": truth.shape[2] - 1,
+                                              "ny": truth.shape[1] - 1, "seed": 7}))
+    return path
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    return write_pairs(tmp_path / "pairs.h5", *make_pairs())
+
+
+def weights(path):
+    return Denoiser.load(path).network.state_dict()
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+# -- the pairs file -------------------------------------------------------------------------------
+
+def test_read_pairs_reads_truth_estimate_and_the_recipe(pairs):
+    data = read_pairs(pairs)
+    truth, estimate = make_pairs()
+    np.testing.assert_array_equal(data.truth, truth)
+    np.testing.assert_array_equal(data.estimate, estimate)
+    assert data.n == 24
+    assert data.recipe["method"] == "ml"
+    assert data.recipe["settings"] == {"method": "fista", "max_steps": 150}  # JSON parsed
+    assert data.recipe["data_attrs"]["snr_db"] == 35.0
+
+
+def test_read_pairs_refuses_reconstructions_of_another_method(tmp_path):
+    path = write_pairs(tmp_path / "red.h5", *make_pairs(4), method="red")
+    with pytest.raises(ValueError, match="'red' reconstructions.*--method ml"):
+        read_pairs(path)
+
+
+def test_read_pairs_refuses_an_unfinished_file(tmp_path):
+    path = write_pairs(tmp_path / "part.h5", *make_pairs(4), done=[1, 1, 0, 1])
+    with pytest.raises(ValueError, match="unfinished: 3 of 4"):
+        read_pairs(path)
+
+
+def test_read_pairs_refuses_other_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_pairs(tmp_path / "missing.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(ValueError, match="not a readable HDF5"):
+        read_pairs(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "data.h5", "w") as f:  # a simulated data set, not its estimates
+        f["E"] = np.ones((2, 3, 3))
+        f["ux_noisy"] = np.ones((2, 3, 3))
+        f.attrs["format"] = "fenics-red dataset"
+    with pytest.raises(ValueError, match="simulated data set.*reconstruct"):
+        read_pairs(tmp_path / "data.h5")
+
+
+def test_read_pairs_refuses_bad_values(tmp_path):
+    truth, estimate = make_pairs(4)
+    estimate[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        read_pairs(write_pairs(tmp_path / "nan.h5", truth, estimate))
+    with pytest.raises(ValueError, match="at least 2"):
+        read_pairs(write_pairs(tmp_path / "one.h5", *make_pairs(1)))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="clean_fraction"):
+        TrainingSettings(clean_fraction=1.5)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingSettings(epochs=-1)
+    assert TrainingSettings.from_dict(FAST.to_dict()) == FAST
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def test_training_reduces_the_held_out_error_and_writes_a_model_card(pairs, tmp_path):
+    out = tmp_path / "model.pt"
+    settings = FAST.replace(epochs=30, lr=1e-2)
+    card = train_denoiser(pairs, out, settings, progress=False, command="test command")
+    v = card["validation"]
+    assert v["pairs"] == 6
+    assert v["denoised_rel_error"] < 0.75 * v["input_rel_error"], v  # measured: 0.15 vs 0.25
+    assert 0 <= v["clean_drift_1"] < 0.5 and np.isfinite(v["clean_drift_5"])
+    # the model file holds the best epoch, and the denoiser it loads reproduces the metric
+    denoiser = Denoiser.load(out)
+    assert denoiser.card == card
+    truth, estimate = make_pairs()
+    val = card["split"]["validation_indices"]
+    errors = [np.linalg.norm(denoiser(estimate[i]) - truth[i]) / np.linalg.norm(truth[i])
+              for i in val]
+    assert np.mean(errors) == pytest.approx(v["denoised_rel_error"], rel=1e-4)
+    # the card beside the model: recipe, command, seed, epochs, history
+    on_disk = json.loads(card_path(out).read_text())
+    assert on_disk == card
+    assert card["command"] == "test command" and card["seed"] == 3 and card["epochs"] == 30
+    assert card["data"]["snr_db"] == 35.0
+    assert card["data"]["recipe"]["settings"]["max_steps"] == 150
+    assert len(card["history"]) == 30
+    assert card["best_epoch"] == 1 + int(np.argmin([r["val_loss"] for r in card["history"]]))
+    assert checkpoint_path(out).exists()
+
+
+def test_training_is_deterministic_by_seed(pairs, tmp_path):
+    train_denoiser(pairs, tmp_path / "a.pt", FAST, progress=False)
+    train_denoiser(pairs, tmp_path / "b.pt", FAST, progress=False)
+    train_denoiser(pairs, tmp_path / "c.pt", FAST.replace(seed=4), progress=False)
+    assert same_weights(weights(tmp_path / "a.pt"), weights(tmp_path / "b.pt"))
+    assert not same_weights(weights(tmp_path / "a.pt"), weights(tmp_path / "c.pt"))
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pairs, tmp_path):
+    settings = FAST.replace(epochs=4, idempotence_weight=0.5, fixed_point_weight=0.5)
+    train_denoiser(pairs, tmp_path / "full.pt", settings, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch, record):
+        if epoch == 2:
+            raise Interrupt
+
+    out = tmp_path / "resumed.pt"
+    with pytest.raises(Interrupt):
+        train_denoiser(pairs, out, settings, progress=False, callback=stop_after_two)
+    assert checkpoint_path(out).exists() and not out.exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_denoiser(pairs, out, settings, progress=False)
+    with pytest.raises(ValueError, match="settings differ"):
+        train_denoiser(pairs, out, settings.replace(lr=1e-3), progress=False, resume=True)
+    card = train_denoiser(pairs, out, settings, progress=False, resume=True)
+    assert [r["epoch"] for r in card["history"]] == [1, 2, 3, 4]
+    assert same_weights(weights(tmp_path / "full.pt"), weights(out))
+
+
+def test_an_existing_model_is_kept_unless_overwrite(pairs, tmp_path):
+    out = tmp_path / "model.pt"
+    train_denoiser(pairs, out, FAST.replace(epochs=1), progress=False)
+    with pytest.raises(FileExistsError):
+        train_denoiser(pairs, out, FAST.replace(epochs=1), progress=False)
+    card = train_denoiser(pairs, out, FAST.replace(epochs=2), progress=False, overwrite=True)
+    assert len(card["history"]) == 2
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_denoiser(pairs, out, FAST, progress=False, resume=True, overwrite=True)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def test_the_train_command_writes_model_card_and_checkpoint(pairs, tmp_path, capsys):
+    from fenics_red.cli import main
+
+    out = tmp_path / "model.pt"
+    argv = ["train", "--data", str(pairs), "--out", str(out), "--epochs", "2", "--batch-size",
+            "8", "--seed", "5", "--val-fraction", "0.25", "--channels", "4", "--depth", "1",
+            "--clean-fraction", "0.5", "--t-max", "1.2", "--idempotence-weight", "0.1",
+            "--threads", "1", "--quiet"]
+    assert main(argv) == 0
+    assert "validation relative error" in capsys.readouterr().out
+    card = json.loads(card_path(out).read_text())
+    assert card["settings"]["architecture"] == {"name": "unet", "channels": 4, "depth": 1}
+    assert card["settings"]["clean_fraction"] == 0.5 and card["settings"]["t_max"] == 1.2
+    assert card["seed"] == 5 and card["epochs"] == 2 and card["split"]["validation"] == 6
+    assert card["command"].startswith("fenics-red train --data")
+    assert "--idempotence-weight 0.1" in card["command"]
+    assert Denoiser.load(out).config == UNetConfig(4, 1)
+    assert checkpoint_path(out).exists()
+    # run again: refused without --resume/--overwrite; --resume with more epochs extends the run
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv[:5], "--epochs", "3", *argv[7:], "--resume"]) == 0
+    assert len(json.loads(card_path(out).read_text())["history"]) == 3
+
+
+def test_the_train_command_reports_a_bad_pairs_file(tmp_path, capsys):
+    from fenics_red.cli import main
+
+    path = write_pairs(tmp_path / "red.h5", *make_pairs(4), method="red")
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
+    assert "method 'ml'" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none.h5"), "--out", str(tmp_path / "m.pt"),
+                 "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_command_defaults_are_the_library_defaults():
+    from fenics_red.cli.train import DEFAULTS
+
+    settings = TrainingSettings()
+    for name, value in DEFAULTS.items():
+        expected = (getattr(settings.architecture, name) if name in ("channels", "depth")
+                    else getattr(settings, name))
+        assert value == expected, name
