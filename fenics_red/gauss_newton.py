@@ -71,6 +71,7 @@ from .forward import ElasticityModel, ForwardSettings
 from .grid import ImageGrid, validate_image
 
 __all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "reconstruct_gauss_newton",
+           "GaussNewtonRunner", "setup_gn_tikhonov", "setup_gn_tv",
            "l_curve_corner"]
 
 _REGULARISERS = ("tikhonov", "tv")
@@ -803,3 +804,58 @@ def reconstruct_gauss_newton(model_or_grid: ElasticityModel | ImageGrid, ux_nois
     finally:
         if owned:
             model.destroy()
+
+
+class GaussNewtonRunner:
+    """The ``"gn-tikhonov"`` and ``"gn-tv"`` methods behind the runner API of
+    :mod:`fenics_red.methods`: one forward model per grid, one inversion per sample.
+
+    ``alpha`` is chosen per sample by the discrepancy principle with the sample's noise level
+    (``noise_std``) unless an ``alpha`` option fixes it. Options are
+    :class:`GaussNewtonSettings` fields (``regulariser`` is set by the method's name); the generic
+    ``max_steps`` maps to ``max_iterations``.
+    """
+
+    def __init__(self, regulariser: str, grid: ImageGrid, forward: ForwardSettings,
+                 comm: MPI.Comm, options: Mapping | None = None):
+        values = GaussNewtonSettings(regulariser=regulariser).to_dict()
+        for key, value in dict(options or {}).items():
+            name = {"max_steps": "max_iterations"}.get(key, key)
+            if name not in values or name == "regulariser":
+                accepted = sorted((set(values) - {"regulariser"}) | {"max_steps"})
+                raise ValueError(f"method 'gn-{regulariser}' has no option {key!r}; accepted: "
+                                 f"{accepted}")
+            values[name] = value
+        self.gn_settings = GaussNewtonSettings.from_dict(values)
+        self.model = ElasticityModel.on_grid(grid, comm, forward)
+
+    @property
+    def settings(self) -> dict:
+        return self.gn_settings.to_dict()
+
+    def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+        estimate, history = reconstruct_gauss_newton(
+            self.model, sample.ux_noisy, sample.uy_noisy, tuple(sample.noise_std),
+            self.gn_settings)
+        rows = history["iterations"]
+        columns = sorted({k for row in rows for k, v in row.items()
+                          if isinstance(v, int | float | np.number)})
+        arrays = {k: np.array([row.get(k, np.nan) for row in rows], dtype=np.float64)
+                  for k in columns}
+        info = {"alpha": history["alpha"], "discrepancy_reached": history["discrepancy_reached"],
+                "alpha_trials": len(history["alpha_trials"]), "iterations": len(rows),
+                "time": history["time"]}
+        return estimate, arrays, info
+
+    def destroy(self) -> None:
+        self.model.destroy()
+
+
+def setup_gn_tikhonov(grid, forward, comm, options=None) -> GaussNewtonRunner:
+    """Factory of ``"gn-tikhonov"`` (options: :class:`GaussNewtonSettings` fields)."""
+    return GaussNewtonRunner("tikhonov", grid, forward, comm, options)
+
+
+def setup_gn_tv(grid, forward, comm, options=None) -> GaussNewtonRunner:
+    """Factory of ``"gn-tv"`` (options: :class:`GaussNewtonSettings` fields)."""
+    return GaussNewtonRunner("tv", grid, forward, comm, options)

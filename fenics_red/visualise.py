@@ -1,4 +1,11 @@
-"""Figures of synthetic data set samples (matplotlib, off-screen; imported only when plotting)."""
+"""Figures and ParaView files: samples, reconstructions (paper, Fig. 2 and 3), forward solutions.
+
+Everything renders off-screen: matplotlib with the Agg backend, pyvista with an Xvfb server it
+starts itself when no display is set (``xvfb`` is part of the stack). matplotlib, pyvista and
+DOLFINx's writers are imported inside the functions, so ``import fenics_red`` stays light.
+Images follow the convention of :mod:`fenics_red.grid` (row 0 is the transducer edge, drawn at
+the top).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,11 @@ import os
 
 import numpy as np
 
-from .grid import ImageGrid
+from .grid import ImageGrid, validate_image
 from .io import atomic_output
 
-__all__ = ["plot_sample"]
+__all__ = ["plot_sample", "plot_forward", "plot_comparison", "plot_profiles",
+           "profile_row", "write_xdmf"]
 
 
 def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
@@ -69,3 +77,204 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
+
+
+def plot_forward(modulus: np.ndarray, ux: np.ndarray, uy: np.ndarray, path: str | os.PathLike,
+                 overwrite: bool = True) -> None:
+    """Modulus and displacement images side by side, row 0 (the transducer) at the top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
+    for ax, image, title, cmap in [(axes[0], modulus, "modulus E [100 kPa]", "viridis"),
+                                   (axes[1], ux, "lateral displacement ux", "RdBu_r"),
+                                   (axes[2], uy, "axial displacement uy", "RdBu_r")]:
+        shown = ax.imshow(image, cmap=cmap, origin="upper")
+        ax.set_title(title)
+        ax.set_xlabel("column (lateral)")
+        ax.set_ylabel("row (depth)")
+        fig.colorbar(shown, ax=ax, shrink=0.85)
+    try:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+_xvfb_started = False
+
+
+def _pyvista():
+    """pyvista, with an off-screen X server started once when there is no display."""
+    global _xvfb_started
+    import pyvista
+
+    pyvista.OFF_SCREEN = True
+    if not os.environ.get("DISPLAY") and not _xvfb_started and os.name == "posix":
+        import shutil
+        import warnings
+
+        if shutil.which("Xvfb") is None:
+            raise RuntimeError("pyvista needs a display or Xvfb to render off-screen; install "
+                               "xvfb (it is in docker/packages.txt) or set DISPLAY")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pyvista.start_xvfb(wait=0.5)
+        _xvfb_started = True
+    return pyvista
+
+
+def _image_data(pyvista, image: np.ndarray, grid: ImageGrid, name: str):
+    """A pyvista ImageData of a nodal image (points at the grid's nodes, y upwards)."""
+    hx, hy = grid.spacing
+    data = pyvista.ImageData(dimensions=(grid.nx + 1, grid.ny + 1, 1), spacing=(hx, hy, 1.0))
+    data.point_data[name] = np.flipud(np.asarray(image, dtype=np.float64)).ravel()
+    return data
+
+
+def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
+                    path: str | os.PathLike, grid: ImageGrid | None = None, *,
+                    labels: dict[str, str] | None = None, clim: tuple[float, float] | None = None,
+                    units: str = "E [100 kPa]", columns: int | None = None,
+                    overwrite: bool = True) -> None:
+    """The paper's Fig. 2: the true modulus and each method's estimate on one colour scale.
+
+    ``estimates`` maps a method name to its modulus image; ``labels`` (optional) gives each panel
+    a subtitle (e.g. its relative RMSE). The colour scale is ``clim`` (default: 0 to the largest
+    value of the truth, or of the estimates without truth) and one colour bar with ``units``
+    serves every panel. Rendered by pyvista off-screen, written atomically as PNG.
+    """
+    panels = ([("truth", truth)] if truth is not None else []) + list(estimates.items())
+    if not panels:
+        raise ValueError("nothing to plot: give a truth or at least one estimate")
+    first = np.asarray(panels[0][1])
+    grid = grid or ImageGrid.from_shape(first.shape)
+    if clim is None:
+        reference = truth if truth is not None else np.stack([e for _, e in panels])
+        clim = (0.0, float(np.max(reference)))
+    labels = labels or {}
+    pv = _pyvista()
+    n = len(panels)
+    columns = columns or min(n, 3)
+    rows = -(-n // columns)
+    plotter = pv.Plotter(off_screen=True, shape=(rows, columns),
+                         window_size=(360 * columns, 400 * rows), border=False)
+    try:
+        for k, (name, image) in enumerate(panels):
+            plotter.subplot(k // columns, k % columns)
+            data = _image_data(pv, validate_image(image, grid.shape, f"image {name!r}"),
+                               grid, units)
+            plotter.add_mesh(data, scalars=units, cmap="viridis", clim=clim,
+                             show_scalar_bar=False)
+            text = name if name not in labels else f"{name}\n{labels[name]}"
+            plotter.add_text(text, position="upper_edge", font_size=10, color="black")
+            plotter.view_xy()
+            plotter.camera.zoom(1.15)
+            if k == n - 1:
+                plotter.add_scalar_bar(title=units, n_labels=5, fmt="%.2f", vertical=True,
+                                       position_x=0.86, position_y=0.2, height=0.6, width=0.08,
+                                       color="black", title_font_size=12, label_font_size=10)
+        plotter.set_background("white")
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            plotter.screenshot(str(tmp) + ".png")
+            os.replace(str(tmp) + ".png", tmp)
+    finally:
+        plotter.close()
+
+
+def profile_row(mask: np.ndarray | None, shape: tuple[int, int]) -> int:
+    """The image row of a cross-section through the largest inclusion (its centroid's depth).
+
+    Without a mask (or an empty one) the middle row.
+    """
+    if mask is None or not np.any(mask):
+        return shape[0] // 2
+    labels = np.asarray(mask)
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    rows = np.nonzero(labels == values[np.argmax(counts)])[0]
+    return int(round(rows.mean()))
+
+
+def plot_profiles(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
+                  path: str | os.PathLike, grid: ImageGrid | None = None, *,
+                  row: int | None = None, mask: np.ndarray | None = None,
+                  units: str = "E [100 kPa]", overwrite: bool = True) -> int:
+    """The paper's Fig. 3: the modulus along one lateral cross-section, truth and estimates.
+
+    ``row`` defaults to :func:`profile_row` of ``mask`` (through the largest inclusion). Returns
+    the row used. matplotlib, off-screen, written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ([("truth", truth)] if truth is not None else []) + list(estimates.items())
+    if not panels:
+        raise ValueError("nothing to plot: give a truth or at least one estimate")
+    shape = np.shape(panels[0][1])
+    grid = grid or ImageGrid.from_shape(shape)
+    row = profile_row(mask, shape) if row is None else int(row)
+    if not 0 <= row < shape[0]:
+        raise ValueError(f"profile row {row} is outside the image's {shape[0]} rows")
+    x = np.linspace(0.0, grid.width, grid.nx + 1)
+    depth = grid.height * row / grid.ny
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    for name, image in panels:
+        image = validate_image(image, grid.shape, f"image {name!r}")
+        style = dict(color="black", linewidth=2.2) if name == "truth" else dict(linewidth=1.4)
+        ax.plot(x, image[row], label=name, **style)
+    ax.set_xlabel("lateral position x")
+    ax.set_ylabel(units)
+    ax.set_title(f"cross-section at depth {depth:.3g} (row {row})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return row
+
+
+def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid: ImageGrid, comm,
+               overwrite: bool = True) -> None:
+    """Write modulus images as P1 functions on the grid's mesh to an XDMF file (ParaView).
+
+    Collective on ``comm`` (the mesh is distributed over it). The ``.xdmf`` and its ``.h5`` are
+    written under temporary names and moved into place when complete.
+    """
+    from pathlib import Path
+
+    from dolfinx import fem, io
+
+    from .grid import NodalImage
+    from .parallel import check_all
+
+    path = Path(path)
+    if path.suffix != ".xdmf":
+        raise ValueError(f"an XDMF output needs the suffix .xdmf, got {str(path)!r}")
+    def check():
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite")
+
+    check_all(comm, check)
+    msh = grid.create_mesh(comm)
+    Q = fem.functionspace(msh, ("Lagrange", 1))
+    images = NodalImage(Q, grid)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    with io.XDMFFile(comm, tmp, "w") as xdmf:
+        xdmf.write_mesh(msh)
+        for name, image in fields.items():
+            f = fem.Function(Q, name=name)
+            images.from_image(validate_image(image, grid.shape, f"field {name!r}"), f)
+            xdmf.write_function(f)
+    comm.Barrier()
+    if comm.rank == 0:
+        text = tmp.read_text().replace(tmp.with_suffix(".h5").name, path.with_suffix(".h5").name)
+        os.replace(tmp.with_suffix(".h5"), path.with_suffix(".h5"))
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    comm.Barrier()

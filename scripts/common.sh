@@ -46,6 +46,8 @@ fenics_red_exec() {
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
     export OMPI_MCA_btl="${OMPI_MCA_btl:-self,sm}"
     export OMPI_MCA_rmaps_base_oversubscribe=1 PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe
+    # yield the core while waiting in MPI calls: busy polling starves ranks on shared cores
+    export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
     export MPLBACKEND="${MPLBACKEND:-Agg}" PYVISTA_OFF_SCREEN=true
     export FENICS_RED_INSIDE=1
     unset PYTHONPATH PYTHONHOME PYTHONSTARTUP

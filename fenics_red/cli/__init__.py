@@ -16,7 +16,7 @@ from mpi4py import MPI
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ["demo", "forward", "simulate", "show"]
+COMMANDS = ["demo", "forward", "simulate", "reconstruct", "train", "evaluate", "show"]
 
 #: Exceptions that describe bad input rather than a bug: reported without a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)

@@ -1,0 +1,83 @@
+"""``fenics-red evaluate``: every method on every sample, metrics, tables and figures (Fig. 2-3)."""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from ..methods import method_names
+
+
+def _index_list(text: str) -> tuple[int, ...]:
+    """``"0,3,5-7"`` -> ``(0, 3, 5, 6, 7)``."""
+    indices = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-"))
+                indices.extend(range(lo, hi + 1))
+            else:
+                indices.append(int(part))
+        except ValueError:
+            raise ValueError(f"--samples takes indices like 0,3,5-7, got {text!r}") from None
+    return tuple(indices)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="run several methods on a data set and compare them",
+        description="Run each method on each sample (resumable: runs already in OUT are "
+                    "reused), then write metrics.csv, metrics.json, summary.md and per-sample "
+                    "figures (truth and estimates on one colour scale; a cross-section profile).")
+    parser.add_argument("dataset", help="data set file (.h5) from 'fenics-red simulate'")
+    parser.add_argument("--methods", default="gn-tikhonov,gn-tv,ml,denoised-ml,red",
+                        help="comma-separated methods (default %(default)s); registered: "
+                             + ", ".join(method_names()))
+    parser.add_argument("--out", required=True, help="output folder")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--samples", type=_index_list, default=None,
+                       help="sample indices, e.g. 0,3,5-7 (default: all)")
+    group.add_argument("--first", type=int, default=None, metavar="N",
+                       help="evaluate the first N samples")
+    parser.add_argument("--denoiser", default=None,
+                        help="denoiser model for denoised-ml and red (default: the shipped one)")
+    parser.add_argument("--figures", type=int, default=None, metavar="N",
+                        help="draw figures for the first N evaluated samples only (default: all)")
+    parser.add_argument("--xdmf", action="store_true",
+                        help="also write truth and estimates as XDMF files for ParaView")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard earlier results in OUT and start again")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args):
+    from ..evaluation import EvaluationSettings
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    options = {}
+    if args.denoiser is not None:
+        users = [m for m in methods if m in ("red", "denoised-ml")]
+        if not users:
+            raise ValueError("--denoiser is used by the methods red and denoised-ml; neither is "
+                             "in --methods")
+        options = {m: {"denoiser": args.denoiser} for m in users}
+    if args.first is not None and args.first < 1:
+        raise ValueError(f"--first must be a positive number of samples, got {args.first}")
+    samples = args.samples if args.first is None else tuple(range(args.first))
+    return EvaluationSettings(methods, options, samples, figures=args.figures != 0,
+                              xdmf=args.xdmf, figure_limit=args.figures)
+
+
+def run(args) -> int:
+    from ..evaluation import evaluate, summary_table
+
+    comm = MPI.COMM_WORLD
+    settings = settings_from_args(args)
+    summary = evaluate(args.dataset, args.out, settings, comm, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    if comm.rank == 0:
+        print(summary_table(summary, settings.methods), end="")
+        print(f"wrote {args.out}/: metrics.csv, metrics.json, summary.md"
+              + (", figures/" if settings.figures else "") + (", xdmf/" if settings.xdmf else ""))
+    return 0

@@ -1,0 +1,674 @@
+"""The statistical data term of elastography: noise model, ``Γ(E)`` and the likelihood (eqs. 2-9).
+
+Measured displacements ``u_m = u + n`` (``n ~ N(0, Σn)``) and noisy forces (``w ~ N(0, Σw)``) give
+the statistical linear model (paper, equations 3-5)::
+
+    f = D(u_m) E + w̃,    w̃ ~ N(0, Γ),    Γ = Σw + K(E) Σn K(E)ᵀ,
+
+whose negative log-likelihood is (equation 6 without the prior)::
+
+    J(E) = ½ ‖f − D(u_m) E‖²_{Γ⁻¹} + ½ log|Γ|        (+ n/2 log 2π),
+
+with data term ``g(E) = ½ ‖f − D(u_m) E‖²_{Γ⁻¹}`` (equation 8) and, for ``Γ`` frozen, gradient
+``∇g(E) = −D(u_m)ᵀ Γ⁻¹ (f − D(u_m) E)`` (equation 9).
+
+Only the rows of *free* displacement dofs take part: Dirichlet dofs carry unknown reaction forces
+(and noise-free, prescribed displacements). In this module every vector on the displacement space
+has full length; ``D(u_m)``, ``f`` and the residual have zero Dirichlet rows, ``K`` is assembled as
+``diag(K_ff, I)`` and ``Σn``/``Σw`` are 1/0 on Dirichlet rows, so that ``Γ = diag(Γ_ff, I)``, every
+``Γ⁻¹ r`` vanishes on Dirichlet rows and ``log|Γ| = log|Γ_ff|``.
+
+Linear algebra (see ``../shared/DESIGN.md``, pitfalls): ``Γ ≈ K Σn K`` is as ill-conditioned as
+``K²``, so ``Γ`` is never formed for solves. It is a matrix-free PETSc ``MatShell``; ``Γ⁻¹ r`` is a
+PETSc KSP whose preconditioner ``P⁻¹ = K⁻¹ Σn⁻¹ K⁻¹`` uses ONE factorisation (MUMPS Cholesky by
+default) of ``K(E)`` for as long as ``Γ`` is frozen. With ``Σw = 0`` that preconditioner *is*
+``Γ⁻¹`` (two back-substitutions, KSP type ``preonly``); with ``Σw ≠ 0`` the KSP is CG on the shell.
+
+Log-determinant (only reported: the fixed-point scheme freezes ``Γ``, so ``log|Γ|`` is never
+differentiated):
+
+* ``Σw = 0``: ``log|Γ_ff| = 2 log|det K_ff| + Σ_free log σ²`` with ``det K_ff`` from the MUMPS
+  factorisation that the solves use anyway (``ICNTL(33)``; ``RINFOG(12)·2^INFOG(34)``): exact and
+  free at every size where a factorisation is affordable.
+* ``Σw ≠ 0``: ``Γ = K Σn K + Σw`` is formed as a sparse matrix (``K`` times a scaled ``K``, a
+  two-ring stencil) and factorised once by MUMPS for its determinant: exact, affordable for
+  moderate sizes (the fill of the two-ring stencil is about four times that of ``K``).
+* Large problems or an iterative ``K`` solver (GAMG): ``logdet()`` returns ``nan`` and the history
+  reports the data term only; a stochastic Lanczos quadrature estimate (Hutchinson probes with
+  Lanczos on ``log``, using the same ``Γ`` shell) would be the way to add it.
+
+PETSc options: the ``Γ`` KSP uses the prefix ``fenics_red_gamma_`` and the ``K`` solver
+``fenics_red_gamma_k_``; command-line options with these prefixes override the defaults here, and
+:attr:`LikelihoodSettings.petsc_options` / :attr:`LikelihoodSettings.k_petsc_options` override both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from dolfinx import fem
+
+from .forward import ElasticityModel
+from .grid import validate_image
+
+__all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood"]
+
+#: Options prefix of the ``Γ`` KSP and of the ``K(E)`` solver inside its preconditioner.
+GAMMA_PREFIX = "fenics_red_gamma_"
+K_PREFIX = "fenics_red_gamma_k_"
+
+_K_DEFAULTS = {"ksp_type": "preonly", "pc_type": "cholesky", "pc_factor_mat_solver_type": "mumps"}
+
+
+def _positive(value, name: str, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "strictly positive"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Diagonal noise covariances of the measurement (paper, equations 2-5).
+
+    Attributes:
+        sigma: standard deviations ``(σx, σy)`` of the displacement noise ``n`` of the lateral (x)
+            and axial (y) components: ``Σn = diag(σx², σy², σx², ...)`` on the free dofs.
+        force_std: standard deviation ``σw`` of the force noise ``w``: ``Σw = σw² I`` on the free
+            dofs (0, the default, gives the exact two-back-substitution ``Γ⁻¹``).
+    """
+
+    sigma: tuple[float, float]
+    force_std: float = 0.0
+
+    def __post_init__(self):
+        sigma = np.asarray(self.sigma, dtype=float).ravel() if not isinstance(
+            self.sigma, str) else np.array([])
+        if sigma.shape != (2,):
+            raise ValueError(f"NoiseModel.sigma must be a pair (sigma_x, sigma_y), got "
+                             f"{self.sigma!r}")
+        sigma = tuple(_positive(s, f"NoiseModel.sigma[{i}]") for i, s in enumerate(sigma))
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "force_std",
+                           _positive(self.force_std, "NoiseModel.force_std", allow_zero=True))
+
+    @classmethod
+    def from_snr(cls, sum_u2: float, counts: tuple[int, int], snr_db: float, ratio: float = 1.0,
+                 force_std: float = 0.0, noisy: bool = True) -> NoiseModel:
+        """The noise of a target SNR, ``SNR = 10 log10(‖u‖² / ‖n‖²)`` over the free dofs.
+
+        Args:
+            sum_u2: ``‖u‖²`` over the free dofs (of the noisy ``u_m`` when ``noisy``: then
+                ``E‖u_m‖² = ‖u‖² (1 + 10^(−SNR/10))`` is corrected for).
+            counts: numbers of free x and y dofs.
+            snr_db: the SNR in dB.
+            ratio: ``σx / σy`` (lateral-to-axial noise ratio).
+        """
+        snr_db = float(snr_db)
+        if not math.isfinite(snr_db):
+            raise ValueError(f"SNR must be a finite number of dB, got {snr_db!r}")
+        ratio = _positive(ratio, "noise ratio")
+        _positive(sum_u2, "sum of squared displacements")
+        level = 10.0 ** (-snr_db / 10.0)
+        noise_energy = sum_u2 * level / (1.0 + level) if noisy else sum_u2 * level
+        sigma_y = math.sqrt(noise_energy / (counts[0] * ratio**2 + counts[1]))
+        return cls((ratio * sigma_y, sigma_y), force_std)
+
+    def to_dict(self) -> dict:
+        return {"sigma": list(self.sigma), "force_std": self.force_std}
+
+
+@dataclass(frozen=True)
+class LikelihoodSettings:
+    """Linear-algebra settings of ``Γ⁻¹`` (they change round-off, not the estimator).
+
+    Attributes:
+        gamma_rtol: relative tolerance of CG on ``Γ`` (used only when ``Σw ≠ 0``).
+        gamma_max_it: iteration limit of CG on ``Γ``.
+        logdet: ask the ``K`` factorisation for its determinant (MUMPS ``ICNTL(33)``), so that
+            :meth:`StatisticalLikelihood.logdet` is exact; negligible cost.
+        petsc_options: options of the ``Γ`` KSP (without the ``fenics_red_gamma_`` prefix).
+        k_petsc_options: options of the ``K(E)`` solver (without the ``fenics_red_gamma_k_``
+            prefix); e.g. ``{"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12}`` for very
+            large meshes (then ``Γ⁻¹`` is inexact and the log-determinant unavailable).
+    """
+
+    gamma_rtol: float = 1e-10
+    gamma_max_it: int = 1000
+    logdet: bool = True
+    petsc_options: Mapping[str, object] = field(default_factory=dict)
+    k_petsc_options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _positive(self.gamma_rtol, "LikelihoodSettings.gamma_rtol")
+        if not isinstance(self.gamma_max_it, int | np.integer) or self.gamma_max_it < 1:
+            raise ValueError(f"LikelihoodSettings.gamma_max_it must be a positive integer, got "
+                             f"{self.gamma_max_it!r}")
+        for name in ("petsc_options", "k_petsc_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"LikelihoodSettings.{name} must be a mapping")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["petsc_options"] = {k: str(v) for k, v in self.petsc_options.items()}
+        out["k_petsc_options"] = {k: str(v) for k, v in self.k_petsc_options.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> LikelihoodSettings:
+        return cls(**dict(values))
+
+
+class _Options:
+    """Set PETSc options under a prefix for one ``setFromOptions`` call, then remove them.
+
+    Defaults do not replace options the user gave (command line); ``overrides`` do.
+    """
+
+    def __init__(self, prefix: str, defaults: Mapping, overrides: Mapping):
+        self.db = PETSc.Options(prefix)
+        self.saved = {}
+        for key, value in defaults.items():
+            if not self.db.hasName(key):
+                self.saved[key] = None
+                self.db[key] = value
+        for key, value in overrides.items():
+            if key not in self.saved:
+                self.saved[key] = self.db.getString(key) if self.db.hasName(key) else None
+            self.db[key] = value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for key, old in self.saved.items():
+            if old is None:
+                self.db.delValue(key)
+            else:
+                self.db[key] = old
+
+
+class Gamma:
+    """``Γ(E) = Σw + K(E) Σn K(E)ᵀ`` on the free dofs (paper, equation 5), frozen between refreshes.
+
+    :attr:`mat` is a matrix-free PETSc ``MatShell``; :meth:`solve` applies ``Γ⁻¹`` with the KSP
+    :attr:`ksp` (prefix ``fenics_red_gamma_``), preconditioned by ``K⁻¹ Σn⁻¹ K⁻¹`` from one
+    factorisation of ``K(E)`` (KSP :attr:`k_ksp`, prefix ``fenics_red_gamma_k_``), refreshed only
+    by :meth:`refresh`. All objects are allocated once; :meth:`refresh` reassembles in place.
+
+    Args:
+        model: the forward model; its ``E`` and its ``K`` matrix are used as scratch by
+            :meth:`refresh` (``Γ`` keeps its own copy of ``K``, so later use of the model does not
+            change a frozen ``Γ``).
+        noise: the noise covariances.
+        settings: solver settings.
+    """
+
+    def __init__(self, model: ElasticityModel, noise: NoiseModel,
+                 settings: LikelihoodSettings | None = None):
+        self.model = model
+        self.comm = model.comm
+        self.settings = settings = settings or LikelihoodSettings()
+        self.K = model.assemble_K(apply_bcs=True).copy()
+        self.free = self.K.createVecLeft()
+        self.free.array[:] = model.free_dofs.astype(float)
+        self.n_free = int(self.comm.allreduce(int(model.free_dofs.sum()), op=MPI.SUM))
+        self.sigma2 = self.free.duplicate()       # Σn (1 on Dirichlet rows)
+        self.sigma2_inv = self.free.duplicate()   # Σn⁻¹
+        self.force2 = self.free.duplicate()       # Σw (0 on Dirichlet rows)
+        self._t1, self._t2, self._t3 = (self.free.duplicate() for _ in range(3))
+        self.E = fem.Function(model.Q)            # the modulus Γ is frozen at
+        self._component = np.arange(self.free.getLocalSize()) % 2
+
+        self.mat = PETSc.Mat().createPython(self.K.getSizes(), _GammaShell(self), comm=self.comm)
+        self.mat.setUp()
+
+        self.k_ksp = PETSc.KSP().create(self.comm)
+        self.k_ksp.setOperators(self.K)
+        self.k_ksp.setOptionsPrefix(K_PREFIX)
+        with _Options(K_PREFIX, _K_DEFAULTS, settings.k_petsc_options):
+            self.k_ksp.setFromOptions()
+        self.exact_factor = (self.k_ksp.getType() == "preonly"
+                             and self.k_ksp.getPC().getType() in ("lu", "cholesky"))
+        self._mumps = None
+        if self.exact_factor and self.k_ksp.getPC().getFactorSolverType() == "mumps":
+            pc = self.k_ksp.getPC()
+            pc.setFactorSetUpSolverType()
+            self._mumps = pc.getFactorMatrix()
+            if settings.logdet:
+                self._mumps.setMumpsIcntl(33, 1)
+        self.ksp = PETSc.KSP().create(self.comm)
+        self.ksp.setOperators(self.mat)
+        self.ksp.setOptionsPrefix(GAMMA_PREFIX)
+        self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
+        self.ksp.getPC().setPythonContext(_GammaPreconditioner(self))
+        self.set_noise(noise)
+        self._logdet_K = math.nan
+        self._frozen = False
+
+    # -- noise -------------------------------------------------------------------------------------
+
+    def set_noise(self, noise: NoiseModel) -> None:
+        """Set ``Σn`` and ``Σw`` (the factorisation of ``K`` is kept). Collective."""
+        if not isinstance(noise, NoiseModel):
+            raise TypeError(f"noise must be a NoiseModel, got {type(noise).__name__}")
+        self.noise = noise
+        free = self.free.array_r.astype(bool)
+        sx2, sy2 = noise.sigma[0] ** 2, noise.sigma[1] ** 2
+        self.sigma2.array[:] = np.where(free, np.where(self._component == 0, sx2, sy2), 1.0)
+        self.sigma2_inv.array[:] = 1.0 / self.sigma2.array_r
+        self.force2.array[:] = np.where(free, noise.force_std**2, 0.0)
+        exact = noise.force_std == 0.0 and self.exact_factor
+        if exact:
+            defaults = {"ksp_type": "preonly"}
+        else:
+            defaults = {"ksp_type": "cg", "ksp_rtol": self.settings.gamma_rtol,
+                        "ksp_atol": 0.0, "ksp_max_it": self.settings.gamma_max_it}
+        with _Options(GAMMA_PREFIX, defaults, self.settings.petsc_options):
+            self.ksp.setFromOptions()
+        self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
+        self.exact = exact and self.ksp.getType() == "preonly"
+        # log Σ_free log σ², for the log-determinant
+        counts = np.array([np.sum(free & (self._component == c)) for c in (0, 1)], dtype=float)
+        counts = self.comm.allreduce(counts, op=MPI.SUM)
+        self._counts = counts.astype(int)
+        self._logdet_sigma = float(counts[0] * math.log(sx2) + counts[1] * math.log(sy2))
+        self._logdet_gamma = None
+
+    @property
+    def free_counts(self) -> tuple[int, int]:
+        """Numbers of free x and y dofs (global)."""
+        return int(self._counts[0]), int(self._counts[1])
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def refresh(self, E: PETSc.Vec) -> None:
+        """Freeze ``Γ`` at the modulus ``E`` (nodal values, a vector of the modulus space).
+
+        Assembles ``K(E)`` and factorises it once (numeric factorisation; the symbolic analysis
+        is kept from the first call). Collective. Raises ``ValueError`` for a non-positive ``E``.
+        """
+        model = self.model
+        n = model.Q.dofmap.index_map.size_local
+        model.E.x.array[:n] = E.array_r
+        model.E.x.scatter_forward()
+        model.check_modulus()
+        model.modulus_changed()
+        model.assemble_K(apply_bcs=True).copy(self.K, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        self.E.x.array[:] = model.E.x.array
+        self.k_ksp.getPC().setUp()  # the one factorisation while Γ is frozen
+        self._check_reason(self.k_ksp, "factorisation of K(E)", setup=True)
+        self._logdet_K = math.nan
+        if self._mumps is not None and self.settings.logdet:
+            mantissa = self._mumps.getMumpsRinfog(12)
+            exponent = self._mumps.getMumpsInfog(34)
+            if mantissa > 0:
+                self._logdet_K = math.log(mantissa) + exponent * math.log(2.0)
+        self._logdet_gamma = None
+        self._frozen = True
+
+    def _require_frozen(self):
+        if not self._frozen:
+            raise RuntimeError("Gamma.refresh(E) must be called before Γ is applied or solved")
+
+    def _check_reason(self, ksp, what, setup=False):
+        reason = ksp.getPC().getFailedReason() if setup else ksp.getConvergedReason()
+        if (setup and reason not in (0, None)) or (not setup and reason < 0):
+            raise RuntimeError(f"{what} failed (PETSc reason {reason}); is E positive and "
+                               "bounded, and are the solver options right?")
+
+    # -- operators ---------------------------------------------------------------------------------
+
+    def mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = Γ x = Σw x + K Σn K x`` (no inverse; for CG and tests).
+
+        With ``K = diag(K_ff, I)``, ``Σn = 1`` and ``Σw = 0`` on Dirichlet rows this is
+        ``diag(Γ_ff, I) x`` without any masking.
+        """
+        self._require_frozen()
+        self.K.mult(x, self._t1)
+        self._t1.pointwiseMult(self._t1, self.sigma2)
+        self.K.mult(self._t1, y)
+        self._t2.pointwiseMult(self.force2, x)
+        y.axpy(1.0, self._t2)
+
+    def apply_K_inverse(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = K(E)⁻¹ x`` with the frozen factorisation (one back-substitution)."""
+        self._require_frozen()
+        self.k_ksp.solve(x, y)
+        self._check_reason(self.k_ksp, "K(E) solve")
+
+    def precondition(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = K⁻¹ Σn⁻¹ K⁻¹ x``: ``Γ⁻¹`` exactly when ``Σw = 0`` (two back-substitutions)."""
+        self.apply_K_inverse(x, self._t1)
+        self._t1.pointwiseMult(self._t1, self.sigma2_inv)
+        self.apply_K_inverse(self._t1, y)
+
+    def solve(self, r: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
+        """``out = Γ⁻¹ r`` by the KSP (exact two back-substitutions when ``Σw = 0``)."""
+        self._require_frozen()
+        self.ksp.solve(r, out)
+        self._check_reason(self.ksp, "Γ solve")
+        return out
+
+    def inv_norm2(self, r: PETSc.Vec) -> float:
+        """``rᵀ Γ⁻¹ r``; one back-substitution when ``Σw = 0`` (``‖K⁻¹ r‖²_{Σn⁻¹}``)."""
+        if self.exact:
+            self.apply_K_inverse(r, self._t3)
+            self._t1.pointwiseMult(self._t3, self._t3)
+            return self._t1.dot(self.sigma2_inv)
+        self.solve(r, self._t3)
+        return r.dot(self._t3)
+
+    @property
+    def iterations(self) -> int:
+        """Iterations of the last ``Γ`` solve (1 when exact)."""
+        return max(1, self.ksp.getIterationNumber())
+
+    def logdet(self) -> float:
+        """``log|Γ_ff|`` at the frozen modulus (module docstring); ``nan`` if unavailable."""
+        self._require_frozen()
+        if self.noise.force_std == 0.0:
+            return 2.0 * self._logdet_K + self._logdet_sigma
+        if self._logdet_gamma is None:
+            self._logdet_gamma = self._explicit_logdet() if self.settings.logdet else math.nan
+        return self._logdet_gamma
+
+    def _explicit_logdet(self) -> float:
+        """``log|K Σn K + Σw|`` from a MUMPS factorisation of the explicit sparse ``Γ``."""
+        scaled = self.K.copy()
+        scaled.diagonalScale(L=self.sigma2)
+        G = self.K.matMult(scaled)
+        G.setDiagonal(self.force2, addv=PETSc.InsertMode.ADD_VALUES)
+        ksp = PETSc.KSP().create(self.comm)
+        try:
+            ksp.setOperators(G)
+            ksp.setType("preonly")
+            pc = ksp.getPC()
+            pc.setType("cholesky")
+            pc.setFactorSolverType("mumps")
+            pc.setFactorSetUpSolverType()
+            F = pc.getFactorMatrix()
+            F.setMumpsIcntl(33, 1)
+            pc.setUp()
+            mantissa, exponent = F.getMumpsRinfog(12), F.getMumpsInfog(34)
+            return math.log(mantissa) + exponent * math.log(2.0) if mantissa > 0 else math.nan
+        finally:
+            ksp.destroy()
+            G.destroy()
+            scaled.destroy()
+
+    def destroy(self) -> None:
+        """Free the PETSc objects (collective)."""
+        for obj in (self.ksp, self.k_ksp, self.mat, self.K, self.free, self.sigma2,
+                    self.sigma2_inv, self.force2, self._t1, self._t2, self._t3):
+            obj.destroy()
+
+
+class _GammaShell:
+    """Python context of the ``Γ`` MatShell."""
+
+    def __init__(self, gamma: Gamma):
+        self.gamma = gamma
+
+    def mult(self, mat, x, y):
+        self.gamma.mult(x, y)
+
+
+class _GammaPreconditioner:
+    """Python context of the ``Γ`` KSP's preconditioner ``K⁻¹ Σn⁻¹ K⁻¹``."""
+
+    def __init__(self, gamma: Gamma):
+        self.gamma = gamma
+
+    def apply(self, pc, x, y):
+        self.gamma.precondition(x, y)
+
+
+class StatisticalLikelihood:
+    """Data fidelity of the statistical model ``f = D(u_m) E + w̃``, ``w̃ ~ N(0, Γ)`` (eqs. 4-9).
+
+    ``g(E) = ½ ‖f − D(u_m) E‖²_{Γ⁻¹}`` (equation 8), ``∇g(E) = −D(u_m)ᵀ Γ⁻¹ (f − D(u_m) E)``
+    (equation 9, ``Γ`` frozen) and ``J(E) = g(E) + ½ log|Γ|`` (equation 6 without the prior), on
+    PETSc vectors of the modulus space (create them with :meth:`create_vector`). ``Γ`` is frozen at
+    the modulus of the last :meth:`refresh` (the fixed-point scheme of equations 6-7).
+
+    ``D(u_m)`` is assembled once per data set (:meth:`set_data`); matrices, vectors and solvers
+    are allocated once, in the constructor, and reused for every data set on the same model.
+
+    Args:
+        model: the forward model (its mesh, supports, loads and material law).
+        displacement: the measured displacement ``u_m``: a pair of images ``(ux, uy)`` of shape
+            ``(ny+1, nx+1)``, a function on ``model.V`` or its local values; optional here, then
+            :meth:`set_data` must be called before use.
+        noise: the noise covariances (required with ``displacement``).
+        settings: linear-algebra settings.
+    """
+
+    def __init__(self, model: ElasticityModel, displacement=None, noise: NoiseModel | None = None,
+                 settings: LikelihoodSettings | None = None):
+        self.model = model
+        self.comm = model.comm
+        self.settings = settings or LikelihoodSettings()
+        self.D = model.assemble_D(model.u_data, apply_bcs=True).copy()
+        self.gamma = Gamma(model, noise or NoiseModel((1.0, 1.0)), self.settings)
+        self.f = self.D.createVecLeft()
+        self.u_m = self.D.createVecLeft()
+        self._r, self._s, self._v = self.f.duplicate(), self.f.duplicate(), self.f.duplicate()
+        self._n_owned_q = model.Q.dofmap.index_map.size_local
+        self._has_data = False
+        if displacement is not None:
+            if noise is None:
+                raise ValueError("a NoiseModel is needed with the measured displacement")
+            self.set_data(displacement, noise)
+
+    # -- data --------------------------------------------------------------------------------------
+
+    @property
+    def n_equations(self) -> int:
+        """Number of free equations (free displacement dofs): the expected value of
+        ``(f − D E)ᵀ Γ⁻¹ (f − D E)`` at the true modulus."""
+        return self.gamma.n_free
+
+    @property
+    def noise(self) -> NoiseModel:
+        return self.gamma.noise
+
+    def set_data(self, displacement, noise: NoiseModel | None = None) -> None:
+        """Set the measured displacement ``u_m`` (assembling ``D(u_m)`` once) and the noise.
+
+        ``displacement``: images ``(ux, uy)``, a function on ``model.V`` or its local values.
+        Raises ``ValueError`` for wrong shapes or non-finite values (on every rank). Collective.
+        """
+        model = self.model
+        u = model.u_data
+        if isinstance(displacement, fem.Function):
+            u.x.array[:] = displacement.x.array
+        elif isinstance(displacement, tuple | list) and len(displacement) == 2:
+            shape = model.grid.shape if model.grid is not None else None
+            ux = validate_image(displacement[0], shape, "measured displacement ux")
+            uy = validate_image(displacement[1], shape, "measured displacement uy")
+            model.images("V").from_images(np.stack([ux, uy]), u.x.array)
+        else:
+            values = np.asarray(displacement, dtype=float)
+            if values.shape != u.x.array.shape:
+                raise ValueError(f"measured displacement must be images (ux, uy), a function on V "
+                                 f"or {u.x.array.size} local values; got shape {values.shape}")
+            u.x.array[:] = values
+        bad = int(not np.isfinite(u.x.array).all())
+        if self.comm.allreduce(bad, op=MPI.MAX):
+            raise ValueError("measured displacement has non-finite values (NaN or inf)")
+        model.assemble_D(u, apply_bcs=True).copy(self.D, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        n = self.u_m.getLocalSize()
+        self.u_m.array[:] = u.x.array[:n]
+        model.assemble_load().copy(self.f)
+        self.f.pointwiseMult(self.f, self.gamma.free)
+        if noise is not None:
+            self.gamma.set_noise(noise)
+        self._has_data = True
+
+    def set_noise(self, noise: NoiseModel) -> None:
+        """Change ``Σn``/``Σw`` (the frozen factorisation of ``K`` is kept)."""
+        self.gamma.set_noise(noise)
+
+    def noise_from_snr(self, snr_db: float, ratio: float = 1.0, force_std: float = 0.0
+                       ) -> NoiseModel:
+        """The :class:`NoiseModel` of the current (noisy) ``u_m`` at a given SNR in dB, with
+        ``SNR = 10 log10(‖u‖²/‖n‖²)`` over the free dofs and ``σx = ratio σy``."""
+        self._require_data()
+        free = self.gamma.free.array_r.astype(bool)
+        sum_u2 = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
+        return NoiseModel.from_snr(sum_u2, self.gamma.free_counts, snr_db, ratio, force_std)
+
+    def _require_data(self):
+        if not self._has_data:
+            raise RuntimeError("no measured displacement: call set_data(displacement, noise)")
+
+    # -- vectors and images ------------------------------------------------------------------------
+
+    def create_vector(self, value: float | None = None) -> PETSc.Vec:
+        """A new (non-ghosted) vector of nodal moduli, optionally filled with ``value``."""
+        vec = self.D.createVecRight()
+        if value is not None:
+            vec.set(value)
+        return vec
+
+    def to_image(self, E: PETSc.Vec) -> np.ndarray:
+        """The image ``(ny+1, nx+1)`` of nodal moduli, on every rank. Collective."""
+        return self.model.images("Q").to_images(E.array_r)[0]
+
+    def from_image(self, image, out: PETSc.Vec | None = None, name: str = "modulus image"
+                   ) -> PETSc.Vec:
+        """Nodal values of an image ``(ny+1, nx+1)`` into ``out`` (new vector by default)."""
+        grid = self.model.grid
+        image = validate_image(image, grid.shape if grid else None, name)
+        out = out or self.create_vector()
+        scratch = np.empty(self.model.E.x.array.size)
+        self.model.images("Q").from_images(image, scratch)
+        out.array[:] = scratch[: self._n_owned_q]
+        return out
+
+    # -- the data term -----------------------------------------------------------------------------
+
+    def refresh(self, E: PETSc.Vec) -> None:
+        """Freeze ``Γ`` at ``E``: assemble ``K(E)`` and factorise it once (fixed point, eq. 5-7)."""
+        self.gamma.refresh(E)
+
+    def residual(self, E: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
+        """``out = f − D(u_m) E`` (zero on Dirichlet rows)."""
+        self._require_data()
+        self.D.mult(E, out)
+        out.aypx(-1.0, self.f)
+        return out
+
+    def value(self, E: PETSc.Vec) -> float:
+        """``g(E) = ½ (f − DE)ᵀ Γ⁻¹ (f − DE)`` (equation 8); one back-substitution if ``Σw = 0``."""
+        return 0.5 * self.gamma.inv_norm2(self.residual(E, self._r))
+
+    def gradient(self, E: PETSc.Vec, out: PETSc.Vec) -> float:
+        """``out = ∇g(E) = −D(u_m)ᵀ Γ⁻¹ (f − D(u_m) E)`` (equation 9); returns ``g(E)``.
+
+        Costs two SpMVs and one ``Γ`` solve (two back-substitutions when ``Σw = 0``).
+        """
+        r = self.residual(E, self._r)
+        s = self.gamma.solve(r, self._s)
+        self.D.multTranspose(s, out)
+        out.scale(-1.0)
+        return 0.5 * r.dot(s)
+
+    def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
+        """``out = D(u_m)ᵀ Γ⁻¹ D(u_m) v`` (the Hessian of ``g`` for frozen ``Γ``)."""
+        self._require_data()
+        self.D.mult(v, self._v)
+        self.gamma.solve(self._v, self._s)
+        self.D.multTranspose(self._s, out)
+        return out
+
+    def lipschitz(self, iterations: int = 30, rtol: float = 1e-3, v: PETSc.Vec | None = None
+                  ) -> tuple[float, PETSc.Vec]:
+        """Power-iteration estimate of ``L = λ_max(Dᵀ Γ⁻¹ D)``, the Lipschitz constant of ``∇g``.
+
+        A lower bound that converges from below (``‖Hv‖`` for the unit iterate ``v``). Starts
+        from ``v`` (warm start across refreshes) or from a fixed pseudo-random image, so the
+        result does not depend on the number of ranks; stops when the estimate changes by less
+        than ``rtol``. Returns ``(L, v)`` with ``v`` the normalised last iterate.
+        """
+        if v is None:
+            grid = self.model.grid
+            if grid is not None:
+                v = self.from_image(np.random.default_rng(12345).uniform(0.5, 1.5, grid.shape))
+            else:
+                v = self.create_vector(1.0)
+        w = v.duplicate()
+        v.scale(1.0 / v.norm())
+        estimate = 0.0
+        for _ in range(max(1, int(iterations))):
+            self.hessian_mult(v, w)
+            norm = w.norm()
+            if not norm > 0.0:
+                raise RuntimeError("D(u_m)ᵀ Γ⁻¹ D(u_m) vanishes: is the measured displacement "
+                                   "zero?")
+            w.copy(v)
+            v.scale(1.0 / norm)
+            done = abs(norm - estimate) <= rtol * norm
+            estimate = norm
+            if done:
+                break
+        w.destroy()
+        return float(estimate), v
+
+    def misfit(self, E: PETSc.Vec) -> float:
+        """``(f − DE)ᵀ Γ⁻¹ (f − DE) = 2 g(E)``: about :attr:`n_equations` at the true ``E``."""
+        return 2.0 * self.value(E)
+
+    def logdet(self) -> float:
+        """``log|Γ|`` over the free dofs at the frozen modulus (``nan`` when unavailable)."""
+        return self.gamma.logdet()
+
+    def objective(self, E: PETSc.Vec, logdet_weight: float = 0.5) -> float:
+        """``J(E) = g(E) + w log|Γ|`` with ``Γ`` frozen at the last refresh.
+
+        ``w = ½`` (default) gives the Gaussian negative log-likelihood up to ``n/2 log 2π``. The
+        paper's equation 6 writes ``N/2 log|Γ|``: pass ``logdet_weight=N/2`` for that weighting.
+        Refresh at ``E`` first for the likelihood at ``E`` itself.
+        """
+        return self.value(E) + logdet_weight * self.logdet()
+
+    def homogeneous_fit(self) -> float:
+        """The uniform modulus ``c`` whose displacement best fits ``u_m`` (``Σn⁻¹``-weighted).
+
+        ``K(c) = c K(1)``, so ``u(c) = u₁ / c`` with ``u₁ = K(1)⁻¹ f`` and the least-squares
+        ``1/c = ⟨u₁, u_m⟩ / ⟨u₁, u₁⟩`` (weights ``Σn⁻¹``, free dofs; ``Σw`` is ignored here).
+        Costs one factorisation, and leaves ``Γ`` frozen at ``E = 1``.
+        """
+        self._require_data()
+        ones = self.create_vector(1.0)
+        try:
+            self.refresh(ones)
+            u1 = self._s
+            self.gamma.apply_K_inverse(self.f, u1)
+            self._v.pointwiseMult(u1, self.gamma.sigma2_inv)
+            self._v.pointwiseMult(self._v, self.gamma.free)
+            num, den = self._v.dot(u1), self._v.dot(self.u_m)
+        finally:
+            ones.destroy()
+        if not (den > 0 and num > 0):
+            raise ValueError("the measured displacement does not follow the load (⟨u₁, u_m⟩ ≤ 0): "
+                             "check the sign convention of the traction and the displacement")
+        return float(num / den)
+
+    def destroy(self) -> None:
+        """Free the PETSc objects (collective)."""
+        self.gamma.destroy()
+        for obj in (self.D, self.f, self.u_m, self._r, self._s, self._v):
+            obj.destroy()

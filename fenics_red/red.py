@@ -1,0 +1,237 @@
+"""RED reconstruction and the one-shot ``denoised-ml`` yardstick (paper, equations 6-12, Fig. 1).
+
+RED runs the fixed-point loop of :class:`fenics_red.solvers.FixedPointSolver` with the learned
+prior of :class:`fenics_red.priors.RedPrior`::
+
+    E ← [E − ε (∇g(E) + λ (E − C(E)))]₊,   Γ refreshed from E every few steps   (6)-(7), (10)
+
+A run on one data set has three stages:
+
+1. the maximum-likelihood (ML) estimate ``Ẽ`` with the *training recipe* of the denoiser (the
+   default :class:`~fenics_red.solvers.MLSettings`: the denoiser was trained on exactly this
+   estimator, so it must see the same kind of input);
+2. ``C(Ẽ)``: the denoiser applied once. This is the ``denoised-ml`` method, and RED's start;
+3. the RED loop from ``C(Ẽ)``, with ``Γ`` refreshed from the (now smooth) iterate every
+   :attr:`REDSettings.steps_per_round` steps and λ set at each refresh by a rule of
+   :mod:`fenics_red.priors` (:attr:`REDSettings.lam`), until the relative change of ``E`` falls
+   below :attr:`REDSettings.rtol` (a fixed point) or the step budget is spent.
+
+``denoised-ml`` is the honest yardstick for RED: where RED does not beat it, the physics loop adds
+nothing to one pass of the network.
+
+The default denoiser is the model shipped in ``fenics_red/data/denoiser.pt`` (trained by
+``make denoiser``: see the README); any file written by ``fenics-red train`` can replace it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from .forward import ElasticityModel, ForwardSettings
+from .grid import ImageGrid
+from .likelihood import StatisticalLikelihood
+from .parallel import on_root
+from .solvers import FixedPointSolver, MLSettings, measurement_from_sample
+
+__all__ = ["REDSettings", "REDReconstructor", "default_denoiser_path", "load_denoiser",
+           "setup_red", "setup_denoised_ml"]
+
+_STARTS = ("denoised-ml", "ml", "homogeneous")
+
+
+def default_denoiser_path() -> Path:
+    """The shipped denoiser model (part of the package data)."""
+    return Path(__file__).resolve().parent / "data" / "denoiser.pt"
+
+
+def load_denoiser(path: str | Path | None = None):
+    """A :class:`fenics_red.denoiser.Denoiser` from ``path`` (default: the shipped model)."""
+    from .denoiser import Denoiser  # torch: imported only when a denoiser is needed
+
+    path = default_denoiser_path() if path is None else Path(path)
+    if not path.exists() and path == default_denoiser_path():
+        raise FileNotFoundError(f"the shipped denoiser {str(path)!r} is missing from this "
+                                "installation; train one with `make denoiser` or pass --denoiser")
+    return Denoiser.load(path)
+
+
+@dataclass(frozen=True)
+class REDSettings:
+    """Settings of the RED loop (the ML stage uses the default :class:`MLSettings`).
+
+    Attributes:
+        denoiser: model file (``None``: the shipped one).
+        lam: the λ rule, as :func:`fenics_red.priors.parse_lambda_rule` reads it: a number,
+            ``"paper:c"`` (λ = c‖∇g‖, equation 12), ``"balance:c"`` (λ = c‖∇g‖/‖E − C(E)‖) or
+            ``"lipschitz:c"`` (λ = c L_g).
+        start: ``"denoised-ml"`` (default), ``"ml"`` or ``"homogeneous"`` (the uniform fit).
+        max_steps: budget of RED gradient steps.
+        steps_per_round: steps with ``Γ`` frozen between two refreshes of ``Γ(E)`` and λ.
+        rtol: stop when a refresh of ``Γ`` moves ``E`` by less than this (relative).
+        solver: ``"pgd"`` (equation 7) or ``"fista"``.
+        step_scale: ``ε = step_scale / (L_g + λ L_R)``.
+    """
+
+    denoiser: str | None = None
+    lam: str = "balance:1"
+    start: str = "denoised-ml"
+    max_steps: int = 200
+    steps_per_round: int = 20
+    rtol: float = 1e-4
+    solver: str = "pgd"
+    step_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.start not in _STARTS:
+            raise ValueError(f"REDSettings.start must be one of {_STARTS}, got {self.start!r}")
+        from .priors import parse_lambda_rule
+
+        parse_lambda_rule(self.lam, prior=object(), fidelity=object())  # spelling check only
+        self.loop_settings()  # checks the numbers
+
+    def loop_settings(self) -> MLSettings:
+        """The :class:`MLSettings` of the RED loop."""
+        return MLSettings(method=self.solver, stop="budget", max_steps=self.max_steps,
+                          steps_per_round=self.steps_per_round, rtol=self.rtol,
+                          step_scale=self.step_scale)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_options(cls, options: Mapping | None, method: str = "red") -> REDSettings:
+        """Settings from a mapping of overrides (generic ``max_steps``/``solver`` included)."""
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in dict(options or {}).items():
+            if key not in known:
+                raise ValueError(f"method {method!r} has no option {key!r}; accepted: "
+                                 f"{sorted(known)}")
+            values[key] = value
+        return cls(**values)
+
+
+class REDReconstructor:
+    """ML estimate, one denoiser pass and the RED loop on one grid; objects built once.
+
+    Args:
+        grid, forward: the data's image grid and forward settings.
+        settings: :class:`REDSettings`.
+        comm: the communicator the mesh is distributed over (the denoiser runs on its rank 0).
+        denoiser: an already loaded denoiser (default: load ``settings.denoiser``).
+    """
+
+    def __init__(self, grid: ImageGrid, forward: ForwardSettings | None = None,
+                 settings: REDSettings | None = None, comm: MPI.Comm = MPI.COMM_SELF,
+                 denoiser=None):
+        from .priors import RedPrior, parse_lambda_rule
+
+        self.settings = settings or REDSettings()
+        self.comm = comm
+        self.denoiser = denoiser if denoiser is not None else load_denoiser(
+            self.settings.denoiser)
+        self.model = ElasticityModel.on_grid(grid, comm, forward or ForwardSettings())
+        self.ml_settings = MLSettings()
+        self.likelihood = StatisticalLikelihood(self.model, settings=self.ml_settings.likelihood)
+        self.ml = FixedPointSolver(self.likelihood, self.ml_settings)
+        self.prior = RedPrior(self.denoiser, self.likelihood)
+        self.rule = parse_lambda_rule(self.settings.lam, self.prior, self.likelihood)
+        self.red = FixedPointSolver(self.likelihood, self.settings.loop_settings(), self.prior,
+                                    lam=self.rule)
+
+    def denoise(self, image: np.ndarray) -> np.ndarray:
+        """``C(image)`` on rank 0, broadcast (collective)."""
+        return on_root(self.comm, lambda: np.asarray(self.denoiser(image), dtype=np.float64))
+
+    def run_sample(self, sample, stages: str = "red") -> tuple[np.ndarray, dict, dict]:
+        """``(estimate, history, info)`` of a data set sample; ``stages`` ``"denoised-ml"`` stops
+        after the denoiser pass. Collective."""
+        displacement, noise, truth = measurement_from_sample(sample)
+        fid = self.likelihood
+        fid.set_data(displacement, noise)
+        E_ml, ml_history = self.ml.run(truth=truth)
+        ml_image = fid.to_image(E_ml)
+        denoised = self.denoise(ml_image)
+        floor = self.ml_settings.floor * float(np.mean(ml_image))
+        denoised = np.maximum(denoised, floor)
+        info = {"ml_steps": int(ml_history.final["step"]), "ml_stop": ml_history.stop_reason,
+                "ml_time": float(ml_history.final["time"])}
+        if truth is not None:
+            norm = np.linalg.norm(truth)
+            info.update(ml_error=float(np.linalg.norm(ml_image - truth) / norm),
+                        denoised_ml_error=float(np.linalg.norm(denoised - truth) / norm))
+        if stages == "denoised-ml":
+            history = {f"ml_{k}": v for k, v in ml_history.as_arrays().items()}
+            info["time"] = info["ml_time"]
+            return denoised, history, info
+        start = {"denoised-ml": denoised, "ml": ml_image, "homogeneous": None}[
+            self.settings.start]
+        calls, seconds = self.prior.calls, self.prior.seconds
+        E, history = self.red.run(start, truth=truth)
+        estimate = fid.to_image(E)
+        arrays = history.as_arrays()
+        final = history.final
+        info.update(steps=int(final["step"]), stop=history.stop_reason,
+                    red_time=final["time"], time=info["ml_time"] + final["time"],
+                    lam=float(arrays["lam"][-1]) if "lam" in arrays else math.nan,
+                    denoiser_calls=self.prior.calls - calls,
+                    denoiser_seconds=self.prior.seconds - seconds,
+                    red_objective=self.prior.value(E))
+        return estimate, arrays, info
+
+    def destroy(self) -> None:
+        self.red.destroy()
+        self.ml.destroy()
+        self.likelihood.destroy()
+        self.model.destroy()
+
+
+class _Runner:
+    """Runner API of :mod:`fenics_red.methods` for ``red`` and ``denoised-ml``."""
+
+    def __init__(self, stages: str, grid, forward, comm, options):
+        if stages == "denoised-ml":
+            known = {"denoiser"}
+            unknown = sorted(set(dict(options or {})) - known)
+            if unknown:
+                raise ValueError(f"method 'denoised-ml' has no option(s) {unknown}; accepted: "
+                                 f"{sorted(known)} (the ML stage is the training recipe)")
+        self.stages = stages
+        self.red_settings = REDSettings.from_options(options, stages)
+        self.reconstructor = REDReconstructor(grid, forward, self.red_settings, comm)
+
+    @property
+    def settings(self) -> dict:
+        out = {"ml": self.reconstructor.ml_settings.to_dict(),
+               "denoiser": str(self.red_settings.denoiser or default_denoiser_path()),
+               "denoiser_card": _card_summary(self.reconstructor.denoiser)}
+        if self.stages == "red":
+            out["red"] = self.red_settings.to_dict()
+        return out
+
+    def run(self, sample):
+        return self.reconstructor.run_sample(sample, self.stages)
+
+    def destroy(self) -> None:
+        self.reconstructor.destroy()
+
+
+def _card_summary(denoiser) -> dict:
+    card = getattr(denoiser, "card", {}) or {}
+    return {k: card[k] for k in ("created", "seed", "epochs", "best_epoch") if k in card}
+
+
+def setup_red(grid, forward, comm, options=None) -> _Runner:
+    """Factory of ``"red"`` (options: :class:`REDSettings` fields)."""
+    return _Runner("red", grid, forward, comm, options)
+
+
+def setup_denoised_ml(grid, forward, comm, options=None) -> _Runner:
+    """Factory of ``"denoised-ml"`` (option: ``denoiser``)."""
+    return _Runner("denoised-ml", grid, forward, comm, options)

@@ -1,0 +1,694 @@
+"""Fixed-point projected gradient descent for the statistical estimator (paper, equations 6-7).
+
+The loop (``E ← [E − ε(∇g(E) + λ∇R(E))]₊`` with ``Γ`` frozen, then ``Γ ← Γ(E)``) is assembled
+from separate objects, as in deepinv's ``optim``:
+
+* the data fidelity, :class:`fenics_red.likelihood.StatisticalLikelihood` (``g``, ``∇g``,
+  ``refresh``, ``lipschitz``);
+* an optional prior (any object with ``gradient(E, out) -> R(E) or None``, ``value(E)`` and
+  ``lipschitz``, see :class:`Prior`) and its weight ``λ`` (a number, or a callable evaluated at
+  every refresh, e.g. the paper's rule ``λ ≥ ‖∇g(E)‖``, equation 12);
+* the iteration, :class:`ProjectedGradient` or :class:`MonotoneFISTA`;
+* the stopping rule and every number of the loop, in the frozen dataclass :class:`MLSettings`.
+
+The maximum-likelihood (ML) estimate
+------------------------------------
+Without a prior the loop computes the unregularised estimate. At realistic noise it
+*semi-converges*: the error first falls, then grows as the iteration fits the noise (a converged
+bounded least-squares solution has errors of 2 to 7), so the ML estimate is an early-stopped
+iteration and its stopping rule is part of its definition. The defaults of :class:`MLSettings`
+are that definition (the data recipe of the denoiser, stored with every estimate):
+
+* start from the uniform modulus that best fits the measured displacement
+  (:meth:`~fenics_red.likelihood.StatisticalLikelihood.homogeneous_fit`), positivity floor 1% of
+  it;
+* monotone FISTA with ``ε = 1/L`` (``L`` from 30 power iterations), ``Γ`` frozen at the initial
+  modulus (``steps_per_round`` exceeds the budget, so no refresh happens);
+* stop at the first iterate whose ``Γ``-weighted misfit ``(f − DE)ᵀ Γ⁻¹ (f − DE)`` is at most the
+  number ``n`` of free equations (its expected value at the true ``E``: the discrepancy principle,
+  ``τ = 1``), or after 150 steps, whichever comes first.
+
+Why (measured with ``python benchmarks/inverse.py --stopping``: FISTA with ``Γ`` frozen, 400
+steps, random inclusion phantoms of ``SimulationSettings(grid, seed=5)``, samples 0-15, 0-7 at
+128²; mean relative L2 errors). At 35 dB the best iterate lies at a median step of 145 at 64²
+(range 56-167; 195 at 32², 90 at 128²), with mean best errors 0.395 (64²), 0.409 (32²) and
+0.323 (128²). The budget of 150 alone gives 0.400, 0.419 and 0.336 (at most 0.04 above the
+best for any one sample). The discrepancy principle ends 15 of 16 runs at 64² within 400 steps
+(from step 28 to 362; 10 of 16 at 32²) with errors comparable to the budget's, but it cannot be
+the only rule since the misfit may never reach ``n``. Combined, as in the defaults, the rule
+gives 0.396 (64²), 0.418 (32²) and 0.323 (128²) at 35 dB. It adapts to the noise: at 25 dB the
+best iterate is near step 25 and the combined rule gives 0.442 (best 0.441) where the budget
+alone gives 0.634; at 45 dB it stops early (0.345 at 64², while 400 steps reach 0.272), so data
+much cleaner than 35 dB deserve a larger ``max_steps``. Refreshing ``Γ`` from the
+unregularised iterate makes the estimate worse (best error 0.410 with a refresh every 50
+steps, 0.416 every 20, against 0.395 frozen) because ``Γ(E)`` inherits the noise of ``E``; the
+refresh is kept for regularised iterations (RED), where ``E`` is smooth. Plain projected
+gradient descent is far slower: on samples 0-3 at 64² its best iterate lies at steps 451-2554
+(FISTA: 56-159), and to come within 1 % of FISTA's best error of 300 steps it took 3.2 times
+FISTA's time on sample 0 and did not get there in 3000 steps on samples 1 and 2 (speed-up above
+14; ``benchmarks/results/inverse.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from .forward import ElasticityModel, ForwardSettings
+from .grid import ImageGrid, validate_image
+from .likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
+
+__all__ = ["MLSettings", "History", "IterationState", "Prior", "ProjectedGradient",
+           "MonotoneFISTA", "FixedPointSolver", "MLReconstructor", "reconstruct_ml",
+           "measurement_from_sample"]
+
+_METHODS = ("pgd", "fista")
+_STOPS = ("discrepancy", "budget")
+
+
+def _check(value, name: str, integer: bool = False, low: float = 0.0, strict: bool = True,
+           high: float = math.inf) -> None:
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low) and value < high
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bounds = f"{'>' if strict else '≥'} {low}" + (f" and < {high}" if high < math.inf else "")
+        raise ValueError(f"MLSettings.{name} must be {what} {bounds}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MLSettings:
+    """Settings of the fixed-point projected-gradient loop; the defaults define the ML estimate.
+
+    Attributes:
+        method: ``"fista"`` (default; monotone FISTA, Beck & Teboulle 2009) or ``"pgd"``
+            (projected gradient descent, equation 7).
+        stop: ``"discrepancy"`` (default: stop when the misfit reaches ``τ n``, or at the budget)
+            or ``"budget"`` (run :attr:`max_steps` steps unless converged, see :attr:`rtol`).
+        discrepancy: ``τ`` of the discrepancy rule.
+        max_steps: the budget of gradient steps (all rounds together).
+        steps_per_round: gradient steps with ``Γ`` frozen before it is refreshed from the current
+            ``E`` (equations 5-7). The default exceeds :attr:`max_steps`: the ML estimate keeps
+            ``Γ`` at the initial modulus (see the module docstring); RED-type loops refresh.
+        rtol: a round ends when a proximal-gradient step changes ``E`` by less than ``rtol``
+            (relative); the solve ends when, in addition, the round moved ``E`` by less than
+            ``rtol`` (fixed point of equations 6-7 reached).
+        floor: positivity floor of ``[·]₊`` relative to the initial level: ``E ≥ floor · E₀``.
+        initial: the uniform initial modulus; ``None`` (default) fits it to the data
+            (:meth:`StatisticalLikelihood.homogeneous_fit`).
+        step_scale: ``ε = step_scale / L`` with ``L`` the power-iteration estimate of the largest
+            eigenvalue of ``Dᵀ Γ⁻¹ D`` (+ ``λ`` times the prior's constant); PGD decreases the
+            objective for ``step_scale < 2``, FISTA needs ``≤ 1``.
+        power_iterations: power iterations for ``L`` at the first refresh.
+        refresh_power_iterations: warm-started power iterations at later refreshes.
+        backtracking: halve the step until the sufficient-decrease condition holds (one more
+            data-term value per step; guards against an underestimated ``L``).
+        restart: restart FISTA's momentum at each refresh of ``Γ`` (else carry it over).
+        likelihood: linear-algebra settings of ``Γ⁻¹`` (round-off only, not the estimator).
+    """
+
+    method: str = "fista"
+    stop: str = "discrepancy"
+    discrepancy: float = 1.0
+    max_steps: int = 150
+    steps_per_round: int = 1000
+    rtol: float = 1e-6
+    floor: float = 0.01
+    initial: float | None = None
+    step_scale: float = 1.0
+    power_iterations: int = 30
+    refresh_power_iterations: int = 5
+    backtracking: bool = False
+    restart: bool = True
+    likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            raise ValueError(f"MLSettings.method must be one of {_METHODS}, got {self.method!r}")
+        if self.stop not in _STOPS:
+            raise ValueError(f"MLSettings.stop must be one of {_STOPS}, got {self.stop!r}")
+        _check(self.discrepancy, "discrepancy")
+        _check(self.max_steps, "max_steps", integer=True)
+        _check(self.steps_per_round, "steps_per_round", integer=True)
+        _check(self.rtol, "rtol", strict=False)
+        _check(self.floor, "floor", high=1.0)
+        if self.initial is not None:
+            _check(self.initial, "initial")
+        _check(self.step_scale, "step_scale", high=2.0)
+        _check(self.power_iterations, "power_iterations", integer=True)
+        _check(self.refresh_power_iterations, "refresh_power_iterations", integer=True)
+        for name in ("backtracking", "restart"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(f"MLSettings.{name} must be True or False")
+        if isinstance(self.likelihood, Mapping):
+            object.__setattr__(self, "likelihood", LikelihoodSettings.from_dict(self.likelihood))
+        if not isinstance(self.likelihood, LikelihoodSettings):
+            raise ValueError("MLSettings.likelihood must be LikelihoodSettings")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dictionary (stored beside every estimate)."""
+        out = asdict(self)
+        out["likelihood"] = self.likelihood.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> MLSettings:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown MLSettings field(s): {sorted(unknown)}")
+        return cls(**dict(values))
+
+    def replace(self, **changes) -> MLSettings:
+        return replace(self, **changes)
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """What the loop needs of a regulariser ``R`` (e.g. RED: ``∇R(E) = E − C(E)``, eq. 10).
+
+    ``gradient`` fills ``out = ∇R(E)`` and returns ``R(E)`` when it comes for free (RED:
+    ``½ Eᵀ(E − C(E))``, eq. 11) or ``None``; ``value`` returns ``R(E)``; ``lipschitz`` bounds the
+    Lipschitz constant of ``∇R`` (enters the step size as ``L_g + λ L_R``). Calls are collective.
+    """
+
+    lipschitz: float
+
+    def gradient(self, E: PETSc.Vec, out: PETSc.Vec) -> float | None: ...
+
+    def value(self, E: PETSc.Vec) -> float: ...
+
+
+@dataclass
+class IterationState:
+    """What a callback sees after each step (``E`` is the live iterate: copy it to keep it)."""
+
+    round: int
+    step: int
+    E: PETSc.Vec
+    objective: float
+    misfit: float
+    grad_norm: float
+    step_size: float
+    change: float
+    time: float
+    error: float
+    lam: float
+
+
+class History:
+    """Per-iteration record of the loop: one row per iterate, plus one row per refresh.
+
+    Columns of :attr:`rows` (see :attr:`COLUMNS`): ``round``, ``step`` (gradient steps so far),
+    ``objective`` (``g + λR`` with ``Γ`` frozen at the round's start: decreases within a round),
+    ``misfit`` (``(f − DE)ᵀ Γ⁻¹ (f − DE)``; compare with :attr:`n_equations`), ``grad_norm``
+    (``‖∇(g + λR)‖`` at the point of the gradient), ``step_size`` (``ε``), ``change`` (relative
+    change of ``E`` in the step), ``time`` (seconds since the start), ``error`` (relative L2 error
+    against the truth, ``nan`` without one) and ``lam``. :attr:`refreshes` holds one dict per
+    refresh (``round``, ``step``, ``lipschitz``, ``logdet``, ``nll`` = ``g + ½ log|Γ|`` at the
+    refreshed ``Γ``, ``misfit``, ``time``).
+    """
+
+    COLUMNS = ("round", "step", "objective", "misfit", "grad_norm", "step_size", "change", "time",
+               "error", "lam")
+
+    def __init__(self, n_equations: int):
+        self.n_equations = int(n_equations)
+        self.rows: list[dict] = []
+        self.refreshes: list[dict] = []
+        self.stop_reason = ""
+        self.setup_time = 0.0
+
+    def append(self, **row) -> None:
+        self.rows.append({c: row.get(c, math.nan) for c in self.COLUMNS})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.array([row[name] for row in self.rows], dtype=float)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """Columns as arrays (``iter_*``) and refresh records (``refresh_*``)."""
+        out = {name: self.column(name) for name in self.COLUMNS}
+        for key in ("round", "step", "lipschitz", "logdet", "nll", "misfit", "time"):
+            out[f"refresh_{key}"] = np.array([r[key] for r in self.refreshes], dtype=float)
+        return out
+
+    @property
+    def final(self) -> dict:
+        return self.rows[-1] if self.rows else {}
+
+    def summary(self) -> dict:
+        """Scalars for logs and file attributes."""
+        final = self.final
+        return {"steps": int(final.get("step", 0)), "rounds": len(self.refreshes),
+                "misfit": float(final.get("misfit", math.nan)),
+                "n_equations": self.n_equations, "error": float(final.get("error", math.nan)),
+                "time": float(final.get("time", math.nan)), "stop_reason": self.stop_reason}
+
+
+class _Objective:
+    """``F = g + λR`` and its gradient; counts data-term evaluations."""
+
+    def __init__(self, fidelity: StatisticalLikelihood, prior, work: PETSc.Vec):
+        self.fidelity = fidelity
+        self.prior = prior
+        self.lam = 0.0
+        self._work = work
+        self.g = math.nan  # data term of the last evaluation
+
+    def value_and_gradient(self, E, grad) -> float:
+        self.g = self.fidelity.gradient(E, grad)
+        if self.prior is None or self.lam == 0.0:
+            return self.g
+        r = self.prior.gradient(E, self._work)
+        if r is None:
+            r = self.prior.value(E)
+        grad.axpy(self.lam, self._work)
+        return self.g + self.lam * r
+
+    def value(self, E) -> float:
+        self.g = self.fidelity.value(E)
+        if self.prior is None or self.lam == 0.0:
+            return self.g
+        return self.g + self.lam * self.prior.value(E)
+
+
+class ProjectedGradient:
+    """``E ← [E − ε∇F(E)]₊`` (paper, equation 7), with optional backtracking.
+
+    One gradient evaluation per step (two ``Γ`` back-substitutions and two SpMVs for the ML
+    estimate), and the objective value comes with it; backtracking adds one value per trial.
+    Protocol of an iteration: ``reset(x)`` at each refresh of ``Γ``; ``evaluate(x, F)`` returns
+    ``(F(x), g(x), grad_norm)`` of the current iterate; ``advance(x, F, project, ε, bt)`` moves
+    ``x`` in place and returns the step size used.
+    """
+
+    name = "pgd"
+
+    def __init__(self, template: PETSc.Vec):
+        self.grad = template.duplicate()
+        self.trial = template.duplicate()
+        self.work = template.duplicate()
+
+    def reset(self, x: PETSc.Vec, restart: bool = True) -> None:
+        self._fx = None
+
+    def evaluate(self, x: PETSc.Vec, objective: _Objective) -> tuple[float, float, float]:
+        self._fx = objective.value_and_gradient(x, self.grad)
+        return self._fx, objective.g, self.grad.norm()
+
+    def advance(self, x, objective: _Objective, project, eps: float, backtracking: bool
+                ) -> tuple[float, float]:
+        while True:
+            self.trial.waxpy(-eps, self.grad, x)
+            project(self.trial)
+            if not backtracking:
+                break
+            if _sufficient_decrease(objective, self.trial, x, self.grad, self._fx, eps,
+                                    self.work):
+                break
+            eps *= 0.5
+        self.work.waxpy(-1.0, x, self.trial)
+        prox_change = self.work.norm() / max(x.norm(), 1e-300)
+        self.trial.copy(x)
+        return eps, prox_change
+
+    def destroy(self):
+        for vec in (self.grad, self.trial, self.work):
+            vec.destroy()
+
+
+def _sufficient_decrease(objective, z, y, grad, fy, eps, work) -> bool:
+    """``F(z) ≤ F(y) + ∇F(y)·(z − y) + ‖z − y‖²/(2ε)`` (descent lemma; Beck & Teboulle 2009)."""
+    fz = objective.value(z)
+    work.waxpy(-1.0, y, z)
+    dd, gd = work.dot(work), grad.dot(work)
+    return fz <= fy + gd + dd / (2 * eps) + 1e-12 * abs(fy) or eps < 1e-30
+
+
+class MonotoneFISTA:
+    """Monotone FISTA (Beck & Teboulle 2009, MFISTA) for ``min F(E)`` s.t. ``E ≥ floor``.
+
+    ``z = [y − ε∇F(y)]₊``; ``x⁺ = z`` if ``F(z) ≤ F(x)`` else ``x``;
+    ``y⁺ = x⁺ + (t/t⁺)(z − x⁺) + ((t − 1)/t⁺)(x⁺ − x)``, ``t⁺ = (1 + √(1 + 4t²))/2``. Each step
+    costs one gradient at ``y`` and one value at ``z`` (three back-substitutions for the ML
+    estimate); the objective never increases, and the momentum restarts at every refresh of
+    ``Γ`` (unless :attr:`MLSettings.restart` is off). Same protocol as
+    :class:`ProjectedGradient`.
+    """
+
+    name = "fista"
+
+    def __init__(self, template: PETSc.Vec):
+        self.grad = template.duplicate()
+        self.y = template.duplicate()
+        self.z = template.duplicate()
+        self.x_old = template.duplicate()
+
+    def reset(self, x: PETSc.Vec, restart: bool = True) -> None:
+        """Start a round (``Γ`` refreshed). ``restart=False`` keeps the momentum (``t``, ``y``)."""
+        if restart or not hasattr(self, "t"):
+            x.copy(self.y)
+            self.t = 1.0
+            self._y_is_x = True
+        else:
+            self._y_is_x = False
+        self.fx = None
+        self.grad_norm = math.nan
+        self._grad_current = False
+
+    def evaluate(self, x, objective: _Objective) -> tuple[float, float, float]:
+        if self.fx is None:
+            if self._y_is_x:  # y == x: the gradient at y gives F(x) too
+                self.fy = self.fx = objective.value_and_gradient(self.y, self.grad)
+                self.grad_norm = self.grad.norm()
+                self._grad_current = True
+            else:
+                self.fx = objective.value(x)
+            self.gx = objective.g
+        return self.fx, self.gx, self.grad_norm
+
+    def advance(self, x, objective: _Objective, project, eps: float, backtracking: bool
+                ) -> tuple[float, float]:
+        if not self._grad_current:
+            self.fy = objective.value_and_gradient(self.y, self.grad)
+            self.grad_norm = self.grad.norm()
+        while True:
+            self.z.waxpy(-eps, self.grad, self.y)
+            project(self.z)
+            if not backtracking or _sufficient_decrease(objective, self.z, self.y, self.grad,
+                                                        self.fy, eps, self.x_old):
+                break
+            eps *= 0.5
+        fz = objective.value(self.z)
+        gz = objective.g
+        self.x_old.waxpy(-1.0, self.y, self.z)
+        prox_change = self.x_old.norm() / max(self.y.norm(), 1e-300)
+        x.copy(self.x_old)
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * self.t**2))
+        if fz <= self.fx:
+            self.z.copy(x)
+            self.fx, self.gx = fz, gz
+        # y = x + (t/t_new)(z − x) + ((t − 1)/t_new)(x − x_old)
+        a, b = self.t / t_new, (self.t - 1.0) / t_new
+        self.y.waxpy(-1.0, x, self.z)          # z − x
+        self.y.scale(a)
+        self.y.axpy(1.0 + b, x)
+        self.y.axpy(-b, self.x_old)
+        self.t = t_new
+        self._grad_current = False
+        return eps, prox_change
+
+    def destroy(self):
+        for vec in (self.grad, self.y, self.z, self.x_old):
+            vec.destroy()
+
+
+_ITERATIONS = {"pgd": ProjectedGradient, "fista": MonotoneFISTA}
+
+
+class FixedPointSolver:
+    """The fixed-point loop of equations 6-7: refresh ``Γ(E)``, then gradient steps with it frozen.
+
+    Args:
+        fidelity: the data term (with its data set).
+        settings: loop settings (:class:`MLSettings`).
+        prior: optional regulariser (:class:`Prior`); ``None`` gives the ML estimate.
+        lam: prior weight ``λ``: a number or ``lam(state) -> float`` called at every refresh with
+            the :class:`IterationState` of the current iterate (its ``grad_norm`` is ``‖∇g‖``).
+
+    Vectors and iterations are allocated once; :meth:`run` may be called for many data sets (set
+    each on ``fidelity`` first).
+    """
+
+    def __init__(self, fidelity: StatisticalLikelihood, settings: MLSettings | None = None,
+                 prior: Prior | None = None, lam: float | Callable = 0.0):
+        self.fidelity = fidelity
+        self.settings = settings or MLSettings()
+        if not isinstance(self.settings, MLSettings):
+            raise TypeError(f"settings must be MLSettings, got {type(self.settings).__name__}")
+        if prior is not None and not isinstance(prior, Prior):
+            raise TypeError("prior must provide gradient(E, out), value(E) and lipschitz")
+        self.prior = prior
+        self.lam = lam
+        self.comm = fidelity.comm
+        self.x = fidelity.create_vector()
+        self._start = fidelity.create_vector()
+        self._work = fidelity.create_vector()
+        self._diff = fidelity.create_vector()
+        self._truth = fidelity.create_vector()
+        self._objective = _Objective(fidelity, prior, self._work)
+        self.iteration = _ITERATIONS[self.settings.method](self.x)
+        self._power_vector = None
+        self.floor = 0.0
+
+    def _project(self, vec: PETSc.Vec) -> None:
+        """``[·]₊``: the positivity floor (local, no communication)."""
+        array = vec.array
+        np.maximum(array, self.floor, out=array)
+
+    def initial_level(self) -> float:
+        """The uniform initial modulus (fitted to the data unless :attr:`MLSettings.initial`)."""
+        if self.settings.initial is not None:
+            return float(self.settings.initial)
+        return self.fidelity.homogeneous_fit()
+
+    def _lambda(self, state: IterationState) -> float:
+        if self.prior is None:
+            return 0.0
+        lam = self.lam(state) if callable(self.lam) else self.lam
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"the prior weight λ must be finite and non-negative, got {lam!r}")
+        return float(lam)
+
+    def _error(self, x, truth_norm) -> float:
+        if truth_norm is None:
+            return math.nan
+        self._diff.waxpy(-1.0, self._truth, x)
+        return self._diff.norm() / truth_norm
+
+    def _start_vector(self, E0) -> float:
+        fid = self.fidelity
+        if E0 is None or isinstance(E0, int | float | np.floating | np.integer):
+            level = self.initial_level() if E0 is None else float(E0)
+            if not (math.isfinite(level) and level > 0):
+                raise ValueError(f"the initial modulus must be finite and positive, got {level!r}")
+            self.x.set(level)
+            return level
+        if isinstance(E0, PETSc.Vec):
+            E0.copy(self.x)
+        else:
+            fid.from_image(E0, self.x, name="initial modulus")
+        level = self.x.sum() / self.x.getSize()
+        if not (np.isfinite(self.x.array_r).all() and self.comm.allreduce(
+                bool((self.x.array_r > 0).all()), op=MPI.LAND)):
+            raise ValueError("the initial modulus must be finite and strictly positive")
+        return level
+
+    def run(self, E0: PETSc.Vec | np.ndarray | float | None = None, *,
+            truth: PETSc.Vec | np.ndarray | None = None,
+            callback: Callable[[IterationState], bool | None] | None = None
+            ) -> tuple[PETSc.Vec, History]:
+        """Run the loop from ``E0`` (vector, image or number; default: :meth:`initial_level`).
+
+        Returns the estimate (the solver's own vector: copy it before the next run) and the
+        :class:`History`. ``truth`` (vector or image) adds the relative error to the history.
+        ``callback(state)`` is called for every iterate; returning ``True`` stops the loop.
+        Collective.
+        """
+        s = self.settings
+        fid, obj, it, x = self.fidelity, self._objective, self.iteration, self.x
+        t0 = time.perf_counter()
+        history = History(fid.n_equations)
+        self.floor = s.floor * self._start_vector(E0)
+        self._project(x)
+        truth_norm = None
+        if truth is not None:
+            if isinstance(truth, PETSc.Vec):
+                truth.copy(self._truth)
+            else:
+                fid.from_image(truth, self._truth, name="true modulus")
+            truth_norm = self._truth.norm()
+        history.setup_time = time.perf_counter() - t0
+        target = s.discrepancy * fid.n_equations
+        if self._power_vector is not None:
+            # every run starts its power iteration afresh: an estimate must not depend on the
+            # data sets solved before it (e.g. on how --all spread the samples over ranks)
+            self._power_vector.destroy()
+            self._power_vector = None
+
+        steps, rnd, change, prox_change, stop = 0, 0, 0.0, math.inf, ""
+        while True:
+            # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
+            fid.refresh(x)
+            iters = (s.power_iterations if self._power_vector is None
+                     else s.refresh_power_iterations)
+            L_g, self._power_vector = fid.lipschitz(iters, v=self._power_vector)
+            lam = 0.0
+            if self.prior is not None:  # λ rules may look at ‖∇g(E)‖ (equation 12)
+                g_ref = fid.gradient(x, self._work)
+                lam = self._lambda(IterationState(
+                    rnd, steps, x, math.nan, 2 * g_ref, self._work.norm(), math.nan, change,
+                    time.perf_counter() - t0, math.nan, math.nan))
+            obj.lam = lam
+            L = L_g + (lam * float(self.prior.lipschitz) if self.prior is not None else 0.0)
+            eps = s.step_scale / L
+            x.copy(self._start)
+            it.reset(x, restart=s.restart or rnd == 0)
+            refresh = {"round": rnd, "step": steps, "lipschitz": L_g, "logdet": fid.logdet()}
+            round_steps = 0
+            while True:
+                F, g, grad_norm = it.evaluate(x, obj)
+                now = time.perf_counter() - t0
+                if round_steps == 0:
+                    refresh.update(nll=g + 0.5 * refresh["logdet"], misfit=2 * g, time=now)
+                    history.refreshes.append(refresh)
+                history.append(round=rnd, step=steps, objective=F, misfit=2 * g,
+                               grad_norm=grad_norm, step_size=eps, change=change, time=now,
+                               error=self._error(x, truth_norm), lam=lam)
+                if callback is not None:
+                    row = history.rows[-1]
+                    if callback(IterationState(rnd, steps, x, F, 2 * g, grad_norm, eps, change,
+                                               now, row["error"], lam)):
+                        stop = "callback"
+                if s.stop == "discrepancy" and 2 * g <= target:
+                    stop = stop or "discrepancy"
+                if stop:
+                    break
+                if steps >= s.max_steps:
+                    stop = "max_steps"
+                    break
+                if round_steps > 0 and prox_change < s.rtol:
+                    break  # the frozen-Γ problem is solved: refresh (or stop, below)
+                if round_steps >= s.steps_per_round:
+                    break
+                x.copy(self._diff)
+                eps, prox_change = it.advance(x, obj, self._project, eps, s.backtracking)
+                self._diff.axpy(-1.0, x)
+                change = self._diff.norm() / max(x.norm(), 1e-300)
+                steps += 1
+                round_steps += 1
+            if stop:
+                break
+            self._diff.waxpy(-1.0, self._start, x)
+            if prox_change < s.rtol and self._diff.norm() <= s.rtol * x.norm():
+                stop = "rtol"  # a fresh Γ moved E by less than rtol: the fixed point
+                break
+            rnd += 1
+        history.stop_reason = stop
+        return x, history
+
+    def destroy(self) -> None:
+        """Free the PETSc objects (collective)."""
+        self.iteration.destroy()
+        for vec in (self.x, self._start, self._work, self._diff, self._truth):
+            vec.destroy()
+        if self._power_vector is not None:
+            self._power_vector.destroy()
+
+
+def measurement_from_sample(sample) -> tuple[tuple[np.ndarray, np.ndarray], NoiseModel,
+                                             np.ndarray | None]:
+    """``((ux, uy), noise, truth)`` of a data set sample.
+
+    ``sample``: an object or mapping with ``ux_noisy``, ``uy_noisy`` and ``noise_std`` (``(σx,
+    σy)``), optionally ``force_std`` and the truth ``E`` (the ``Sample`` of
+    :mod:`fenics_red.data` or a dict of arrays).
+    """
+    def get(name, default=None):
+        if isinstance(sample, Mapping):
+            return sample.get(name, default)
+        return getattr(sample, name, default)
+
+    ux, uy = get("ux_noisy"), get("uy_noisy")
+    if ux is None or uy is None:
+        raise ValueError("the sample has no measured displacement (ux_noisy, uy_noisy)")
+    ux = validate_image(ux, None, "ux_noisy")
+    uy = validate_image(uy, ux.shape, "uy_noisy")
+    noise_std = get("noise_std")
+    if noise_std is None:
+        raise ValueError("the sample has no noise_std (sigma_x, sigma_y): the likelihood needs "
+                         "the noise level")
+    force_std = get("force_std", 0.0)
+    noise = NoiseModel(tuple(np.asarray(noise_std, dtype=float).ravel()),
+                       float(0.0 if force_std is None else force_std))
+    truth = get("E")
+    if truth is not None:
+        truth = validate_image(truth, ux.shape, "true modulus E")
+    return (ux, uy), noise, truth
+
+
+class MLReconstructor:
+    """Maximum-likelihood (unregularised, early-stopped) estimates on one grid, objects reused.
+
+    Builds the forward model, the likelihood and the solver once; :meth:`run` estimates one data
+    set after another (the training-set builder calls it for every phantom).
+
+    Args:
+        grid: the image grid of the data.
+        forward: the forward model's settings (material law, loads, supports) used to make the
+            data.
+        settings: the estimator (default: :class:`MLSettings` defaults: the data recipe).
+        comm: the communicator the mesh is distributed over.
+    """
+
+    def __init__(self, grid: ImageGrid, forward: ForwardSettings | None = None,
+                 settings: MLSettings | None = None, comm: MPI.Comm = MPI.COMM_SELF):
+        if not isinstance(grid, ImageGrid):
+            raise TypeError(f"grid must be an ImageGrid, got {type(grid).__name__}")
+        self.grid = grid
+        self.settings = settings or MLSettings()
+        self.model = ElasticityModel.on_grid(grid, comm, forward or ForwardSettings())
+        self.likelihood = StatisticalLikelihood(self.model, settings=self.settings.likelihood)
+        self.solver = FixedPointSolver(self.likelihood, self.settings)
+
+    def run(self, displacement, noise: NoiseModel, truth=None, E0=None, callback=None
+            ) -> tuple[np.ndarray, History]:
+        """The ML estimate (image, on every rank) of measured ``(ux, uy)`` images with ``noise``.
+
+        ``truth`` (image) adds errors to the history; ``E0`` overrides the initial guess.
+        Collective.
+        """
+        self.likelihood.set_data(displacement, noise)
+        E, history = self.solver.run(E0, truth=truth, callback=callback)
+        return self.likelihood.to_image(E), history
+
+    def run_sample(self, sample, callback=None) -> tuple[np.ndarray, History]:
+        """:meth:`run` on a data set sample (see :func:`measurement_from_sample`)."""
+        displacement, noise, truth = measurement_from_sample(sample)
+        return self.run(displacement, noise, truth=truth, callback=callback)
+
+    def destroy(self) -> None:
+        self.solver.destroy()
+        self.likelihood.destroy()
+        self.model.destroy()
+
+
+def reconstruct_ml(sample, settings: MLSettings | None = None, comm: MPI.Comm = MPI.COMM_SELF,
+                   *, grid: ImageGrid | None = None, forward: ForwardSettings | None = None,
+                   callback=None) -> tuple[np.ndarray, History]:
+    """The ML estimate of one sample: ``(E_image, history)``.
+
+    ``sample`` as in :func:`measurement_from_sample`; ``grid`` defaults to unit width and square
+    cells (pass ``dataset.settings.grid``), ``forward`` to :class:`ForwardSettings` defaults (pass
+    ``dataset.settings.forward``: the loads must be those that made the data). For many samples
+    use :class:`MLReconstructor`, which allocates once.
+    """
+    displacement, noise, truth = measurement_from_sample(sample)
+    grid = grid or ImageGrid.from_shape(displacement[0].shape)
+    ml = MLReconstructor(grid, forward, settings, comm)
+    try:
+        return ml.run(displacement, noise, truth=truth, callback=callback)
+    finally:
+        ml.destroy()

@@ -1,0 +1,167 @@
+"""Specification of ``fenics-red reconstruct``, the method registry and the reconstruction files."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from fenics_red.cli import main
+from fenics_red.data import SimulationSettings, load_dataset, simulate_dataset
+from fenics_red.grid import ImageGrid
+from fenics_red.methods import METHODS, Runner, get_method
+from fenics_red.reconstruction import (FORMAT, load_history, load_reconstructions,
+                                       reconstruct_dataset)
+from fenics_red.solvers import MLSettings
+
+SETTINGS = SimulationSettings(ImageGrid(10, 8, 1.0, 0.8), seed=7)
+N = 5
+
+
+@pytest.fixture
+def data(mpi_tmp_path, comm):
+    return simulate_dataset(mpi_tmp_path / "set.h5", N, SETTINGS, comm, progress=False)
+
+
+def _reconstruct(data, out, *extra):
+    return main(["reconstruct", str(data), "--out", str(out), "--quiet", *extra])
+
+
+def test_all_samples_are_written_in_the_documented_layout(data, mpi_tmp_path, comm):
+    out = mpi_tmp_path / "ml.h5"
+    assert _reconstruct(data, out, "--all", "--max-steps", "40") == 0
+    estimates, truth, index, attrs = load_reconstructions(out)
+    shape = SETTINGS.grid.shape
+    assert estimates.shape == truth.shape == (N, *shape)
+    assert np.array_equal(index, np.arange(N))
+    with load_dataset(data) as dataset:
+        assert np.array_equal(truth, dataset.read("E"))
+        assert attrs["data_attrs"]["seed"] == 7 and attrs["data_attrs"]["nx"] == 10
+    assert attrs["format"] == FORMAT and attrs["format_version"] == 1
+    assert attrs["method"] == "ml" and attrs["data_path"] == str(data.resolve())
+    assert MLSettings.from_dict(attrs["settings"]) == MLSettings(max_steps=40)
+    errors = np.linalg.norm(estimates - truth, axis=(1, 2)) / np.linalg.norm(truth, axis=(1, 2))
+    assert np.all(errors < 0.8)
+    history, info = load_history(out, 2)
+    assert history["misfit"].ndim == 1 and len(history["misfit"]) == info["steps"] + 1
+    assert info["stop_reason"] in ("discrepancy", "max_steps")
+    if comm.rank == 0:
+        with h5py.File(out) as f:
+            assert {"estimate", "truth", "index", "done", "history"} <= set(f)
+            assert f["estimate"].dtype == np.float64 and f["index"].dtype == np.int64
+            assert f["done"].dtype == np.uint8 and len(f["history"]) == N
+
+
+def test_spreading_samples_or_the_mesh_gives_the_same_estimate(data, mpi_tmp_path, comm):
+    """``--all`` (samples over ranks, COMM_SELF each) and ``--sample i`` (mesh over all ranks)."""
+    every, one = mpi_tmp_path / "all.h5", mpi_tmp_path / "one.h5"
+    assert _reconstruct(data, every, "--all", "--stop", "budget", "--max-steps", "30") == 0
+    assert _reconstruct(data, one, "--sample", "3", "--stop", "budget", "--max-steps", "30") == 0
+    all_estimates, *_ = load_reconstructions(every)
+    single, _, index, _ = load_reconstructions(one)
+    assert np.array_equal(index, [3]) and single.shape == (1, *SETTINGS.grid.shape)
+    rel = np.linalg.norm(single[0] - all_estimates[3]) / np.linalg.norm(all_estimates[3])
+    assert rel < 1e-8
+
+
+def test_solver_options_reach_the_method(data, mpi_tmp_path):
+    out = mpi_tmp_path / "pgd.h5"
+    assert _reconstruct(data, out, "--sample", "0", "--solver", "pgd", "--stop", "budget",
+                        "--max-steps", "7") == 0
+    *_, attrs = load_reconstructions(out)
+    assert attrs["settings"]["method"] == "pgd" and attrs["settings"]["max_steps"] == 7
+    history, info = load_history(out, 0)
+    assert info["steps"] == 7 and np.array_equal(history["step"], np.arange(8))
+
+
+def test_an_interrupted_run_resumes_without_redoing_samples(data, mpi_tmp_path, comm):
+    out = mpi_tmp_path / "resumed.h5"
+    reference = mpi_tmp_path / "reference.h5"
+    reconstruct_dataset(data, reference, comm, options={"max_steps": 25}, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(n_done):
+        raise Interrupt(n_done)
+
+    with pytest.raises(Interrupt):
+        reconstruct_dataset(data, out, comm, options={"max_steps": 25}, progress=False,
+                            batch_size=1, on_batch=stop)
+    partial = out.with_name(out.name + ".partial")
+    assert partial.exists() and not out.exists()
+    with pytest.raises(FileNotFoundError, match="unfinished run"):
+        load_reconstructions(out)
+    # another method setting does not mix into the unfinished file
+    with pytest.raises(ValueError, match="different settings"):
+        reconstruct_dataset(data, out, comm, options={"max_steps": 26}, progress=False)
+    done = []
+    reconstruct_dataset(data, out, comm, options={"max_steps": 25}, progress=False,
+                        batch_size=1, on_batch=done.append)
+    assert done[0] > comm.size  # the first batch was not solved again
+    assert not partial.exists()
+    resumed, expected = load_reconstructions(out), load_reconstructions(reference)
+    np.testing.assert_allclose(resumed.estimates, expected.estimates, rtol=1e-12)
+
+
+def test_existing_outputs_and_bad_requests_are_refused(data, mpi_tmp_path, capsys):
+    out = mpi_tmp_path / "x.h5"
+    assert _reconstruct(data, out, "--sample", "0", "--max-steps", "3") == 0
+    assert _reconstruct(data, out, "--sample", "0") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert _reconstruct(data, out, "--sample", "0", "--max-steps", "3", "--overwrite") == 0
+    for extra, message in [(["--sample", str(N)], "sample indices must be integers in 0..4"),
+                           (["--sample", "-1"], "non-negative"),
+                           (["--all", "--max-steps", "0"], "--max-steps must be a positive")]:
+        assert _reconstruct(data, mpi_tmp_path / "y.h5", *extra) == 2
+        assert message in capsys.readouterr().err
+    assert _reconstruct(mpi_tmp_path / "missing.h5", mpi_tmp_path / "y.h5", "--all") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (mpi_tmp_path / "y.h5").exists()
+
+
+def test_loader_reports_damaged_files(data, mpi_tmp_path, comm):
+    out = mpi_tmp_path / "ml.h5"
+    reconstruct_dataset(data, out, comm, indices=[1, 2], options={"max_steps": 3},
+                        progress=False)
+    broken = mpi_tmp_path / "broken.h5"
+    if comm.rank == 0:
+        import shutil
+
+        shutil.copy(out, broken)
+        with h5py.File(broken, "r+") as f:
+            f.attrs["format_version"] = 99
+    comm.Barrier()
+    with pytest.raises(ValueError, match="format version 99"):
+        load_reconstructions(broken)
+    if comm.rank == 0:
+        with h5py.File(broken, "r+") as f:
+            f.attrs["format_version"] = 1
+            f["estimate"][0, 0, 0] = np.nan
+    comm.Barrier()
+    with pytest.raises(ValueError, match="non-finite"):
+        load_reconstructions(broken)
+    with pytest.raises(ValueError, match="not a fenics-red reconstruction"):
+        load_reconstructions(data)
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+def test_registry_builds_runners_with_the_documented_contract(comm):
+    from fenics_red.data import simulate_sample
+
+    assert "ml" in METHODS
+    runner = get_method("ml").setup(SETTINGS.grid, SETTINGS.forward, comm,
+                                    {"solver": "fista", "max_steps": 10})
+    assert isinstance(runner, Runner)
+    estimate, history, info = runner.run(simulate_sample(0, SETTINGS))
+    runner.destroy()
+    assert estimate.shape == SETTINGS.grid.shape and np.all(estimate > 0)
+    assert all(isinstance(v, np.ndarray) and v.ndim == 1 for v in history.values())
+    json.dumps(info)
+    json.dumps(runner.settings)
+    with pytest.raises(ValueError, match="unknown reconstruction method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="no option 'lambda'"):
+        get_method("ml").setup(SETTINGS.grid, SETTINGS.forward, MPI.COMM_SELF, {"lambda": 1})

@@ -1,0 +1,239 @@
+"""Specification of the statistical data term (paper, equations 2-9): ``Γ``, ``g``, ``∇g``, log|Γ|.
+
+Every test runs serially and under ``mpirun -n 2``; grids are tiny (8² to 16²) so that dense
+reference computations stay cheap.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from fenics_red.data import SimulationSettings, simulate_sample
+from fenics_red.forward import ElasticityModel
+from fenics_red.grid import ImageGrid
+from fenics_red.likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
+
+_GRID = ImageGrid(10, 8, 1.0, 0.8)
+
+
+def _likelihood(comm, grid=_GRID, force_std=0.0, seed=3, snr_db=35.0):
+    """A likelihood on ``grid`` holding the noisy data of one random phantom (the truth)."""
+    sample = simulate_sample(0, SimulationSettings(grid, seed=seed, snr_db=snr_db))
+    model = ElasticityModel.on_grid(grid, comm)
+    noise = NoiseModel(sample.noise_std, force_std)
+    fid = StatisticalLikelihood(model, (sample.ux_noisy, sample.uy_noisy), noise)
+    return fid, sample
+
+
+def _destroy(fid):
+    fid.destroy()
+    fid.model.destroy()
+
+
+def _random_vector(fid, rng, low=-1.0, high=1.0):
+    """A random modulus-space vector drawn as an image (the same on any number of ranks)."""
+    return fid.from_image(rng.uniform(low, high, fid.model.grid.shape))
+
+
+def _dense(fid, apply):
+    """The dense matrix of ``apply(x, y)`` on the displacement space (gathered on every rank)."""
+    comm = fid.comm
+    x, y = fid.f.duplicate(), fid.f.duplicate()
+    lo, hi = x.getOwnershipRange()
+    n = x.getSize()
+    columns = []
+    for j in range(n):
+        x.set(0.0)
+        if lo <= j < hi:
+            x.array[j - lo] = 1.0
+        apply(x, y)
+        columns.append(np.concatenate(comm.allgather(y.array_r.copy())))
+    free = np.concatenate(comm.allgather(fid.gamma.free.array_r.astype(bool)))
+    x.destroy()
+    y.destroy()
+    return np.array(columns).T, free
+
+
+# -- Γ as an operator ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("force_std", [0.0, 3e-4])
+def test_gamma_is_symmetric_and_solve_inverts_it(comm, rng, force_std):
+    fid, sample = _likelihood(comm, force_std=force_std)
+    gamma = fid.gamma
+    fid.refresh(fid.from_image(sample.E))
+    x, y, Gx, Gy = (fid.f.duplicate() for _ in range(4))
+    for vec in (x, y):
+        vec.setArray(rng.standard_normal(vec.getLocalSize()))
+        vec.pointwiseMult(vec, gamma.free)
+    gamma.mat.mult(x, Gx)
+    gamma.mat.mult(y, Gy)
+    # symmetry: yᵀΓx = xᵀΓy
+    assert abs(y.dot(Gx) - x.dot(Gy)) <= 1e-12 * abs(y.dot(Gx))
+    # Γ⁻¹(Γx) = x: exactly (two back-substitutions) for Σw = 0, to the CG tolerance otherwise
+    back = fid.f.duplicate()
+    gamma.solve(Gx, back)
+    rel = (back - x).norm() / x.norm()
+    assert gamma.exact == (force_std == 0.0)
+    assert rel < (1e-10 if force_std == 0.0 else 1e-6), rel
+    # the solve never touches Dirichlet rows: Γ⁻¹ r is zero there
+    assert np.all(back.array_r[gamma.free.array_r == 0] == 0.0)
+    # rᵀΓ⁻¹r by one back-substitution equals rᵀ(Γ⁻¹r)
+    assert gamma.inv_norm2(Gx) == pytest.approx(Gx.dot(back), rel=1e-8)
+    for vec in (x, y, Gx, Gy, back):
+        vec.destroy()
+    _destroy(fid)
+
+
+@pytest.mark.parametrize("force_std", [0.0, 3e-4])
+def test_logdet_equals_dense_log_determinant_on_free_dofs(comm, force_std):
+    grid = ImageGrid(6, 5, 1.0, 0.8)
+    fid, sample = _likelihood(comm, grid, force_std=force_std)
+    fid.refresh(fid.from_image(sample.E))
+    G, free = _dense(fid, fid.gamma.mult)
+    G_ff = G[np.ix_(free, free)]
+    sign, expected = np.linalg.slogdet(G_ff)
+    assert sign == 1.0
+    assert np.allclose(G_ff, G_ff.T, rtol=0, atol=1e-12 * np.abs(G_ff).max())
+    assert fid.logdet() == pytest.approx(expected, rel=1e-9, abs=1e-7)
+    # ... and the data term is ½ rᵀ Γ_ff⁻¹ r with the dense Γ
+    E = fid.from_image(np.full(grid.shape, 0.2))
+    r = fid.residual(E, fid.f.duplicate())
+    r_all = np.concatenate(comm.allgather(r.array_r.copy()))[free]
+    assert fid.value(E) == pytest.approx(0.5 * r_all @ np.linalg.solve(G_ff, r_all), rel=1e-8)
+    _destroy(fid)
+
+
+def test_logdet_is_nan_without_a_factorisation(comm):
+    settings = LikelihoodSettings(k_petsc_options={"ksp_type": "cg", "pc_type": "gamg",
+                                                   "ksp_rtol": 1e-12})
+    grid = ImageGrid(8, 8)
+    sample = simulate_sample(0, SimulationSettings(grid, seed=3))
+    model = ElasticityModel.on_grid(grid, comm)
+    fid = StatisticalLikelihood(model, (sample.ux_noisy, sample.uy_noisy),
+                                NoiseModel(sample.noise_std), settings)
+    fid.refresh(fid.create_vector(0.2))
+    assert math.isnan(fid.logdet())
+    _destroy(fid)
+
+
+# -- the data term and its gradient -------------------------------------------------------------
+
+def test_taylor_remainder_of_g_shrinks_at_second_order(comm, rng):
+    """``|g(E + h δ) − g(E) − h ∇g(E)·δ|`` = O(h²) with Γ frozen; without the gradient, O(h)."""
+    fid, sample = _likelihood(comm)
+    E = fid.from_image(sample.E * rng.uniform(0.8, 1.2, sample.E.shape))
+    fid.refresh(E)  # Γ frozen at E for the whole test
+    direction = _random_vector(fid, rng, -1e-3, 1e-3)
+    grad = fid.create_vector()
+    g0 = fid.gradient(E, grad)
+    assert g0 == pytest.approx(fid.value(E), rel=1e-12)
+    slope = grad.dot(direction)
+    hs = 0.5 ** np.arange(6)
+    first, second = [], []
+    trial = fid.create_vector()
+    for h in hs:
+        trial.waxpy(h, direction, E)
+        gh = fid.value(trial)
+        first.append(abs(gh - g0))
+        second.append(abs(gh - g0 - h * slope))
+    first_rates = np.log2(np.array(first[:-1]) / np.array(first[1:]))
+    second_rates = np.log2(np.array(second[:-1]) / np.array(second[1:]))
+    assert np.allclose(second_rates, 2.0, atol=0.05), second_rates
+    assert np.allclose(first_rates[-3:], 1.0, atol=0.1), first_rates
+    assert second[-1] < 0.02 * first[-1]
+    for vec in (E, direction, grad, trial):
+        vec.destroy()
+    _destroy(fid)
+
+
+def test_hessian_is_the_derivative_of_the_gradient_and_lipschitz_bounds_it(comm, rng):
+    fid, sample = _likelihood(comm)
+    E = fid.from_image(sample.E)
+    fid.refresh(E)
+    v = _random_vector(fid, rng)
+    g1, g2, Hv, trial = (fid.create_vector() for _ in range(4))
+    fid.gradient(E, g1)
+    trial.waxpy(1.0, v, E)
+    fid.gradient(trial, g2)  # g is quadratic for frozen Γ: ∇g(E + v) − ∇g(E) = H v exactly
+    fid.hessian_mult(v, Hv)
+    assert (g2 - g1 - Hv).norm() <= 1e-8 * Hv.norm()
+    L, _ = fid.lipschitz(200, rtol=1e-10)
+    rayleigh = v.dot(Hv) / v.dot(v)
+    assert 0 < rayleigh <= L * (1 + 1e-10)
+    for vec in (E, v, g1, g2, Hv, trial):
+        vec.destroy()
+    _destroy(fid)
+
+
+def test_misfit_at_the_truth_is_about_the_number_of_free_equations(comm):
+    """The discrepancy principle's target: ``E[(f − DE)ᵀΓ⁻¹(f − DE)] = n`` at the true ``E``."""
+    grid = ImageGrid(16, 16)
+    ratios = []
+    for seed in range(4):
+        fid, sample = _likelihood(comm, grid, seed=seed)
+        E = fid.from_image(sample.E)
+        fid.refresh(E)
+        ratios.append(fid.misfit(E) / fid.n_equations)
+        _destroy(fid)
+    # n = 544 free equations: the χ²_n ratio has standard deviation √(2/n) ≈ 0.06
+    assert fid.n_equations == 2 * 17 * 16
+    assert abs(np.mean(ratios) - 1.0) < 0.15, ratios
+
+
+def test_homogeneous_fit_recovers_a_uniform_modulus(comm):
+    grid = ImageGrid(8, 8)
+    from fenics_red.forward import simulate_displacement
+
+    ux, uy = simulate_displacement(np.full(grid.shape, 0.37), grid)
+    model = ElasticityModel.on_grid(grid, comm)
+    fid = StatisticalLikelihood(model, (ux, uy), NoiseModel((1e-6, 1e-6)))
+    assert fid.homogeneous_fit() == pytest.approx(0.37, rel=1e-10)
+    _destroy(fid)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma, message", [((0.0, 1.0), "strictly positive"),
+                                            ((-1.0, 1.0), "strictly positive"),
+                                            ((np.nan, 1.0), "finite"),
+                                            ((1.0,), "pair")])
+def test_noise_model_rejects_non_positive_or_malformed_sigma(sigma, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseModel(sigma)
+    with pytest.raises(ValueError, match="force_std"):
+        NoiseModel((1.0, 1.0), force_std=-1.0)
+
+
+def test_bad_displacements_raise_on_every_rank(comm):
+    fid, sample = _likelihood(comm)
+    bad = sample.ux_noisy.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.set_data((bad, sample.uy_noisy))
+    with pytest.raises(ValueError, match="shape"):
+        fid.set_data((sample.ux_noisy[:-1], sample.uy_noisy[:-1]))
+    with pytest.raises(ValueError, match="shape"):
+        fid.set_data(np.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        fid.from_image(np.ones((3, 3)))
+    _destroy(fid)
+
+
+def test_refresh_rejects_a_non_positive_modulus(comm):
+    fid, sample = _likelihood(comm)
+    E = fid.from_image(sample.E)
+    E.array[:] = -1.0 if comm.rank == comm.size - 1 else E.array_r
+    with pytest.raises(ValueError, match="strictly positive"):
+        fid.refresh(E)
+    E.destroy()
+    _destroy(fid)
+
+
+def test_using_gamma_before_a_refresh_is_an_error(comm):
+    fid, _ = _likelihood(comm)
+    with pytest.raises(RuntimeError, match="refresh"):
+        fid.value(fid.create_vector(1.0))
+    _destroy(fid)
