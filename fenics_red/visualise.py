@@ -159,9 +159,13 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     n = len(panels)
     columns = columns or min(n, 3)
     rows = -(-n // columns)
-    plotter = pv.Plotter(off_screen=True, shape=(rows, columns),
-                         window_size=(360 * columns, 400 * rows), border=False)
+    # one narrow extra column, spanning all rows, holds the shared colour bar
+    plotter = pv.Plotter(off_screen=True, shape=(rows, columns + 1), border=False,
+                         col_weights=[1.0] * columns + [0.32],
+                         groups=[(np.s_[:], columns)],
+                         window_size=(int(360 * (columns + 0.32)), 400 * rows))
     try:
+        data = None
         for k, (name, image) in enumerate(panels):
             plotter.subplot(k // columns, k % columns)
             data = _image_data(pv, validate_image(image, grid.shape, f"image {name!r}"),
@@ -172,10 +176,13 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
             plotter.add_text(text, position="upper_edge", font_size=10, color="black")
             plotter.view_xy()
             plotter.camera.zoom(1.15)
-            if k == n - 1:
-                plotter.add_scalar_bar(title=units, n_labels=5, fmt="%.2f", vertical=True,
-                                       position_x=0.86, position_y=0.2, height=0.6, width=0.08,
-                                       color="black", title_font_size=12, label_font_size=10)
+        plotter.subplot(0, columns)
+        actor = plotter.add_mesh(data.copy(), scalars=units, cmap="viridis", clim=clim,
+                                 opacity=0.0, show_scalar_bar=False)
+        plotter.add_scalar_bar(title=units, mapper=actor.mapper, n_labels=5, fmt="%.2f",
+                               vertical=True, position_x=0.15, position_y=0.15, height=0.7,
+                               width=0.45, color="black", title_font_size=14,
+                               label_font_size=12)
         plotter.set_background("white")
         with atomic_output(path, overwrite=overwrite) as tmp:
             plotter.screenshot(str(tmp) + ".png")

@@ -86,3 +86,25 @@ def test_evaluate_command_line(dataset, mpi_tmp_path, capsys):
     assert main(["evaluate", str(dataset), "--methods", "ml", "--samples", "7", "--out",
                  str(out), "--quiet"]) == 2
     assert "sample(s) [7] do not exist" in capsys.readouterr().err
+
+
+def test_the_demo_runs_every_method_end_to_end(mpi_tmp_path, comm):
+    """``make demo`` at a small size, with an untrained denoiser (the identity) saved to a file."""
+    model = mpi_tmp_path / "identity.pt"
+    if comm.rank == 0:
+        from fenics_red.denoiser import Denoiser, UNetConfig
+
+        Denoiser.untrained(UNetConfig(channels=4, depth=1)).save(model)
+    comm.Barrier()
+    out = mpi_tmp_path / "demo"
+    assert main(["demo", "--grid", "12", "--out", str(out), "--denoiser", str(model),
+                 "--quiet"]) == 0
+    results = out / "results"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert list(metrics["summary"]) == ["gn-tikhonov", "gn-tv", "ml", "denoised-ml", "red"]
+    ml = metrics["summary"]["ml"]["relative_rmse"]["mean"]
+    # the identity denoiser leaves the ML estimate as it is
+    assert metrics["summary"]["denoised-ml"]["relative_rmse"]["mean"] == pytest.approx(ml)
+    for name in ("figures/sample_0.png", "figures/profile_0.png", "xdmf/sample_0.xdmf",
+                 "summary.md", "metrics.csv"):
+        assert (results / name).exists(), name
