@@ -5,13 +5,15 @@ ENV := scripts/env
 MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
 DEMO_OUT ?= demo-output
 
-.PHONY: help setup test test-serial test-mpi demo bench docker clean
+.PHONY: help setup test test-serial test-mpi demo bench paper denoiser docker clean
 
 help:
 	@echo "make setup   provision the DOLFINx/PETSc/torch stack and .venv (idempotent)"
 	@echo "make test    run the tests serially and under mpirun -n 2"
 	@echo "make demo    run the main job on the built-in phantom, results in $(DEMO_OUT)/"
 	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
+	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
+	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
 	@echo "make docker  build the Docker image fenics-red (needs a Docker engine)"
 
 setup:
@@ -30,6 +32,12 @@ demo: setup
 
 bench: setup
 	$(ENV) python benchmarks/run.py
+
+paper: setup
+	OMP_NUM_THREADS=1 $(ENV) mpirun -n 2 python demos/paper_comparison.py
+
+denoiser: setup
+	scripts/train-denoiser runs
 
 docker:
 	docker build -f docker/Dockerfile -t fenics-red .
