@@ -49,9 +49,10 @@ from mpi4py import MPI
 
 from .forward import ElasticityModel, ForwardSettings
 from .grid import ImageGrid
+from .jobs import ResumableFile, run_batches
+from .jobs import plain as _plain
 from .measurements import simulate_measurement
 from .parallel import on_root as _on_root
-from .parallel import raise_local_or_shared as _raise_local_or_shared
 from .phantoms import PhantomSettings, load_mask_folder, mask_phantom, random_phantom
 
 __all__ = ["SimulationSettings", "Sample", "Dataset", "load_dataset", "simulate_dataset",
@@ -152,15 +153,6 @@ class SimulationSettings:
             raise ValueError(f"invalid settings attributes: {error}") from None
 
 
-def _plain(value):
-    """HDF5 attribute -> Python value (numpy scalars, bytes)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"attribute {name} must be an integer, got {value!r}")
@@ -232,10 +224,6 @@ def simulate_sample(index: int, settings: SimulationSettings,
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
 def _file_attrs(settings: SimulationSettings, n_samples: int, masks_dir, n_masks: int,
                 masks_sha256: str) -> dict:
     from . import __version__
@@ -264,50 +252,30 @@ def _attr_differences(old, new: dict) -> list[str]:
     return differences
 
 
-class _Writer:
-    """Rank 0's handle on ``FILE.h5.partial``: creates or reopens it, writes batches, finishes."""
+class _SampleFile(ResumableFile):
+    """Rank 0's handle on ``FILE.h5.partial`` (layout: module docstring)."""
+
+    UNREADABLE = ("it is not a readable HDF5 file ({error}); delete it or pass --overwrite "
+                  "(overwrite=True) to start again")
 
     def __init__(self, path: Path, attrs: dict, shape: tuple[int, int], overwrite: bool):
-        import h5py
+        self.shape = tuple(shape)
+        super().__init__(path, attrs, attrs["n_samples"], overwrite)
 
-        self.path, self.partial = path, _partial_path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"output {str(path)!r} already exists; remove it or pass "
-                                  "--overwrite (overwrite=True) to replace it")
-        n = attrs["n_samples"]
-        if self.partial.exists() and not overwrite:
-            try:
-                self.file = h5py.File(self.partial, "r+")
-            except OSError as error:
-                raise ValueError(
-                    f"cannot resume from {str(self.partial)!r}: it is not a readable HDF5 file "
-                    f"({error}); delete it or pass --overwrite (overwrite=True) to start again"
-                    ) from None
-            try:
-                self._check_resumable(attrs, shape)
-            except Exception:
-                self.file.close()
-                raise
-        else:
-            if self.partial.exists():
-                self.partial.unlink()
-            self.file = h5py.File(self.partial, "w")
-            for key, value in attrs.items():
-                self.file.attrs[key] = value
-            chunk = (1, *shape)
-            for name in IMAGE_DATASETS:
-                self.file.create_dataset(name, (n, *shape), dtype=np.float64, chunks=chunk)
-            self.file.create_dataset("mask", (n, *shape), dtype=MASK_DTYPE, chunks=chunk)
-            self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
-            self.file.create_dataset("force_std", (n,), dtype=np.float64)
-            self.file.create_dataset("done", (n,), dtype=np.uint8)
-            self.file.flush()
-        self.done = np.asarray(self.file["done"][...], dtype=bool)
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        n, images = self.n_rows, (self.n_rows, *self.shape)
+        return {**{name: images for name in (*IMAGE_DATASETS, "mask")},
+                "noise_std": (n, 2), "force_std": (n,)}
 
-    def _check_resumable(self, attrs: dict, shape: tuple[int, int]) -> None:
-        where = (f"the unfinished run {str(self.partial)!r}")
+    def create_datasets(self) -> None:
+        n, chunk = self.n_rows, (1, *self.shape)
+        for name in IMAGE_DATASETS:
+            self.file.create_dataset(name, (n, *self.shape), dtype=np.float64, chunks=chunk)
+        self.file.create_dataset("mask", (n, *self.shape), dtype=MASK_DTYPE, chunks=chunk)
+        self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
+        self.file.create_dataset("force_std", (n,), dtype=np.float64)
+
+    def check(self, attrs: dict, where: str) -> None:
         advice = ("run again with the same settings to resume it, or pass --overwrite "
                   "(overwrite=True) to start again")
         if _plain(self.file.attrs.get("format")) != FORMAT:
@@ -316,34 +284,19 @@ class _Writer:
         if differences:
             raise ValueError(f"{where} was made with different settings ("
                              + "; ".join(differences) + f"); {advice}")
-        n = attrs["n_samples"]
-        for name, expected in [*((d, (n, *shape)) for d in (*IMAGE_DATASETS, "mask")),
-                               ("noise_std", (n, 2)), ("force_std", (n,)), ("done", (n,))]:
-            if name not in self.file or self.file[name].shape != expected:
-                raise ValueError(f"{where} has no dataset {name!r} of shape {expected}; it is "
-                                 f"damaged: delete it or pass --overwrite (overwrite=True)")
+        wrong = self.wrong_dataset()
+        if wrong is not None:
+            raise ValueError(f"{where} has no dataset {wrong[0]!r} of shape {wrong[1]}; it is "
+                             f"damaged: delete it or pass --overwrite (overwrite=True)")
 
-    def write(self, samples: list[Sample]) -> None:
-        f = self.file
-        for s in samples:
-            i = s.index
-            for name in IMAGE_DATASETS:
-                f[name][i] = getattr(s, name)
-            f["mask"][i] = s.mask
-            f["noise_std"][i] = s.noise_std
-            f["force_std"][i] = s.force_std
-        for s in samples:  # flags last: a sample is done only once all its data are written
-            f["done"][s.index] = 1
-            self.done[s.index] = True
-        f.flush()
-
-    def finish(self) -> None:
-        self.file.close()
-        os.replace(self.partial, self.path)
-
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+    def write_row(self, s: Sample) -> int:
+        f, i = self.file, s.index
+        for name in IMAGE_DATASETS:
+            f[name][i] = getattr(s, name)
+        f["mask"][i] = s.mask
+        f["noise_std"][i] = s.noise_std
+        f["force_std"][i] = s.force_std
+        return i
 
 
 def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: SimulationSettings,
@@ -378,48 +331,19 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
         _, masks, sha = _on_root(comm, lambda: load_mask_folder(masks_dir, grid))
     attrs = _file_attrs(settings, n_samples, masks_dir, 0 if masks is None else len(masks), sha)
 
-    writer: _Writer | None = None
     model: ElasticityModel | None = None
-    bar = None
+
+    def solve(index: int) -> Sample:
+        nonlocal model
+        if model is None:
+            model = ElasticityModel.on_grid(grid, MPI.COMM_SELF, settings.forward)
+        return simulate_sample(index, settings, model, masks)
+
     try:
-        def open_writer():
-            nonlocal writer
-            writer = _Writer(path, attrs, grid.shape, overwrite)
-            return np.flatnonzero(~writer.done)
-        pending = _on_root(comm, open_writer)
-        if comm.rank == 0 and progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_samples, initial=n_samples - len(pending), unit="sample",
-                       desc=f"simulate {path.name}", dynamic_ncols=True)
-        step = batch_size * comm.size
-        for start in range(0, len(pending), step):
-            mine = pending[start:start + step][comm.rank::comm.size]
-            results, error = [], None
-            try:
-                if len(mine) and model is None:
-                    model = ElasticityModel.on_grid(grid, MPI.COMM_SELF, settings.forward)
-                for index in mine:
-                    results.append(simulate_sample(int(index), settings, model, masks))
-            except Exception as exc:
-                error = exc
-            _raise_local_or_shared(comm, error)
-            gathered = comm.gather(results, root=0)
-
-            def write(gathered=gathered):
-                writer.write([s for part in gathered for s in part])
-                return int(writer.done.sum())
-            n_done = _on_root(comm, write)
-            if bar is not None:
-                bar.update(n_done - bar.n)
-            if on_batch is not None:
-                on_batch(n_done)
-        _on_root(comm, lambda: writer.finish())
+        run_batches(comm, lambda: _SampleFile(path, attrs, grid.shape, overwrite), solve,
+                    batch_size=batch_size, progress=f"simulate {path.name}" if progress else None,
+                    on_batch=on_batch)
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
         if model is not None:
             model.destroy()
     return path

@@ -39,8 +39,9 @@ import numpy as np
 from mpi4py import MPI
 
 from .data import load_dataset
+from .jobs import ResumableFile, partial_path, run_batches
+from .jobs import plain as _plain
 from .methods import get_method
-from .parallel import on_root, raise_local_or_shared
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "reconstruct_dataset",
            "load_reconstructions", "load_history"]
@@ -53,64 +54,31 @@ _REQUIRED_ATTRS = ("format", "format_version", "fenics_red_version", "method", "
                    "data_path", "data_attrs")
 
 
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, default=_plain)
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-class _Writer:
-    """Rank 0's handle on ``OUT.h5.partial`` (create or resume, write rows, finish)."""
+class _RowFile(ResumableFile):
+    """Rank 0's handle on ``OUT.h5.partial`` (layout: module docstring)."""
 
     def __init__(self, path: Path, attrs: dict, index: np.ndarray, shape: tuple[int, int],
                  overwrite: bool):
-        import h5py
+        self.index, self.shape = np.asarray(index, dtype=np.int64), tuple(shape)
+        super().__init__(path, attrs, len(index), overwrite)
 
-        self.path, self.partial = path, _partial(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"output {str(path)!r} already exists; remove it or pass "
-                                  "--overwrite (overwrite=True) to replace it")
-        n = len(index)
-        if self.partial.exists() and not overwrite:
-            try:
-                self.file = h5py.File(self.partial, "r+")
-            except OSError as error:
-                raise ValueError(f"cannot resume from {str(self.partial)!r}: not a readable HDF5 "
-                                 f"file ({error}); delete it or pass --overwrite") from None
-            try:
-                self._check_resumable(attrs, index, shape)
-            except Exception:
-                self.file.close()
-                raise
-        else:
-            if self.partial.exists():
-                self.partial.unlink()
-            self.file = h5py.File(self.partial, "w")
-            for key, value in attrs.items():
-                self.file.attrs[key] = value
-            chunk = (1, *shape)
-            for name in ("estimate", "truth"):
-                self.file.create_dataset(name, (n, *shape), dtype=np.float64, chunks=chunk)
-            self.file.create_dataset("index", data=np.asarray(index, dtype=np.int64))
-            self.file.create_dataset("done", (n,), dtype=np.uint8)
-            self.file.create_group("history")
-            self.file.flush()
-        self.done = np.asarray(self.file["done"][...], dtype=bool)
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        n = self.n_rows
+        return {"estimate": (n, *self.shape), "truth": (n, *self.shape), "index": (n,)}
 
-    def _check_resumable(self, attrs: dict, index: np.ndarray, shape) -> None:
-        where = f"the unfinished run {str(self.partial)!r}"
+    def create_datasets(self) -> None:
+        chunk = (1, *self.shape)
+        for name in ("estimate", "truth"):
+            self.file.create_dataset(name, (self.n_rows, *self.shape), dtype=np.float64,
+                                     chunks=chunk)
+        self.file.create_dataset("index", data=self.index)
+        self.file.create_group("history")
+
+    def check(self, attrs: dict, where: str) -> None:
         advice = "run again with the same options to resume it, or pass --overwrite to start again"
         f = self.file
         if _plain(f.attrs.get("format")) != FORMAT:
@@ -121,40 +89,27 @@ class _Writer:
         if differences:
             raise ValueError(f"{where} was made with different {', '.join(differences)}; "
                              f"{advice}")
-        n = len(index)
-        for name, want in (("estimate", (n, *shape)), ("truth", (n, *shape)), ("index", (n,)),
-                           ("done", (n,))):
-            if name not in f or f[name].shape != want:
-                raise ValueError(f"{where} has no dataset {name!r} of shape {want}; delete it or "
-                                 "pass --overwrite")
-        if not np.array_equal(f["index"][...], index):
+        wrong = self.wrong_dataset()
+        if wrong is not None:
+            raise ValueError(f"{where} has no dataset {wrong[0]!r} of shape {wrong[1]}; delete "
+                             "it or pass --overwrite")
+        if not np.array_equal(f["index"][...], self.index):
             raise ValueError(f"{where} holds other samples of the data set; {advice}")
 
-    def write(self, rows: list[tuple]) -> None:
+    def write_row(self, row: tuple) -> int:
         f = self.file
-        for k, estimate, truth, history, info in rows:
-            f["estimate"][k] = estimate
-            f["truth"][k] = truth
-            name = f"history/{k}"
-            if name in f:
-                del f[name]
-            group = f.create_group(name)
-            for column, values in history.items():
-                group.create_dataset(column, data=np.asarray(values, dtype=np.float64).ravel())
-            for key, value in info.items():
-                group.attrs[key] = value if isinstance(value, str | int | float) else _json(value)
-        for k, *_ in rows:  # flags last: a row is done only once all of it is written
-            f["done"][k] = 1
-            self.done[k] = True
-        f.flush()
-
-    def finish(self) -> None:
-        self.file.close()
-        os.replace(self.partial, self.path)
-
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        k, estimate, truth, history, info = row
+        f["estimate"][k] = estimate
+        f["truth"][k] = truth
+        name = f"history/{k}"
+        if name in f:
+            del f[name]
+        group = f.create_group(name)
+        for column, values in history.items():
+            group.create_dataset(column, data=np.asarray(values, dtype=np.float64).ravel())
+        for key, value in info.items():
+            group.attrs[key] = value if isinstance(value, str | int | float) else _json(value)
+        return k
 
 
 def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLike,
@@ -188,8 +143,6 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
     entry = get_method(method)
     dataset = load_dataset(data_path)  # every rank: validated, read lazily
     runner = None
-    writer: _Writer | None = None
-    bar = None
     try:
         n_data = len(dataset)
         if indices is None:
@@ -216,50 +169,17 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
                  "settings": _json(runner.settings),
                  "data_path": str(Path(data_path).resolve()), "data_attrs": _json(data_attrs)}
 
-        def open_writer():
-            nonlocal writer
-            writer = _Writer(out_path, attrs, indices, settings.grid.shape, overwrite)
-            return np.flatnonzero(~writer.done)
-        pending = on_root(comm, open_writer)
-        n = len(indices)
-        if comm.rank == 0 and progress:
-            from tqdm.auto import tqdm
+        def solve(k: int) -> tuple:
+            sample = dataset.sample(int(indices[k]))
+            estimate, history, info = runner.run(sample)
+            return k, estimate, sample.E, history, info
 
-            bar = tqdm(total=n, initial=n - len(pending), unit="sample",
-                       desc=f"{method} {out_path.name}", dynamic_ncols=True)
-        step = batch_size * (comm.size if distribute == "samples" else 1)
-        for start in range(0, len(pending), step):
-            batch = pending[start:start + step]
-            mine = batch[comm.rank::comm.size] if distribute == "samples" else batch
-            results, error = [], None
-            try:
-                for k in mine:
-                    sample = dataset.sample(int(indices[k]))
-                    estimate, history, info = runner.run(sample)
-                    results.append((int(k), estimate, sample.E, history, info))
-            except Exception as exc:
-                error = exc
-            raise_local_or_shared(comm, error)
-            if distribute == "samples":
-                gathered = comm.gather(results, root=0)
-                rows = [row for part in (gathered or []) for row in part]
-            else:
-                rows = results
-
-            def write(rows=rows):
-                writer.write(rows)
-                return int(writer.done.sum())
-            n_done = on_root(comm, write)
-            if bar is not None:
-                bar.update(n_done - bar.n)
-            if on_batch is not None:
-                on_batch(n_done)
-        on_root(comm, lambda: writer.finish())
+        run_batches(comm, lambda: _RowFile(out_path, attrs, indices, settings.grid.shape,
+                                           overwrite),
+                    solve, batch_size=batch_size, spread=distribute == "samples",
+                    progress=f"{method} {out_path.name}" if progress else None,
+                    on_batch=on_batch)
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
         if runner is not None:
             runner.destroy()
         dataset.close()
@@ -282,7 +202,7 @@ def _open(path: str | os.PathLike):
 
     path = Path(path)
     if not path.exists():
-        partial = _partial(path)
+        partial = partial_path(path)
         hint = (f" (an unfinished run left {str(partial)!r}: run the same reconstruct command "
                 "again to finish it)") if partial.exists() else ""
         raise FileNotFoundError(f"reconstruction file {str(path)!r} does not exist{hint}")

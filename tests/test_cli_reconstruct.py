@@ -135,6 +135,7 @@ def test_loader_reports_damaged_files(data, mpi_tmp_path, comm):
     comm.Barrier()
     with pytest.raises(ValueError, match="format version 99"):
         load_reconstructions(broken)
+    comm.Barrier()  # every rank has closed the file before rank 0 rewrites it
     if comm.rank == 0:
         with h5py.File(broken, "r+") as f:
             f.attrs["format_version"] = 1

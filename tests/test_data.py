@@ -92,6 +92,7 @@ def test_an_interrupted_run_resumes_to_the_same_file(reference, mpi_tmp_path, co
     assert partial.exists()
     with pytest.raises(ValueError, match="incomplete"):
         load_dataset(partial)
+    comm.Barrier()  # every rank has closed the partial file before rank 0 reopens it
     done = []
     simulate_dataset(path, 5, SETTINGS, comm, progress=False, batch_size=1,
                      on_batch=done.append)
