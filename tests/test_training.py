@@ -56,6 +56,16 @@ def pairs(tmp_path):
     return write_pairs(tmp_path / "pairs.h5", *make_pairs())
 
 
+@pytest.fixture
+def shared_pairs(mpi_tmp_path, comm):
+    """A pairs file in a folder every rank sees (the command line is collective)."""
+    path = mpi_tmp_path / "pairs.h5"
+    if comm.rank == 0:
+        write_pairs(path, *make_pairs())
+    comm.Barrier()
+    return path
+
+
 def weights(path):
     return Denoiser.load(path).network.state_dict()
 
@@ -194,16 +204,18 @@ def test_an_existing_model_is_kept_unless_overwrite(pairs, tmp_path):
 
 # -- the command line -----------------------------------------------------------------------------
 
-def test_the_train_command_writes_model_card_and_checkpoint(pairs, tmp_path, capsys):
+def test_the_train_command_writes_model_card_and_checkpoint(shared_pairs, mpi_tmp_path, comm,
+                                                           capsys):
     from fenics_red.cli import main
 
-    out = tmp_path / "model.pt"
-    argv = ["train", "--data", str(pairs), "--out", str(out), "--epochs", "2", "--batch-size",
+    out = mpi_tmp_path / "model.pt"
+    argv = ["train", "--data", str(shared_pairs), "--out", str(out), "--epochs", "2", "--batch-size",
             "8", "--seed", "5", "--val-fraction", "0.25", "--channels", "4", "--depth", "1",
             "--clean-fraction", "0.5", "--t-max", "1.2", "--idempotence-weight", "0.1",
             "--threads", "1", "--quiet"]
     assert main(argv) == 0
-    assert "validation relative error" in capsys.readouterr().out
+    if comm.rank == 0:  # rank 0 trains and reports
+        assert "validation relative error" in capsys.readouterr().out
     card = json.loads(card_path(out).read_text())
     assert card["settings"]["architecture"] == {"name": "unet", "channels": 4, "depth": 1}
     assert card["settings"]["clean_fraction"] == 0.5 and card["settings"]["t_max"] == 1.2
@@ -219,13 +231,17 @@ def test_the_train_command_writes_model_card_and_checkpoint(pairs, tmp_path, cap
     assert len(json.loads(card_path(out).read_text())["history"]) == 3
 
 
-def test_the_train_command_reports_a_bad_pairs_file(tmp_path, capsys):
+def test_the_train_command_reports_a_bad_pairs_file(mpi_tmp_path, comm, capsys):
     from fenics_red.cli import main
 
-    path = write_pairs(tmp_path / "red.h5", *make_pairs(4), method="red")
-    assert main(["train", "--data", str(path), "--out", str(tmp_path / "m.pt"), "--quiet"]) == 2
+    path = mpi_tmp_path / "red.h5"
+    if comm.rank == 0:
+        write_pairs(path, *make_pairs(4), method="red")
+    comm.Barrier()
+    out = str(mpi_tmp_path / "m.pt")
+    assert main(["train", "--data", str(path), "--out", out, "--quiet"]) == 2
     assert "method 'ml'" in capsys.readouterr().err
-    assert main(["train", "--data", str(tmp_path / "none.h5"), "--out", str(tmp_path / "m.pt"),
+    assert main(["train", "--data", str(mpi_tmp_path / "none.h5"), "--out", out,
                  "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
