@@ -44,7 +44,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +162,10 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class PairsData:
-    """The pairs of a training file: ``truth`` E and ``estimate`` Ẽ, float64 ``(n, H, W)``."""
+    """The pairs of a training file: ``truth`` E and ``estimate`` Ẽ, float64 ``(n, H, W)``.
+
+    ``sha256`` is the checksum of the pairs' values (not of the file's bytes).
+    """
 
     truth: np.ndarray
     estimate: np.ndarray
@@ -181,7 +184,42 @@ PAIRS_FORMAT = "fenics-red reconstructions"
 PAIRS_FORMAT_VERSIONS = (1,)
 
 
-def read_pairs(path: str | os.PathLike) -> PairsData:
+def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> PairsData:
+    """The training pairs of one pairs file, or of several concatenated in the given order.
+
+    Several files (e.g. the same phantom recipe at several SNRs) let one denoiser learn the ML
+    estimate's errors at every noise level it will meet. They must share the image shape and may
+    not repeat. The recipe of a concatenation is ``{"sources": [recipe of each file, with its
+    path, sha256 and number of pairs]}`` and its checksum is that of the files' checksums. Each
+    file is checked as :func:`read_pairs_file` says.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        return read_pairs_file(paths)
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no pairs file given; make one with `fenics-red reconstruct DATA.h5 "
+                         "--method ml --all --out PAIRS.h5`")
+    if len(paths) == 1:
+        return read_pairs_file(paths[0])
+    resolved = [str(Path(p).resolve()) for p in paths]
+    repeated = sorted({p for p in resolved if resolved.count(p) > 1})
+    if repeated:
+        raise ValueError(f"pairs file(s) {repeated} given more than once; name each file once")
+    parts = [read_pairs_file(p) for p in paths]
+    shapes = {part.truth.shape[1:] for part in parts}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{part.path!r}: {part.truth.shape[1:]}" for part in parts)
+        raise ValueError(f"the pairs files hold images of different shapes ({detail}); train on "
+                         "files of one grid")
+    sources = [{"path": where, "sha256": part.sha256, "pairs": part.n, **part.recipe}
+               for where, part in zip(resolved, parts, strict=True)]
+    digest = hashlib.sha256("".join(part.sha256 for part in parts).encode()).hexdigest()
+    return PairsData(np.concatenate([part.truth for part in parts]),
+                     np.concatenate([part.estimate for part in parts]),
+                     {"sources": sources}, digest, os.pathsep.join(resolved))
+
+
+def read_pairs_file(path: str | os.PathLike) -> PairsData:
     """Read the training pairs: the output of ``fenics-red reconstruct DATA.h5 --method ml --all``.
 
     Layout (format ``"fenics-red reconstructions"``, version 1): datasets ``truth`` (E) and
@@ -241,7 +279,7 @@ def read_pairs(path: str | os.PathLike) -> PairsData:
             raise ValueError(f"{where}: dataset {name!r} has non-finite values")
     if (truth <= 0).any():
         raise ValueError(f"{where}: the truth must be strictly positive")
-    return PairsData(truth, estimate, recipe, _sha256(path), str(path))
+    return PairsData(truth, estimate, recipe, _content_sha256(truth, estimate), str(path))
 
 
 def _plain(value):
@@ -264,11 +302,16 @@ def _plain(value):
     return value
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+def _content_sha256(truth: np.ndarray, estimate: np.ndarray) -> str:
+    """Checksum of the pairs themselves (shape and float64 values of truth, then estimate).
+
+    It names the data, not the file: a copy with other chunking, compression or attributes (say
+    a slimmed file carried to a GPU machine) has the same checksum, so its model card and its
+    checkpoint match those of the original.
+    """
+    digest = hashlib.sha256(repr(truth.shape).encode())
+    for array in (truth, estimate):
+        digest.update(np.ascontiguousarray(array, dtype="<f8").tobytes())
     return digest.hexdigest()
 
 
@@ -343,11 +386,14 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def train_denoiser(pairs_path: str | os.PathLike, out_path: str | os.PathLike,
+def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
+                   out_path: str | os.PathLike,
                    settings: TrainingSettings = TrainingSettings(), progress: bool = True, *,
                    resume: bool = False, overwrite: bool = False, command: str | None = None,
                    callback: Callable[[int, dict], None] | None = None) -> dict:
-    """Train a denoiser on the pairs file and write ``out_path``, its card and its checkpoint.
+    """Train a denoiser on the pairs and write ``out_path``, its card and its checkpoint.
+
+    ``pairs_path``: one pairs file or a list of them (concatenated, see :func:`read_pairs`).
 
     ``resume``: continue from ``MODEL.last.pt`` when it exists (its settings must equal
     ``settings`` apart from epochs, device and threads; more epochs extend the run, which changes
@@ -475,7 +521,7 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
         "architecture": settings.architecture.to_dict(),
         "parameters": count_parameters(settings.architecture),
         "prediction": "residual: C(E) = E - s N(E/s), s = median |E| (scale-equivariant)",
-        "data": {"path": str(Path(data.path).resolve()), "sha256": data.sha256, "pairs": data.n,
+        "data": {"path": _card_path(data), "sha256": data.sha256, "pairs": data.n,
                  "image_shape": list(data.truth.shape[1:]),
                  "snr_db": _data_attr(data.recipe, "snr_db"), "recipe": data.recipe},
         "split": {"train": len(train_idx), "validation": len(val_idx),
@@ -572,9 +618,21 @@ def _read_checkpoint(path: Path, settings: TrainingSettings, data: PairsData) ->
 
 
 def _data_attr(recipe: dict, name: str):
-    """An attribute of the simulated data set behind the pairs (``None`` when not recorded)."""
+    """An attribute of the simulated data set behind the pairs (``None`` when not recorded).
+
+    For several pairs files (``recipe["sources"]``) the list of each file's value.
+    """
+    if isinstance(recipe.get("sources"), list):
+        return [_data_attr(source, name) for source in recipe["sources"]]
     attrs = recipe.get("data_attrs")
     return attrs.get(name) if isinstance(attrs, dict) else None
+
+
+def _card_path(data: PairsData) -> str | list[str]:
+    """The pairs file (resolved) for the card; the list of files for a concatenation."""
+    if isinstance(data.recipe.get("sources"), list):
+        return [source["path"] for source in data.recipe["sources"]]
+    return str(Path(data.path).resolve())
 
 
 def _version() -> str:

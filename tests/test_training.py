@@ -122,6 +122,54 @@ def test_read_pairs_refuses_bad_values(tmp_path):
         read_pairs(write_pairs(tmp_path / "one.h5", *make_pairs(1)))
 
 
+def test_several_pairs_files_are_concatenated_with_each_recipe(tmp_path):
+    a = write_pairs(tmp_path / "a.h5", *make_pairs(4, seed=1), snr_db=25.0)
+    b = write_pairs(tmp_path / "b.h5", *make_pairs(6, seed=2), snr_db=45.0)
+    data = read_pairs([a, b])
+    assert data.n == 10
+    np.testing.assert_array_equal(data.truth[:4], make_pairs(4, seed=1)[0])
+    np.testing.assert_array_equal(data.estimate[4:], make_pairs(6, seed=2)[1])
+    sources = data.recipe["sources"]
+    assert [s["pairs"] for s in sources] == [4, 6]
+    assert [s["data_attrs"]["snr_db"] for s in sources] == [25.0, 45.0]
+    assert sources[0]["sha256"] == read_pairs(a).sha256
+    assert data.sha256 != read_pairs([b, a]).sha256  # the order is part of the data
+    assert read_pairs([a]).sha256 == read_pairs(a).sha256
+
+
+def test_the_checksum_names_the_pairs_not_the_file(tmp_path):
+    truth, estimate = make_pairs(4)
+    plain = read_pairs(write_pairs(tmp_path / "plain.h5", truth, estimate))
+    with h5py.File(tmp_path / "plain.h5") as f, h5py.File(tmp_path / "slim.h5", "w") as g:
+        for name in ("truth", "estimate", "done"):  # compressed copy without the history
+            g.create_dataset(name, data=f[name][...], compression="gzip", shuffle=True)
+        g.attrs.update(f.attrs)
+    slim = read_pairs(tmp_path / "slim.h5")
+    assert slim.sha256 == plain.sha256
+    estimate[0, 0, 0] *= 1 + 1e-12
+    assert read_pairs(write_pairs(tmp_path / "other.h5", truth, estimate)).sha256 != plain.sha256
+
+
+def test_several_pairs_files_must_share_the_grid_and_not_repeat(tmp_path):
+    a = write_pairs(tmp_path / "a.h5", *make_pairs(4))
+    c = write_pairs(tmp_path / "c.h5", *make_pairs(4, shape=(9, 9)))
+    with pytest.raises(ValueError, match="different shapes"):
+        read_pairs([a, c])
+    with pytest.raises(ValueError, match="more than once"):
+        read_pairs([a, tmp_path / "." / "a.h5"])
+    with pytest.raises(ValueError, match="no pairs file"):
+        read_pairs([])
+
+
+def test_training_on_several_files_records_each_in_the_card(tmp_path):
+    a = write_pairs(tmp_path / "a.h5", *make_pairs(8, seed=1), snr_db=25.0)
+    b = write_pairs(tmp_path / "b.h5", *make_pairs(8, seed=2), snr_db=35.0)
+    card = train_denoiser([a, b], tmp_path / "model.pt", FAST.replace(epochs=1), progress=False)
+    assert card["data"]["pairs"] == 16
+    assert card["data"]["snr_db"] == [25.0, 35.0]
+    assert card["data"]["path"] == [str(a.resolve()), str(b.resolve())]
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="clean_fraction"):
         TrainingSettings(clean_fraction=1.5)

@@ -1,6 +1,6 @@
 """``fenics-red train``: train the RED denoiser ``C_w`` on (ML estimate, truth) pairs (eqs. 10-12).
 
-The pairs file is the output of ``fenics-red reconstruct DATA.h5 --method ml --all --out
+A pairs file is the output of ``fenics-red reconstruct DATA.h5 --method ml --all --out
 PAIRS.h5``. Training is serial (one process; a GPU when ``--device`` allows); under ``mpirun`` rank
 0 trains and the other ranks wait for its result or its error.
 """
@@ -32,7 +32,9 @@ def register(subparsers) -> None:
                     "points of the denoiser. Writes MODEL.pt (best epoch by validation loss), "
                     "MODEL.json (model card) and MODEL.last.pt (checkpoint for --resume). The "
                     "same seed gives the same weights on the same machine and thread count.")
-    parser.add_argument("--data", required=True, metavar="PAIRS.h5", help="training pairs")
+    parser.add_argument("--data", required=True, nargs="+", metavar="PAIRS.h5",
+                        help="training pairs; several files (e.g. one per SNR, same grid) are "
+                             "concatenated")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="model file to write")
     parser.add_argument("--epochs", type=int, default=d["epochs"],
                         help="training epochs (default %(default)s)")
@@ -96,7 +98,7 @@ def settings_from_args(args):
 
 def command_line(args) -> str:
     """The full command that reproduces the run (every recipe option spelled out)."""
-    words = ["fenics-red", "train", "--data", str(args.data), "--out", str(args.out)]
+    words = ["fenics-red", "train", "--data", *map(str, args.data), "--out", str(args.out)]
     for name in ("epochs", "batch_size", "seed", "val_fraction", "device", "threads", "lr",
                  "lr_final_fraction", "weight_decay", "t_max", "clean_fraction",
                  "idempotence_weight", "fixed_point_weight", "channels", "depth"):
