@@ -112,6 +112,13 @@ class MLSettings:
         backtracking: halve the step until the sufficient-decrease condition holds (one more
             data-term value per step; guards against an underestimated ``L``).
         restart: restart FISTA's momentum at each refresh of ``Γ`` (else carry it over).
+        misfit_guard: stop (reason ``"misfit_guard"``) when a refresh of ``Γ`` finds the misfit
+            above its value at the start of the run (or above ``τ n``, the noise level, when
+            that is larger), and return the last refreshed iterate that was within it. A prior
+            that pulls the estimate away from the data (a denoiser iterated outside the inputs
+            it was trained on) is stopped there instead of diverging. The history ends with the
+            refresh that tripped the guard; the estimate is the iterate of the refresh before
+            it. Used by RED; off for the ML estimate.
         likelihood: linear-algebra settings of ``Γ⁻¹`` (round-off only, not the estimator).
     """
 
@@ -128,6 +135,7 @@ class MLSettings:
     refresh_power_iterations: int = 5
     backtracking: bool = False
     restart: bool = True
+    misfit_guard: bool = False
     likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
 
     def __post_init__(self):
@@ -448,6 +456,7 @@ class FixedPointSolver:
         self._work = fidelity.create_vector()
         self._diff = fidelity.create_vector()
         self._truth = fidelity.create_vector()
+        self._guarded = fidelity.create_vector()
         self._objective = _Objective(fidelity, prior, self._work)
         self.iteration = _ITERATIONS[self.settings.method](self.x)
         self._power_vector = None
@@ -529,6 +538,7 @@ class FixedPointSolver:
             self._power_vector = None
 
         steps, rnd, change, prox_change, stop = 0, 0, 0.0, math.inf, ""
+        start_misfit = math.inf
         while True:
             # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
             fid.refresh(x)
@@ -557,6 +567,14 @@ class FixedPointSolver:
                 history.append(round=rnd, step=steps, objective=F, misfit=2 * g,
                                grad_norm=grad_norm, step_size=eps, change=change, time=now,
                                error=self._error(x, truth_norm), lam=lam)
+                if s.misfit_guard and round_steps == 0:
+                    if rnd == 0:  # misfits within the noise level are never suspicious
+                        start_misfit = max(2 * g, target)
+                    if 2 * g > start_misfit:
+                        self._guarded.copy(x)  # back to the last iterate within the bound
+                        stop = "misfit_guard"
+                        break
+                    x.copy(self._guarded)
                 if callback is not None:
                     row = history.rows[-1]
                     if callback(IterationState(rnd, steps, x, F, 2 * g, grad_norm, eps, change,
@@ -592,7 +610,7 @@ class FixedPointSolver:
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
         self.iteration.destroy()
-        for vec in (self.x, self._start, self._work, self._diff, self._truth):
+        for vec in (self.x, self._start, self._work, self._diff, self._truth, self._guarded):
             vec.destroy()
         if self._power_vector is not None:
             self._power_vector.destroy()

@@ -60,6 +60,35 @@ def test_red_reaches_a_fixed_point_between_the_data_and_a_good_prior(sample):
         oracle.destroy()
 
 
+class Scaled(Oracle):
+    """A prior that pulls every map towards three times the truth: far from the data."""
+
+    def __call__(self, image):
+        return 3.0 * self.truth
+
+
+def test_the_misfit_guard_stops_a_prior_that_pulls_away_from_the_data(sample):
+    errors = {}
+    for guard in (True, False):
+        settings = REDSettings(lam="lipschitz:1", start="ml", max_steps=200, misfit_guard=guard)
+        red = REDReconstructor(GRID, settings=settings, denoiser=Scaled(sample.E))
+        try:
+            estimate, history, info = red.run_sample(sample)
+        finally:
+            red.destroy()
+        errors[guard] = _error(estimate, sample.E)
+        if guard:
+            assert info["stop"] == "misfit_guard"
+            misfits = history["refresh_misfit"]
+            assert misfits[-1] > misfits[0]  # the refresh that stopped it, recorded
+            assert info["steps"] < 200
+        else:
+            assert info["stop"] != "misfit_guard"
+    # unguarded, the iterate goes most of the way to 3 E; guarded, it stops near its start
+    assert errors[False] > 1.0
+    assert errors[True] < 0.5 * errors[False]
+
+
 def test_red_gives_the_same_result_on_1_and_2_ranks(sample, comm):
     settings = REDSettings(lam="balance:1", start="ml", max_steps=60)
     results = []
