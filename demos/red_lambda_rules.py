@@ -18,16 +18,24 @@
 # * `balance:c`: λ = c ‖∇g(E)‖ / ‖E − C(E)‖, the balance of the two gradients.
 #
 # For each rule it reports the mean relative error of RED, how many runs reached a fixed point
-# (relative change below `rtol`) and the λ they ended with, next to the two yardsticks: the
-# maximum-likelihood (ML) estimate and one denoiser pass over it (`denoised-ml`).
+# (relative change below `rtol`), how many the misfit guard stopped, and the λ they ended with,
+# next to the two yardsticks: the maximum-likelihood (ML) estimate and one denoiser pass over it
+# (`denoised-ml`). The table in the docstring of `fenics_red/red.py` comes from this script on
+# the three validation sets (one call per SNR).
 #
 # Choose λ on a validation set, never on the test set of `make paper` (seed 9001) nor on the
 # training phantoms (seed 1):
 #
 # ```bash
-# scripts/env fenics-red simulate --samples 16 --grid 64 --snr 35 --seed 5000 --out runs/val-64-35db.h5
-# scripts/env python demos/red_lambda_rules.py [runs/val-64-35db.h5] [N_SAMPLES]
+# for snr in 25 35 45; do
+#   scripts/env fenics-red simulate --samples 16 --grid 64 --snr $snr --seed 5000 \
+#       --out runs/val-64-${snr}db.h5
+#   scripts/env python demos/red_lambda_rules.py runs/val-64-${snr}db.h5 16
+# done
+# scripts/env python demos/red_lambda_rules.py runs/val-64-35db.h5 16 lipschitz:0.003,lipschitz:0.01
 # ```
+#
+# (a third argument, comma-separated, replaces the list of rules).
 
 # %%
 import os
@@ -44,7 +52,8 @@ comm = MPI.COMM_SELF  # one sample at a time on one rank: a small study
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 data_path = sys.argv[1] if len(sys.argv) > 1 else "runs/val-64-35db.h5"
 n_samples = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-rules = ["paper:1", "balance:1", "lipschitz:0.001", "lipschitz:0.01"]
+rules = (sys.argv[3].split(",") if len(sys.argv) > 3 else
+         ["paper:1", "lipschitz:0.001", "lipschitz:0.0003", "lipschitz:0.1", "lipschitz:1"])
 
 # %% [markdown]
 # The data: a validation set (or, for the tests, three phantoms on a 12² grid), and the
@@ -79,27 +88,28 @@ def relative_error(estimate, truth):
 results = {}
 for rule in rules:
     red = REDReconstructor(grid, forward, REDSettings(lam=rule), comm, denoiser=denoiser)
-    errors, fixed, lams, ml, dml = [], 0, [], [], []
+    errors, fixed, guarded, lams, ml, dml = [], 0, 0, [], [], []
     for sample in samples:
         estimate, history, info = red.run_sample(sample)
         errors.append(relative_error(estimate, sample.E))
         fixed += info["stop"] == "rtol"
+        guarded += info["stop"] == "misfit_guard"
         lams.append(info["lam"] / history["refresh_lipschitz"][-1])
         ml.append(info["ml_error"])
         dml.append(info["denoised_ml_error"])
     red.destroy()
-    results[rule] = (np.mean(errors), np.std(errors), fixed, np.median(lams))
+    results[rule] = (np.mean(errors), np.std(errors), fixed, guarded, np.median(lams))
     results["ml"], results["denoised-ml"] = (np.mean(ml), np.std(ml)), (np.mean(dml),
                                                                           np.std(dml))
 
 # %%
 print(f"{len(samples)} samples of {data_path} (SNR {data.settings.snr_db:g} dB)")
-print(f"{'method':>18} | rel. error (mean ± std) | fixed points | median λ / L_g")
+print(f"{'method':>18} | rel. error (mean ± std) | fixed points | guard stops | median λ / L_g")
 for name in ("ml", "denoised-ml"):
     mean, std = results[name]
     print(f"{name:>18} | {mean:.3f} ± {std:.3f}")
 for rule in rules:
-    mean, std, fixed, lam = results[rule]
-    print(f"{'red ' + rule:>18} | {mean:.3f} ± {std:.3f}         | {fixed:>3} of "
-          f"{len(samples):<3}    | {lam:.2e}")
+    mean, std, fixed, guarded, lam = results[rule]
+    print(f"{'red ' + rule:>18} | {mean:.4f} ± {std:.3f}        | {fixed:>3} of "
+          f"{len(samples):<3}    | {guarded:>3}         | {lam:.2e}")
 data.close()
