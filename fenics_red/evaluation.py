@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,10 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
                                    get_method(m).setup(grid, forward, MPI.COMM_SELF, o))
                 pending = on_root(comm, lambda m=method, r=runner:
                                   _pending(out, m, indices, r.settings))
+                check_data = getattr(runner, "check_data", None)
+                if comm.rank == 0 and pending and check_data is not None:
+                    for message in check_data(dataset.settings):
+                        warnings.warn(message, UserWarning, stacklevel=2)
                 if comm.rank == 0 and progress and pending:
                     from tqdm.auto import tqdm
 

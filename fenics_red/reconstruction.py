@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -160,6 +161,10 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
         settings = dataset.settings
         solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
         runner = entry.setup(settings.grid, settings.forward, solve_comm, dict(options or {}))
+        check_data = getattr(runner, "check_data", None)
+        if comm.rank == 0 and check_data is not None:
+            for message in check_data(settings):
+                warnings.warn(message, UserWarning, stacklevel=2)
 
         from . import __version__
 

@@ -120,3 +120,46 @@ def test_missing_or_corrupt_models_are_refused(mpi_tmp_path, comm):
     comm.Barrier()
     with pytest.raises(ValueError, match="not a torch file"):
         load_denoiser(bad)
+
+
+# -- data outside the denoiser's training range ---------------------------------------------------
+
+class Carded:
+    def __init__(self, snr):
+        self.card = {"data": {"snr_db": snr}}
+
+
+def test_data_noisier_than_the_training_data_get_a_warning():
+    from fenics_red.red import snr_warning, training_snrs
+
+    assert training_snrs(Carded(35.0)) == [35.0]
+    assert training_snrs(Carded([25.0, 35.0])) == [25.0, 35.0]  # several pairs files
+    message = snr_warning(Carded(35.0), 25.0)
+    assert "25 dB" in message and "35 dB" in message and "--denoiser" in message
+    assert snr_warning(Carded(35.0), 33.0) is None  # within the margin
+    assert snr_warning(Carded(35.0), 45.0) is None  # cleaner data: validated
+    assert snr_warning(Carded([25.0, 35.0]), 25.0) is None
+    assert snr_warning(Carded(None), 10.0) is None and snr_warning(Carded(35.0), None) is None
+    assert snr_warning(Identity(), 10.0) is None  # no card, nothing to compare
+
+
+def test_reconstructing_noisy_data_with_the_denoiser_warns_once_on_rank_0(mpi_tmp_path, comm):
+    import warnings
+
+    from fenics_red.data import simulate_dataset
+    from fenics_red.denoiser import Denoiser, UNetConfig
+    from fenics_red.reconstruction import reconstruct_dataset
+
+    data = simulate_dataset(mpi_tmp_path / "noisy.h5", 2, SimulationSettings(GRID, snr_db=20.0),
+                            comm, progress=False)
+    model = mpi_tmp_path / "model.pt"
+    if comm.rank == 0:
+        Denoiser.untrained(UNetConfig(channels=4, depth=1)).save(
+            model, {"data": {"snr_db": 35.0}})
+    comm.Barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reconstruct_dataset(data, mpi_tmp_path / "dml.h5", comm, "denoised-ml",
+                            {"denoiser": str(model)}, progress=False)
+    messages = [str(w.message) for w in caught if "noisier than" in str(w.message)]
+    assert len(messages) == (1 if comm.rank == 0 else 0)

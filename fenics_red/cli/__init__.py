@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from mpi4py import MPI
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
     one rank calls ``MPI_Abort`` so that the other ranks do not wait for it forever.
     """
     args = build_parser().parse_args(argv)
+    # Importing DOLFINx (done by building the parser) turns on logging.captureWarnings, which
+    # sends Python warnings to a logger without a handler: a command's warnings (data noisier
+    # than the denoiser's training data, say) would vanish. Give them back to stderr.
+    logging.captureWarnings(False)
     comm = MPI.COMM_WORLD
     if abort_on_error is None:
         abort_on_error = comm.size > 1 and argv is None
