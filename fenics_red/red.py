@@ -296,9 +296,10 @@ def snr_warning(denoiser, snr_db: float | None, method: str = "red") -> str | No
         return None
     trained = ", ".join(f"{v:g}" for v in sorted(set(snrs)))
     return (f"the data ({float(snr_db):g} dB) are noisier than the denoiser's training data "
-            f"({trained} dB): {method!r} was not validated there (with the shipped model at 25 dB "
-            "RED drifts 4 % above its start); train a denoiser at this SNR (scripts/train-denoiser "
-            "with SNRS=...) and pass it with --denoiser, or compare with --method ml")
+            f"({trained} dB): {method!r} was not validated there (the shipped model's RED drifts "
+            "away from its start at 25 dB, see fenics_red/red.py); train a denoiser at this SNR "
+            "(scripts/train-denoiser with SNRS=...) and pass it with --denoiser, or compare with "
+            "--method ml")
 
 
 def _card_summary(denoiser) -> dict:
