@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from mpi4py import MPI
 
 from .data import load_dataset
 from .io import atomic_output
-from .methods import get_method
+from .methods import get_method, warn_about_data
 from .metrics import METRIC_NAMES, evaluate_metrics
 from .parallel import check_all, on_root, raise_local_or_shared
 
@@ -211,10 +210,8 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
                                    get_method(m).setup(grid, forward, MPI.COMM_SELF, o))
                 pending = on_root(comm, lambda m=method, r=runner:
                                   _pending(out, m, indices, r.settings))
-                check_data = getattr(runner, "check_data", None)
-                if comm.rank == 0 and pending and check_data is not None:
-                    for message in check_data(dataset.settings):
-                        warnings.warn(message, UserWarning, stacklevel=2)
+                if pending:
+                    warn_about_data(runner, dataset.settings, comm)
                 if comm.rank == 0 and progress and pending:
                     from tqdm.auto import tqdm
 

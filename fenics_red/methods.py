@@ -26,6 +26,9 @@ The contract (see :class:`Runner`):
   it is stored beside every estimate, because for early-stopped estimators the settings are part
   of the estimate's definition.
 * ``runner.destroy()`` frees the PETSc objects (collective).
+* Optionally, ``runner.check_data(data_settings) -> list[str]``: warnings about a data set the
+  method was not validated on (RED: data noisier than the denoiser's training SNR);
+  :func:`warn_about_data` emits them.
 
 Adding a method (e.g. ``"gn-tikhonov"``, ``"gn-tv"``, ``"denoised-ml"``, ``"red"``): write a
 runner class with ``run``, ``settings`` and ``destroy`` and a ``setup`` function, then add one
@@ -36,6 +39,7 @@ light.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -46,7 +50,16 @@ from mpi4py import MPI
 from .forward import ForwardSettings
 from .grid import ImageGrid
 
-__all__ = ["Method", "Runner", "METHODS", "get_method", "method_names", "MLRunner", "setup_ml"]
+__all__ = ["Method", "Runner", "METHODS", "get_method", "method_names", "MLRunner", "setup_ml",
+           "warn_about_data"]
+
+
+def warn_about_data(runner, data_settings, comm: MPI.Comm) -> None:
+    """Emit, on rank 0 of ``comm``, the runner's ``check_data`` warnings (if it has the hook)."""
+    check_data = getattr(runner, "check_data", None)
+    if comm.rank == 0 and check_data is not None:
+        for message in check_data(data_settings):
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @runtime_checkable

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +41,7 @@ from mpi4py import MPI
 from .data import load_dataset
 from .jobs import ResumableFile, partial_path, run_batches
 from .jobs import plain as _plain
-from .methods import get_method
+from .methods import get_method, warn_about_data
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "reconstruct_dataset",
            "load_reconstructions", "load_history"]
@@ -161,10 +160,7 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
         settings = dataset.settings
         solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
         runner = entry.setup(settings.grid, settings.forward, solve_comm, dict(options or {}))
-        check_data = getattr(runner, "check_data", None)
-        if comm.rank == 0 and check_data is not None:
-            for message in check_data(settings):
-                warnings.warn(message, UserWarning, stacklevel=2)
+        warn_about_data(runner, settings, comm)
 
         from . import __version__
 
