@@ -44,17 +44,18 @@ with the noise, so rule (12) raises λ twelve-fold exactly where the prior is le
 the iterate drifts (0.42 → 0.63). With a small fixed weight the loop is close to the data term
 alone, which at 25 dB also makes the estimate worse (0.42 → 0.44, the same for 0.0003 and 0.001
 L_g: the data term drives it): every misfit-reducing step fits noise that the 35 dB denoiser cannot
-tell from structure (on the test phantoms the error added is in the background, 0.05 → 0.11-0.17 of
-‖E‖, while the inclusions' error stays; a ceiling on the modulus, tried, did not help). Large
-weights (0.1 L_g, L_g) drift or diverge: iterated, the denoiser lets stiff spots run away (one 35
-dB phantom with λ = L_g ended at max/median 283, the truth's is 5.4), and the data hardly object
-(the displacement is insensitive to the modulus of a region much stiffer than its surroundings).
-The misfit guard (:attr:`REDSettings.misfit_guard`) stops such a run when the misfit rises above
-the start's (6, 8 and 10 of 16 runs with λ = L_g); it does not see a runaway that the data cannot
-see. Hence the default: a fixed, small weight, the value of rule (12) at the training SNR. Making
-the loop add more than one denoiser pass, and making it safe below the training SNR, needs a
-denoiser trained across noise levels whose fixed points are the clean maps (a gradient-step or
-Jacobian-regularised denoiser): the open research question of this method.
+tell from structure (on six phantoms of the ``make paper`` 25 dB set the error added is in the
+background: its share of ‖E‖ went from 0.00-0.06 to 0.00-0.17 while the inclusions' error stayed; a
+ceiling on the modulus, tried, did not help). Large weights (0.1 L_g, L_g) drift or diverge:
+iterated, the denoiser lets stiff spots run away (one 35 dB phantom with λ = L_g ended at
+max/median 283, the truth's is 5.4), and the data hardly object (the displacement is insensitive to
+the modulus of a region much stiffer than its surroundings). The misfit guard
+(:attr:`REDSettings.misfit_guard`) stops such a run when the misfit rises above the start's (6, 8
+and 10 of 16 runs with λ = L_g); it does not see a runaway that the data cannot see. Hence the
+default: a fixed, small weight, the value of rule (12) at the training SNR. Making the loop add
+more than one denoiser pass, and making it safe below the training SNR, needs a denoiser trained
+across noise levels whose fixed points are the clean maps (a gradient-step or Jacobian-regularised
+denoiser): the open research question of this method.
 
 The default denoiser is the model shipped in ``fenics_red/data/denoiser.pt`` (trained by
 ``make denoiser``: see the README); any file written by ``fenics-red train`` can replace it.
