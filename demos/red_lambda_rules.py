@@ -17,8 +17,9 @@
 # * `paper:c`: λ = c ‖∇g(E)‖, the paper's rule (12);
 # * `balance:c`: λ = c ‖∇g(E)‖ / ‖E − C(E)‖, the balance of the two gradients.
 #
-# For each rule it reports the mean relative error of RED, how many runs reached a fixed point
-# (relative change below `rtol`), how many the misfit guard stopped, and the λ they ended with,
+# For each rule it reports the mean relative error of RED, how its runs ended (a fixed point:
+# relative change below `rtol`; a round without a significant decrease of the misfit; the misfit
+# guard; the step budget), and the λ they ended with,
 # next to the two yardsticks: the maximum-likelihood (ML) estimate and one denoiser pass over it
 # (`denoised-ml`). The table in the docstring of `fenics_red/red.py` comes from this script on
 # the three validation sets (one call per SNR).
@@ -40,6 +41,7 @@
 # %%
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 from mpi4py import MPI
@@ -88,28 +90,29 @@ def relative_error(estimate, truth):
 results = {}
 for rule in rules:
     red = REDReconstructor(grid, forward, REDSettings(lam=rule), comm, denoiser=denoiser)
-    errors, fixed, guarded, lams, ml, dml = [], 0, 0, [], [], []
+    errors, stops, lams, ml, dml = [], Counter(), [], [], []
     for sample in samples:
         estimate, history, info = red.run_sample(sample)
         errors.append(relative_error(estimate, sample.E))
-        fixed += info["stop"] == "rtol"
-        guarded += info["stop"] == "misfit_guard"
+        stops[info["stop"]] += 1
         lams.append(info["lam"] / history["refresh_lipschitz"][-1])
         ml.append(info["ml_error"])
         dml.append(info["denoised_ml_error"])
     red.destroy()
-    results[rule] = (np.mean(errors), np.std(errors), fixed, guarded, np.median(lams))
+    results[rule] = (np.mean(errors), np.std(errors), stops, np.median(lams))
     results["ml"], results["denoised-ml"] = (np.mean(ml), np.std(ml)), (np.mean(dml),
                                                                           np.std(dml))
 
 # %%
 print(f"{len(samples)} samples of {data_path} (SNR {data.settings.snr_db:g} dB)")
-print(f"{'method':>18} | rel. error (mean ± std) | fixed points | guard stops | median λ / L_g")
+print("stops: fixed point (rtol) / no significant misfit decrease / misfit guard / budget")
+print(f"{'method':>18} | rel. error (mean ± std) | stops        | median λ / L_g")
 for name in ("ml", "denoised-ml"):
     mean, std = results[name]
-    print(f"{name:>18} | {mean:.3f} ± {std:.3f}")
+    print(f"{name:>18} | {mean:.4f} ± {std:.3f}")
 for rule in rules:
-    mean, std, fixed, guarded, lam = results[rule]
-    print(f"{'red ' + rule:>18} | {mean:.4f} ± {std:.3f}        | {fixed:>3} of "
-          f"{len(samples):<3}    | {guarded:>3}         | {lam:.2e}")
+    mean, std, stops, lam = results[rule]
+    counts = "/".join(str(stops[k]) for k in ("rtol", "insignificant", "misfit_guard",
+                                               "max_steps"))
+    print(f"{'red ' + rule:>18} | {mean:.4f} ± {std:.3f}        | {counts:<12} | {lam:.2e}")
 data.close()

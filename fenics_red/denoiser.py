@@ -26,6 +26,14 @@ properties by construction:
   64² grid work as well as 17 × 21.
 * **Smoothness.** SiLU activations and average pooling make ``C`` a smooth map, so the RED
   gradient ``E − C(E)`` has a Lipschitz Jacobian, which the gradient-descent step needs.
+* **Left-right symmetry, exactly.** The problem is symmetric under a left-right flip ``F`` (the
+  load is vertical, the supports symmetric), and training uses such flips as its only
+  augmentation, but a network is only approximately equivariant. :class:`Denoiser` averages the
+  two: ``C(E) = ½ [Ĉ(E) + F Ĉ(F E)]`` (one call on a batch of two; ``flip_average=False`` turns
+  it off). On the validation sets of :mod:`fenics_red.red` (16 phantoms each, seed 5000) this
+  lowered the one-pass error of the shipped model from 0.2680, 0.1998 and 0.1672 to 0.2644,
+  0.1929 and 0.1643 at 25, 35 and 45 dB (and that of the previous, 35 dB-only model from 0.2019
+  to 0.1961 at 35 dB). Scale equivariance and the identity of an untrained network are kept.
 
 The network runs in float32; images enter and leave as float64 NumPy arrays. torch is imported by
 this module (and :mod:`fenics_red.training`) only: ``import fenics_red`` stays free of it.
@@ -212,10 +220,11 @@ class Denoiser:
     """
 
     def __init__(self, network: DenoiserNet | None = None, card: dict | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", flip_average: bool = True):
         self.network = (network if network is not None else DenoiserNet()).to(device).eval()
         self.card = dict(card or {})
         self.device = torch.device(device)
+        self.flip_average = bool(flip_average)
 
     @classmethod
     def untrained(cls, config: UNetConfig = UNetConfig(), seed: int = 0,
@@ -239,27 +248,40 @@ class Denoiser:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x = _check_image(image)
+        return x - self._apply(self.network.residual, x)
+
+    def _apply(self, function, x: np.ndarray) -> np.ndarray:
+        """``function`` (the network's residual) on one image, averaged over the left-right flip
+        when :attr:`flip_average` is set."""
         with torch.inference_mode():
             tensor = torch.from_numpy(x).to(self.device)[None, None]
-            return self.network(tensor)[0, 0].cpu().numpy()
+            if not self.flip_average:
+                return function(tensor)[0, 0].cpu().numpy()
+            both = function(torch.cat([tensor, tensor.flip(-1)]))
+            return (0.5 * (both[0, 0] + both[1, 0].flip(-1))).cpu().numpy()
 
     def residual(self, image: np.ndarray) -> np.ndarray:
         """``image − C(image)``, the RED gradient ``∇R(E)`` of equation (10), computed directly."""
-        x = _check_image(image)
-        with torch.inference_mode():
-            tensor = torch.from_numpy(x).to(self.device)[None, None]
-            return self.network.residual(tensor)[0, 0].cpu().numpy()
+        return self._apply(self.network.residual, _check_image(image))
 
     def save(self, path: str | os.PathLike, card: dict | None = None, *,
-             overwrite: bool = True) -> Path:
+             overwrite: bool = True, half: bool = False) -> Path:
         """Write architecture, weights and ``card`` (JSON-serialisable; default: ``self.card``)
-        to ``path`` atomically. Returns the path."""
+        to ``path`` atomically. Returns the path.
+
+        ``half`` stores the weights in float16 (half the file; the shipped model is stored so):
+        :meth:`load` casts them back and the network still computes in float32.
+        """
         card = self.card if card is None else card
+        if half:
+            card = {**card, "stored_weights": "float16"}
         try:
             card = json.loads(json.dumps(card))  # plain types only, as weights_only loading needs
         except (TypeError, ValueError) as error:
             raise ValueError(f"the model card must be JSON-serialisable: {error}") from None
         state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         payload = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
                    "architecture": self.config.to_dict(), "state_dict": state, "card": card}
         path = Path(path)
@@ -269,7 +291,8 @@ class Denoiser:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             flip_average: bool = True) -> Denoiser:
         """Read a file written by :meth:`save`.
 
         Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file and
@@ -306,7 +329,7 @@ class Denoiser:
             raise ValueError(f"{where}: the weights do not match its architecture {config}: "
                              f"{' '.join(line.strip() for line in first[:4])}") from None
         card = payload["card"] if isinstance(payload["card"], dict) else {}
-        return cls(network, card, device)
+        return cls(network, card, device, flip_average)
 
 
 def _read_torch_file(path: Path, what: str):

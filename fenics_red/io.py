@@ -48,6 +48,11 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp creates the file readable by its owner only; give the output the permissions
+        # of any new file (the umask's), so results can be shared with a group or a container
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

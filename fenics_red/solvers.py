@@ -119,6 +119,14 @@ class MLSettings:
             it was trained on) is stopped there instead of diverging. The history ends with the
             refresh that tripped the guard; the estimate is the iterate of the refresh before
             it. Used by RED; off for the ML estimate.
+        min_misfit_decrease: stop (reason ``"insignificant"``) when a refresh of ``Γ`` finds the
+            misfit less than this many standard deviations ``√(2n)`` below the previous
+            refresh's, and return the iterate of the previous refresh. Under the noise model the
+            misfit at a fixed ``E`` is χ²-distributed with ``n`` degrees of freedom (standard
+            deviation ``√(2n)``): a round that lowers it by less is not evidence from the data,
+            only a fit of their noise, and a prior-driven loop that keeps going on such rounds
+            creeps away from its start (RED below the denoiser's training SNR: see
+            :mod:`fenics_red.red`). ``0`` (the default) turns it off.
         likelihood: linear-algebra settings of ``Γ⁻¹`` (round-off only, not the estimator).
     """
 
@@ -136,6 +144,7 @@ class MLSettings:
     backtracking: bool = False
     restart: bool = True
     misfit_guard: bool = False
+    min_misfit_decrease: float = 0.0
     likelihood: LikelihoodSettings = field(default_factory=LikelihoodSettings)
 
     def __post_init__(self):
@@ -151,6 +160,7 @@ class MLSettings:
         if self.initial is not None:
             _check(self.initial, "initial")
         _check(self.step_scale, "step_scale", high=2.0)
+        _check(self.min_misfit_decrease, "min_misfit_decrease", strict=False)
         _check(self.power_iterations, "power_iterations", integer=True)
         _check(self.refresh_power_iterations, "refresh_power_iterations", integer=True)
         for name in ("backtracking", "restart"):
@@ -457,6 +467,7 @@ class FixedPointSolver:
         self._diff = fidelity.create_vector()
         self._truth = fidelity.create_vector()
         self._guarded = fidelity.create_vector()
+        self._previous = fidelity.create_vector()
         self._objective = _Objective(fidelity, prior, self._work)
         self.iteration = _ITERATIONS[self.settings.method](self.x)
         self._power_vector = None
@@ -539,6 +550,8 @@ class FixedPointSolver:
 
         steps, rnd, change, prox_change, stop = 0, 0, 0.0, math.inf, ""
         start_misfit = math.inf
+        previous_misfit = math.inf  # at the last refresh of Γ (min_misfit_decrease)
+        significant = s.min_misfit_decrease * math.sqrt(2.0 * fid.n_equations)
         while True:
             # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
             fid.refresh(x)
@@ -575,6 +588,13 @@ class FixedPointSolver:
                         stop = "misfit_guard"
                         break
                     x.copy(self._guarded)
+                if s.min_misfit_decrease > 0 and round_steps == 0:
+                    if previous_misfit - 2 * g < significant:
+                        self._previous.copy(x)  # the round was not supported by the data
+                        stop = "insignificant"
+                        break
+                    previous_misfit = 2 * g
+                    x.copy(self._previous)
                 if callback is not None:
                     row = history.rows[-1]
                     if callback(IterationState(rnd, steps, x, F, 2 * g, grad_norm, eps, change,
@@ -610,7 +630,8 @@ class FixedPointSolver:
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
         self.iteration.destroy()
-        for vec in (self.x, self._start, self._work, self._diff, self._truth, self._guarded):
+        for vec in (self.x, self._start, self._work, self._diff, self._truth, self._guarded,
+                    self._previous):
             vec.destroy()
         if self._power_vector is not None:
             self._power_vector.destroy()

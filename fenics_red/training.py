@@ -69,6 +69,12 @@ class TrainingSettings:
 
     epochs, batch_size, lr: Adam with a cosine learning-rate decay from ``lr`` to
         ``lr * lr_final_fraction`` over ``epochs``.
+    grad_clip: clip the gradient's norm to this value before each Adam step (``None``: off).
+
+    The defaults, except ``epochs``, are the recipe of the shipped model (``make denoiser``). On
+    the pairs of three SNRs (25, 35, 45 dB) runs with ``lr = 2e-3`` stalled at the identity map
+    (validation error equal to the input's from the first epochs), with or without clipping, and
+    with 16 or 24 channels; ``lr = 1e-3`` learned with 16, 24 and 32 channels.
     seed: network initialisation, train/validation split, batch order, flips and input mixing.
     val_fraction: share of the pairs held out for validation (at least one pair).
     clean_fraction: share of training inputs that are exactly clean (``t = 0``).
@@ -83,18 +89,19 @@ class TrainingSettings:
     """
 
     epochs: int = 60
-    batch_size: int = 16
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 1e-3
     lr_final_fraction: float = 0.05
     weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
     seed: int = 0
     val_fraction: float = 0.2
     clean_fraction: float = 0.25
     t_max: float = 1.0
-    idempotence_weight: float = 0.0
-    fixed_point_weight: float = 0.0
+    idempotence_weight: float = 0.5
+    fixed_point_weight: float = 0.5
     flip: bool = True
-    architecture: UNetConfig = UNetConfig()
+    architecture: UNetConfig = UNetConfig(channels=32, depth=3)
     device: str = "auto"
     num_threads: int | None = None
 
@@ -116,6 +123,8 @@ class TrainingSettings:
         check("lr", real(0, strict_low=True), "a positive number")
         check("lr_final_fraction", real(0, 1), "a number in [0, 1]")
         check("weight_decay", real(0), "a number >= 0")
+        if self.grad_clip is not None:
+            check("grad_clip", real(0, strict_low=True), "None or a positive number")
         check("seed", integer(0), "an integer >= 0")
         check("val_fraction", real(0, 1, strict_low=True), "a number in (0, 1)")
         check("clean_fraction", real(0, 1), "a number in [0, 1]")
@@ -487,6 +496,8 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
                 loss = _objective(network, inputs, truth, settings)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if settings.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
                 optimizer.step()
                 total += loss.item() * len(chosen)
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / len(train_idx)}
@@ -558,7 +569,9 @@ def validation_metrics(network, truth: np.ndarray, estimate: np.ndarray, device=
     ``input_rel_error`` of Ẽ itself, ``denoised_rel_error`` of ``C(Ẽ)``, and the drift of clean
     maps ``clean_drift_k = ‖Cᵏ(E) − E‖/‖E‖`` after ``k = 1`` and ``5`` applications (how far a RED
     iteration started at the truth would be pushed by the prior alone). Also
-    ``denoised_twice_rel_error`` of ``C(C(Ẽ))``.
+    ``denoised_twice_rel_error`` of ``C(C(Ẽ))``. ``C`` is the network itself, without the
+    left-right flip average that :class:`~fenics_red.denoiser.Denoiser` applies at inference
+    (which did better on every validation set measured).
     """
     network = network.eval().to(device)
     E = torch.from_numpy(np.asarray(truth, np.float64))[:, None].to(device)

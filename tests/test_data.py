@@ -202,3 +202,18 @@ def test_impossible_settings_are_refused(kwargs, message):
 def test_bad_sample_counts_are_refused(mpi_tmp_path, comm):
     with pytest.raises(ValueError, match="positive integer"):
         simulate_dataset(mpi_tmp_path / "x.h5", 0, SETTINGS, comm, progress=False)
+
+
+def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
+    """Written through a temporary file, an output is still readable by the group (umask)."""
+    import os
+
+    from fenics_red.io import atomic_output
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "out.txt") as tmp:
+            tmp.write_text("result\n")
+        assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

@@ -157,3 +157,46 @@ def test_architecture_settings_are_checked():
 def test_the_default_denoiser_is_small():
     """A few MB at most in the package: under a million parameters (float32)."""
     assert count_parameters(UNetConfig()) < 1_000_000
+
+
+def test_the_shipped_model_is_a_few_mb_trained_on_540_phantoms_at_35_db():
+    from fenics_red.red import default_denoiser_path, load_denoiser
+
+    path = default_denoiser_path()
+    assert path.stat().st_size < 5_000_000  # float16 weights
+    model = load_denoiser()
+    card = model.card
+    assert card["trained"] and card["stored_weights"] == "float16"
+    assert count_parameters(model.config) == card["parameters"]
+    sources = card["data"]["recipe"]["sources"]  # one per pairs file
+    at_35 = [s for s in sources if s["data_attrs"]["snr_db"] == 35.0]
+    assert sum(s["pairs"] for s in at_35) >= 540 and 35.0 in card["data"]["snr_db"]
+    assert card["validation"]["denoised_rel_error"] < 0.7 * card["validation"]["input_rel_error"]
+
+
+def test_the_flip_average_is_exactly_left_right_equivariant(rng):
+    averaged = perturbed(UNetConfig(channels=4, depth=2))
+    plain = Denoiser(averaged.network, flip_average=False)
+    image = phantom((17, 21), rng)
+    flipped = image[:, ::-1]
+    np.testing.assert_allclose(averaged(flipped), averaged(image)[:, ::-1], rtol=1e-12)
+    np.testing.assert_allclose(averaged(image),  # the network runs in float32, as a batch
+                               0.5 * (plain(image) + plain(flipped)[:, ::-1]), rtol=1e-6)
+    np.testing.assert_allclose(averaged.residual(image), image - averaged(image), rtol=1e-10,
+                               atol=1e-14)
+    # the network alone is not: the average is what makes it so
+    assert np.abs(plain(flipped) - plain(image)[:, ::-1]).max() > 1e-6
+
+
+def test_weights_stored_in_half_precision_halve_the_file(tmp_path, rng):
+    denoiser = perturbed(UNetConfig(channels=8, depth=2))
+    full = denoiser.save(tmp_path / "full.pt", {"note": "float32"})
+    half = denoiser.save(tmp_path / "half.pt", {"note": "float16"}, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = Denoiser.load(half)
+    assert loaded.card == {"note": "float16", "stored_weights": "float16"}
+    assert all(v.dtype == torch.float32 for v in loaded.network.state_dict().values()
+               if v.is_floating_point())  # computed in float32 again
+    image = phantom((17, 17), rng)
+    change = np.linalg.norm(loaded(image) - denoiser(image)) / np.linalg.norm(image)
+    assert 0 < change < 1e-3

@@ -135,6 +135,34 @@ def test_a_uniform_modulus_is_a_fixed_point(comm):
     assert np.allclose(estimate, 0.3, rtol=1e-8)
 
 
+def test_a_round_that_does_not_lower_the_misfit_by_a_standard_deviation_ends_the_loop(comm):
+    """min_misfit_decrease: rounds between refreshes of Γ must lower the misfit by c √(2n)."""
+    refreshed = {}
+
+    def keep_refreshes(state):  # every iterate, by step
+        refreshed[state.step] = state.E.copy()
+
+    ml = MLReconstructor(_GRID, settings=MLSettings(
+        stop="budget", max_steps=300, steps_per_round=10, min_misfit_decrease=1.0), comm=comm)
+    try:
+        estimate, history = ml.run_sample(_sample(), callback=keep_refreshes)
+        assert history.stop_reason == "insignificant"
+        misfits = history.as_arrays()["refresh_misfit"]
+        threshold = math.sqrt(2 * history.n_equations)
+        assert np.all(-np.diff(misfits[:-1]) >= threshold)  # every earlier round was significant
+        assert misfits[-2] - misfits[-1] < threshold  # the last was not ...
+        steps = history.as_arrays()["refresh_step"]
+        # ... so the estimate is the iterate of the refresh before it
+        before = ml.likelihood.to_image(refreshed[int(steps[-2])])
+        assert np.array_equal(estimate, before)
+        assert history.final["step"] == steps[-1] < 300
+    finally:
+        ml.destroy()
+    # off by default: the same loop runs to its budget or fixed point
+    history = _run(_sample(), comm, stop="budget", max_steps=60, steps_per_round=10)[1]
+    assert history.stop_reason in ("max_steps", "rtol")
+
+
 def test_callback_sees_every_iterate_and_can_stop_the_loop(comm):
     seen = []
 
@@ -180,7 +208,7 @@ def test_settings_round_trip_through_json():
     ({"method": "adam"}, "method"), ({"stop": "never"}, "stop"), ({"max_steps": 0}, "max_steps"),
     ({"max_steps": 2.5}, "max_steps"), ({"step_scale": 2.0}, "step_scale"),
     ({"floor": 0.0}, "floor"), ({"discrepancy": math.nan}, "discrepancy"),
-    ({"initial": -1.0}, "initial")])
+    ({"initial": -1.0}, "initial"), ({"min_misfit_decrease": -1.0}, "min_misfit_decrease")])
 def test_bad_settings_raise_value_errors(changes, message):
     with pytest.raises(ValueError, match=message):
         MLSettings(**changes)

@@ -12,8 +12,6 @@ import importlib
 import logging
 import sys
 
-from mpi4py import MPI
-
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
@@ -43,6 +41,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
     With ``abort_on_error`` (default: when run as a program on more than one rank) an error on
     one rank calls ``MPI_Abort`` so that the other ranks do not wait for it forever.
     """
+    from mpi4py import MPI
+
     args = build_parser().parse_args(argv)
     # Importing DOLFINx (done by building the parser) turns on logging.captureWarnings, which
     # sends Python warnings to a logger without a handler: a command's warnings (data noisier

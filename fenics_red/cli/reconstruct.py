@@ -44,6 +44,12 @@ def register(subparsers) -> None:
                           "(default: the method's)")
     red.add_argument("--start", choices=["denoised-ml", "ml", "homogeneous"], default=None,
                      help="RED's initial modulus (default denoised-ml)")
+    red.add_argument("--min-misfit-decrease", type=float, default=None, metavar="C",
+                     help="RED stops at the first round that lowers the data misfit by less "
+                          "than C standard deviations sqrt(2n) and keeps the iterate before it "
+                          "(default 1; 0 turns it off)")
+    red.add_argument("--no-flip-average", action="store_true",
+                     help="apply the denoiser as it is, not averaged over left-right flips")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="samples per rank between two writes of the file (default "
                              "%(default)s)")
@@ -61,8 +67,10 @@ def options_from_args(args) -> dict:
         options["stop"] = args.stop
     if args.solver is not None:
         options["solver"] = args.solver
-    for name in ("denoiser", "lam", "start"):
-        value = getattr(args, name)
+    if args.no_flip_average:
+        args.flip_average = False
+    for name in ("denoiser", "lam", "start", "min_misfit_decrease", "flip_average"):
+        value = getattr(args, name, None)
         if value is not None:
             if args.method not in ("red", "denoised-ml"):
                 raise ValueError(f"--{name} applies to the methods red and denoised-ml, not "

@@ -3,22 +3,23 @@
 A pairs file is the output of ``fenics-red reconstruct DATA.h5 --method ml --all --out
 PAIRS.h5``. Training is serial (one process; a GPU when ``--device`` allows); under ``mpirun`` rank
 0 trains and the other ranks wait for its result or its error.
+
+``python -m fenics_red.cli.train [options]`` runs the same command with torch, NumPy, h5py and tqdm
+only (no DOLFINx, PETSc or MPI needed): on a GPU node, say, with the pairs file copied there.
 """
 
 from __future__ import annotations
 
+import argparse
 import shlex
-
-from mpi4py import MPI
-
-from ..parallel import on_root
+import sys
 
 #: Mirror of the :class:`fenics_red.training.TrainingSettings` and ``UNetConfig`` defaults, so that
 #: building the parser (``fenics-red --help``) does not import torch; a test checks they agree.
-DEFAULTS = {"epochs": 60, "batch_size": 16, "lr": 2e-3, "seed": 0, "val_fraction": 0.2,
-            "clean_fraction": 0.25, "t_max": 1.0, "idempotence_weight": 0.0,
-            "fixed_point_weight": 0.0, "weight_decay": 0.0, "lr_final_fraction": 0.05,
-            "channels": 16, "depth": 3}
+DEFAULTS = {"epochs": 60, "batch_size": 32, "lr": 1e-3, "seed": 0, "val_fraction": 0.2,
+            "clean_fraction": 0.25, "t_max": 1.0, "idempotence_weight": 0.5,
+            "fixed_point_weight": 0.5, "weight_decay": 0.0, "lr_final_fraction": 0.05,
+            "grad_clip": 1.0, "channels": 32, "depth": 3}
 
 
 def register(subparsers) -> None:
@@ -63,6 +64,9 @@ def register(subparsers) -> None:
                        help="final learning rate as a fraction of --lr (default %(default)s)")
     group.add_argument("--weight-decay", type=float, default=d["weight_decay"],
                        help="Adam weight decay (default %(default)s)")
+    group.add_argument("--grad-clip", type=float, default=d["grad_clip"],
+                       help="clip the gradient's norm to this value before each step "
+                            "(default %(default)s; 0 turns clipping off)")
     group.add_argument("--t-max", type=float, default=d["t_max"],
                        help="mixing weight t of E + t (E_ml - E) uniform in [0, t_max] "
                             "(default %(default)s)")
@@ -70,9 +74,9 @@ def register(subparsers) -> None:
                        help="share of exactly clean inputs, target = input (default "
                             "%(default)s)")
     group.add_argument("--idempotence-weight", type=float, default=d["idempotence_weight"],
-                       help="weight of ||C(C(x)) - C(x)||^2 (default %(default)s: off)")
+                       help="weight of ||C(C(x)) - C(x)||^2 (default %(default)s; 0: off)")
     group.add_argument("--fixed-point-weight", type=float, default=d["fixed_point_weight"],
-                       help="weight of ||C(E) - E||^2 on clean maps (default %(default)s: off)")
+                       help="weight of ||C(E) - E||^2 on clean maps (default %(default)s; 0: off)")
     group.add_argument("--no-flip", action="store_true",
                        help="no left-right flips (the only augmentation used)")
     group.add_argument("--channels", type=int, default=d["channels"],
@@ -89,7 +93,8 @@ def settings_from_args(args):
 
     return TrainingSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_final_fraction=args.lr_final_fraction, weight_decay=args.weight_decay, seed=args.seed,
+        lr_final_fraction=args.lr_final_fraction, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None, seed=args.seed,
         val_fraction=args.val_fraction, clean_fraction=args.clean_fraction, t_max=args.t_max,
         idempotence_weight=args.idempotence_weight, fixed_point_weight=args.fixed_point_weight,
         flip=not args.no_flip, architecture=UNetConfig(args.channels, args.depth),
@@ -100,7 +105,7 @@ def command_line(args) -> str:
     """The full command that reproduces the run (every recipe option spelled out)."""
     words = ["fenics-red", "train", "--data", *map(str, args.data), "--out", str(args.out)]
     for name in ("epochs", "batch_size", "seed", "val_fraction", "device", "threads", "lr",
-                 "lr_final_fraction", "weight_decay", "t_max", "clean_fraction",
+                 "lr_final_fraction", "weight_decay", "grad_clip", "t_max", "clean_fraction",
                  "idempotence_weight", "fixed_point_weight", "channels", "depth"):
         value = getattr(args, name)
         if value is not None:
@@ -111,8 +116,6 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    comm = MPI.COMM_WORLD
-
     def train():
         from ..training import train_denoiser
 
@@ -121,11 +124,36 @@ def run(args) -> int:
                               overwrite=args.overwrite, command=command_line(args))
         return card["validation"], card["best_epoch"]
 
-    metrics, best = on_root(comm, train)
-    if comm.rank == 0:
+    try:
+        from mpi4py import MPI
+    except ImportError:  # a machine without MPI (python -m fenics_red.cli.train): one process
+        rank, (metrics, best) = 0, train()
+    else:
+        from ..parallel import on_root
+
+        rank = MPI.COMM_WORLD.rank
+        metrics, best = on_root(MPI.COMM_WORLD, train)
+    if rank == 0:
         print(f"wrote {args.out} (best epoch {best}): validation relative error "
               f"{metrics['input_rel_error']:.4f} (ML estimate) -> "
               f"{metrics['denoised_rel_error']:.4f} (denoised); clean maps changed by "
               f"{metrics['clean_drift_1']:.4f} (1 pass), {metrics['clean_drift_5']:.4f} "
               "(5 passes)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fenics_red.cli.train``: the ``train`` command alone, without the FEniCSx
+    stack (the full ``fenics-red`` parser imports DOLFINx for the other commands)."""
+    parser = argparse.ArgumentParser(prog="python -m fenics_red.cli.train")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        print(f"fenics-red train: error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
