@@ -145,8 +145,10 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fenics_red.cli.train``: the ``train`` command alone, without the FEniCSx
     stack (the full ``fenics-red`` parser imports DOLFINx for the other commands)."""
-    parser = argparse.ArgumentParser(prog="python -m fenics_red.cli.train")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    subparsers.choices["train"].prog = "python -m fenics_red.cli.train"
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
