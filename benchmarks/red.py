@@ -24,6 +24,13 @@ from fenics_red.grid import ImageGrid  # noqa: E402
 from fenics_red.red import REDReconstructor, load_denoiser  # noqa: E402
 
 
+def seconds_per_call(denoiser, image, repeats=5) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        denoiser(image)
+    return (time.perf_counter() - start) / repeats
+
+
 def main(sizes=(64, 128), samples=3):
     comm = MPI.COMM_WORLD
     denoiser = load_denoiser()
@@ -34,15 +41,8 @@ def main(sizes=(64, 128), samples=3):
         data = [simulate_sample(i, settings) for i in range(samples)]
         red = REDReconstructor(grid, settings.forward, comm=comm, denoiser=denoiser)
         image = data[0].E
-        start = time.perf_counter()
-        for _ in range(5):
-            denoiser(image)
-        t_call = (time.perf_counter() - start) / 5
-        plain = Denoiser(denoiser.network, flip_average=False)
-        start = time.perf_counter()
-        for _ in range(5):
-            plain(image)
-        t_plain = (time.perf_counter() - start) / 5
+        t_call = seconds_per_call(denoiser, image)
+        t_plain = seconds_per_call(Denoiser(denoiser.network, flip_average=False), image)
         totals = {"ml": [], "red": [], "steps": [], "share": [], "step": []}
         for sample in data:
             comm.Barrier()

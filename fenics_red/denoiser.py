@@ -248,21 +248,21 @@ class Denoiser:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x = _check_image(image)
-        return x - self._apply(self.network.residual, x)
-
-    def _apply(self, function, x: np.ndarray) -> np.ndarray:
-        """``function`` (the network's residual) on one image, averaged over the left-right flip
-        when :attr:`flip_average` is set."""
-        with torch.inference_mode():
-            tensor = torch.from_numpy(x).to(self.device)[None, None]
-            if not self.flip_average:
-                return function(tensor)[0, 0].cpu().numpy()
-            both = function(torch.cat([tensor, tensor.flip(-1)]))
-            return (0.5 * (both[0, 0] + both[1, 0].flip(-1))).cpu().numpy()
+        return x - self._residual(x)
 
     def residual(self, image: np.ndarray) -> np.ndarray:
         """``image − C(image)``, the RED gradient ``∇R(E)`` of equation (10), computed directly."""
-        return self._apply(self.network.residual, _check_image(image))
+        return self._residual(_check_image(image))
+
+    def _residual(self, x: np.ndarray) -> np.ndarray:
+        """The network's residual on one checked image, averaged over the left-right flip when
+        :attr:`flip_average` is set."""
+        with torch.inference_mode():
+            tensor = torch.from_numpy(x).to(self.device)[None, None]
+            if not self.flip_average:
+                return self.network.residual(tensor)[0, 0].cpu().numpy()
+            both = self.network.residual(torch.cat([tensor, tensor.flip(-1)]))
+            return (0.5 * (both[0, 0] + both[1, 0].flip(-1))).cpu().numpy()
 
     def save(self, path: str | os.PathLike, card: dict | None = None, *,
              overwrite: bool = True, half: bool = False) -> Path:

@@ -466,8 +466,7 @@ class FixedPointSolver:
         self._work = fidelity.create_vector()
         self._diff = fidelity.create_vector()
         self._truth = fidelity.create_vector()
-        self._guarded = fidelity.create_vector()
-        self._previous = fidelity.create_vector()
+        self._refreshed = fidelity.create_vector()  # the iterate of the last refresh of Γ
         self._objective = _Objective(fidelity, prior, self._work)
         self.iteration = _ITERATIONS[self.settings.method](self.x)
         self._power_vector = None
@@ -550,7 +549,7 @@ class FixedPointSolver:
 
         steps, rnd, change, prox_change, stop = 0, 0, 0.0, math.inf, ""
         start_misfit = math.inf
-        previous_misfit = math.inf  # at the last refresh of Γ (min_misfit_decrease)
+        previous_misfit = math.inf  # at the last refresh of Γ
         significant = s.min_misfit_decrease * math.sqrt(2.0 * fid.n_equations)
         while True:
             # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
@@ -580,21 +579,18 @@ class FixedPointSolver:
                 history.append(round=rnd, step=steps, objective=F, misfit=2 * g,
                                grad_norm=grad_norm, step_size=eps, change=change, time=now,
                                error=self._error(x, truth_norm), lam=lam)
-                if s.misfit_guard and round_steps == 0:
+                if round_steps == 0 and (s.misfit_guard or s.min_misfit_decrease > 0):
                     if rnd == 0:  # misfits within the noise level are never suspicious
                         start_misfit = max(2 * g, target)
-                    if 2 * g > start_misfit:
-                        self._guarded.copy(x)  # back to the last iterate within the bound
+                    if s.misfit_guard and 2 * g > start_misfit:
                         stop = "misfit_guard"
-                        break
-                    x.copy(self._guarded)
-                if s.min_misfit_decrease > 0 and round_steps == 0:
-                    if previous_misfit - 2 * g < significant:
-                        self._previous.copy(x)  # the round was not supported by the data
-                        stop = "insignificant"
+                    elif s.min_misfit_decrease > 0 and previous_misfit - 2 * g < significant:
+                        stop = "insignificant"  # the round was not supported by the data
+                    if stop:
+                        self._refreshed.copy(x)  # back to the iterate of the refresh before
                         break
                     previous_misfit = 2 * g
-                    x.copy(self._previous)
+                    x.copy(self._refreshed)
                 if callback is not None:
                     row = history.rows[-1]
                     if callback(IterationState(rnd, steps, x, F, 2 * g, grad_norm, eps, change,
@@ -630,8 +626,7 @@ class FixedPointSolver:
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
         self.iteration.destroy()
-        for vec in (self.x, self._start, self._work, self._diff, self._truth, self._guarded,
-                    self._previous):
+        for vec in (self.x, self._start, self._work, self._diff, self._truth, self._refreshed):
             vec.destroy()
         if self._power_vector is not None:
             self._power_vector.destroy()

@@ -113,7 +113,10 @@ def test_existing_outputs_and_bad_requests_are_refused(data, mpi_tmp_path, capsy
     assert _reconstruct(data, out, "--sample", "0", "--max-steps", "3", "--overwrite") == 0
     for extra, message in [(["--sample", str(N)], "sample indices must be integers in 0..4"),
                            (["--sample", "-1"], "non-negative"),
-                           (["--all", "--max-steps", "0"], "--max-steps must be a positive")]:
+                           (["--all", "--max-steps", "0"], "--max-steps must be a positive"),
+                           (["--all", "--no-flip-average"], "--no-flip-average applies to"),
+                           (["--all", "--min-misfit-decrease", "2"],
+                            "--min-misfit-decrease applies to")]:
         assert _reconstruct(data, mpi_tmp_path / "y.h5", *extra) == 2
         assert message in capsys.readouterr().err
     assert _reconstruct(mpi_tmp_path / "missing.h5", mpi_tmp_path / "y.h5", "--all") == 2

@@ -67,13 +67,15 @@ def options_from_args(args) -> dict:
         options["stop"] = args.stop
     if args.solver is not None:
         options["solver"] = args.solver
-    if args.no_flip_average:
-        args.flip_average = False
-    for name in ("denoiser", "lam", "start", "min_misfit_decrease", "flip_average"):
-        value = getattr(args, name, None)
+    denoiser_options = {  # option -> (the flag that sets it, its value or None)
+        "denoiser": ("--denoiser", args.denoiser), "lam": ("--lam", args.lam),
+        "start": ("--start", args.start),
+        "min_misfit_decrease": ("--min-misfit-decrease", args.min_misfit_decrease),
+        "flip_average": ("--no-flip-average", False if args.no_flip_average else None)}
+    for name, (flag, value) in denoiser_options.items():
         if value is not None:
             if args.method not in ("red", "denoised-ml"):
-                raise ValueError(f"--{name} applies to the methods red and denoised-ml, not "
+                raise ValueError(f"{flag} applies to the methods red and denoised-ml, not "
                                  f"{args.method!r}")
             options[name] = value
     return options

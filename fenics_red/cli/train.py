@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     register(subparsers)
     subparsers.choices["train"].prog = "python -m fenics_red.cli.train"
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    from . import USER_ERRORS
+
     try:
         return run(args)
-    except (ValueError, OSError, KeyError, RuntimeError) as error:
+    except USER_ERRORS as error:
         print(f"fenics-red train: error: {error}", file=sys.stderr, flush=True)
         return 2
 
