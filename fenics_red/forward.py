@@ -21,7 +21,8 @@ from petsc4py import PETSc
 from dolfinx import fem, mesh
 from dolfinx.fem import petsc as fem_petsc
 
-from .grid import ImageGrid, NodalImage, validate_image
+from .domain import LOAD, SUPPORT, Domain
+from .raster import ImageGrid, NodalImage, NodeOrder, raster_for, validate_image
 
 __all__ = ["ForwardSettings", "ElasticityModel", "strain", "stress", "lame_parameters",
            "simulate_displacement"]
@@ -41,11 +42,13 @@ class ForwardSettings:
 
     Attributes:
         nu: Poisson ratio (tissue is nearly incompressible: 0.495 by default).
-        plane: ``"stress"`` (default; does not lock for nu -> 1/2) or ``"strain"``.
-        traction: downward pressure on the top (transducer) edge, force per unit length.
-        shear_traction: tangential traction on the top edge (positive to the right).
-        support: ``"fixed"`` clamps the bottom edge; ``"sliding"`` holds it vertically and fixes
-            the horizontal displacement of the bottom-left corner only (free lateral expansion).
+        plane: ``"stress"`` (default; does not lock for nu -> 1/2) or ``"strain"``; 2-D only.
+        traction: pressure of the probe on the loaded boundary (``t = -traction * n``: downward on
+            a flat top), force per unit length (2-D) or area (3-D).
+        shear_traction: traction on the loaded boundary along the first (lateral) axis.
+        support: ``"fixed"`` clamps the supported boundary; ``"sliding"`` holds it along the depth
+            axis only and pins the fewest lateral components that remove the rigid motions (free
+            lateral expansion; see :meth:`ElasticityModel._supports`).
         solver: ``"lu"`` (MUMPS) or ``"gamg"`` (CG + smoothed aggregation with the rigid-body
             near-nullspace, for large meshes).
         petsc_options: extra PETSc options for the forward KSP (without prefix); they override the
@@ -80,13 +83,14 @@ class ForwardSettings:
         return out
 
 
-def lame_parameters(E, nu: float, plane: str):
-    """Lamé parameters ``(mu, lambda)`` of a modulus ``E`` (UFL or numbers) in 2D.
+def lame_parameters(E, nu: float, plane: str, dim: int = 2):
+    """Lamé parameters ``(mu, lambda)`` of a modulus ``E`` (UFL or numbers).
 
-    Plane stress uses the effective ``lambda* = E nu / (1 - nu^2)``.
+    In 2-D, plane stress uses the effective ``lambda* = E nu / (1 - nu^2)`` and plane strain the
+    3-D value; in 3-D (``dim=3``) ``plane`` does not apply.
     """
     mu = E / (2.0 * (1.0 + nu))
-    if plane == "strain":
+    if plane == "strain" or dim == 3:
         lmbda = E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
     else:
         lmbda = E * nu / (1.0 - nu**2)
@@ -100,7 +104,7 @@ def strain(u):
 
 def stress(E, u, nu: float, plane: str = "stress"):
     """Cauchy stress of isotropic linear elasticity, linear in both ``E`` and ``u``."""
-    mu, lmbda = lame_parameters(E, nu, plane)
+    mu, lmbda = lame_parameters(E, nu, plane, len(u))
     eps = strain(u)
     return 2.0 * mu * eps + lmbda * ufl.tr(eps) * ufl.Identity(len(u))
 
@@ -109,59 +113,58 @@ class ElasticityModel:
     """Assembles ``K(E)``, ``D(u)`` and ``f``, and solves ``K(E) u = f`` with PETSc KSP.
 
     The communicator is the mesh's. ``E`` (:attr:`E`) lives in a scalar P1 space :attr:`Q`,
-    displacements in a vector P1 space :attr:`V`. Dirichlet rows are the supports; the other
-    (free) rows are the equations the inverse problem uses (:attr:`free_dofs`).
+    displacements in a vector P1 space :attr:`V` with one component per geometric dimension.
+    Dirichlet rows are the supports; the other (free) rows are the equations the inverse problem
+    uses (:attr:`free_dofs`).
 
     Args:
-        msh: a triangle mesh (for images, from :meth:`ImageGrid.create_mesh`).
+        domain: a :class:`~fenics_red.domain.Domain` (mesh with tagged load and support facets),
+            or a bare mesh, tagged by the depth-axis convention of :mod:`fenics_red.domain`.
         settings: material law, loads, supports, solver.
-        grid: the image grid the mesh was made from; enables the image conversions.
+        grid: for a bare mesh made by :meth:`ImageGrid.create_mesh`, its grid (exact images).
         body_force: optional UFL vector expression added to the load (used by verification tests).
         bcs: optional callable ``bcs(V) -> list[DirichletBC]`` building Dirichlet conditions on
             the model's displacement space, replacing the supports of ``settings``.
     """
 
-    def __init__(self, msh: mesh.Mesh, settings: ForwardSettings | None = None,
+    def __init__(self, domain: Domain | mesh.Mesh, settings: ForwardSettings | None = None,
                  grid: ImageGrid | None = None, *, body_force=None, bcs=None):
+        if not isinstance(domain, Domain):
+            domain = Domain.from_mesh(domain, grid=grid, source="grid" if grid else "mesh",
+                                      **({"num_file_nodes": int(np.prod(grid.shape))}
+                                         if grid else {}))
         self.settings = settings = settings or ForwardSettings()
-        self.mesh = msh
+        self.domain = domain
+        self.mesh = msh = domain.mesh
         self.comm = msh.comm
-        self.grid = grid
+        self.grid = domain.grid
+        self.dim = msh.geometry.dim
         self.V, self.Q = self.function_spaces(msh)
         self.E = fem.Function(self.Q, name="E")
         self.E.x.array[:] = 1.0
         self.u = fem.Function(self.V, name="u")
         self.u_data = fem.Function(self.V, name="u_data")
+        self.lower, self.upper = domain.bounds()
 
-        tdim = msh.topology.dim
-        fdim = tdim - 1
-        x = msh.geometry.x
-        local_min = x[:, :2].min(axis=0) if len(x) else np.full(2, np.inf)
-        local_max = x[:, :2].max(axis=0) if len(x) else np.full(2, -np.inf)
-        self.lower, self.upper = np.empty(2), np.empty(2)
-        self.comm.Allreduce(local_min, self.lower, op=MPI.MIN)
-        self.comm.Allreduce(local_max, self.upper, op=MPI.MAX)
-        tol = 1e-10 * float(np.max(self.upper - self.lower))
-        msh.topology.create_connectivity(fdim, tdim)
-        top = mesh.locate_entities_boundary(msh, fdim, lambda p: np.isclose(p[1], self.upper[1],
-                                                                             atol=tol))
-        bottom = mesh.locate_entities_boundary(msh, fdim, lambda p: np.isclose(p[1], self.lower[1],
-                                                                               atol=tol))
-        tags = mesh.meshtags(msh, fdim, top, np.full(len(top), 1, dtype=np.int32))
-        ds = ufl.Measure("ds", domain=msh, subdomain_data=tags)
-
+        ds = ufl.Measure("ds", domain=msh, subdomain_data=domain.facet_tags)
         v = ufl.TestFunction(self.V)
         residual = ufl.inner(stress(self.E, self.u, settings.nu, settings.plane), strain(v)) * ufl.dx
         data_residual = ufl.replace(residual, {self.u: self.u_data})
         self._a = fem.form(ufl.derivative(residual, self.u, ufl.TrialFunction(self.V)))
         self._D = fem.form(ufl.derivative(data_residual, self.E, ufl.TrialFunction(self.Q)))
-        self._t = fem.Constant(msh, PETSc.ScalarType((settings.shear_traction, -settings.traction)))
-        load = ufl.inner(self._t, v) * ds(1)
+        # The probe presses normal to the loaded boundary (t = -p n: downward on a flat top);
+        # the shear traction acts along the first (lateral) axis.
+        self._pressure = fem.Constant(msh, PETSc.ScalarType(settings.traction))
+        shear = np.zeros(self.dim)
+        shear[0] = settings.shear_traction
+        self._shear = fem.Constant(msh, shear.astype(PETSc.ScalarType))
+        n = ufl.FacetNormal(msh)
+        load = ufl.inner(self._shear - self._pressure * n, v) * ds(LOAD)
         if body_force is not None:
             load = load + ufl.inner(body_force, v) * ufl.dx
         self._L = fem.form(load)
 
-        self.bcs = self._supports(bottom) if bcs is None else list(bcs(self.V))
+        self.bcs = self._supports() if bcs is None else list(bcs(self.V))
 
         self._matrices: dict[tuple[str, bool], PETSc.Mat] = {}
         self._modulus_changed = True
@@ -182,56 +185,79 @@ class ElasticityModel:
     def on_grid(cls, grid: ImageGrid, comm: MPI.Comm, settings: ForwardSettings | None = None
                 ) -> ElasticityModel:
         """A model on the mesh of an image grid, distributed over ``comm``."""
-        return cls(grid.create_mesh(comm), settings, grid)
+        return cls(Domain.rectangle(grid, comm), settings)
 
-    def _supports(self, bottom_facets: np.ndarray) -> list[fem.DirichletBC]:
+    def _supports(self) -> list[fem.DirichletBC]:
+        """``fixed``: every component zero on the support. ``sliding``: the depth component zero
+        there, plus the fewest lateral components that remove the remaining rigid motions: in 2-D
+        ``u_x`` at the support node of smallest ``(x, y)``; in 3-D ``u_x, u_y`` at the node A of
+        smallest ``(x, y, z)`` and ``u_x`` at the node farthest from A in ``y``. Sliding needs a
+        flat support normal to the depth axis."""
         fdim = self.mesh.topology.dim - 1
-        if self.settings.support == "fixed":
-            dofs = fem.locate_dofs_topological(self.V, fdim, bottom_facets)
-            return [fem.dirichletbc(np.zeros(2, dtype=PETSc.ScalarType), dofs, self.V)]
-        dofs_y = fem.locate_dofs_topological(self.V.sub(1), fdim, bottom_facets)
-        self.mesh.topology.create_connectivity(0, self.mesh.topology.dim)
-        lo = self.lower
-        corner = mesh.locate_entities_boundary(
-            self.mesh, 0, lambda p: np.isclose(p[0], lo[0]) & np.isclose(p[1], lo[1]))
-        dofs_x = fem.locate_dofs_topological(self.V.sub(0), 0, corner)
+        support = self.domain.facets(SUPPORT)
         zero = PETSc.ScalarType(0)
-        return [fem.dirichletbc(zero, dofs_y, self.V.sub(1)),
-                fem.dirichletbc(zero, dofs_x, self.V.sub(0))]
+        if self.settings.support == "fixed":
+            dofs = fem.locate_dofs_topological(self.V, fdim, support)
+            return [fem.dirichletbc(np.zeros(self.dim, dtype=PETSc.ScalarType), dofs, self.V)]
+        depth = self.dim - 1
+        self.mesh.topology.create_connectivity(fdim, 0)
+        self.mesh.topology.create_connectivity(0, self.mesh.topology.dim)
+        vertices = np.unique(mesh.compute_incident_entities(self.mesh.topology, support, fdim, 0))
+        x = mesh.compute_midpoints(self.mesh, 0, vertices.astype(np.int32))[:, :self.dim]
+        levels = self.comm.allgather((x[:, depth].min(initial=np.inf),
+                                      x[:, depth].max(initial=-np.inf)))
+        low, high = min(lv[0] for lv in levels), max(lv[1] for lv in levels)
+        if high - low > 1e-8 * float(np.max(self.upper - self.lower)):
+            raise ValueError("support='sliding' needs a flat support normal to the depth axis "
+                             "(the last coordinate); use support='fixed' for this mesh")
+        bcs = [fem.dirichletbc(zero, fem.locate_dofs_topological(self.V.sub(depth), fdim, support),
+                               self.V.sub(depth))]
+        first, (_, y_first, *_) = _extreme_vertex(self.comm, vertices, x, tuple)
+        pinned = [(first, c) for c in range(depth)]
+        if self.dim == 3:  # the node farthest from the first in y pins the rotation about z
+            second, _ = _extreme_vertex(self.comm, vertices, x,
+                                        lambda p: (-abs(p[1] - y_first), *p))
+            pinned.append((second, 0))
+        for vertex, component in pinned:
+            dofs = fem.locate_dofs_topological(self.V.sub(component), 0, vertex)
+            bcs.append(fem.dirichletbc(zero, dofs, self.V.sub(component)))
+        return bcs
 
     def _create_solver(self) -> PETSc.KSP:
+        """The forward KSP under the prefix ``fenics_red_forward_N_`` (unique per model): the
+        defaults of ``settings.solver``, then command-line options with that prefix, then
+        ``settings.petsc_options`` (:func:`fenics_red.petsc_options.set_options`)."""
+        from .petsc_options import set_options
+
         K = self._matrix("K", True)
         ksp = PETSc.KSP().create(self.comm)
         ksp.setOperators(K)
-        prefix = f"fenics_red_forward_{next(_instance_counter)}_"
-        ksp.setOptionsPrefix(prefix)
-        options = dict(_SOLVER_OPTIONS[self.settings.solver])
-        options.update(self.settings.petsc_options)
-        db = PETSc.Options(prefix)
-        for key, value in options.items():
-            db[key] = value
-        if options.get("pc_type") == "gamg":
+        set_options(ksp, f"fenics_red_forward_{next(_instance_counter)}_",
+                    _SOLVER_OPTIONS[self.settings.solver], self.settings.petsc_options)
+        if ksp.getPC().getType() == "gamg":  # before the first solve sets the PC up
             K.setNearNullSpace(self.rigid_body_modes())
-        ksp.setFromOptions()
-        for key in options:
-            db.delValue(key)
         return ksp
 
     def rigid_body_modes(self) -> PETSc.NullSpace:
-        """The three in-plane rigid-body modes as an orthonormal PETSc near-nullspace."""
+        """The rigid-body modes of the displacement space (3 in 2-D, 6 in 3-D), orthonormalised,
+        as a PETSc near-nullspace: translations along each axis and rotations in each plane."""
         n_owned = self.V.dofmap.index_map.size_local
-        x, y = self.V.tabulate_dof_coordinates()[:n_owned, :2].T
-        modes = np.zeros((3, n_owned, 2))
-        modes[0, :, 0] = 1.0
-        modes[1, :, 1] = 1.0
-        modes[2, :, 0], modes[2, :, 1] = -y, x
-        modes = modes.reshape(3, -1)
-        for i in range(3):  # modified Gram-Schmidt with global dot products
+        gdim = self.dim
+        x = self.V.tabulate_dof_coordinates()[:n_owned, :gdim]
+        planes = [(i, j) for i in range(gdim) for j in range(i + 1, gdim)]
+        modes = np.zeros((gdim + len(planes), n_owned, gdim))
+        for i in range(gdim):
+            modes[i, :, i] = 1.0
+        for k, (i, j) in enumerate(planes, start=gdim):
+            modes[k, :, i], modes[k, :, j] = -x[:, j], x[:, i]
+        modes = modes.reshape(len(modes), -1)
+        for i in range(len(modes)):  # modified Gram-Schmidt with global dot products
             for j in range(i):
                 modes[i] -= self.comm.allreduce(modes[j] @ modes[i], op=MPI.SUM) * modes[j]
             modes[i] /= np.sqrt(self.comm.allreduce(modes[i] @ modes[i], op=MPI.SUM))
         self._rigid_body_arrays = modes  # PETSc borrows this memory: keep it alive
-        vectors = [PETSc.Vec().createWithArray(mode, bsize=2, comm=self.comm) for mode in modes]
+        vectors = [PETSc.Vec().createWithArray(mode, bsize=gdim, comm=self.comm)
+                   for mode in modes]
         return PETSc.NullSpace().create(vectors=vectors, comm=self.comm)
 
     def _matrix(self, name: str, apply_bcs: bool) -> PETSc.Mat:
@@ -243,12 +269,21 @@ class ElasticityModel:
     # -- images ----------------------------------------------------------------------------------
 
     def images(self, space: str) -> NodalImage:
-        """The nodal/image map of ``"V"`` (displacement) or ``"Q"`` (modulus); needs a grid."""
-        if self.grid is None:
-            raise RuntimeError("this model was built without an ImageGrid; images need one")
+        """The raster of ``"V"`` (displacement) or ``"Q"`` (modulus): exact on grid domains,
+        interpolating on any other 2-D mesh (:func:`fenics_red.raster.raster_for`)."""
         if space not in self._images:
-            self._images[space] = NodalImage(self.V if space == "V" else self.Q, self.grid)
+            self._images[space] = raster_for(self.V if space == "V" else self.Q, self.domain)
         return self._images[space]
+
+    def node_order(self, space: str) -> NodeOrder:
+        """Exact map between local values of ``"V"`` or ``"Q"`` and arrays in the domain's file
+        node order (:meth:`fenics_red.domain.Domain.node_indices`)."""
+        key = ("order", space)
+        if key not in self._images:
+            V = self.V if space == "V" else self.Q
+            self._images[key] = NodeOrder(V, self.domain.node_indices(V),
+                                          self.domain.num_file_nodes)
+        return self._images[key]
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -356,10 +391,10 @@ class ElasticityModel:
         self.u.x.scatter_forward()
         return self.u
 
-    def displacement_images(self, u: fem.Function | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def displacement_images(self, u: fem.Function | None = None) -> tuple[np.ndarray, ...]:
         """``(ux, uy)`` images of a displacement (default :attr:`u`). Collective."""
         images = self.images("V").to_image(u or self.u)
-        return images[0], images[1]
+        return tuple(images)
 
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
@@ -368,6 +403,16 @@ class ElasticityModel:
         for matrix in self._matrices.values():
             matrix.destroy()
         self._matrices.clear()
+
+
+def _extreme_vertex(comm: MPI.Comm, vertices: np.ndarray, x: np.ndarray, key):
+    """``(local indices, key)`` of the vertex minimising ``key(coordinates)`` over all ranks:
+    the indices hold it on the ranks that have it (possibly several, as a ghost), else none."""
+    local = min(((tuple(key(p)), i) for i, p in enumerate(x)), default=None)
+    best = min(item[0] for item in comm.allgather(local) if item is not None)
+    if local is not None and np.allclose(local[0], best, rtol=0, atol=1e-12):
+        return vertices[[local[1]]].astype(np.int32), best
+    return np.zeros(0, dtype=np.int32), best
 
 
 def simulate_displacement(modulus: np.ndarray, grid: ImageGrid | None = None,

@@ -7,6 +7,7 @@
 FENICS_RED_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 FENICS_RED_PACKAGES_FILE="$FENICS_RED_REPO/docker/packages.txt"
 FENICS_RED_VENV="$FENICS_RED_REPO/.venv"
+FENICS_RED_RUFF=0.15.22   # the linter version make test runs (pip, into the venv)
 FENICS_RED_ROOT="${FENICS_RED_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/fenics-red/trixie}"
 
 fenics_red_packages() {

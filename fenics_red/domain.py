@@ -1,0 +1,246 @@
+"""The tissue domain: a DOLFINx mesh with its loaded and supported boundary parts.
+
+A :class:`Domain` is what the forward model needs to know about geometry: the mesh (2-D triangles
+or 3-D tetrahedra, any number of MPI ranks), which boundary facets carry the probe's load and which
+rest on a support, and the order of the nodes in the file it came from (so that values given per
+node in that order come back in that order). It is made from a rectangle grid (the image grids of
+the paper's experiments), a gmsh ``.msh`` file or an XDMF file.
+
+Boundary convention: the depth axis is the last coordinate (``y`` in 2-D, ``z`` in 3-D) and the
+transducer sits at its maximum. Physical groups named ``load`` and ``support`` (gmsh) or facet
+tags 1 and 2 (XDMF, :data:`LOAD` and :data:`SUPPORT`) override it; without them the load acts on
+the boundary facets at the maximum depth coordinate and the support is at its minimum.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from dolfinx import fem, mesh
+
+from .parallel import raise_shared
+
+__all__ = ["Domain", "LOAD", "SUPPORT", "read_mesh"]
+
+#: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
+LOAD, SUPPORT = 1, 2
+
+_MESH_SUFFIXES = (".msh", ".xdmf")
+
+
+@dataclass
+class Domain:
+    """A mesh with tagged load (:data:`LOAD`) and support (:data:`SUPPORT`) facets.
+
+    Attributes:
+        mesh: the distributed DOLFINx mesh; its communicator is the domain's.
+        facet_tags: facet tags holding :data:`LOAD` and :data:`SUPPORT` (other facets untagged).
+        grid: the :class:`~fenics_red.raster.ImageGrid` when the mesh is a grid whose nodes are
+            the image pixels (then images convert exactly), else ``None``.
+        source: where the mesh came from (a file path, or ``"grid"``), for the record.
+        num_file_nodes: number of nodes in the source's own order (see :meth:`node_indices`).
+    """
+
+    mesh: mesh.Mesh
+    facet_tags: mesh.MeshTags
+    grid: object = None
+    source: str = "mesh"
+    num_file_nodes: int = 0
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_mesh(cls, msh: mesh.Mesh, facet_tags: mesh.MeshTags | None = None,
+                  names: dict[str, int] | None = None, **kwargs) -> Domain:
+        """Tag a mesh: ``names`` maps ``"load"``/``"support"`` to values of ``facet_tags``.
+
+        Parts not named fall back to the depth-axis convention of the module docstring.
+        """
+        names = names or {}
+        fdim = msh.topology.dim - 1
+        msh.topology.create_connectivity(fdim, msh.topology.dim)
+        parts = {}
+        for name, tag in (("load", LOAD), ("support", SUPPORT)):
+            if facet_tags is not None and name in names:
+                parts[tag] = facet_tags.find(names[name])
+            else:
+                parts[tag] = _depth_facets(msh, top=(name == "load"))
+        for tag, facets in parts.items():
+            count = msh.comm.allreduce(len(facets), op=MPI.SUM)
+            if count == 0:
+                what = "load" if tag == LOAD else "support"
+                raise ValueError(f"the mesh has no {what} facets: name a physical group "
+                                 f"'{what}' in the mesh file or check the depth axis (the last "
+                                 "coordinate)")
+        facets = np.concatenate([parts[LOAD], parts[SUPPORT]]).astype(np.int32)
+        values = np.concatenate([np.full(len(parts[LOAD]), LOAD, np.int32),
+                                 np.full(len(parts[SUPPORT]), SUPPORT, np.int32)])
+        order = np.argsort(facets, kind="stable")
+        facets, values = facets[order], values[order]
+        unique, first = np.unique(facets, return_index=True)  # a facet in both parts: load wins
+        tags = mesh.meshtags(msh, fdim, unique, values[first])
+        if "num_file_nodes" not in kwargs:
+            kwargs["num_file_nodes"] = msh.geometry.index_map().size_global
+        return cls(msh, tags, **kwargs)
+
+    @classmethod
+    def rectangle(cls, grid, comm: MPI.Comm) -> Domain:
+        """The triangle mesh of an image grid; its nodes (and file order) are the pixels."""
+        return cls.from_mesh(grid.create_mesh(comm), grid=grid, source="grid",
+                             num_file_nodes=int(np.prod(grid.shape)))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, comm: MPI.Comm) -> Domain:
+        """Read a gmsh ``.msh`` or an XDMF mesh, distributed over ``comm``."""
+        msh, tags, names = read_mesh(path, comm)
+        return cls.from_mesh(msh, tags, names, source=str(path))
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    @property
+    def comm(self) -> MPI.Comm:
+        return self.mesh.comm
+
+    @property
+    def dim(self) -> int:
+        """The geometric dimension (2 or 3)."""
+        return self.mesh.geometry.dim
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The global bounding box ``(lower, upper)`` of the mesh nodes. Collective."""
+        return _bounds(self.mesh)
+
+    def facets(self, tag: int) -> np.ndarray:
+        """Local facet indices with tag :data:`LOAD` or :data:`SUPPORT`."""
+        return self.facet_tags.find(tag)
+
+    def node_indices(self, V: fem.FunctionSpace) -> np.ndarray:
+        """File node index of each local (owned, then ghost) node of a P1 space ``V``.
+
+        On a grid domain the file order is the image's row-major pixel order (row 0 at the
+        transducer). Otherwise it is the node order of the source file (gmsh: node tag − 1).
+        """
+        if self.grid is not None:
+            return self.grid.pixel_index(V.tabulate_dof_coordinates())
+        return p1_input_indices(V)
+
+
+def p1_input_indices(V: fem.FunctionSpace) -> np.ndarray:
+    """The mesh-input (file) index of every local node of a P1 space on a first-order mesh.
+
+    P1 dofs and geometry nodes sit on the same vertices in the same cell-local order, so the
+    cell-wise dofmaps pair them; ``input_global_indices`` leads from geometry nodes to the file.
+    """
+    msh = V.mesh
+    index_map = V.dofmap.index_map
+    n_local = index_map.size_local + index_map.num_ghosts
+    dofs = V.dofmap.list
+    nodes = msh.geometry.dofmap
+    if dofs.shape != nodes.shape:
+        raise ValueError("file node order needs a P1 space on a first-order (linear) mesh")
+    out = np.full(n_local, -1, dtype=np.int64)
+    out[dofs.ravel()] = np.asarray(msh.geometry.input_global_indices,
+                                   dtype=np.int64)[nodes.ravel()]
+    if (out < 0).any():
+        raise RuntimeError("some P1 dofs are not attached to any local cell")
+    return out
+
+
+def _bounds(msh: mesh.Mesh) -> tuple[np.ndarray, np.ndarray]:
+    gdim = msh.geometry.dim
+    x = msh.geometry.x[:, :gdim]
+    local_min = x.min(axis=0) if len(x) else np.full(gdim, np.inf)
+    local_max = x.max(axis=0) if len(x) else np.full(gdim, -np.inf)
+    lower, upper = np.empty(gdim), np.empty(gdim)
+    msh.comm.Allreduce(local_min, lower, op=MPI.MIN)
+    msh.comm.Allreduce(local_max, upper, op=MPI.MAX)
+    return lower, upper
+
+
+def _depth_facets(msh: mesh.Mesh, top: bool) -> np.ndarray:
+    """Boundary facets on the plane of the largest (``top``) or smallest depth coordinate."""
+    lower, upper = _bounds(msh)
+    axis = msh.geometry.dim - 1
+    level = upper[axis] if top else lower[axis]
+    tol = 1e-10 * float(np.max(upper - lower))
+    return mesh.locate_entities_boundary(msh, msh.topology.dim - 1,
+                                         lambda p: np.isclose(p[axis], level, atol=tol))
+
+
+def read_mesh(path: str | os.PathLike, comm: MPI.Comm):
+    """``(mesh, facet_tags or None, names)`` from a gmsh ``.msh`` or XDMF file. Collective.
+
+    ``names`` maps the physical names ``load``/``support`` to their tag values. Errors (missing
+    file, unknown suffix, unreadable content) are raised on every rank with one clear line.
+    """
+    path = Path(path)
+    problem = None
+    if comm.rank == 0:
+        if not path.is_file():
+            problem = f"mesh file {str(path)!r} does not exist"
+        elif path.suffix.lower() not in _MESH_SUFFIXES:
+            problem = (f"mesh file {str(path)!r} has an unknown suffix; use a gmsh .msh or an "
+                       ".xdmf file")
+    raise_shared(comm, problem and ("ValueError", problem))
+    if path.suffix.lower() == ".msh":
+        return _read_gmsh(path, comm)
+    return _read_xdmf(path, comm)
+
+
+def _read_gmsh(path: Path, comm: MPI.Comm):
+    import gmsh
+
+    from dolfinx.io import gmshio
+
+    problem, gdim, names = None, 0, {}
+    if comm.rank == 0:
+        if not gmsh.isInitialized():
+            gmsh.initialize(["-noenv"], readConfigFiles=False)
+        gmsh.option.setNumber("General.Terminal", 0)
+        gmsh.clear()
+        try:
+            gmsh.merge(str(path))
+            gdim = gmsh.model.getDimension()
+            if gdim not in (2, 3):
+                problem = (f"mesh file {str(path)!r} holds no 2-D or 3-D cells (dimension "
+                           f"{gdim})")
+            elif not gmsh.model.getPhysicalGroups(gdim):
+                problem = (f"mesh file {str(path)!r} has no physical group of dimension {gdim}: "
+                           "DOLFINx reads only cells in physical groups (add e.g. Physical "
+                           "Surface(\"tissue\") to the .geo)")
+            for dim, tag in gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []:
+                name = gmsh.model.getPhysicalName(dim, tag)
+                if name in ("load", "support"):
+                    names[name] = tag
+        except Exception as error:  # gmsh raises plain Exception with its log message
+            problem = f"cannot read mesh file {str(path)!r}: {error}"
+    raise_shared(comm, problem and ("ValueError", problem))
+    gdim, names = comm.bcast((gdim, names), root=0)
+    msh, _, facet_tags = gmshio.model_to_mesh(gmsh.model if comm.rank == 0 else None, comm, 0,
+                                              gdim=gdim)
+    if comm.rank == 0:
+        gmsh.clear()
+    return msh, facet_tags, names
+
+
+def _read_xdmf(path: Path, comm: MPI.Comm):
+    from dolfinx.io import XDMFFile
+
+    try:
+        with XDMFFile(comm, str(path), "r") as xdmf:
+            msh = xdmf.read_mesh(name="mesh")
+            msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
+            try:
+                tags = xdmf.read_meshtags(msh, name="facet_tags")
+            except RuntimeError:
+                tags = None
+    except RuntimeError as error:
+        raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF (a grid named 'mesh' "
+                         f"and optional facet tags 'facet_tags'): {error}") from None
+    names = {"load": LOAD, "support": SUPPORT} if tags is not None else {}
+    return msh, tags, names

@@ -1,0 +1,400 @@
+"""The one boundary between nodal fields on a mesh and images: rasters.
+
+The solver works with nodal values of P1 functions distributed over MPI ranks; users, data sets,
+metrics, figures and the denoiser work with images. Every conversion between the two goes through
+a raster from this module:
+
+* :class:`NodalImage` on a grid mesh whose nodes are the pixels (:meth:`ImageGrid.create_mesh`):
+  values are copied, never interpolated, so the round trip is exact on any number of ranks;
+* :class:`PointRaster` on any other 2-D mesh: the image samples the P1 field at the pixels
+  (linear interpolation in the cell that holds each pixel), pixels outside the domain are masked
+  (and, for the denoiser, filled from the nearest pixel inside); the way back interpolates the
+  image bilinearly at the nodes, and :meth:`PointRaster.adjoint_images` applies the transpose of
+  the sampling.
+
+Image convention (documented in the README):
+
+* an image of nodal values has shape ``(ny + 1, nx + 1)``;
+* row 0 is the transducer edge (the top of the field, ``y = y0 + H``) and depth grows with the row
+  index, so row ``i`` lies at ``y = y0 + H - i * H / ny``;
+* column 0 is the left edge (``x = x0``), column ``j`` lies at ``x = x0 + j * W / nx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+from scipy import sparse
+
+from dolfinx import fem, geometry, mesh
+
+__all__ = ["ImageGrid", "NodalImage", "NodeOrder", "PointRaster", "validate_image",
+           "raster_for"]
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """A rectangle ``[x0, x0 + width] x [y0, y0 + height]`` split into ``nx x ny`` cells.
+
+    Its pixels are the cell corners; :meth:`create_mesh` cuts each cell into two P1 triangles,
+    so that the mesh vertices coincide with the pixels.
+    """
+
+    nx: int
+    ny: int
+    width: float = 1.0
+    height: float = 1.0
+    x0: float = 0.0
+    y0: float = 0.0
+
+    def __post_init__(self):
+        for name in ("nx", "ny"):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"ImageGrid.{name} must be a positive integer, got {value!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value <= 0:
+                raise ValueError(f"ImageGrid.{name} must be a positive number, got {value!r}")
+        for name in ("x0", "y0"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"ImageGrid.{name} must be finite, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_shape(cls, shape: tuple[int, ...], width: float | None = None,
+                   height: float | None = None) -> ImageGrid:
+        """The grid whose nodal images have ``shape == (ny + 1, nx + 1)``.
+
+        Missing sizes give square cells: ``width`` defaults to 1 and ``height`` to
+        ``width * ny / nx``.
+        """
+        if len(shape) != 2 or shape[0] < 2 or shape[1] < 2:
+            raise ValueError(
+                f"a nodal image must be 2-D with at least 2 x 2 pixels, got shape {tuple(shape)}")
+        ny, nx = int(shape[0]) - 1, int(shape[1]) - 1
+        if width is None and height is None:
+            width = 1.0
+        if height is None:
+            height = width * ny / nx
+        if width is None:
+            width = height * nx / ny
+        return cls(nx, ny, float(width), float(height))
+
+    @classmethod
+    def covering(cls, lower, upper, spacing: float) -> ImageGrid:
+        """The grid over the box ``[lower, upper]`` with square pixels of about ``spacing``."""
+        lower, upper = np.asarray(lower, float)[:2], np.asarray(upper, float)[:2]
+        size = upper - lower
+        if not (np.isfinite(spacing) and spacing > 0):
+            raise ValueError(f"pixel spacing must be a positive number, got {spacing!r}")
+        nx, ny = (max(1, int(np.ceil(n - 1e-9))) for n in size / spacing)
+        return cls(nx, ny, float(size[0]), float(size[1]), float(lower[0]), float(lower[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of an image of nodal values: ``(ny + 1, nx + 1)``."""
+        return (self.ny + 1, self.nx + 1)
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """Cell size ``(hx, hy)``."""
+        return (self.width / self.nx, self.height / self.ny)
+
+    def pixel_points(self) -> np.ndarray:
+        """Coordinates ``(n_pixels, 2)`` of the pixels in row-major image order."""
+        rows, cols = np.meshgrid(np.arange(self.ny + 1), np.arange(self.nx + 1), indexing="ij")
+        hx, hy = self.spacing
+        return np.column_stack([self.x0 + cols.ravel() * hx,
+                                self.y0 + self.height - rows.ravel() * hy])
+
+    def create_mesh(self, comm: MPI.Comm) -> mesh.Mesh:
+        """A distributed triangle mesh of the rectangle whose vertices are the image pixels."""
+        return mesh.create_rectangle(
+            comm,
+            [np.array([self.x0, self.y0]), np.array([self.x0 + self.width, self.y0 + self.height])],
+            [self.nx, self.ny],
+            mesh.CellType.triangle,
+            diagonal=mesh.DiagonalType.right,
+        )
+
+    def pixel_index(self, points: np.ndarray) -> np.ndarray:
+        """Flat image index (row-major) of each point (rows of ``points``) on the grid's nodes."""
+        hx, hy = self.spacing
+        cols = np.rint((points[:, 0] - self.x0) / hx).astype(np.int64)
+        rows = np.rint((self.y0 + self.height - points[:, 1]) / hy).astype(np.int64)
+        if (cols.min(initial=0) < 0 or cols.max(initial=0) > self.nx
+                or rows.min(initial=0) < 0 or rows.max(initial=0) > self.ny):
+            raise ValueError("points lie outside the image grid")
+        return rows * (self.nx + 1) + cols
+
+
+def validate_image(image, shape: tuple[int, int] | None = None, name: str = "image",
+                   positive: bool = False) -> np.ndarray:
+    """Check that ``image`` is a finite 2-D float array (of ``shape``, if given).
+
+    Raises ``ValueError`` with a message that says what is wrong and what was expected.
+    """
+    array = np.asarray(image)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D image of shape (ny+1, nx+1), got {array.ndim}-D shape "
+            f"{array.shape}")
+    if shape is not None and array.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {array.shape}, expected {tuple(shape)} (ny+1, nx+1)")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), first at row {i}, "
+            f"column {j}")
+    if positive and not (array > 0).all():
+        i, j = np.argwhere(array <= 0)[0]
+        raise ValueError(
+            f"{name} must be strictly positive everywhere; found {array[i, j]!r} at row {i}, "
+            f"column {j} (minimum {array.min()!r})")
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+
+
+class NodeOrder:
+    """Exact map between local values of a P1 space and global arrays in a fixed node order.
+
+    ``index[i]`` is the global position of local node ``i`` (owned, then ghost). Every rank gets
+    the whole array from :meth:`gather` (an ``Allreduce`` of disjoint owned values, hence exact),
+    and :meth:`scatter` fills owned and ghost values directly, so no ghost update is needed.
+    """
+
+    def __init__(self, V: fem.FunctionSpace, index: np.ndarray, size: int):
+        self.V = V
+        self.comm = V.mesh.comm
+        index_map = V.dofmap.index_map
+        self.block_size = V.dofmap.index_map_bs
+        self.num_owned = index_map.size_local
+        self.num_local = index_map.size_local + index_map.num_ghosts
+        self.size = int(size)
+        self._index = np.asarray(index, dtype=np.int64)[: self.num_local]
+        counts = np.zeros(self.size, dtype=np.int64)
+        np.add.at(counts, self._index[: self.num_owned], 1)
+        self.comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+        self.one_to_one = bool((counts == 1).all())
+
+    def gather(self, values: np.ndarray) -> np.ndarray:
+        """Arrays ``(bs, size)`` of local values (``fem.Function.x.array``). Collective."""
+        bs = self.block_size
+        return self.gather_rows(np.asarray(values)[: self.num_local * bs].reshape(-1, bs))
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Arrays ``(k, size)`` of ``k`` values per local node (rows of ``rows``). Collective."""
+        owned = np.asarray(rows, dtype=np.float64)[: self.num_owned]
+        arrays = np.zeros((owned.shape[1], self.size), dtype=np.float64)
+        arrays[:, self._index[: self.num_owned]] = owned.T
+        self.comm.Allreduce(MPI.IN_PLACE, arrays, op=MPI.SUM)
+        return arrays
+
+    def scatter(self, arrays: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Write arrays ``(bs, size)`` (or ``(size,)`` when scalar) into local values ``out``."""
+        bs = self.block_size
+        arrays = np.asarray(arrays, dtype=np.float64).reshape(bs, -1)
+        if arrays.shape[1] != self.size:
+            raise ValueError(f"got {arrays.shape[1]} values per component, expected {self.size}")
+        out[: self.num_local * bs] = arrays[:, self._index].T.reshape(-1)
+        return out
+
+
+class NodalImage(NodeOrder):
+    """Exact raster of a P1 space (scalar or vector) on the mesh of an :class:`ImageGrid`."""
+
+    def __init__(self, V: fem.FunctionSpace, grid: ImageGrid):
+        super().__init__(V, grid.pixel_index(V.tabulate_dof_coordinates()),
+                         int(np.prod(grid.shape)))
+        self.grid = grid
+        if not self.one_to_one:
+            raise ValueError(
+                f"the function space's nodes do not match the {grid.nx} x {grid.ny} image grid "
+                "one to one; use a P1 space on grid.create_mesh()")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid.shape
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Pixels inside the domain: all of them."""
+        return np.ones(self.grid.shape, dtype=bool)
+
+    def to_images(self, values: np.ndarray) -> np.ndarray:
+        """Images of local dof values (``fem.Function.x.array``), shape ``(bs, ny+1, nx+1)``.
+
+        Collective: call on every rank.
+        """
+        return self.gather(values).reshape((self.block_size, *self.grid.shape))
+
+    def to_image(self, function: fem.Function) -> np.ndarray:
+        """Image of a scalar function, or the stacked component images of a vector function."""
+        images = self.to_images(function.x.array)
+        return images[0] if self.block_size == 1 else images
+
+    def from_images(self, images: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Write images (``(bs, ny+1, nx+1)`` or ``(ny+1, nx+1)`` when scalar) into local values.
+
+        Owned and ghost values are both filled, so no ghost update is needed afterwards.
+        """
+        images = np.asarray(images, dtype=np.float64).reshape(self.block_size, -1)
+        if images.shape[1] != self.size:
+            raise ValueError(
+                f"image(s) of {images.shape[1]} pixels do not fit the {self.grid.shape} grid")
+        return self.scatter(images, out)
+
+    def from_image(self, image: np.ndarray, function: fem.Function) -> fem.Function:
+        """Set a function's values from its image (or stacked component images)."""
+        self.from_images(image, function.x.array)
+        return function
+
+    adjoint_images = from_images  # the copy is a permutation: its transpose is its inverse
+
+
+class PointRaster(NodalImage):
+    """Raster of a P1 space on any 2-D mesh: sampling at the pixels and bilinear way back.
+
+    ``to_images`` samples the field at each pixel inside the domain (the P1 interpolant in the
+    cell holding it) and fills the pixels outside (:attr:`mask` False) from the nearest pixel
+    inside, so a denoiser sees a complete image. ``from_images`` interpolates an image bilinearly
+    at the mesh nodes; ``adjoint_images`` applies the transpose of the sampling (for gradients of
+    image-space functionals). Both sparse operators are built once, on every rank, in the file
+    order of the domain's nodes (:meth:`fenics_red.domain.Domain.node_indices`).
+    """
+
+    def __init__(self, V: fem.FunctionSpace, grid: ImageGrid, node_index: np.ndarray,
+                 num_nodes: int):
+        NodeOrder.__init__(self, V, node_index, num_nodes)
+        self.grid = grid
+        if V.mesh.geometry.dim != 2:
+            raise ValueError("images of 3-D domains are not supported: rasters are 2-D")
+        points = self.gather_rows(V.tabulate_dof_coordinates()[:, :2]).T
+        self.sample = _sampling_matrix(V.mesh, grid, num_nodes)
+        inside = np.asarray(self.sample.sum(axis=1)).ravel() > 0.5
+        self._mask = inside.reshape(grid.shape)
+        self.fill = _nearest_fill(self._mask)
+        self.back = _bilinear_matrix(grid, points)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Pixels inside the domain."""
+        return self._mask
+
+    def to_images(self, values: np.ndarray) -> np.ndarray:
+        nodal = self.gather(values)
+        images = (self.fill @ (self.sample @ nodal.T)).T
+        return images.reshape((self.block_size, *self.grid.shape))
+
+    def from_images(self, images: np.ndarray, out: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float64).reshape(self.block_size, -1)
+        if images.shape[1] != np.prod(self.grid.shape):
+            raise ValueError(
+                f"image(s) of {images.shape[1]} pixels do not fit the {self.grid.shape} grid")
+        return self.scatter((self.back @ images.T).T, out)
+
+    def adjoint_images(self, images: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out = Sᵀ F ᵀ image``: the transpose of :meth:`to_images` (sampling and filling)."""
+        images = np.asarray(images, dtype=np.float64).reshape(self.block_size, -1)
+        return self.scatter((self.sample.T @ (self.fill.T @ images.T)).T, out)
+
+
+def _sampling_matrix(msh: mesh.Mesh, grid: ImageGrid, num_nodes: int) -> sparse.csr_matrix:
+    """``S`` (n_pixels x num_nodes): P1 interpolation at each pixel inside the mesh. Collective.
+
+    Each rank locates the pixels in its owned cells; a pixel found by several ranks (on a shared
+    facet) is kept by the lowest. Columns are file node indices.
+    """
+    comm = msh.comm
+    tdim = msh.topology.dim
+    n_cells = msh.topology.index_map(tdim).size_local
+    points = np.zeros((int(np.prod(grid.shape)), 3))
+    points[:, :2] = grid.pixel_points()
+    tree = geometry.bb_tree(msh, tdim, np.arange(n_cells, dtype=np.int32))
+    candidates = geometry.compute_collisions_points(tree, points)
+    colliding = geometry.compute_colliding_cells(msh, candidates, points)
+    x = msh.geometry.x[:, :2]
+    nodes = msh.geometry.dofmap
+    file_index = np.asarray(msh.geometry.input_global_indices, dtype=np.int64)
+    rows, cols, vals = [], [], []
+    for pixel in np.flatnonzero(np.diff(colliding.offsets) > 0):
+        cell = colliding.links(pixel)[0]
+        vertices = x[nodes[cell]]
+        T = (vertices[1:] - vertices[0]).T
+        lam = np.linalg.solve(T, points[pixel, :2] - vertices[0])
+        weights = np.concatenate([[1.0 - lam.sum()], lam]).clip(0.0, 1.0)
+        rows.extend([pixel] * len(weights))
+        cols.extend(file_index[nodes[cell]])
+        vals.extend(weights / weights.sum())
+    found = np.unique(np.asarray(rows, dtype=np.int64))
+    owners = np.full(int(np.prod(grid.shape)), comm.size, dtype=np.int64)
+    owners[found] = comm.rank
+    comm.Allreduce(MPI.IN_PLACE, owners, op=MPI.MIN)
+    keep = owners[np.asarray(rows, dtype=np.int64)] == comm.rank if rows else np.zeros(0, bool)
+    triplets = comm.allgather((np.asarray(rows, np.int64)[keep], np.asarray(cols, np.int64)[keep],
+                               np.asarray(vals, float)[keep]))
+    r, c, v = (np.concatenate([t[k] for t in triplets]) for k in range(3))
+    return sparse.csr_matrix((v, (r, c)), shape=(len(points), num_nodes))
+
+
+def _nearest_fill(mask: np.ndarray) -> sparse.csr_matrix:
+    """``F``: copy each pixel outside ``mask`` from the nearest pixel inside (identity inside)."""
+    from scipy import ndimage
+
+    if not mask.any():
+        raise ValueError("no pixel of the image grid lies inside the mesh")
+    _, (ri, ci) = ndimage.distance_transform_edt(~mask, return_indices=True)
+    source = (ri * mask.shape[1] + ci).ravel()
+    n = mask.size
+    return sparse.csr_matrix((np.ones(n), (np.arange(n), source)), shape=(n, n))
+
+
+def _bilinear_matrix(grid: ImageGrid, points: np.ndarray) -> sparse.csr_matrix:
+    """``B`` (n_points x n_pixels): bilinear interpolation of an image at ``points``."""
+    hx, hy = grid.spacing
+    u = np.clip((points[:, 0] - grid.x0) / hx, 0.0, grid.nx)
+    v = np.clip((grid.y0 + grid.height - points[:, 1]) / hy, 0.0, grid.ny)
+    j0 = np.minimum(np.floor(u).astype(np.int64), grid.nx - 1)
+    i0 = np.minimum(np.floor(v).astype(np.int64), grid.ny - 1)
+    fu, fv = u - j0, v - i0
+    width = grid.nx + 1
+    rows = np.repeat(np.arange(len(points)), 4)
+    cols = np.column_stack([i0 * width + j0, i0 * width + j0 + 1,
+                            (i0 + 1) * width + j0, (i0 + 1) * width + j0 + 1]).ravel()
+    vals = np.column_stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]).ravel()
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(len(points), int(np.prod(grid.shape))))
+
+
+def raster_for(V: fem.FunctionSpace, domain, spacing: float | None = None) -> NodalImage:
+    """The raster of a P1 space on a :class:`~fenics_red.domain.Domain`. Collective.
+
+    Exact (:class:`NodalImage`) on grid domains; otherwise a :class:`PointRaster` over the
+    mesh's bounding box with square pixels of ``spacing`` (default: the mesh's mean node
+    spacing, ``sqrt(area / number of nodes)``).
+    """
+    if domain.grid is not None:
+        return NodalImage(V, domain.grid)
+    lower, upper = domain.bounds()
+    if spacing is None:
+        spacing = mean_node_spacing(domain.mesh)
+    grid = ImageGrid.covering(lower, upper, spacing)
+    return PointRaster(V, grid, domain.node_indices(V), domain.num_file_nodes)
+
+
+def mean_node_spacing(msh: mesh.Mesh) -> float:
+    """``sqrt(area / number of nodes)`` (2-D): the pixel size that keeps as many pixels as nodes."""
+    one = fem.form(fem.Constant(msh, 1.0) * _dx(msh))
+    area = msh.comm.allreduce(fem.assemble_scalar(one), op=MPI.SUM)
+    return float(np.sqrt(area / msh.geometry.index_map().size_global))
+
+
+def _dx(msh):
+    import ufl
+
+    return ufl.dx(domain=msh)

@@ -1,0 +1,129 @@
+"""Specification of domains from mesh files and the forward model on them.
+
+The forward solution on the gmsh meshes of ``meshes/`` must agree to round-off with an independent
+finite-element code (``tests/reference_fe.py``: numpy/scipy, the file's own node order), serially
+and under ``mpirun -n 2``.
+"""
+
+from pathlib import Path
+
+import meshio
+import numpy as np
+import pytest
+from mpi4py import MPI
+from reference_fe import facets_from_meshio, solve_elasticity
+
+from fenics_red.domain import LOAD, SUPPORT, Domain
+from fenics_red.forward import ElasticityModel, ForwardSettings
+from fenics_red.raster import ImageGrid
+
+MESHES = Path(__file__).resolve().parents[1] / "meshes"
+_CELLS = {2: "triangle", 3: "tetra"}
+
+
+def _read(name: str):
+    data = meshio.read(MESHES / f"{name}.msh")
+    dim = 3 if "tetra" in data.cells_dict else 2
+    return data, data.points[:, :dim], data.cells_dict[_CELLS[dim]], dim
+
+
+def _modulus(points: np.ndarray) -> np.ndarray:
+    """A smooth, clearly non-uniform modulus (values per node in file order)."""
+    depth = points[:, -1] / points[:, -1].max()
+    return 0.1 + 0.05 * np.sin(points[:, 0] / 7.0) ** 2 + 0.3 * depth**2
+
+
+def _solve_on_file(name: str, comm, settings: ForwardSettings):
+    """The package's displacement, per node in the file's order, on every rank."""
+    data, points, _, dim = _read(name)
+    model = ElasticityModel(Domain.from_file(MESHES / f"{name}.msh", comm), settings)
+    Q = model.node_order("Q")
+    model.set_modulus(Q.scatter(_modulus(points), np.empty_like(model.E.x.array)))
+    model.solve()
+    u = model.node_order("V").gather(model.u.x.array).T
+    model.destroy()
+    return u
+
+
+@pytest.mark.parametrize("name", ["roi-2d", "sector-2d", "box-3d"])
+def test_file_node_order_survives_distribution(comm, name):
+    _, points, _, dim = _read(name)
+    domain = Domain.from_file(MESHES / f"{name}.msh", comm)
+    model = ElasticityModel(domain)
+    coords = model.node_order("Q").gather_rows(model.Q.tabulate_dof_coordinates()[:, :dim]).T
+    assert domain.dim == dim
+    assert domain.num_file_nodes == len(points)
+    assert np.abs(coords - points).max() < 1e-12 * np.abs(points).max()
+    # values given in file order come back unchanged through the distributed function
+    values = np.arange(len(points), dtype=float)
+    order = model.node_order("Q")
+    assert np.array_equal(order.gather(order.scatter(values, model.E.x.array))[0], values)
+
+
+@pytest.mark.parametrize(("name", "support", "pressure"), [
+    ("roi-2d", "fixed", 1e-3), ("roi-2d", "sliding", 1e-3), ("box-3d", "fixed", 1e-3),
+    ("box-3d", "sliding", 1e-3), ("sector-2d", "fixed", 0.0)])
+def test_forward_on_gmsh_meshes_matches_an_independent_fe_code(comm, name, support, pressure):
+    data, points, cells, dim = _read(name)
+    shear = 2e-4
+    settings = ForwardSettings(traction=pressure, shear_traction=shear, support=support, nu=0.45)
+    u = _solve_on_file(name, comm, settings)
+    traction = np.zeros(dim)
+    traction[0], traction[-1] = shear, -pressure  # -p n with n the upward normal of a flat top
+    reference = solve_elasticity(points, cells, _modulus(points), nu=0.45, plane="stress",
+                                 traction=traction, support=support,
+                                 load_facets=facets_from_meshio(data, "load"),
+                                 support_facets=facets_from_meshio(data, "support"))
+    assert np.linalg.norm(u - reference) <= 1e-10 * np.linalg.norm(reference)
+
+
+def test_probe_pressure_on_a_curved_boundary_acts_along_the_normal(comm):
+    """Uniform pressure on the sector's probe arc pushes the tissue away from the apex."""
+    data, points, _, _ = _read("sector-2d")
+    u = _solve_on_file("sector-2d", comm, ForwardSettings(traction=1e-3))
+    load = np.unique(facets_from_meshio(data, "load"))
+    arc = points[load]
+    half_width = np.ptp(arc[:, 0]) / 2  # the probe arc has radius 20 mm, the apex above it
+    end = arc[np.argmin(arc[:, 0])]
+    apex = np.array([end[0] + half_width, end[1] + np.sqrt(20.0**2 - half_width**2)])
+    radial = points[load] - apex
+    assert np.allclose(np.linalg.norm(radial, axis=1), 20.0, rtol=1e-6)
+    assert np.all(np.einsum("ij,ij->i", u[load], radial) > 0)
+
+
+def test_sliding_support_on_a_curved_boundary_is_refused(comm):
+    domain = Domain.from_file(MESHES / "sector-2d.msh", comm)
+    with pytest.raises(ValueError, match="flat support"):
+        ElasticityModel(domain, ForwardSettings(support="sliding"))
+
+
+def test_grid_domain_tags_the_top_as_load_and_the_bottom_as_support(comm):
+    grid = ImageGrid(6, 4, 1.5, 1.0)
+    domain = Domain.rectangle(grid, comm)
+    x = domain.mesh.geometry.x
+    domain.mesh.topology.create_connectivity(1, 0)
+    conn = domain.mesh.topology.connectivity(1, 0)
+    n_owned = domain.mesh.topology.index_map(1).size_local
+    for tag, level in ((LOAD, 1.0), (SUPPORT, 0.0)):
+        facets = domain.facets(tag)
+        assert np.allclose([x[conn.links(f), 1] for f in facets], level)
+        assert comm.allreduce(int((facets < n_owned).sum()), op=MPI.SUM) == grid.nx
+
+
+@pytest.mark.parametrize("content", [None, b"not a mesh", b"$MeshFormat\n4.1 0 8\n$EndMeshFormat\n"])
+def test_missing_or_corrupt_mesh_files_fail_with_one_clear_error(comm, mpi_tmp_path, content):
+    path = mpi_tmp_path / "bad.msh"
+    if content is not None and comm.rank == 0:
+        path.write_bytes(content)
+    comm.Barrier()
+    with pytest.raises(ValueError, match="mesh file"):
+        Domain.from_file(path, comm)
+
+
+def test_a_mesh_file_with_an_unknown_suffix_is_refused(comm, mpi_tmp_path):
+    path = mpi_tmp_path / "mesh.stl"
+    if comm.rank == 0:
+        path.write_text("solid empty\nendsolid empty\n")
+    comm.Barrier()
+    with pytest.raises(ValueError, match="unknown suffix"):
+        Domain.from_file(path, comm)
