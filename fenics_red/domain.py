@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from dolfinx import fem, mesh
 
-from .parallel import raise_shared
+from .parallel import on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "read_mesh"]
 
@@ -95,6 +95,52 @@ class Domain:
                              num_file_nodes=int(np.prod(grid.shape)))
 
     @classmethod
+    def from_arrays(cls, points, cells, comm: MPI.Comm, load=None, support=None,
+                    source: str = "arrays") -> Domain:
+        """A domain from node coordinates ``(N, gdim)`` and 0-based cells ``(M, gdim + 1)``
+        (triangles or tetrahedra), given on rank 0 (ignored elsewhere). ``load``/``support``:
+        optional boundary facets as node lists ``(F, gdim)``; missing ones follow the depth
+        axis. Node ``i`` of ``points`` is node ``i`` of the file order. Collective."""
+        import basix.ufl
+        import ufl
+
+        from dolfinx.graph import adjacencylist
+        from dolfinx.io import distribute_entity_data
+
+        def header():
+            p, c = np.asarray(points), np.asarray(cells)
+            if p.ndim != 2 or p.shape[1] not in (2, 3) or c.ndim != 2 or c.shape[1] != p.shape[1] + 1:
+                raise ValueError(f"mesh arrays must be points (N, 2) with triangles (M, 3) or "
+                                 f"points (N, 3) with tetrahedra (M, 4); got points {p.shape} "
+                                 f"and cells {c.shape}")
+            return p.shape[1], len(p)
+
+        gdim, n_nodes = on_root(comm, header)
+        cell = "triangle" if gdim == 2 else "tetrahedron"
+        element = ufl.Mesh(basix.ufl.element("Lagrange", cell, 1, shape=(gdim,)))
+        root = comm.rank == 0
+        x = np.asarray(points, dtype=np.float64) if root else np.zeros((0, gdim))
+        topology = (np.asarray(cells, dtype=np.int64) if root
+                    else np.zeros((0, gdim + 1), dtype=np.int64))
+        msh = mesh.create_mesh(comm, topology, x, element)
+        fdim = gdim - 1
+        msh.topology.create_connectivity(fdim, gdim)
+        given = {name: facets for name, facets in (("load", load), ("support", support))
+                 if comm.bcast(facets is not None if root else None, root=0)}
+        tags, names = None, {}
+        if given:
+            entities = [np.asarray(given[n], np.int64) if root else np.zeros((0, gdim), np.int64)
+                        for n in given]
+            values = [np.full(len(e), LOAD if n == "load" else SUPPORT, np.int32)
+                      for n, e in zip(given, entities, strict=True)]
+            local, local_values = distribute_entity_data(msh, fdim, np.vstack(entities),
+                                                         np.concatenate(values))
+            tags = mesh.meshtags_from_entities(msh, fdim, adjacencylist(local.astype(np.int32)),
+                                               local_values.astype(np.int32))
+            names = {n: LOAD if n == "load" else SUPPORT for n in given}
+        return cls.from_mesh(msh, tags, names, source=source, num_file_nodes=n_nodes)
+
+    @classmethod
     def from_file(cls, path: str | os.PathLike, comm: MPI.Comm) -> Domain:
         """Read a gmsh ``.msh`` or an XDMF mesh, distributed over ``comm``."""
         msh, tags, names = read_mesh(path, comm)
@@ -119,6 +165,36 @@ class Domain:
         """Local facet indices with tag :data:`LOAD` or :data:`SUPPORT`."""
         return self.facet_tags.find(tag)
 
+    def to_arrays(self) -> dict[str, np.ndarray] | None:
+        """The mesh in file order on rank 0 (``None`` elsewhere): ``points`` ``(N, gdim)``,
+        ``cells`` (in the source's cell order), and the ``load`` and ``support`` facets as node
+        lists; :meth:`from_arrays` rebuilds the same domain. Collective."""
+        msh, gdim = self.mesh, self.dim
+        tdim = msh.topology.dim
+        n_nodes = msh.geometry.index_map().size_local
+        nodes = np.zeros((self.num_file_nodes, gdim))
+        nodes[_file_nodes(self, np.arange(n_nodes))] = msh.geometry.x[:n_nodes, :gdim]
+        self.comm.Allreduce(MPI.IN_PLACE, nodes, op=MPI.SUM)
+        n_cells = msh.topology.index_map(tdim).size_local
+        original = np.asarray(msh.topology.original_cell_index, dtype=np.int64)[:n_cells]
+        facets = {}
+        n_facets = msh.topology.index_map(tdim - 1).size_local
+        for name, tag in (("load", LOAD), ("support", SUPPORT)):
+            local = self.facets(tag)
+            local = local[local < n_facets]
+            geometry_nodes = mesh.entities_to_geometry(msh, tdim - 1, local.astype(np.int32))
+            facets[name] = self.comm.gather(_file_nodes(self, geometry_nodes), root=0)
+        cells = _file_nodes(self, msh.geometry.dofmap[:n_cells])
+        gathered = self.comm.gather((original, cells), root=0)
+        if self.comm.rank != 0:
+            return None
+        order = np.concatenate([g[0] for g in gathered])
+        cells = np.vstack([g[1] for g in gathered])[np.argsort(order, kind="stable")]
+        out = {"points": nodes, "cells": cells}
+        for name, parts in facets.items():
+            out[name] = np.unique(np.sort(np.vstack(parts), axis=1), axis=0)
+        return out
+
     def node_indices(self, V: fem.FunctionSpace) -> np.ndarray:
         """File node index of each local (owned, then ghost) node of a P1 space ``V``.
 
@@ -128,6 +204,15 @@ class Domain:
         if self.grid is not None:
             return self.grid.pixel_index(V.tabulate_dof_coordinates())
         return p1_input_indices(V)
+
+
+def _file_nodes(domain: Domain, geometry_nodes: np.ndarray) -> np.ndarray:
+    """File indices of geometry nodes (an array of any shape)."""
+    if domain.grid is None:
+        return np.asarray(domain.mesh.geometry.input_global_indices,
+                          dtype=np.int64)[geometry_nodes]
+    x = domain.mesh.geometry.x[geometry_nodes.ravel()]
+    return domain.grid.pixel_index(x).reshape(geometry_nodes.shape)
 
 
 def p1_input_indices(V: fem.FunctionSpace) -> np.ndarray:

@@ -264,7 +264,7 @@ class PointRaster(NodalImage):
     ``to_images`` samples the field at each pixel inside the domain (the P1 interpolant in the
     cell holding it) and fills the pixels outside (:attr:`mask` False) from the nearest pixel
     inside, so a denoiser sees a complete image. ``from_images`` interpolates an image bilinearly
-    at the mesh nodes; ``adjoint_images`` applies the transpose of the sampling (for gradients of
+    at the mesh nodes from the pixels inside (weights renormalised near the boundary); ``adjoint_images`` applies the transpose of the sampling (for gradients of
     image-space functionals). Both sparse operators are built once, on every rank, in the file
     order of the domain's nodes (:meth:`fenics_red.domain.Domain.node_indices`).
     """
@@ -280,7 +280,7 @@ class PointRaster(NodalImage):
         inside = np.asarray(self.sample.sum(axis=1)).ravel() > 0.5
         self._mask = inside.reshape(grid.shape)
         self.fill = _nearest_fill(self._mask)
-        self.back = _bilinear_matrix(grid, points)
+        self.back = _inside_weights(_bilinear_matrix(grid, points), self._mask.ravel(), self.fill)
 
     @property
     def mask(self) -> np.ndarray:
@@ -369,6 +369,18 @@ def _bilinear_matrix(grid: ImageGrid, points: np.ndarray) -> sparse.csr_matrix:
                             (i0 + 1) * width + j0, (i0 + 1) * width + j0 + 1]).ravel()
     vals = np.column_stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]).ravel()
     return sparse.csr_matrix((vals, (rows, cols)), shape=(len(points), int(np.prod(grid.shape))))
+
+
+def _inside_weights(B: sparse.csr_matrix, inside: np.ndarray, fill: sparse.csr_matrix
+                    ) -> sparse.csr_matrix:
+    """Bilinear weights on pixels inside only, renormalised; nodes whose four pixels all lie
+    outside take the filled image (nearest pixel inside)."""
+    Bin = (B @ sparse.diags(inside.astype(float))).tocsr()
+    total = np.asarray(Bin.sum(axis=1)).ravel()
+    some = total > 1e-12
+    scale = sparse.diags(np.where(some, 1.0 / np.where(some, total, 1.0), 0.0))
+    rest = sparse.diags((~some).astype(float))
+    return (scale @ Bin + rest @ (B @ fill)).tocsr()
 
 
 def raster_for(V: fem.FunctionSpace, domain, spacing: float | None = None) -> NodalImage:

@@ -1,6 +1,7 @@
 """Specification of ``fenics-red forward``: modulus image in, displacement images out."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from mpi4py import MPI
 
 from fenics_red import ImageGrid, simulate_displacement
 from fenics_red.cli import main
+
+MESHES = Path(__file__).resolve().parents[1] / "meshes"
 
 
 def _write(path, array):
@@ -74,3 +77,58 @@ def test_forward_never_overwrites_a_good_output_by_accident(mpi_tmp_path, capsys
     assert main([*args, "--overwrite"]) == 0
     with np.load(out) as data:
         assert data["uy"].shape == (5, 6)
+
+
+def test_forward_on_a_gmsh_mesh_keeps_the_file_node_order(mpi_tmp_path):
+    """``--mesh``: one modulus per node in the file's order in, ux, uy per node in that order
+    out, equal to the independent reference code (``tests/reference_fe.py``) to round-off."""
+    import meshio
+    from reference_fe import facets_from_meshio, solve_elasticity
+
+    mesh_path = MESHES / "roi-2d.msh"
+    data = meshio.read(mesh_path)
+    points = data.points[:, :2]
+    modulus = 0.1 + 0.4 * np.exp(-((points[:, 0] - 20) ** 2 + (points[:, 1] - 15) ** 2) / 20)
+    _write(mpi_tmp_path / "E.npy", modulus)
+    out = mpi_tmp_path / "u.npz"
+    assert main(["forward", "--mesh", str(mesh_path), "--modulus", str(mpi_tmp_path / "E.npy"),
+                 "--out", str(out), "--traction", "0.002"]) == 0
+    with np.load(out) as saved:
+        u = np.column_stack([saved["ux"], saved["uy"]])
+        np.testing.assert_allclose(saved["points"], points, rtol=0, atol=1e-12)
+        meta = json.loads(str(saved["settings"]))
+    assert meta["num_nodes"] == len(points) and meta["dim"] == 2
+    reference = solve_elasticity(points, data.cells_dict["triangle"], modulus, nu=0.495,
+                                 traction=[0.0, -0.002],
+                                 load_facets=facets_from_meshio(data, "load"),
+                                 support_facets=facets_from_meshio(data, "support"))
+    assert np.linalg.norm(u - reference) <= 1e-10 * np.linalg.norm(reference)
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.ones(10), "one value per node"),
+    (np.ones((3, 4)), "one value per node"),
+    ("nan", "node 0"),
+])
+def test_forward_on_a_mesh_rejects_moduli_that_do_not_fit_it(mpi_tmp_path, capsys, values,
+                                                             message):
+    n = 856  # nodes of meshes/box-3d.msh
+    if isinstance(values, str):
+        values = np.full(n, np.nan)
+    _write(mpi_tmp_path / "E.npy", values)
+    out = mpi_tmp_path / "u.npz"
+    status = main(["forward", "--mesh", str(MESHES / "box-3d.msh"), "--modulus",
+                   str(mpi_tmp_path / "E.npy"), "--out", str(out)], abort_on_error=False)
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_forward_writes_uz_on_a_3d_mesh(mpi_tmp_path):
+    _write(mpi_tmp_path / "E.npy", np.full(856, 0.2))
+    out = mpi_tmp_path / "u.npz"
+    assert main(["forward", "--mesh", str(MESHES / "box-3d.msh"), "--modulus",
+                 str(mpi_tmp_path / "E.npy"), "--out", str(out)]) == 0
+    with np.load(out) as saved:
+        assert saved["uz"].shape == (856,) and saved["points"].shape == (856, 3)
+        assert saved["uz"].min() < 0 and saved["uz"][saved["points"][:, 2] == 0].max() == 0

@@ -1,4 +1,8 @@
-"""``fenics-red forward``: displacement images of a modulus image (paper, equation 1)."""
+"""``fenics-red forward``: displacements of a modulus on a grid or a mesh (paper, equation 1).
+
+On a grid the modulus and the displacements are images ``(ny+1, nx+1)``; on a mesh (``--mesh``,
+gmsh or XDMF) they are one value per node in the mesh file's own node order.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import numpy as np
 from mpi4py import MPI
 
 from ..forward import ElasticityModel, ForwardSettings
-from ..grid import ImageGrid, validate_image
-from ..io import atomic_output, check_input_file, check_output_path
+from ..domain import Domain
+from ..io import atomic_output, check_input_file, check_output_path, to_json
+from ..raster import ImageGrid, validate_image
 
 
 def add_forward_arguments(parser) -> None:
@@ -23,9 +28,11 @@ def add_forward_arguments(parser) -> None:
     group.add_argument("--plane-strain", action="store_true",
                        help="plane strain instead of plane stress")
     group.add_argument("--traction", type=float, default=ForwardSettings.traction,
-                       help="downward pressure on the top edge (default %(default)s)")
+                       help="probe pressure on the loaded boundary, normal to it (default "
+                            "%(default)s)")
     group.add_argument("--support", choices=["fixed", "sliding"], default="fixed",
-                       help="bottom edge clamped (fixed) or vertically supported (sliding)")
+                       help="supported boundary clamped (fixed) or held along depth only "
+                            "(sliding)")
     group.add_argument("--solver", choices=["lu", "gamg"], default="lu",
                        help="MUMPS LU (default) or CG + GAMG for large meshes")
 
@@ -49,11 +56,18 @@ def load_image(path, name: str) -> np.ndarray:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "forward", help="simulate displacement images from a modulus image",
-        description="Solve K(E) u = f for a modulus image E.npy of shape (ny+1, nx+1) (row 0 at "
-                    "the transducer) and write the displacement images ux, uy to an .npz file.")
-    parser.add_argument("--modulus", required=True, help="modulus image (.npy, shape (ny+1, nx+1))")
-    parser.add_argument("--out", required=True, help="output .npz with ux, uy and the settings")
+        "forward", help="simulate displacements from a modulus (image or per mesh node)",
+        description="Solve K(E) u = f. Without --mesh, E.npy is an image of shape (ny+1, nx+1) "
+                    "(row 0 at the transducer) and the output holds images ux, uy. With --mesh "
+                    "FILE (gmsh .msh with physical groups 'load'/'support', or XDMF), E.npy holds "
+                    "one modulus per mesh node in the file's node order, and the output holds "
+                    "ux, uy (uz in 3-D) per node in the same order, and the node coordinates.")
+    parser.add_argument("--modulus", required=True,
+                        help="modulus (.npy): an image (ny+1, nx+1), or one value per mesh node")
+    parser.add_argument("--mesh", default=None,
+                        help="mesh file (.msh or .xdmf); default: the grid of the modulus image")
+    parser.add_argument("--out", required=True, help="output .npz with the displacement and the "
+                        "settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_forward_arguments(parser)
     parser.set_defaults(func=run)
@@ -63,18 +77,52 @@ def run(args) -> int:
     comm = MPI.COMM_WORLD
     settings = forward_settings(args)
     check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
-    modulus = validate_image(load_image(args.modulus, "modulus image"), name="modulus image",
-                             positive=True)
-    grid = ImageGrid.from_shape(modulus.shape, args.width, args.height)
-    model = ElasticityModel.on_grid(grid, comm, settings)
-    model.solve(modulus)
-    ux, uy = model.displacement_images()
-    model.destroy()
-    if comm.rank == 0:
+    modulus = load_image(args.modulus, "modulus")
+    if args.mesh is None:
+        modulus = validate_image(modulus, name="modulus image", positive=True)
+        grid = ImageGrid.from_shape(modulus.shape, args.width, args.height)
+        domain = Domain.rectangle(grid, comm)
         meta = {"grid": {"nx": grid.nx, "ny": grid.ny, "width": grid.width,
-                         "height": grid.height}, "forward": settings.to_dict()}
+                         "height": grid.height}}
+    else:
+        if args.width is not None or args.height is not None:
+            raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
+        domain = Domain.from_file(check_input_file(args.mesh, "mesh file"), comm)
+        modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
+        meta = {"mesh": str(args.mesh), "num_nodes": domain.num_file_nodes, "dim": domain.dim}
+    model = ElasticityModel(domain, settings)
+    order = model.node_order("Q")
+    model.set_modulus(order.scatter(modulus.ravel(), np.empty_like(model.E.x.array)))
+    model.solve()
+    u = model.node_order("V").gather(model.u.x.array)
+    points = order.gather_rows(model.Q.tabulate_dof_coordinates()[:, :domain.dim]).T
+    model.destroy()
+    names = ("ux", "uy", "uz")[:domain.dim]
+    arrays = {name: component.reshape(modulus.shape) for name, component in zip(names, u,
+                                                                                strict=True)}
+    if args.mesh is not None:
+        arrays["points"] = points
+    if comm.rank == 0:
+        meta["forward"] = settings.to_dict()
         with atomic_output(args.out, args.overwrite) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, ux=ux, uy=uy, settings=np.array(json.dumps(meta)))
-        print(f"wrote {args.out}: ux, uy of shape {ux.shape}")
+            np.savez(fh, **arrays, settings=np.array(to_json(meta)))
+        shape = arrays["ux"].shape
+        print(f"wrote {args.out}: {', '.join(names)} of shape {shape}")
     comm.Barrier()
     return 0
+
+
+def _nodal_modulus(values: np.ndarray, n_nodes: int, path) -> np.ndarray:
+    """Check one finite, positive modulus per mesh node (a flat array of ``n_nodes`` values)."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "fiu":
+        raise ValueError(f"modulus {str(path)!r} must hold real numbers, got dtype {values.dtype}")
+    if values.ndim != 1 or values.size != n_nodes:
+        raise ValueError(f"modulus {str(path)!r} has shape {values.shape}; the mesh has "
+                         f"{n_nodes} nodes: give one value per node, in the file's node order")
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"modulus {str(path)!r} must be finite and strictly positive at every "
+                         f"node; node {i} (0-based, file order) has {values[i]!r}")
+    return values.astype(np.float64)
