@@ -5,7 +5,7 @@ ENV := scripts/env
 MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
 DEMO_OUT ?= demo-output
 
-.PHONY: help setup test test-serial test-mpi demo bench paper denoiser docker clean
+.PHONY: help setup test test-serial test-mpi demo bench paper denoiser meshes docker clean
 
 help:
 	@echo "make setup   provision the DOLFINx/PETSc/torch stack and .venv (idempotent)"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
 	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
+	@echo "make meshes  remake meshes/*.msh from meshes/*.geo with gmsh (*-3d.geo in 3-D)"
 	@echo "make docker  build the Docker image fenics-red (needs a Docker engine)"
 
 setup:
@@ -38,6 +39,21 @@ paper: setup
 
 denoiser: setup
 	scripts/train-denoiser runs
+
+# Each meshes/NAME.geo gives meshes/NAME.msh (gmsh -3 for NAME ending in -3d, else -2), written to
+# a temporary file first so that a failed run never leaves a half-written .msh.
+meshes: setup
+	@set -e; for geo in meshes/*.geo; do \
+	    msh="$${geo%.geo}.msh"; dim=2; \
+	    case "$$geo" in (*-3d.geo) dim=3 ;; esac; \
+	    echo "gmsh -$$dim $$geo -o $$msh"; \
+	    rm -f "$$msh.tmp"; \
+	    if $(ENV) gmsh -$$dim -format msh41 -v 2 "$$geo" -o "$$msh.tmp" && [ -s "$$msh.tmp" ]; then \
+	        mv -f "$$msh.tmp" "$$msh"; \
+	    else \
+	        rm -f "$$msh.tmp"; echo "gmsh failed on $$geo" >&2; exit 1; \
+	    fi; \
+	done
 
 docker:
 	docker build -f docker/Dockerfile -t fenics-red .

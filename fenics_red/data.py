@@ -38,7 +38,6 @@ same settings resumes it, and the file is renamed to ``FILE.h5`` when complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from . import validation
 from .forward import ElasticityModel, ForwardSettings
 from .grid import ImageGrid
 from .jobs import ResumableFile, run_batches
@@ -101,22 +101,14 @@ class SimulationSettings:
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"SimulationSettings.{name} must be a {kind.__name__}, got "
                                  f"{type(getattr(self, name)).__name__}")
-        checks = (("snr_db", lambda v: math.isfinite(v), "a finite number of dB"),
-                  ("noise_ratio", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
-                  ("force_noise", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"))
-        for name, ok, what in checks:
-            try:
-                value = float(getattr(self, name))
-            except (TypeError, ValueError):
-                value = math.nan
-            if not ok(value):
-                raise ValueError(f"SimulationSettings.{name} must be {what}, got "
-                                 f"{getattr(self, name)!r}")
-            object.__setattr__(self, name, value)
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"SimulationSettings.seed must be a non-negative integer, got {seed!r}")
-        object.__setattr__(self, "seed", int(seed))
+        set_ = object.__setattr__
+        set_(self, "snr_db", validation.finite(self.snr_db, "SimulationSettings.snr_db",
+                                               what="a finite number of dB"))
+        set_(self, "noise_ratio", validation.positive(self.noise_ratio,
+                                                      "SimulationSettings.noise_ratio"))
+        set_(self, "force_noise", validation.non_negative(self.force_noise,
+                                                          "SimulationSettings.force_noise"))
+        set_(self, "seed", validation.integer(self.seed, "SimulationSettings.seed", low=0))
 
     def to_attrs(self) -> dict:
         """Flat HDF5 attributes (strings, numbers, JSON for nested values)."""
@@ -154,9 +146,7 @@ class SimulationSettings:
 
 
 def _int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"attribute {name} must be an integer, got {value!r}")
-    return int(value)
+    return validation.integer(value, f"attribute {name}")
 
 
 @dataclass
@@ -317,12 +307,10 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
     stops the run, leaving a resumable partial file). Returns ``path``.
     """
     path = Path(path)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 1:
-        raise ValueError(f"the number of samples must be a positive integer, got {n_samples!r}")
+    validation.integer(n_samples, "the number of samples", low=1)
     if not isinstance(settings, SimulationSettings):
         raise ValueError(f"settings must be SimulationSettings, got {type(settings).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    validation.integer(batch_size, "batch_size", low=1)
     n_samples = int(n_samples)
     grid = settings.grid
 

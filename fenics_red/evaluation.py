@@ -15,10 +15,17 @@ from its mask) and writes, into one output folder:
   matplotlib);
 * optionally ``xdmf/sample_<i>.xdmf``: truth and estimates as P1 functions for ParaView.
 
-Samples are spread over the MPI ranks of the communicator; each rank solves its own on
-``MPI.COMM_SELF`` (the methods' objects are built once per rank and method) and writes its own
-estimate files; after every round all ranks check for errors together, so a failure on one rank
-stops all of them. Rank 0 computes the metrics and draws the figures.
+The truth is optional: for a data set without one (a real measurement; or with
+``EvaluationSettings(truth=False)``) the methods run as on a real measurement (no ``E``, no mask),
+the metrics (``metrics.csv``, ``metrics.json``) and the truth's panels are skipped with a one-line
+warning saying why (also written to ``summary.md``), and the estimates and their figures are
+written as usual; :func:`evaluate` then returns an empty summary.
+
+The runs go through :func:`fenics_red.reconstruction.run_method`, the driver of ``fenics-red
+reconstruct``: samples are spread over the MPI ranks of the communicator, each rank solves its
+own on ``MPI.COMM_SELF`` (the methods' objects are built once per rank and method), rank 0 writes
+the estimate files after every round, and an error on one rank stops all of them. Rank 0 computes
+the metrics and draws the figures.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +44,12 @@ import numpy as np
 from mpi4py import MPI
 
 from .data import load_dataset
-from .io import atomic_output
-from .methods import get_method, warn_about_data
+from .io import atomic_output, plain, to_json
+from .jobs import ResumableOutput
+from .methods import get_method
 from .metrics import METRIC_NAMES, evaluate_metrics
-from .parallel import check_all, on_root, raise_local_or_shared
+from .parallel import check_all, on_root
+from .reconstruction import Result, has_truth, run_method
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "METRIC_LABELS"]
 
@@ -63,6 +73,8 @@ class EvaluationSettings:
         xdmf: write ParaView files per sample.
         figure_limit: draw figures (and XDMF files) for the first this many samples only
             (``None``: all).
+        truth: compare with the data set's truth (``E`` and mask) when it has one; ``False``
+            evaluates it as a real measurement (no metrics, no truth panels).
     """
 
     methods: tuple[str, ...]
@@ -71,6 +83,7 @@ class EvaluationSettings:
     figures: bool = True
     xdmf: bool = False
     figure_limit: int | None = None
+    truth: bool = True
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -96,20 +109,6 @@ def _run_path(out: Path, method: str, index: int) -> Path:
     return out / "estimates" / method / f"sample_{index}.npz"
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
 def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
     """``(estimate, settings, info)`` of one run file; ``ValueError`` when it is damaged."""
     try:
@@ -130,8 +129,32 @@ def _write_run(path: Path, estimate, history: Mapping, settings: dict, info: dic
     arrays = {f"history_{k}": np.asarray(v) for k, v in history.items()}
     with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as stream:
         np.savez_compressed(stream, estimate=np.asarray(estimate, dtype=np.float64),
-                            settings=json.dumps(_jsonable(settings), sort_keys=True),
-                            info=json.dumps(_jsonable(info), sort_keys=True), **arrays)
+                            settings=to_json(settings), info=to_json(info), **arrays)
+
+
+class _RunFolder(ResumableOutput):
+    """Rank 0's handle on the runs of one method, ``estimates/<method>/sample_<i>.npz``: one
+    file per sample (row ``k`` is sample ``indices[k]``), done once its file exists. Stored runs
+    made with other settings are refused."""
+
+    def __init__(self, out: Path, method: str, indices: Sequence[int], settings: dict):
+        self.settings = settings
+        self.paths = [_run_path(out, method, int(i)) for i in indices]
+        self.n_rows = len(self.paths)
+        self.done = np.zeros(self.n_rows, dtype=bool)
+        wanted = plain(settings, for_json=True)  # as stored, after a JSON round trip
+        for k, path in enumerate(self.paths):
+            if path.exists():
+                _, stored, _ = read_estimate(path)
+                if stored != wanted:
+                    raise ValueError(f"{str(path)!r} was computed with other settings of "
+                                     f"{method!r}; pass --overwrite to recompute all, or use "
+                                     "another folder")
+                self.done[k] = True
+
+    def write_row(self, row: Result) -> int:
+        _write_run(self.paths[row.row], row.estimate, row.history, self.settings, row.info)
+        return row.row
 
 
 def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> None:
@@ -161,22 +184,16 @@ def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> None:
                               "folder; choose a new folder or pass --overwrite")
     out.mkdir(exist_ok=True)
     with atomic_output(record, overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        Path(tmp).write_text(to_json(manifest, indent=2) + "\n")
 
 
-def _pending(out: Path, method: str, indices: Sequence[int], settings: dict) -> list[int]:
-    """Samples without a stored run of ``method``; stored runs with other settings are refused."""
-    todo = []
-    for i in indices:
-        path = _run_path(out, method, i)
-        if not path.exists():
-            todo.append(i)
-            continue
-        _, stored, _ = read_estimate(path)
-        if stored != _jsonable(settings):
-            raise ValueError(f"{str(path)!r} was computed with other settings of {method!r}; "
-                             "pass --overwrite to recompute all, or use another folder")
-    return todo
+def _no_truth(dataset, settings: EvaluationSettings) -> str | None:
+    """Why the estimates cannot be compared with a truth (``None``: they can)."""
+    if not has_truth(dataset):
+        return "the data set has no true modulus (no dataset 'E'), as a real measurement"
+    if not settings.truth:
+        return "comparison with the truth is turned off (EvaluationSettings.truth=False)"
+    return None
 
 
 def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
@@ -185,59 +202,33 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
     """Evaluate ``settings.methods`` on the samples of ``data_path`` into the folder ``out``.
 
     Collective on ``comm``. Returns the summary (mean, std and count of every metric per
-    method; see :func:`summarise`) on every rank. Layout of ``out``: module docstring.
+    method; see :func:`summarise`) on every rank; an empty dict when there are no metrics (no
+    truth: module docstring). Layout of ``out``: module docstring.
     """
     out = Path(out)
     dataset = check_all(comm, lambda: load_dataset(data_path))
     try:
-        grid, forward = dataset.grid, dataset.settings.forward
         n = len(dataset)
         indices = list(range(n)) if settings.samples is None else list(settings.samples)
         bad = [i for i in indices if not 0 <= i < n]
         if bad:
             raise ValueError(f"sample(s) {bad} do not exist: {str(data_path)!r} has {n} samples "
                              f"(0 to {n - 1})")
-        manifest = {"format": _FORMAT, "data": {"path": str(Path(data_path).resolve()),
-                                                "n_samples": n, **_jsonable(dataset.attrs)}}
+        manifest = plain({"format": _FORMAT, "data": {"path": str(Path(data_path).resolve()),
+                                                      "n_samples": n, **dataset.attrs}},
+                         for_json=True)
         on_root(comm, lambda: _prepare_folder(out, manifest, overwrite))
-        bar = None
+        no_truth = _no_truth(dataset, settings)
+        if no_truth and comm.rank == 0:
+            warnings.warn(f"metrics and truth figures skipped: {no_truth}; the estimates and "
+                          "their figures are written", UserWarning, stacklevel=2)
         for method in settings.methods:
-            runner = None
-            try:
-                options = dict(settings.options.get(method, {}))
-                # settings are the same on every rank: rank 0 checks the stored runs
-                runner = check_all(comm, lambda m=method, o=options:
-                                   get_method(m).setup(grid, forward, MPI.COMM_SELF, o))
-                pending = on_root(comm, lambda m=method, r=runner:
-                                  _pending(out, m, indices, r.settings))
-                if pending:
-                    warn_about_data(runner, dataset.settings, comm)
-                if comm.rank == 0 and progress and pending:
-                    from tqdm.auto import tqdm
-
-                    bar = tqdm(total=len(pending), desc=f"evaluate {method}", unit="sample",
-                               dynamic_ncols=True)
-                for start in range(0, len(pending), comm.size):
-                    mine = pending[start:start + comm.size]
-                    error = None
-                    if comm.rank < len(mine):
-                        i = mine[comm.rank]
-                        try:
-                            estimate, history, info = runner.run(dataset.sample(i))
-                            _write_run(_run_path(out, method, i), estimate, history,
-                                       runner.settings, info)
-                        except Exception as exc:
-                            error = exc
-                    raise_local_or_shared(comm, error)
-                    if bar is not None:
-                        bar.update(len(mine))
-            finally:
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                if runner is not None:
-                    runner.destroy()
-        return on_root(comm, lambda: _report(out, dataset, indices, settings))
+            run_method(dataset, comm, method, settings.options.get(method, {}), indices,
+                       lambda run_settings, _, m=method: _RunFolder(out, m, indices,
+                                                                    run_settings),
+                       distribute="samples", truth=no_truth is None, batch_size=1,
+                       progress=f"evaluate {method}" if progress else None)
+        return on_root(comm, lambda: _report(out, dataset, indices, settings, no_truth))
     finally:
         dataset.close()
 
@@ -281,59 +272,83 @@ def summary_table(summary: Mapping, methods: Sequence[str],
     return "\n".join(lines) + "\n"
 
 
-def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSettings) -> dict:
-    """Rank 0: metrics of every run, the tables and the figures."""
-    rows, truths, estimates = [], {}, {}
+def _describe(attrs: Mapping) -> str:
+    """``Grid 64 x 64, SNR 35 dB, seed 1.``: the data set line of ``summary.md``."""
+    parts = [f"Grid {attrs['nx']} x {attrs['ny']}"]
+    if "snr_db" in attrs:
+        parts.append(f"SNR {attrs['snr_db']:g} dB")
+    if "seed" in attrs:
+        parts.append(f"seed {attrs['seed']}")
+    return ", ".join(parts) + "."
+
+
+def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSettings,
+            no_truth: str | None = None) -> dict:
+    """Rank 0: metrics of every run, the tables and the figures (``no_truth``: why there is no
+    truth to compare with; then no metrics and figures of the estimates only)."""
+    rows, samples, estimates = [], {}, {}
     for i in indices:
-        sample = dataset.sample(i)
-        truths[i] = sample
+        sample = None if no_truth else dataset.sample(i)
+        samples[i] = sample
         estimates[i] = {}
         for method in settings.methods:
             estimate, _, info = read_estimate(_run_path(out, method, i))
             estimates[i][method] = estimate
+            if sample is None:
+                continue
             row = {"sample": i, "method": method, **evaluate_metrics(estimate, sample.E,
                                                                     sample.mask > 0)}
             row["time"] = float(info.get("time", math.nan) or math.nan)
             rows.append(row)
-    summary = summarise(rows, settings.methods)
-    columns = ["sample", "method", *METRIC_NAMES, "time"]
-    with atomic_output(out / "metrics.csv", overwrite=True) as tmp, \
-            open(tmp, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-    with atomic_output(out / "metrics.json", overwrite=True) as tmp:
-        Path(tmp).write_text(json.dumps(_jsonable({"per_sample": rows, "summary": summary}),
-                                        indent=1) + "\n")
-    attrs = dataset.attrs
-    text = (f"# Evaluation of {len(indices)} sample(s) of `{dataset.path.name}`\n\n"
-            f"Grid {attrs['nx']} x {attrs['ny']}, SNR {attrs['snr_db']:g} dB, seed "
-            f"{attrs['seed']}. Mean ± std over the samples (CNR over the finite values).\n\n"
-            + summary_table(summary, settings.methods))
+    heading = (f"# Evaluation of {len(indices)} sample(s) of `{dataset.path.name}`\n\n"
+               + _describe(dataset.attrs))
+    if no_truth:
+        summary = {}
+        for name in ("metrics.csv", "metrics.json"):  # of an earlier evaluation with the truth
+            (out / name).unlink(missing_ok=True)
+        text = (f"{heading} No metrics: {no_truth}. The estimates are in "
+                "`estimates/<method>/sample_<i>.npz`.\n")
+    else:
+        summary = summarise(rows, settings.methods)
+        columns = ["sample", "method", *METRIC_NAMES, "time"]
+        with atomic_output(out / "metrics.csv", overwrite=True) as tmp, \
+                open(tmp, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                 for k, v in row.items()})
+        with atomic_output(out / "metrics.json", overwrite=True) as tmp:
+            Path(tmp).write_text(to_json({"per_sample": rows, "summary": summary}, indent=1,
+                                         sort_keys=False) + "\n")
+        text = (f"{heading} Mean ± std over the samples (CNR over the finite values).\n\n"
+                + summary_table(summary, settings.methods))
     with atomic_output(out / "summary.md", overwrite=True) as tmp:
         Path(tmp).write_text(text)
     if settings.figures or settings.xdmf:
-        _figures(out, dataset.grid, truths, estimates, rows, settings)
+        _figures(out, dataset.grid, samples, estimates, rows, settings)
     return summary
 
 
-def _figures(out, grid, truths, estimates, rows, settings) -> None:
+def _figures(out, grid, samples, estimates, rows, settings) -> None:
+    """Per sample: the comparison and the profile figure, the XDMF file (a sample of ``None``:
+    no truth, figures of the estimates only)."""
     from .visualise import plot_comparison, plot_profiles, write_xdmf
 
     error = {(r["sample"], r["method"]): r["relative_rmse"] for r in rows}
-    chosen = list(truths.items())[:settings.figure_limit]
+    chosen = list(samples.items())[:settings.figure_limit]
     for i, sample in chosen:
+        truth = None if sample is None else sample.E
         if settings.figures:
             (out / "figures").mkdir(exist_ok=True)
-            labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]}
-            plot_comparison(sample.E, estimates[i], out / "figures" / f"sample_{i}.png", grid,
+            labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]
+                      if (i, m) in error}
+            plot_comparison(truth, estimates[i], out / "figures" / f"sample_{i}.png", grid,
                             labels=labels)
-            plot_profiles(sample.E, estimates[i], out / "figures" / f"profile_{i}.png", grid,
-                          mask=sample.mask)
+            plot_profiles(truth, estimates[i], out / "figures" / f"profile_{i}.png", grid,
+                          mask=None if sample is None else sample.mask)
         if settings.xdmf:
             (out / "xdmf").mkdir(exist_ok=True)
-            fields = {"truth": sample.E, **{m.replace("-", "_"): e
-                                            for m, e in estimates[i].items()}}
+            fields = {} if truth is None else {"truth": truth}
+            fields.update({m.replace("-", "_"): e for m, e in estimates[i].items()})
             write_xdmf(fields, out / "xdmf" / f"sample_{i}.xdmf", grid, MPI.COMM_SELF)

@@ -5,13 +5,14 @@ The modulus ``E`` (nodal, P1) is found by minimising
     J(E) = 1/2 sum_free w_c (u_m - u(E))^2 + alpha R(E),        K(E) u(E) = f,
 
 over the free displacement dofs (Dirichlet dofs carry no information), with per-component weights
-``w_c`` (``w_x`` for lateral, ``w_y`` for axial dofs) and one of two hand-crafted regularisers,
-written as UFL forms on the model's modulus function and compiled once:
+``w_c`` (one per displacement component: ``w_x, w_y`` in 2-D, ``w_x, w_y, w_z`` in 3-D) and one of
+two hand-crafted regularisers (:mod:`fenics_red.regularisers`), written as UFL forms on the model's
+modulus function and compiled once:
 
 * ``"tikhonov"``: ``R(E) = 1/2 int |grad E|^2 dx`` (penalises roughness; blurs edges);
 * ``"tv"``: smoothed total variation ``R(E) = int sqrt(|grad E|^2 + delta^2) dx`` (keeps edges),
-  with ``delta = tv_delta * E0 / L`` (``E0`` the initial homogeneous modulus, ``L`` the larger side
-  of the domain), so ``tv_delta`` is dimensionless.
+  with ``delta = tv_delta * E0 / L`` (``E0`` the initial homogeneous modulus, ``L`` the largest
+  extent of the domain), so ``tv_delta`` is dimensionless.
 
 Positivity is built in: the unknown is the nodal log-modulus ``m`` and ``E_i = exp(m_i)`` node by
 node, so ``dE/dm = diag(E)`` exactly. Derivatives come from the adjoint method with the factorised
@@ -25,13 +26,14 @@ with its Dirichlet rows zeroed, ``K = diag(K_ff, I)``, symmetric), hence
 exponential map, so it is symmetric positive (semi)definite; for TV, ``R''`` is the lagged-
 diffusivity operator ``int grad p . grad q / sqrt(|grad E|^2 + delta^2)``, the SPD majorant of
 the TV Hessian. Each Gauss-Newton step solves ``H_GN p = -g`` matrix-free by CG (PETSc KSP on a
-``MatShell``, own options prefix; Eisenstat-Walker forcing ``min(0.5, sqrt(|g|/|g_0|))``); every
-CG iteration costs two solves with the *same* LU factorisation of ``K(E)`` (the forward solve of
-the current iterate), so one GN iteration costs one factorisation plus ``2 x (CG iterations)``
-triangular solves. An Armijo backtracking line search (with a cap on the change of ``log E`` per
-step) globalises the method.
+``MatShell``, :class:`GaussNewtonHessian`, own options prefix; Eisenstat-Walker forcing
+``min(0.5, sqrt(|g|/|g_0|))``); every CG iteration costs two solves with the *same* LU
+factorisation of ``K(E)`` (the forward solve of the current iterate), so one GN iteration costs
+one factorisation plus ``2 x (CG iterations)`` triangular solves. An Armijo backtracking line
+search (:func:`~fenics_red.optimisation.armijo_backtracking`, with a cap on the change of
+``log E`` per step) globalises the method.
 
-Choosing ``alpha``:
+Choosing ``alpha`` (:mod:`fenics_red.optimisation`):
 
 * fixed: ``GaussNewtonSettings(alpha=...)`` (units: misfit units / regulariser units; depends on
   the grid, the traction and the modulus scale, so prefer the discrepancy principle);
@@ -48,7 +50,10 @@ Choosing ``alpha``:
   alphas and returns ``(alpha, residual, R)`` triples with the corner (maximum curvature of
   ``(log residual, log R)``); needs no noise level, costs one solve per alpha.
 
-The communicator is the model's: everything is collective and runs on any number of ranks.
+Any DOLFINx mesh, 2-D or 3-D: the measured displacement may be a function on ``model.V``, a PETSc
+vector or local values; on an image grid also component images, and the estimate is then an image
+(otherwise the owned nodal values). The communicator is the model's: everything is collective and
+runs on any number of ranks.
 """
 
 from __future__ import annotations
@@ -60,21 +65,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-import ufl
+from dolfinx import fem
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from dolfinx import fem
-from dolfinx.fem import petsc as fem_petsc
-
+from . import validation
 from .forward import ElasticityModel, ForwardSettings
 from .grid import ImageGrid, validate_image
+from .likelihood import best_uniform_modulus
+from .linalg import taylor_test
+from .measurements import set_displacement
+from .optimisation import (
+    alpha_heuristic,
+    armijo_backtracking,
+    discrepancy_principle,
+    l_curve,
+    l_curve_corner,
+)
+from .petsc_options import set_options
+from .regularisers import REGULARISERS, Regulariser, TotalVariation, create_regulariser
 
-__all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "reconstruct_gauss_newton",
-           "GaussNewtonRunner", "setup_gn_tikhonov", "setup_gn_tv",
-           "l_curve_corner"]
+__all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "GaussNewtonHessian", "OutputMisfit",
+           "reconstruct_gauss_newton", "GaussNewtonRunner", "setup_gn_tikhonov", "setup_gn_tv",
+           "l_curve_corner", "expand_component_weights"]
 
-_REGULARISERS = ("tikhonov", "tv")
+_REGULARISERS = tuple(REGULARISERS)
 _instance_counter = itertools.count()
 
 
@@ -88,8 +103,12 @@ class GaussNewtonSettings:
         alpha: fixed regularisation weight, or ``None`` to choose it by the discrepancy principle
             (then the noise level is required).
         tv_delta: TV smoothing, relative: ``delta = tv_delta * E0 / L`` (``E0`` the initial
-            homogeneous modulus, ``L`` the larger side of the domain).
-        component_weights: misfit weights ``(w_x, w_y)`` of the lateral and axial displacement.
+            homogeneous modulus, ``L`` the largest extent of the domain).
+        component_weights: misfit weights of the displacement components: one per component
+            (``(w_x, w_y)`` in 2-D, ``(w_x, w_y, w_z)`` in 3-D), one for all, or a pair
+            ``(w_lateral, w_axial)``, which in 3-D weighs ``x`` and ``y`` by the first and the
+            axial ``z`` (the last, the direction of the load) by the second
+            (:func:`expand_component_weights`).
         initial_modulus: homogeneous initial guess; ``None`` fits the best homogeneous modulus to
             the data (one extra forward solve: ``u`` scales as ``1/E``).
         discrepancy_tau: target weighted residual as a multiple of the expected noise energy.
@@ -114,7 +133,7 @@ class GaussNewtonSettings:
     regulariser: str = "tikhonov"
     alpha: float | None = None
     tv_delta: float = 1.0
-    component_weights: tuple[float, float] = (1.0, 1.0)
+    component_weights: tuple[float, ...] = (1.0, 1.0)
     initial_modulus: float | None = None
     discrepancy_tau: float = 1.0
     discrepancy_rtol: float = 0.01
@@ -131,37 +150,33 @@ class GaussNewtonSettings:
     max_log_step: float = 1.0
 
     def __post_init__(self):
-        if self.regulariser not in _REGULARISERS:
-            raise ValueError(f"regulariser must be one of {_REGULARISERS}, got "
-                             f"{self.regulariser!r}")
-        object.__setattr__(self, "component_weights",
-                           tuple(float(w) for w in self.component_weights))
-        if len(self.component_weights) != 2 or not all(
-                np.isfinite(w) and w >= 0 for w in self.component_weights) \
-                or max(self.component_weights) == 0:
-            raise ValueError("component_weights must be two finite non-negative numbers, not both "
-                             f"zero; got {self.component_weights!r}")
-        positive = ["tv_delta", "discrepancy_tau", "discrepancy_rtol", "cg_forcing_max",
-                    "armijo_c", "max_log_step", "gradient_rtol", "decrement_rtol"]
-        optional_positive = ["alpha_initial", "initial_modulus"]
-        for name in positive + optional_positive:
-            value = getattr(self, name)
-            if value is None and name in optional_positive:
-                continue
-            if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if self.alpha is not None and not (np.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be None (discrepancy principle) or a finite number "
-                             f">= 0, got {self.alpha!r}")
-        if not self.alpha_decrease > 1:
-            raise ValueError(f"alpha_decrease must exceed 1, got {self.alpha_decrease!r}")
-        if not self.armijo_c < 1 or not self.cg_forcing_max < 1:
-            raise ValueError("armijo_c and cg_forcing_max must be below 1")
+        set_ = object.__setattr__
+        validation.one_of(self.regulariser, "regulariser", _REGULARISERS)
+        weights = validation.per_component(
+            self.component_weights, "component_weights", (1, 2, 3), allow_zero=True,
+            shape_hint="one to three finite non-negative numbers (one per displacement "
+                       "component, one for all, or (lateral, axial))")
+        if max(weights) == 0:
+            raise ValueError(f"component_weights must not all be zero; got "
+                             f"{self.component_weights!r}")
+        set_(self, "component_weights", weights)
+        for name in ("tv_delta", "discrepancy_tau", "discrepancy_rtol", "max_log_step",
+                     "gradient_rtol", "decrement_rtol"):
+            set_(self, name, validation.positive(getattr(self, name), name))
+        for name in ("alpha_initial", "initial_modulus"):
+            if getattr(self, name) is not None:
+                set_(self, name, validation.positive(getattr(self, name), name))
+        if self.alpha is not None:
+            set_(self, "alpha", validation.non_negative(
+                self.alpha, "alpha", what="None (discrepancy principle) or a finite number >= 0"))
+        set_(self, "alpha_decrease", validation.number(self.alpha_decrease, "alpha_decrease", 1.0,
+                                                       low_open=True))
+        for name in ("armijo_c", "cg_forcing_max"):
+            set_(self, name, validation.number(getattr(self, name), name, 0.0, 1.0,
+                                               low_open=True, high_open=True))
         for name in ("max_alpha_trials", "max_iterations", "cg_max_iterations",
                      "max_backtracks"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | np.integer) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            set_(self, name, validation.integer(getattr(self, name), name, low=1))
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-serialisable; for output files and histories)."""
@@ -183,27 +198,164 @@ class GaussNewtonSettings:
         return cls(**values)
 
 
-class _HessianContext:
-    """``MatShell`` context: the Gauss-Newton Hessian in log-modulus coordinates."""
+def expand_component_weights(weights: Sequence[float], n_components: int) -> np.ndarray:
+    """One misfit weight per displacement component from :attr:`GaussNewtonSettings.
+    component_weights`: as given when there is one per component, one value for all, and a pair
+    ``(lateral, axial)`` in 3-D as ``(lateral, lateral, axial)`` (the axial component is the last,
+    the direction of the load)."""
+    weights = np.asarray(weights, dtype=float)
+    if len(weights) == n_components:
+        return weights
+    if len(weights) == 1:
+        return np.full(n_components, weights[0])
+    if len(weights) == 2 and n_components == 3:
+        return np.array([weights[0], weights[0], weights[1]])
+    raise ValueError(f"component_weights {tuple(weights)} do not fit a displacement of "
+                     f"{n_components} components")
 
-    def __init__(self, inversion: GaussNewtonInversion):
-        self.inv = inversion
+
+def _largest_extent(msh) -> float:
+    """The largest side of the bounding box of a (distributed) mesh."""
+    gdim = msh.geometry.dim
+    x = msh.geometry.x[:, :gdim]
+    lower, upper = np.empty(gdim), np.empty(gdim)
+    msh.comm.Allreduce(x.min(axis=0) if len(x) else np.full(gdim, np.inf), lower, op=MPI.MIN)
+    msh.comm.Allreduce(x.max(axis=0) if len(x) else np.full(gdim, -np.inf), upper, op=MPI.MAX)
+    return float(np.max(upper - lower))
+
+
+class GaussNewtonHessian:
+    """The Gauss-Newton Hessian in log-modulus coordinates as a PETSc ``MatShell`` (:attr:`mat`):
+
+        H p = E * (D(u)^T K^-1 W K^-1 D(u) (E * p) + alpha R'' (E * p)).
+
+    Its products use the model's current factorisation of ``K(E)`` (two back-substitutions), the
+    matrix ``D`` and the regulariser's Hessian as they are; the inversion keeps them at the
+    current iterate. :meth:`misfit_mult` and :meth:`regulariser_mult` apply the two parts alone.
+
+    Args:
+        model: the forward model (its ``E`` and its KSP are used).
+        D: ``D(u)`` with zero Dirichlet rows.
+        weights: the misfit weight of every owned displacement dof (0 on Dirichlet dofs).
+        regulariser: the regulariser.
+    """
+
+    def __init__(self, model: ElasticityModel, D: PETSc.Mat, weights: PETSc.Vec,
+                 regulariser: Regulariser):
+        self.model, self.D, self.weights, self.regulariser = model, D, weights, regulariser
+        self.alpha = 0.0
+        self._nq = model.Q.dofmap.index_map.size_local
+        self._t, self._a = D.createVecs()
+        self._r, self._b = self._t.duplicate(), self._a.duplicate()
+        n = self._t.getSize()
+        self.mat = PETSc.Mat().createPython(((self._nq, n), (self._nq, n)), _ShellContext(self),
+                                            comm=model.comm)
+        self.mat.setUp()
+
+    def mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = H x`` (the product of :attr:`mat`)."""
+        E = self.model.E.x.array[: self._nq]
+        t, a, b = self._t, self._a, self._b
+        t.array[:] = x.array_r * E
+        self.D.mult(t, a)
+        self.model.ksp.solve(a, b)          # -J (E*x) = K^-1 D (E*x)
+        b.pointwiseMult(b, self.weights)
+        self.model.ksp.solve(b, a)          # K symmetric: K^-T = K^-1
+        self.D.multTranspose(a, y)
+        if self.alpha > 0:
+            self.regulariser.hessian().mult(t, self._r)
+            y.axpy(self.alpha, self._r)
+        y.array[:] *= E
+
+    def misfit_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = H x`` without the regulariser (``alpha = 0``)."""
+        saved, self.alpha = self.alpha, 0.0
+        try:
+            self.mult(x, y)
+        finally:
+            self.alpha = saved
+
+    def regulariser_mult(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = E * R'' (E * x)``, the regulariser's part (without ``alpha``)."""
+        E = self.model.E.x.array[: self._nq]
+        self._t.array[:] = x.array_r * E
+        self.regulariser.hessian().mult(self._t, y)
+        y.array[:] *= E
+
+    def destroy(self) -> None:
+        for obj in (self.mat, self._t, self._a, self._r, self._b):
+            obj.destroy()
+
+
+class OutputMisfit:
+    """The data part of the output-error functional: ``1/2 sum_free w_c (u - u_m)^2``.
+
+    Holds the measured displacement ``u_m`` (:attr:`u_obs`), the weight of every owned
+    displacement dof (:attr:`weights`: ``w_c`` of its component, 0 on Dirichlet dofs) and the
+    numbers of free dofs per component (:attr:`free_counts`, global).
+
+    Args:
+        model: the forward model (its space ``V``, supports and communicator).
+        displacement: ``u_m`` in any form of :func:`~fenics_red.measurements.set_displacement`.
+        component_weights: as :attr:`GaussNewtonSettings.component_weights`.
+    """
+
+    def __init__(self, model: ElasticityModel, displacement, component_weights=(1.0, 1.0)):
+        V = model.V
+        self.comm = model.comm
+        self.n_components = bs = V.dofmap.index_map_bs
+        self._n = V.dofmap.index_map.size_local * bs
+        self.u_obs = set_displacement(model, displacement, fem.Function(V, name="u_measured"))
+        self.component_weights = expand_component_weights(component_weights, bs)
+        free = model.free_dofs
+        weights = np.zeros(self._n)
+        for c, w in enumerate(self.component_weights):
+            weights[c::bs] = w
+        weights[~free] = 0.0
+        self.weights = self.u_obs.x.petsc_vec.duplicate()
+        self.weights.array[:] = weights
+        self.free_counts = np.array([free[c::bs].sum() for c in range(bs)], dtype=np.int64)
+        self.comm.Allreduce(MPI.IN_PLACE, self.free_counts, op=MPI.SUM)
+
+    def value(self, u: np.ndarray) -> float:
+        """``1/2 sum w (u - u_m)^2`` of local displacement values ``u`` (collective)."""
+        r = u[: self._n] - self.u_obs.x.array[: self._n]
+        return 0.5 * self.comm.allreduce(float(np.sum(self.weights.array_r * r * r)), op=MPI.SUM)
+
+    def weighted_residual(self, u: np.ndarray, out: PETSc.Vec) -> PETSc.Vec:
+        """``out = W (u - u_m)``: the source of the adjoint equation."""
+        out.array[:] = self.weights.array_r * (u[: self._n] - self.u_obs.x.array[: self._n])
+        return out
+
+    def homogeneous_fit(self, u1: PETSc.Vec) -> float:
+        """The uniform modulus that best fits ``u_m``, ``u1`` the displacement of ``E = 1``
+        (:func:`~fenics_red.likelihood.best_uniform_modulus`)."""
+        return best_uniform_modulus(u1, self.u_obs.x.petsc_vec, self.weights)
+
+    def noise_std(self, noise_std) -> np.ndarray:
+        """``noise_std`` (one value, or one per displacement component) per component."""
+        sigma = validation.per_component(
+            noise_std, "noise_std", (1, self.n_components),
+            shape_hint=f"positive: one value, or one per component ({self.n_components})")
+        return np.broadcast_to(np.asarray(sigma), (self.n_components,))
+
+    def expected_noise_energy(self, noise_std) -> float:
+        """``sum_c w_c n_c sigma_c^2``: expected weighted residual of the noise over free dofs."""
+        sigma = self.noise_std(noise_std)
+        return float(np.sum(self.component_weights * self.free_counts * sigma**2))
+
+    def destroy(self) -> None:
+        self.weights.destroy()
+
+
+class _ShellContext:
+    """Python context of a ``MatShell``: ``mult`` of the operator it wraps."""
+
+    def __init__(self, operator):
+        self.operator = operator
 
     def mult(self, mat, x, y):
-        inv = self.inv
-        E = inv._E_owned()
-        t, a, b = inv._q_work, inv._v_work1, inv._v_work2
-        t.array[:] = x.array_r * E
-        inv._D.mult(t, a)
-        inv.model.ksp.solve(a, b)          # -J (E*x) = K^-1 D (E*x)
-        b.array[:] *= inv._weights_owned
-        inv.model.ksp.solve(b, a)          # K symmetric: K^-T = K^-1
-        inv._D.multTranspose(a, y)
-        if inv._alpha > 0:
-            inv._reg_hessian.mult(t, inv._q_work2)
-            y.axpy(inv._alpha, inv._q_work2)
-        y.array[:] *= E
-        inv._hessian_products += 1
+        self.operator.mult(x, y)
 
 
 class GaussNewtonInversion:
@@ -213,12 +365,17 @@ class GaussNewtonInversion:
     The model is used in place: its modulus is overwritten by the iterates, its LU factorisation
     is reused for the adjoint and the Hessian products. Create once per data set, then call
     :meth:`reconstruct` (or :meth:`minimise` for one fixed alpha); free with :meth:`destroy`.
+    The parts: the data term (:attr:`misfit`, :class:`OutputMisfit`), the regulariser
+    (:attr:`regulariser`, :mod:`fenics_red.regularisers`), the Hessian shell
+    (:class:`GaussNewtonHessian`), the line search and the alpha rules
+    (:mod:`fenics_red.optimisation`), the derivative check (:func:`fenics_red.linalg.taylor_test`).
 
     Args:
         model: the forward model (mesh, supports, traction, solver).
         ux, uy: measured lateral and axial displacement images ``(ny+1, nx+1)`` (needs a model
-            built on an :class:`ImageGrid`), or ``ux`` a function/array of local dof values on
-            ``model.V`` with ``uy=None``.
+            built on an :class:`ImageGrid`); or ``ux`` the measured displacement in any form of
+            :func:`~fenics_red.measurements.set_displacement` (a function on ``model.V``, a PETSc
+            vector, local values, one image per component) with ``uy=None``.
         settings: regulariser, alpha rule, stopping rules.
     """
 
@@ -227,80 +384,32 @@ class GaussNewtonInversion:
         self.settings = settings = settings or GaussNewtonSettings()
         self.model = model
         self.comm = model.comm
-        V, Q = model.V, model.Q
-        self._nq = Q.dofmap.index_map.size_local
-        self._nv = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+        self._nq = model.Q.dofmap.index_map.size_local
+        self.misfit = OutputMisfit(model, ux if uy is None else (ux, uy),
+                                   settings.component_weights)
+        self.u_obs, self.free_counts = self.misfit.u_obs, self.misfit.free_counts
 
-        # data
-        self.u_obs = fem.Function(V, name="u_measured")
-        if uy is None:
-            values = ux.x.array if isinstance(ux, fem.Function) else np.asarray(ux, float)
-            if values.shape != self.u_obs.x.array.shape:
-                raise ValueError(f"displacement of {values.shape} local values does not fit the "
-                                 f"model's {self.u_obs.x.array.shape}")
-            self.u_obs.x.array[:] = values
-        else:
-            shape = model.grid.shape if model.grid is not None else None
-            ux = validate_image(ux, shape, "lateral displacement image ux")
-            uy = validate_image(uy, shape, "axial displacement image uy")
-            model.images("V").from_images(np.stack([ux, uy]), self.u_obs.x.array)
-        bad = int(not np.isfinite(self.u_obs.x.array).all())
-        if self.comm.allreduce(bad, op=MPI.MAX):
-            raise ValueError("measured displacement has non-finite values")
-
-        free = model.free_dofs
-        weights = np.zeros(self._nv)
-        weights[0::2], weights[1::2] = settings.component_weights
-        weights[~free] = 0.0
-        self._weights_owned = weights
-        self.free_counts = np.array([(free[0::2]).sum(), (free[1::2]).sum()], dtype=np.int64)
-        self.comm.Allreduce(MPI.IN_PLACE, self.free_counts, op=MPI.SUM)
-
-        # parameter m = log E, with ghosts
-        self.m = fem.Function(Q, name="log_E")
-
-        # regulariser forms, compiled once
-        E = model.E
-        q, p = ufl.TestFunction(Q), ufl.TrialFunction(Q)
-        self._delta2 = fem.Constant(model.mesh, PETSc.ScalarType(0.0))
-        if settings.regulariser == "tikhonov":
-            R = 0.5 * ufl.inner(ufl.grad(E), ufl.grad(E)) * ufl.dx
-            hessian = ufl.inner(ufl.grad(p), ufl.grad(q)) * ufl.dx
-        else:
-            s = ufl.sqrt(ufl.inner(ufl.grad(E), ufl.grad(E)) + self._delta2)
-            R = s * ufl.dx
-            hessian = ufl.inner(ufl.grad(p), ufl.grad(q)) / s * ufl.dx  # lagged diffusivity
-        self._R = fem.form(R)
-        self._dR = fem.form(ufl.derivative(R, E, q))
-        self._HR = fem.form(hessian)
-        self._reg_hessian = fem_petsc.create_matrix(self._HR)
-        self._reg_hessian_current = False
-        self._reg_grad = fem_petsc.create_vector(self._dR)
+        # parameter m = log E, with ghosts; the regulariser acts on the model's E
+        self.m = fem.Function(model.Q, name="log_E")
+        self.regulariser = create_regulariser(settings.regulariser, model.E)
 
         # PETSc work objects, allocated once
         self._D = model.assemble_D(model.u, apply_bcs=True)
         self._q_work, self._v_work1 = self._D.createVecs()
-        self._q_work2 = self._q_work.duplicate()
         self._v_work2 = self._v_work1.duplicate()
         self.gradient_vec = self._q_work.duplicate()
         self.direction = self._q_work.duplicate()
-        n_global = self._q_work.getSize()
-        self._hessian = PETSc.Mat().createPython(((self._nq, n_global), (self._nq, n_global)),
-                                                 _HessianContext(self), comm=self.comm)
-        self._hessian.setUp()
+        self._hessian = GaussNewtonHessian(model, self._D, self.misfit.weights, self.regulariser)
         self._cg = PETSc.KSP().create(self.comm)
-        self._cg.setOptionsPrefix(f"fenics_red_gn_cg_{next(_instance_counter)}_")
-        self._cg.setOperators(self._hessian)
-        self._cg.setType(PETSc.KSP.Type.CG)
-        self._cg.getPC().setType(PETSc.PC.Type.NONE)
-        self._cg.setFromOptions()
+        self._cg.setOperators(self._hessian.mat)
+        set_options(self._cg, f"fenics_red_gn_cg_{next(_instance_counter)}_",
+                    {"ksp_type": "cg", "pc_type": "none"})
 
-        self._alpha = 0.0 if settings.alpha is None else float(settings.alpha)
-        self._hessian_products = 0
+        self.alpha = 0.0 if settings.alpha is None else float(settings.alpha)
         self._state_current = False  # the forward solution belongs to the current m
         self._D_current = False  # D(u) is assembled at the current forward solution
         self.initial_modulus: float | None = None
-        self._length = float(np.max(model.upper - model.lower))
+        self._length = _largest_extent(model.mesh)
         self.set_tv_smoothing(1.0)  # until an initial guess sets the modulus scale
 
     # -- parameter handling ----------------------------------------------------------------------
@@ -326,50 +435,65 @@ class GaussNewtonInversion:
             E = np.exp(self.m.x.array)
         self.model.E.x.array[:] = E
         self.model.modulus_changed()
+        self.regulariser.changed()
         self._state_current = self._D_current = False
-        self._reg_hessian_current = False
 
     def parameter(self) -> np.ndarray:
         """Copy of the owned values of ``m = log E``."""
         return self.m.x.array[: self._nq].copy()
 
+    def _parameter_vector(self, values) -> PETSc.Vec:
+        """A new vector of the parameter space holding ``values`` (as :meth:`set_parameter`)."""
+        vec = self._q_work.duplicate()
+        if isinstance(values, PETSc.Vec):
+            values.copy(vec)
+        elif np.ndim(values) == 2:
+            scratch = np.empty(self.m.x.array.size)
+            self.model.images("Q").from_images(np.asarray(values, dtype=np.float64), scratch)
+            vec.array[:] = scratch[: self._nq]
+        else:
+            vec.array[:] = np.asarray(values, dtype=np.float64)
+        return vec
+
     def modulus_image(self) -> np.ndarray:
-        """The current modulus as an image (collective)."""
+        """The current modulus as an image (collective; image grids only)."""
         return self.model.images("Q").to_image(self.model.E)
+
+    def estimate(self) -> np.ndarray:
+        """The current modulus: an image on an image grid (collective), else a copy of the owned
+        nodal values."""
+        if self.model.grid is not None:
+            return self.modulus_image()
+        return self._E_owned().copy()
 
     def set_tv_smoothing(self, reference_modulus: float) -> None:
         """Set the TV smoothing ``delta = tv_delta * reference_modulus / L`` (done by
         :meth:`reconstruct` with the initial homogeneous modulus)."""
         self.tv_delta_absolute = self.settings.tv_delta * float(reference_modulus) / self._length
-        self._delta2.value = self.tv_delta_absolute**2
+        if isinstance(self.regulariser, TotalVariation):
+            self.regulariser.set_smoothing(self.tv_delta_absolute)
 
     def homogeneous_fit(self) -> float:
-        """Least-squares homogeneous modulus: ``u(E0) = u(1) / E0`` for a uniform ``E0``."""
+        """Least-squares homogeneous modulus (component weights, free dofs):
+        :func:`~fenics_red.likelihood.best_uniform_modulus` with ``u₁`` the forward solution of
+        ``E = 1``."""
         self.model.E.x.array[:] = 1.0
         self.model.modulus_changed()
-        u1 = self.model.solve().x.array[: self._nv]
-        d = self.u_obs.x.array[: self._nv]
-        w = self._weights_owned
-        num = self.comm.allreduce(float(np.sum(w * u1 * d)), op=MPI.SUM)
-        den = self.comm.allreduce(float(np.sum(w * u1 * u1)), op=MPI.SUM)
+        self.regulariser.changed()
+        u1 = self.model.solve()
         self._state_current = self._D_current = False
-        if not (num > 0 and den > 0):
-            raise ValueError("the measured displacement does not correlate positively with the "
-                             "model's response to the traction: check the load direction, the "
-                             "supports and the displacement sign convention")
-        return den / num
+        return self.misfit.homogeneous_fit(u1.x.petsc_vec)
 
     # -- objective, gradient, Hessian ------------------------------------------------------------
 
     @property
     def alpha(self) -> float:
-        return self._alpha
+        return self._hessian.alpha
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        if not (np.isfinite(value) and value >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {value!r}")
-        self._alpha = float(value)
+        self._hessian.alpha = validation.non_negative(value, "alpha",
+                                                      what="a finite number >= 0")
 
     def objective(self) -> tuple[float, float, float]:
         """``(J, misfit, R)`` at the current parameter; one forward solve (collective).
@@ -381,13 +505,11 @@ class GaussNewtonInversion:
         bad = int(not (np.isfinite(E).all() and (E > 0).all()))
         if self.comm.allreduce(bad, op=MPI.MAX):
             return math.inf, math.inf, math.inf
-        u = self.model.solve().x.array[: self._nv]
-        r = u - self.u_obs.x.array[: self._nv]
-        misfit = 0.5 * self.comm.allreduce(float(np.sum(self._weights_owned * r * r)), op=MPI.SUM)
-        reg = self.comm.allreduce(float(fem.assemble_scalar(self._R)), op=MPI.SUM)
+        misfit = self.misfit.value(self.model.solve().x.array)
+        reg = self.regulariser.value()
         self._state_current = True
         self._D_current = False
-        return misfit + self._alpha * reg, misfit, reg
+        return misfit + self.alpha * reg, misfit, reg
 
     def gradient(self, out: PETSc.Vec | None = None) -> PETSc.Vec:
         """Gradient of ``J`` with respect to ``m = log E`` (after :meth:`objective`).
@@ -400,18 +522,12 @@ class GaussNewtonInversion:
         out = self.gradient_vec if out is None else out
         model = self.model
         self._assemble_D()
-        r = self._v_work1
-        r.array[:] = self._weights_owned * (model.u.x.array[: self._nv]
-                                            - self.u_obs.x.array[: self._nv])
+        r = self.misfit.weighted_residual(model.u.x.array, self._v_work1)
         model.ksp.solve(r, self._v_work2)
         self._D.multTranspose(self._v_work2, out)
         out.scale(-1.0)
-        if self._alpha > 0:
-            with self._reg_grad.localForm() as local:
-                local.set(0.0)
-            fem_petsc.assemble_vector(self._reg_grad, self._dR)
-            self._reg_grad.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-            out.axpy(self._alpha, self._reg_grad)
+        if self.alpha > 0:
+            out.axpy(self.alpha, self.regulariser.gradient())
         out.array[:] *= self._E_owned()
         return out
 
@@ -422,80 +538,82 @@ class GaussNewtonInversion:
             self.model.assemble_D(self.model.u, apply_bcs=True)
             self._D_current = True
 
-    def _update_reg_hessian(self) -> None:
-        if self._reg_hessian_current and self.settings.regulariser == "tikhonov":
-            return
-        self._reg_hessian.zeroEntries()
-        fem_petsc.assemble_matrix(self._reg_hessian, self._HR)
-        self._reg_hessian.assemble()
-        self._reg_hessian_current = True
-
     def hessian(self) -> PETSc.Mat:
         """The Gauss-Newton Hessian at the current parameter as a ``MatShell`` (after
         :meth:`objective`). Its products use the current factorisation of ``K(E)``."""
         self._assemble_D()
-        self._update_reg_hessian()
-        return self._hessian
+        self.regulariser.hessian()
+        return self._hessian.mat
 
-    def _power_iteration(self, apply, iterations: int = 12) -> float:
-        x, y = self._q_work2.duplicate(), self._q_work2.duplicate()
-        # a start vector that depends on the node positions only, so that every partition of
-        # the mesh gives the same estimate
-        points = self.model.Q.tabulate_dof_coordinates()[: self._nq]
-        x.array[:] = 1.0 + 0.5 * np.cos(12.9898 * points[:, 0] + 78.233 * points[:, 1]
-                                        + 37.719 * points[:, 0] * points[:, 1])
-        x.normalize()
-        value = 0.0
-        for _ in range(iterations):
-            apply(x, y)
-            value = y.norm()
-            if value == 0:
-                break
-            y.copy(x)
-            x.scale(1.0 / value)
-        x.destroy()
-        y.destroy()
-        return value
+    def _start_vector(self) -> PETSc.Vec:
+        """A power-iteration start that depends on the node positions only, so that every
+        partition of the mesh gives the same estimate."""
+        x = self._q_work.duplicate()
+        p = self.model.Q.tabulate_dof_coordinates()[: self._nq]
+        x.array[:] = 1.0 + 0.5 * np.cos(12.9898 * p[:, 0] + 78.233 * p[:, 1]
+                                        + 37.719 * p[:, 0] * p[:, 1] + 53.371 * p[:, 2])
+        return x
 
     def alpha_heuristic(self) -> float:
-        """``lambda_max(H_misfit) / lambda_max(H_reg)`` at the current state (power iterations):
-        an alpha at which the regulariser dominates the Gauss-Newton Hessian."""
+        """``lambda_max(H_misfit) / lambda_max(H_reg)`` at the current state (12 power
+        iterations each, :func:`~fenics_red.optimisation.alpha_heuristic`): an alpha at which the
+        regulariser dominates the Gauss-Newton Hessian."""
         self.hessian()
-        saved, self._alpha = self._alpha, 0.0
-        lam_misfit = self._power_iteration(lambda x, y: self._hessian.mult(x, y))
-        self._alpha = saved
-        E = self._E_owned()
-        t = self._q_work.duplicate()
-
-        def reg(x, y):
-            t.array[:] = x.array_r * E
-            self._reg_hessian.mult(t, y)
-            y.array[:] *= E
-
-        lam_reg = self._power_iteration(reg)
-        t.destroy()
-        return lam_misfit / lam_reg if lam_reg > 0 else 1.0
+        start = self._start_vector()
+        try:
+            return alpha_heuristic(self._hessian.misfit_mult, self._hessian.regulariser_mult,
+                                   start, iterations=12)
+        finally:
+            start.destroy()
 
     # -- optimisation ----------------------------------------------------------------------------
 
     def _initialise(self, initial) -> None:
-        """Set the initial parameter: an image (E), a float, or the homogeneous fit."""
-        if initial is not None and np.ndim(initial) == 2:
-            image = validate_image(initial, self.model.grid.shape if self.model.grid else None,
-                                   "initial modulus image", positive=True)
-            self.set_parameter(np.log(image))
+        """Set the initial parameter: a modulus image or nodal values (PETSc vector or owned
+        values), a number, or (None) the settings' number or the homogeneous fit."""
+        if initial is not None and (isinstance(initial, PETSc.Vec) or np.ndim(initial) >= 1):
+            if isinstance(initial, PETSc.Vec) or np.ndim(initial) == 1:
+                values = (initial.array_r if isinstance(initial, PETSc.Vec)
+                          else np.asarray(initial, dtype=np.float64))
+                bad = int(not (np.isfinite(values).all() and (values > 0).all()))
+                if self.comm.allreduce(bad, op=MPI.MAX):
+                    raise ValueError("initial modulus must be finite and strictly positive "
+                                     "everywhere")
+                self.set_parameter(np.log(values))
+            else:
+                grid = self.model.grid
+                image = validate_image(initial, grid.shape if grid else None,
+                                       "initial modulus image", positive=True)
+                self.set_parameter(np.log(image))
             E0 = self.comm.allreduce(float(np.sum(self._E_owned())), op=MPI.SUM) / \
                 self._q_work.getSize()
         else:
             if initial is None:
                 initial = self.settings.initial_modulus
             E0 = float(initial) if initial is not None else self.homogeneous_fit()
-            if not (np.isfinite(E0) and E0 > 0):
-                raise ValueError(f"initial modulus must be positive and finite, got {E0!r}")
+            validation.positive(E0, "initial modulus", what="positive and finite")
             self.m.x.array[:] = math.log(E0)
             self.set_parameter(self.m.x.array[: self._nq])
         self.initial_modulus = E0
         self.set_tv_smoothing(E0)
+
+    def _evaluate(self, m: np.ndarray) -> tuple[float, float, float]:
+        """Set the parameter to ``m`` and return :meth:`objective` there."""
+        self.set_parameter(m)
+        return self.objective()
+
+    def _newton_direction(self, g: PETSc.Vec, p: PETSc.Vec, g_norm: float,
+                          g_start: float) -> int:
+        """``p ≈ -H^-1 g`` by CG with Eisenstat-Walker forcing; returns the CG iterations."""
+        s = self.settings
+        forcing = min(s.cg_forcing_max, math.sqrt(g_norm / g_start)) if g_start > 0 else 0.5
+        self._cg.setTolerances(rtol=forcing, atol=0.0, max_it=s.cg_max_iterations)
+        self.hessian()
+        g.scale(-1.0)
+        p.set(0.0)
+        self._cg.solve(g, p)
+        g.scale(-1.0)
+        return self._cg.getIterationNumber()
 
     def minimise(self, alpha: float | None = None, history: list | None = None,
                  t_start: float | None = None) -> dict:
@@ -517,74 +635,56 @@ class GaussNewtonInversion:
         self.gradient(g)
         g_norm = g_start = g.norm()
         reason, iteration = "max_iterations", 0
-        history.append(dict(alpha=self._alpha, iteration=0, objective=J, misfit=misfit,
-                            regularisation=reg, gradient_norm=g_norm, step=0.0, cg_iterations=0,
-                            time=time.perf_counter() - t_start))
+
+        def record(iteration: int, step: float, cg_iterations: int) -> None:
+            history.append(dict(alpha=self.alpha, iteration=iteration, objective=J,
+                                misfit=misfit, regularisation=reg, gradient_norm=g_norm,
+                                step=step, cg_iterations=cg_iterations,
+                                time=time.perf_counter() - t_start))
+
+        record(0, 0.0, 0)
         for iteration in range(1, s.max_iterations + 1):
             if g_norm <= s.gradient_rtol * g_start or g_norm == 0.0:
                 reason = "gradient"
                 break
-            # inner CG on the GN Hessian, Eisenstat-Walker forcing
-            forcing = min(s.cg_forcing_max, math.sqrt(g_norm / g_start)) if g_start > 0 else 0.5
-            self._cg.setTolerances(rtol=forcing, atol=0.0, max_it=s.cg_max_iterations)
-            self.hessian()
-            g.scale(-1.0)
-            p.set(0.0)
-            self._cg.solve(g, p)
-            g.scale(-1.0)
-            cg_its = self._cg.getIterationNumber()
+            cg_its = self._newton_direction(g, p, g_norm, g_start)
             slope = g.dot(p)
             if not (slope < 0 and math.isfinite(slope)):  # not a descent direction: use -g
                 g.copy(p)
                 p.scale(-1.0)
                 slope = g.dot(p)
-            decrement = -0.5 * slope
-            if decrement <= s.decrement_rtol * J:
+            if -0.5 * slope <= s.decrement_rtol * J:  # the predicted decrease
                 reason = "decrement"
                 break
             p_max = p.norm(PETSc.NormType.INFINITY)
-            scale = min(1.0, s.max_log_step / p_max) if p_max > 0 else 1.0
-            # Armijo backtracking on m + t p
-            step, accepted = scale, False
             m_old = self.parameter()
-            for _ in range(s.max_backtracks):
-                self.set_parameter(m_old + step * p.array_r)
-                J_new, misfit_new, reg_new = self.objective()
-                if math.isfinite(J_new) and J_new <= J + s.armijo_c * step * slope:
-                    accepted = True
-                    break
-                step *= 0.5
-            if not accepted:
+            step, values = armijo_backtracking(
+                self._evaluate, m_old, p.array_r, J, slope,
+                min(1.0, s.max_log_step / p_max) if p_max > 0 else 1.0, s.armijo_c,
+                s.max_backtracks)
+            if step is None:
                 self.set_parameter(m_old)
                 self.objective()
                 self.gradient(g)
                 reason = "line_search"
                 break
-            relative_change = (J - J_new) / max(abs(J), np.finfo(float).tiny)
-            J, misfit, reg = J_new, misfit_new, reg_new
+            relative_change = (J - values[0]) / max(abs(J), np.finfo(float).tiny)
+            J, misfit, reg = values
             self.gradient(g)
             g_norm = g.norm()
-            history.append(dict(alpha=self._alpha, iteration=iteration, objective=J,
-                                misfit=misfit, regularisation=reg, gradient_norm=g_norm,
-                                step=step, cg_iterations=cg_its,
-                                time=time.perf_counter() - t_start))
+            record(iteration, step, cg_its)
             if relative_change < 1e-12:
                 reason = "stagnation"
                 break
         else:
             iteration = s.max_iterations
-        return dict(alpha=self._alpha, objective=J, misfit=misfit, regularisation=reg,
+        return dict(alpha=self.alpha, objective=J, misfit=misfit, regularisation=reg,
                     residual_norm2=2.0 * misfit, gradient_norm=g_norm, iterations=iteration,
                     reason=reason)
 
     def expected_noise_energy(self, noise_std) -> float:
         """``sum_c w_c n_c sigma_c^2``: expected weighted residual of the noise over free dofs."""
-        sigma = np.broadcast_to(np.asarray(noise_std, dtype=float), (2,))
-        if not (np.isfinite(sigma).all() and (sigma > 0).all()):
-            raise ValueError(f"noise_std must be positive (one value, or one per component), "
-                             f"got {noise_std!r}")
-        w = np.asarray(self.settings.component_weights)
-        return float(np.sum(w * self.free_counts * sigma**2))
+        return self.misfit.expected_noise_energy(noise_std)
 
     def reconstruct(self, noise_std=None, initial=None) -> tuple[np.ndarray, dict]:
         """Full reconstruction: fixed alpha, or alpha by the discrepancy principle.
@@ -592,13 +692,14 @@ class GaussNewtonInversion:
         Args:
             noise_std: standard deviation of the displacement noise (a number, or one per
                 component); required when ``settings.alpha`` is None.
-            initial: initial modulus (image or number); default from the settings.
+            initial: initial modulus (image, nodal values or number); default from the settings.
 
         Returns:
-            ``(E_image, history)`` with ``history`` a JSON-serialisable dict: ``iterations`` (one
-            record per GN iteration, all alphas), ``alpha_trials`` (summary per alpha), ``alpha``
-            (chosen), ``target_residual``, ``discrepancy_reached``, ``initial_modulus``,
-            ``time``, ``settings``.
+            ``(E, history)``: ``E`` the estimate (:meth:`estimate`: an image on an image grid)
+            and ``history`` a JSON-serialisable dict: ``iterations`` (one record per GN
+            iteration, all alphas), ``alpha_trials`` (summary per alpha), ``alpha`` (chosen),
+            ``target_residual``, ``discrepancy_reached``, ``initial_modulus``, ``time``,
+            ``settings``.
         """
         s = self.settings
         t0 = time.perf_counter()
@@ -612,7 +713,7 @@ class GaussNewtonInversion:
         trials: list[dict] = []
         history = dict(iterations=iterations, alpha_trials=trials, target_residual=target,
                        noise_std=None if noise_std is None else
-                       np.broadcast_to(np.asarray(noise_std, float), (2,)).tolist(),
+                       self.misfit.noise_std(noise_std).tolist(),
                        initial_modulus=self.initial_modulus,
                        tv_delta_absolute=self.tv_delta_absolute, settings=s.to_dict())
         if s.alpha is not None:
@@ -621,112 +722,75 @@ class GaussNewtonInversion:
             history.update(alpha=s.alpha, discrepancy_reached=None if target is None else
                            bool(summary["residual_norm2"] <= target * (1 + s.discrepancy_rtol)),
                            time=time.perf_counter() - t0)
-            return self.modulus_image(), history
+            return self.estimate(), history
 
         # discrepancy principle: decrease alpha (warm starts) until the residual crosses the target
         self.objective()
         self.gradient()
-        alpha = s.alpha_initial or self.alpha_heuristic()
-        solutions: dict[float, np.ndarray] = {}
-        above = below = None
-        reached = False
-        for _ in range(s.max_alpha_trials):
-            summary = self.minimise(alpha, iterations, t0)
-            summary["target_residual"] = target
-            trials.append(summary)
-            solutions[alpha] = self.parameter()
-            ratio = summary["residual_norm2"] / target
-            if abs(ratio - 1.0) <= s.discrepancy_rtol:
-                reached = True
-                break
-            if ratio > 1.0:
-                above = summary
-            else:
-                below = summary
-            if below is None:
-                alpha = alpha / s.alpha_decrease
-                continue
-            if above is None:  # the first (largest) alpha already fits: data are homogeneous
-                reached = True
-                break
-            # secant step on log(residual) versus log(alpha) inside the bracket
-            la, lb = math.log(above["alpha"]), math.log(below["alpha"])
-            ra, rb = (math.log(above["residual_norm2"]), math.log(below["residual_norm2"]))
-            lt = math.log(target)
-            w = (lt - rb) / (ra - rb) if ra != rb else 0.5
-            w = min(max(w, 0.1), 0.9)  # stay strictly inside the bracket
-            alpha = math.exp(lb + w * (la - lb))
-            nearest = min((above, below), key=lambda t: abs(math.log(t["alpha"] / alpha)))
-            self.set_parameter(solutions[nearest["alpha"]])
-        best = min(trials, key=lambda t: abs(math.log(t["residual_norm2"] / target)))
-        if best is not trials[-1]:
-            self.set_parameter(solutions[best["alpha"]])
+        best, reached = discrepancy_principle(
+            lambda alpha: self.minimise(alpha, iterations, t0), self.parameter,
+            self.set_parameter, target, s.alpha_initial or self.alpha_heuristic(),
+            decrease=s.alpha_decrease, rtol=s.discrepancy_rtol, max_trials=s.max_alpha_trials,
+            trials=trials)
+        if best is not trials[-1]:  # its solution was restored
             self.alpha = best["alpha"]
             self.objective()
         history.update(alpha=best["alpha"], discrepancy_reached=reached,
                        time=time.perf_counter() - t0)
-        return self.modulus_image(), history
+        return self.estimate(), history
 
     def l_curve(self, alphas: Sequence[float], initial=None) -> dict:
         """Solve for each alpha (largest first, warm starts) and locate the L-curve corner.
 
         Returns ``dict(points=[{alpha, residual_norm2, regularisation, iterations}], corner=alpha,
-        images={alpha: E_image})``; the corner maximises the curvature of
+        images={alpha: E}``) with ``E`` as :meth:`estimate`; the corner maximises the curvature of
         ``(log residual, log R)`` (see :func:`l_curve_corner`).
         """
         self._initialise(initial)
-        points, images = [], {}
-        for alpha in sorted((float(a) for a in alphas), reverse=True):
-            summary = self.minimise(alpha)
-            points.append(dict(alpha=alpha, residual_norm2=summary["residual_norm2"],
-                               regularisation=summary["regularisation"],
-                               iterations=summary["iterations"]))
-            images[alpha] = self.modulus_image()
-        corner = l_curve_corner([p["alpha"] for p in points],
-                                [p["residual_norm2"] for p in points],
-                                [p["regularisation"] for p in points])
-        return dict(points=points, corner=corner, images=images)
+        result = l_curve(self.minimise, alphas, self.estimate)
+        return dict(points=result["points"], corner=result["corner"],
+                    images=result["solutions"])
 
     # -- verification ----------------------------------------------------------------------------
 
-    def taylor_test(self, m, direction, alpha: float, steps: Sequence[float] | None = None
-                    ) -> dict:
-        """Finite-difference check of the reduced gradient (hippylib's ``modelVerify``).
+    def taylor_test(self, m, direction, alpha: float, steps: Sequence[float] | None = None,
+                    check_hessian: bool = False) -> dict:
+        """Finite-difference check of the reduced gradient (hippylib's ``modelVerify``) by
+        :func:`fenics_red.linalg.taylor_test`.
 
         With ``J(m + h dm) - J(m) - h <g, dm>`` the first-order remainder, returns
-        ``dict(steps, remainders, rates, directional_derivative)``; rates near 2 confirm the
-        gradient. ``m`` and ``direction`` as in :meth:`set_parameter` (images or owned values).
-        Collective.
+        ``dict(steps, remainders, rates, directional_derivative, objective)``; rates near 2 confirm
+        the gradient. With ``check_hessian`` also ``hessian_remainders`` and ``hessian_rates`` of
+        the Gauss-Newton Hessian (near 2 only where it is the exact Hessian: zero residual,
+        ``alpha = 0``). ``m`` and ``direction`` as in :meth:`set_parameter` (images, owned values
+        or vectors). Leaves the parameter at ``m``. Collective.
         """
-        steps = list(steps or [1e-2 * 0.5**k for k in range(6)])
         self.alpha = alpha
-        self.set_parameter(m)
-        m0 = self.parameter()
-        if isinstance(direction, np.ndarray) and direction.ndim == 2:
-            self.set_parameter(direction)
-            dm = self.parameter()
+        m0, dm = self._parameter_vector(m), self._parameter_vector(direction)
+
+        def value(x):
+            return self._evaluate(x)[0]
+
+        def gradient(x, out):
+            self._evaluate(x)
+            self.gradient(out)
+
+        def hessian_mult(x, v, out):
+            gradient(x, self.gradient_vec)
+            self.hessian().mult(v, out)
+
+        try:
+            return taylor_test(value, gradient, m0, dm, steps,
+                               hessian_mult if check_hessian else None)
+        finally:
             self.set_parameter(m0)
-        else:
-            dm = np.asarray(direction, dtype=float)
-        J0, _, _ = self.objective()
-        g = self.gradient()
-        dJ = self.comm.allreduce(float(g.array_r @ dm), op=MPI.SUM)
-        remainders = []
-        for h in steps:
-            self.set_parameter(m0 + h * dm)
-            J, _, _ = self.objective()
-            remainders.append(abs(J - J0 - h * dJ))
-        self.set_parameter(m0)
-        rates = [math.log(remainders[k] / remainders[k + 1]) / math.log(steps[k] / steps[k + 1])
-                 for k in range(len(steps) - 1)]
-        return dict(steps=steps, remainders=remainders, rates=rates, directional_derivative=dJ,
-                    objective=J0)
+            m0.destroy()
+            dm.destroy()
 
     def destroy(self) -> None:
         """Free the PETSc objects of the inversion (not the model's). Collective."""
-        for obj in (self._cg, self._hessian, self._reg_hessian, self._reg_grad, self._q_work,
-                    self._q_work2, self._v_work1, self._v_work2, self.gradient_vec,
-                    self.direction):
+        for obj in (self._cg, self._hessian, self.regulariser, self.misfit, self._q_work,
+                    self._v_work1, self._v_work2, self.gradient_vec, self.direction):
             obj.destroy()
 
     def __enter__(self):
@@ -736,40 +800,20 @@ class GaussNewtonInversion:
         self.destroy()
 
 
-def l_curve_corner(alphas: Sequence[float], residuals: Sequence[float],
-                   regularisations: Sequence[float]) -> float:
-    """The alpha of maximum curvature of the L-curve ``(log residual, log R)`` (three-point
-    Menger curvature; the end points are never chosen). Needs at least three points."""
-    if not len(alphas) == len(residuals) == len(regularisations) >= 3:
-        raise ValueError("the L-curve corner needs at least three (alpha, residual, R) triples")
-    order = np.argsort(alphas)
-    x = np.log(np.asarray(residuals, float)[order])
-    y = np.log(np.asarray(regularisations, float)[order])
-    a = np.asarray(alphas, float)[order]
-    best, best_k = -np.inf, 1
-    for k in range(1, len(a) - 1):
-        p0, p1, p2 = (np.array([x[i], y[i]]) for i in (k - 1, k, k + 1))
-        cross = (p1[0] - p0[0]) * (p2[1] - p0[1]) - (p1[1] - p0[1]) * (p2[0] - p0[0])
-        denominator = (np.linalg.norm(p1 - p0) * np.linalg.norm(p2 - p1)
-                       * np.linalg.norm(p2 - p0))
-        curvature = 2 * cross / denominator if denominator > 0 else 0.0
-        if curvature > best:
-            best, best_k = curvature, k
-    return float(a[best_k])
-
-
 def reconstruct_gauss_newton(model_or_grid: ElasticityModel | ImageGrid, ux_noisy, uy_noisy,
                              noise_std=None, settings: GaussNewtonSettings | None = None,
                              comm: MPI.Comm | None = None, *,
                              forward_settings: ForwardSettings | None = None,
                              initial=None) -> tuple[np.ndarray, dict]:
-    """Gauss-Newton-CG reconstruction of a modulus image from measured displacement images.
+    """Gauss-Newton-CG reconstruction of a modulus from a measured displacement.
 
     Args:
-        model_or_grid: a forward model built on an image grid (reused; its modulus is
-            overwritten), or an :class:`ImageGrid` (a model is built on ``comm`` with
-            ``forward_settings`` and freed at the end).
-        ux_noisy, uy_noisy: measured lateral and axial displacement images ``(ny+1, nx+1)``.
+        model_or_grid: a forward model (reused; its modulus is overwritten), or an
+            :class:`ImageGrid` (a model is built on ``comm`` with ``forward_settings`` and freed
+            at the end).
+        ux_noisy, uy_noisy: measured lateral and axial displacement images ``(ny+1, nx+1)`` (a
+            model on an image grid); or ``ux_noisy`` the displacement in any form of
+            :class:`GaussNewtonInversion` with ``uy_noisy=None`` (any mesh).
         noise_std: standard deviation of the displacement noise (number or per component);
             required for the discrepancy principle (``settings.alpha is None``).
         settings: :class:`GaussNewtonSettings` (default: Tikhonov, discrepancy principle).
@@ -777,10 +821,12 @@ def reconstruct_gauss_newton(model_or_grid: ElasticityModel | ImageGrid, ux_nois
             it must be None or the model's.
         forward_settings: forward settings for a model built from a grid; they must match the
             ones that produced the data (traction, supports, nu, plane).
-        initial: initial modulus, image or number (default: settings, else homogeneous fit).
+        initial: initial modulus, image, nodal values or number (default: settings, else
+            homogeneous fit).
 
     Returns:
-        ``(E_image, history)``; see :meth:`GaussNewtonInversion.reconstruct`. Collective.
+        ``(E, history)``: the estimate (an image on an image grid, else owned nodal values) and
+        the history of :meth:`GaussNewtonInversion.reconstruct`. Collective.
     """
     if isinstance(model_or_grid, ImageGrid):
         model = ElasticityModel.on_grid(model_or_grid, comm or MPI.COMM_SELF, forward_settings)
@@ -793,8 +839,9 @@ def reconstruct_gauss_newton(model_or_grid: ElasticityModel | ImageGrid, ux_nois
         if comm is not None and MPI.Comm.Compare(comm, model.comm) not in (MPI.IDENT,
                                                                             MPI.CONGRUENT):
             raise ValueError("comm differs from the model's communicator; pass comm=None")
-        if model.grid is None:
-            raise ValueError("the model has no ImageGrid; images in and out need one")
+        if model.grid is None and uy_noisy is not None:
+            raise ValueError("the model has no ImageGrid; displacement images need one (pass the "
+                             "displacement as a function, vector or local values, uy_noisy=None)")
     else:
         raise TypeError(f"expected an ElasticityModel or an ImageGrid, got "
                         f"{type(model_or_grid).__name__}")
@@ -817,16 +864,8 @@ class GaussNewtonRunner:
     """
 
     def __init__(self, regulariser: str, grid: ImageGrid, forward: ForwardSettings,
-                 comm: MPI.Comm, options: Mapping | None = None):
-        values = GaussNewtonSettings(regulariser=regulariser).to_dict()
-        for key, value in dict(options or {}).items():
-            name = {"max_steps": "max_iterations"}.get(key, key)
-            if name not in values or name == "regulariser":
-                accepted = sorted((set(values) - {"regulariser"}) | {"max_steps"})
-                raise ValueError(f"method 'gn-{regulariser}' has no option {key!r}; accepted: "
-                                 f"{accepted}")
-            values[name] = value
-        self.gn_settings = GaussNewtonSettings.from_dict(values)
+                 comm: MPI.Comm, options: Mapping | GaussNewtonSettings | None = None):
+        self.options = self.gn_settings = gn_options(regulariser, options)
         self.model = ElasticityModel.on_grid(grid, comm, forward)
 
     @property
@@ -851,11 +890,49 @@ class GaussNewtonRunner:
         self.model.destroy()
 
 
+def gn_options(regulariser: str, options: Mapping | GaussNewtonSettings | None = None
+               ) -> GaussNewtonSettings:
+    """The options of ``"gn-<regulariser>"``: :class:`GaussNewtonSettings` with the overrides
+    ``options`` (its fields, or the generic ``max_steps`` for ``max_iterations``; ``regulariser``
+    is the method's, set by its name); settings of this regulariser pass as they are."""
+    method = f"gn-{regulariser}"
+    if isinstance(options, GaussNewtonSettings):
+        if options.regulariser == regulariser:
+            return options
+        options = options.to_dict()  # refused below
+    values = GaussNewtonSettings(regulariser=regulariser).to_dict()
+    for key, value in dict(options or {}).items():
+        name = {"max_steps": "max_iterations"}.get(key, key)
+        if name not in values:
+            accepted = sorted((set(values) - {"regulariser"}) | {"max_steps"})
+            raise ValueError(f"method {method!r} has no option {key!r}; accepted: {accepted}")
+        if name == "regulariser" and value != regulariser:
+            raise ValueError(f"method {method!r} has the regulariser {regulariser!r}, not "
+                             f"{value!r} (each regulariser is its own method)")
+        values[name] = value
+    try:
+        return GaussNewtonSettings.from_dict(values)
+    except TypeError as error:  # a value of the wrong type, e.g. a string for a number
+        raise ValueError(f"method {method!r}: an option has a value of the wrong type "
+                         f"({error})") from None
+
+
+def gn_tikhonov_options(options: Mapping | GaussNewtonSettings | None = None
+                        ) -> GaussNewtonSettings:
+    """The options of ``"gn-tikhonov"`` (see :func:`gn_options`)."""
+    return gn_options("tikhonov", options)
+
+
+def gn_tv_options(options: Mapping | GaussNewtonSettings | None = None) -> GaussNewtonSettings:
+    """The options of ``"gn-tv"`` (see :func:`gn_options`)."""
+    return gn_options("tv", options)
+
+
 def setup_gn_tikhonov(grid, forward, comm, options=None) -> GaussNewtonRunner:
-    """Factory of ``"gn-tikhonov"`` (options: :class:`GaussNewtonSettings` fields)."""
+    """Factory of ``"gn-tikhonov"`` (options: see :func:`gn_options`)."""
     return GaussNewtonRunner("tikhonov", grid, forward, comm, options)
 
 
 def setup_gn_tv(grid, forward, comm, options=None) -> GaussNewtonRunner:
-    """Factory of ``"gn-tv"`` (options: :class:`GaussNewtonSettings` fields)."""
+    """Factory of ``"gn-tv"`` (options: see :func:`gn_options`)."""
     return GaussNewtonRunner("tv", grid, forward, comm, options)

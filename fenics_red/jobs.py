@@ -1,11 +1,15 @@
 """Resumable batch jobs under MPI: rows solved over the ranks, written by rank 0 to ``OUT.h5``.
 
 Simulating a data set (:func:`fenics_red.data.simulate_dataset`) and reconstructing one
-(:func:`fenics_red.reconstruction.reconstruct_dataset`) are long runs of independent rows whose
-results go into one HDF5 file. Both must survive interruption and never leave a half-written file
+(:func:`fenics_red.reconstruction.reconstruct_dataset`, whose driver
+:func:`~fenics_red.reconstruction.run_method` the evaluation suite runs per method) are long
+runs of independent rows whose results go into one HDF5 file (or, for the evaluation, one file
+per row). They must survive interruption and never leave a half-written file
 under the final name (project convention: outputs written via ``.partial`` + rename), so they
 share this pattern:
 
+* :class:`ResumableOutput` is what the driver writes to: ``n_rows`` rows, which of them are done,
+  ``write(rows)``, ``finish()`` and ``close()``.
 * :class:`ResumableFile` is rank 0's handle on ``OUT.h5.partial``: it refuses an existing
   ``OUT.h5`` unless overwriting, creates the partial file (attributes, the file's own datasets and
   per-row ``done`` flags) or reopens one made with the same attributes (else a ``ValueError``
@@ -26,18 +30,11 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
+from .io import plain
 from .parallel import on_root, raise_local_or_shared
 
-__all__ = ["ResumableFile", "run_batches", "partial_path", "plain"]
-
-
-def plain(value):
-    """HDF5 attribute -> Python value (numpy scalars to Python numbers, bytes to str)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+# ``plain`` lives in :mod:`fenics_red.io`; it is re-exported here for existing importers
+__all__ = ["ResumableOutput", "ResumableFile", "run_batches", "partial_path", "plain"]
 
 
 def partial_path(path: Path) -> Path:
@@ -45,7 +42,48 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-class ResumableFile:
+class ResumableOutput:
+    """What :func:`run_batches` writes to (rank 0 only): ``n_rows`` rows and their done flags.
+
+    Subclasses set ``n_rows`` and ``done`` (a boolean array, ``True`` for the rows already
+    written, e.g. by an interrupted run) when they open, and define :meth:`write_row`;
+    :class:`ResumableFile` is the one-HDF5-file kind, :class:`fenics_red.evaluation` keeps one
+    file per row.
+    """
+
+    n_rows: int
+    done: np.ndarray
+
+    def write_row(self, row) -> int:
+        """Write the data of one result row (not its ``done`` flag); return the row's index."""
+        raise NotImplementedError
+
+    def mark_done(self, rows: Sequence[int]) -> None:
+        """Record that ``rows`` are completely written (after their data)."""
+        for k in rows:
+            self.done[k] = True
+
+    @property
+    def n_done(self) -> int:
+        """The number of rows written so far."""
+        return int(self.done.sum())
+
+    def pending(self) -> np.ndarray:
+        """Indices of the rows not written yet, ascending."""
+        return np.flatnonzero(~self.done)
+
+    def write(self, rows: Sequence) -> None:
+        """Write a batch of rows, then mark them done."""
+        self.mark_done([self.write_row(row) for row in rows])
+
+    def finish(self) -> None:
+        """Called once every row is written (and only then)."""
+
+    def close(self) -> None:
+        """Release what the output holds open (called whatever happened)."""
+
+
+class ResumableFile(ResumableOutput):
     """Rank 0's handle on ``OUT.h5.partial``: create or resume, write rows, finish (rename).
 
     Subclasses describe their file: :meth:`create_datasets` (a new file's datasets besides
@@ -108,10 +146,6 @@ class ResumableFile:
         with ``attrs`` (see :meth:`wrong_dataset` for the layout)."""
         raise NotImplementedError
 
-    def write_row(self, row) -> int:
-        """Write the data of one result row (not its ``done`` flag); return the row's index."""
-        raise NotImplementedError
-
     # -- common part ---------------------------------------------------------------------------
 
     def wrong_dataset(self) -> tuple[str, tuple[int, ...]] | None:
@@ -122,19 +156,10 @@ class ResumableFile:
                 return name, shape
         return None
 
-    @property
-    def n_done(self) -> int:
-        """The number of rows written so far."""
-        return int(self.done.sum())
-
-    def pending(self) -> np.ndarray:
-        """Indices of the rows not written yet, ascending."""
-        return np.flatnonzero(~self.done)
-
-    def write(self, rows: Sequence) -> None:
-        """Write a batch of rows, then their ``done`` flags, then flush."""
-        written = [self.write_row(row) for row in rows]
-        for k in written:  # flags last: a row is done only once all of it is written
+    def mark_done(self, rows: Sequence[int]) -> None:
+        """Set the rows' ``done`` flags, then flush (flags last: a row is done only once all of
+        it is written)."""
+        for k in rows:
             self.file["done"][k] = 1
             self.done[k] = True
         self.file.flush()
@@ -149,7 +174,7 @@ class ResumableFile:
             self.file.close()
 
 
-def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableFile],
+def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableOutput],
                 solve: Callable[[int], object], *, batch_size: int, spread: bool = True,
                 progress: str | None = None,
                 on_batch: Callable[[int], None] | None = None) -> None:
@@ -157,7 +182,7 @@ def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableFile],
 
     Args:
         comm: the communicator of the run (every rank calls this).
-        open_file: called on rank 0 only; returns the :class:`ResumableFile` (an error in it is
+        open_file: called on rank 0 only; returns the :class:`ResumableOutput` (an error in it is
             raised on every rank).
         solve: ``solve(k)`` returns the result row of row ``k`` (what ``write_row`` takes).
         batch_size: rows per rank between two writes.
@@ -173,7 +198,7 @@ def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableFile],
     every rank has arrived, so that no rank still has the file open (say, reading a partial file
     just before resuming it): HDF5 would refuse rank 0 its write lock.
     """
-    file: ResumableFile | None = None
+    file: ResumableOutput | None = None
     bar = None
     comm.Barrier()
     try:

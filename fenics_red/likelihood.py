@@ -39,7 +39,12 @@ differentiated):
 
 PETSc options: the ``Γ`` KSP uses the prefix ``fenics_red_gamma_`` and the ``K`` solver
 ``fenics_red_gamma_k_``; command-line options with these prefixes override the defaults here, and
-:attr:`LikelihoodSettings.petsc_options` / :attr:`LikelihoodSettings.k_petsc_options` override both.
+:attr:`LikelihoodSettings.petsc_options` / :attr:`LikelihoodSettings.k_petsc_options` override both
+(:func:`fenics_red.petsc_options.set_options`).
+
+Dimensions: nothing here depends on the mesh being 2-D. ``Σn`` has one standard deviation per
+displacement component (the block size of the displacement space, the mesh's geometric
+dimension), and a dof's component is its index modulo that block size.
 """
 
 from __future__ import annotations
@@ -49,15 +54,19 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from dolfinx import fem
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from dolfinx import fem
-
+from . import validation
 from .forward import ElasticityModel
 from .grid import validate_image
+from .linalg import power_iteration
+from .measurements import noise_std_from_energy, set_displacement
+from .petsc_options import set_options
 
-__all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood"]
+__all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood",
+           "best_uniform_modulus"]
 
 #: Options prefix of the ``Γ`` KSP and of the ``K(E)`` solver inside its preconditioner.
 GAMMA_PREFIX = "fenics_red_gamma_"
@@ -66,63 +75,51 @@ K_PREFIX = "fenics_red_gamma_k_"
 _K_DEFAULTS = {"ksp_type": "preonly", "pc_type": "cholesky", "pc_factor_mat_solver_type": "mumps"}
 
 
-def _positive(value, name: str, allow_zero: bool = False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = "non-negative" if allow_zero else "strictly positive"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class NoiseModel:
     """Diagonal noise covariances of the measurement (paper, equations 2-5).
 
     Attributes:
-        sigma: standard deviations ``(σx, σy)`` of the displacement noise ``n`` of the lateral (x)
-            and axial (y) components: ``Σn = diag(σx², σy², σx², ...)`` on the free dofs.
+        sigma: one standard deviation of the displacement noise ``n`` per displacement component
+            (as many as the mesh's geometric dimension): ``(σx, σy)`` in 2-D (lateral, axial),
+            ``(σx, σy, σz)`` in 3-D; ``Σn = diag(σx², σy², σx², ...)`` on the free dofs.
         force_std: standard deviation ``σw`` of the force noise ``w``: ``Σw = σw² I`` on the free
             dofs (0, the default, gives the exact two-back-substitution ``Γ⁻¹``).
     """
 
-    sigma: tuple[float, float]
+    sigma: tuple[float, ...]
     force_std: float = 0.0
 
     def __post_init__(self):
-        sigma = np.asarray(self.sigma, dtype=float).ravel() if not isinstance(
-            self.sigma, str) else np.array([])
-        if sigma.shape != (2,):
-            raise ValueError(f"NoiseModel.sigma must be a pair (sigma_x, sigma_y), got "
-                             f"{self.sigma!r}")
-        sigma = tuple(_positive(s, f"NoiseModel.sigma[{i}]") for i, s in enumerate(sigma))
+        sigma = validation.per_component(
+            self.sigma, "NoiseModel.sigma", (2, 3), what="finite and strictly positive",
+            shape_hint="one standard deviation per displacement component: a pair "
+                       "(sigma_x, sigma_y) in 2-D, a triple (sigma_x, sigma_y, sigma_z) in 3-D")
         object.__setattr__(self, "sigma", sigma)
-        object.__setattr__(self, "force_std",
-                           _positive(self.force_std, "NoiseModel.force_std", allow_zero=True))
+        object.__setattr__(self, "force_std", validation.non_negative(
+            self.force_std, "NoiseModel.force_std", what="finite and non-negative"))
+
+    @property
+    def n_components(self) -> int:
+        """Number of displacement components (2 or 3)."""
+        return len(self.sigma)
 
     @classmethod
-    def from_snr(cls, sum_u2: float, counts: tuple[int, int], snr_db: float, ratio: float = 1.0,
+    def from_snr(cls, sum_u2: float, counts, snr_db: float, ratio: float = 1.0,
                  force_std: float = 0.0, noisy: bool = True) -> NoiseModel:
         """The noise of a target SNR, ``SNR = 10 log10(‖u‖² / ‖n‖²)`` over the free dofs.
 
         Args:
             sum_u2: ``‖u‖²`` over the free dofs (of the noisy ``u_m`` when ``noisy``: then
                 ``E‖u_m‖² = ‖u‖² (1 + 10^(−SNR/10))`` is corrected for).
-            counts: numbers of free x and y dofs.
+            counts: numbers of free dofs per component (``(N_x, N_y)`` or ``(N_x, N_y, N_z)``);
+                the last component is the axial one.
             snr_db: the SNR in dB.
-            ratio: ``σx / σy`` (lateral-to-axial noise ratio).
+            ratio: ``σ_lateral / σ_axial`` (lateral-to-axial noise ratio).
+
+        See :func:`fenics_red.measurements.noise_std_from_energy`.
         """
-        snr_db = float(snr_db)
-        if not math.isfinite(snr_db):
-            raise ValueError(f"SNR must be a finite number of dB, got {snr_db!r}")
-        ratio = _positive(ratio, "noise ratio")
-        _positive(sum_u2, "sum of squared displacements")
-        level = 10.0 ** (-snr_db / 10.0)
-        noise_energy = sum_u2 * level / (1.0 + level) if noisy else sum_u2 * level
-        sigma_y = math.sqrt(noise_energy / (counts[0] * ratio**2 + counts[1]))
-        return cls((ratio * sigma_y, sigma_y), force_std)
+        return cls(noise_std_from_energy(sum_u2, counts, snr_db, ratio, noisy), force_std)
 
     def to_dict(self) -> dict:
         return {"sigma": list(self.sigma), "force_std": self.force_std}
@@ -150,13 +147,10 @@ class LikelihoodSettings:
     k_petsc_options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
-        _positive(self.gamma_rtol, "LikelihoodSettings.gamma_rtol")
-        if not isinstance(self.gamma_max_it, int | np.integer) or self.gamma_max_it < 1:
-            raise ValueError(f"LikelihoodSettings.gamma_max_it must be a positive integer, got "
-                             f"{self.gamma_max_it!r}")
+        validation.positive(self.gamma_rtol, "LikelihoodSettings.gamma_rtol")
+        validation.integer(self.gamma_max_it, "LikelihoodSettings.gamma_max_it", low=1)
         for name in ("petsc_options", "k_petsc_options"):
-            if not isinstance(getattr(self, name), Mapping):
-                raise ValueError(f"LikelihoodSettings.{name} must be a mapping")
+            validation.mapping(getattr(self, name), f"LikelihoodSettings.{name}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -167,35 +161,6 @@ class LikelihoodSettings:
     @classmethod
     def from_dict(cls, values: Mapping) -> LikelihoodSettings:
         return cls(**dict(values))
-
-
-class _Options:
-    """Set PETSc options under a prefix for one ``setFromOptions`` call, then remove them.
-
-    Defaults do not replace options the user gave (command line); ``overrides`` do.
-    """
-
-    def __init__(self, prefix: str, defaults: Mapping, overrides: Mapping):
-        self.db = PETSc.Options(prefix)
-        self.saved = {}
-        for key, value in defaults.items():
-            if not self.db.hasName(key):
-                self.saved[key] = None
-                self.db[key] = value
-        for key, value in overrides.items():
-            if key not in self.saved:
-                self.saved[key] = self.db.getString(key) if self.db.hasName(key) else None
-            self.db[key] = value
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for key, old in self.saved.items():
-            if old is None:
-                self.db.delValue(key)
-            else:
-                self.db[key] = old
 
 
 class Gamma:
@@ -228,16 +193,16 @@ class Gamma:
         self.force2 = self.free.duplicate()       # Σw (0 on Dirichlet rows)
         self._t1, self._t2, self._t3 = (self.free.duplicate() for _ in range(3))
         self.E = fem.Function(model.Q)            # the modulus Γ is frozen at
-        self._component = np.arange(self.free.getLocalSize()) % 2
+        self.n_components = model.V.dofmap.index_map_bs  # the mesh's geometric dimension
+        # displacement component of each owned dof (dofs are blocked: x, y[, z] per node)
+        self._component = np.arange(self.free.getLocalSize()) % self.n_components
 
         self.mat = PETSc.Mat().createPython(self.K.getSizes(), _GammaShell(self), comm=self.comm)
         self.mat.setUp()
 
         self.k_ksp = PETSc.KSP().create(self.comm)
         self.k_ksp.setOperators(self.K)
-        self.k_ksp.setOptionsPrefix(K_PREFIX)
-        with _Options(K_PREFIX, _K_DEFAULTS, settings.k_petsc_options):
-            self.k_ksp.setFromOptions()
+        set_options(self.k_ksp, K_PREFIX, _K_DEFAULTS, settings.k_petsc_options)
         self.exact_factor = (self.k_ksp.getType() == "preonly"
                              and self.k_ksp.getPC().getType() in ("lu", "cholesky"))
         self._mumps = None
@@ -249,7 +214,6 @@ class Gamma:
                 self._mumps.setMumpsIcntl(33, 1)
         self.ksp = PETSc.KSP().create(self.comm)
         self.ksp.setOperators(self.mat)
-        self.ksp.setOptionsPrefix(GAMMA_PREFIX)
         self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
         self.ksp.getPC().setPythonContext(_GammaPreconditioner(self))
         self.set_noise(noise)
@@ -262,10 +226,14 @@ class Gamma:
         """Set ``Σn`` and ``Σw`` (the factorisation of ``K`` is kept). Collective."""
         if not isinstance(noise, NoiseModel):
             raise TypeError(f"noise must be a NoiseModel, got {type(noise).__name__}")
+        if noise.n_components != self.n_components:
+            raise ValueError(f"the NoiseModel has {noise.n_components} standard deviations "
+                             f"{noise.sigma}; the displacement has {self.n_components} "
+                             "components (one standard deviation per component)")
         self.noise = noise
         free = self.free.array_r.astype(bool)
-        sx2, sy2 = noise.sigma[0] ** 2, noise.sigma[1] ** 2
-        self.sigma2.array[:] = np.where(free, np.where(self._component == 0, sx2, sy2), 1.0)
+        s2 = np.array([s**2 for s in noise.sigma])
+        self.sigma2.array[:] = np.where(free, s2[self._component], 1.0)
         self.sigma2_inv.array[:] = 1.0 / self.sigma2.array_r
         self.force2.array[:] = np.where(free, noise.force_std**2, 0.0)
         exact = noise.force_std == 0.0 and self.exact_factor
@@ -274,21 +242,22 @@ class Gamma:
         else:
             defaults = {"ksp_type": "cg", "ksp_rtol": self.settings.gamma_rtol,
                         "ksp_atol": 0.0, "ksp_max_it": self.settings.gamma_max_it}
-        with _Options(GAMMA_PREFIX, defaults, self.settings.petsc_options):
-            self.ksp.setFromOptions()
+        set_options(self.ksp, GAMMA_PREFIX, defaults, self.settings.petsc_options)
         self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
         self.exact = exact and self.ksp.getType() == "preonly"
         # log Σ_free log σ², for the log-determinant
-        counts = np.array([np.sum(free & (self._component == c)) for c in (0, 1)], dtype=float)
+        counts = np.array([np.sum(free & (self._component == c))
+                           for c in range(self.n_components)], dtype=float)
         counts = self.comm.allreduce(counts, op=MPI.SUM)
         self._counts = counts.astype(int)
-        self._logdet_sigma = float(counts[0] * math.log(sx2) + counts[1] * math.log(sy2))
+        self._logdet_sigma = float(sum(counts[c] * math.log(s2[c])
+                                       for c in range(self.n_components)))
         self._logdet_gamma = None
 
     @property
-    def free_counts(self) -> tuple[int, int]:
-        """Numbers of free x and y dofs (global)."""
-        return int(self._counts[0]), int(self._counts[1])
+    def free_counts(self) -> tuple[int, ...]:
+        """Numbers of free dofs of each displacement component (global): ``(N_x, N_y[, N_z])``."""
+        return tuple(int(c) for c in self._counts)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -446,11 +415,14 @@ class StatisticalLikelihood:
     ``D(u_m)`` is assembled once per data set (:meth:`set_data`); matrices, vectors and solvers
     are allocated once, in the constructor, and reused for every data set on the same model.
 
+    Any DOLFINx mesh, 2-D or 3-D: the displacement is given as a function on ``model.V``, a PETSc
+    vector of its owned values or its local values (with ghosts); a model on an image grid also
+    takes component images, and :meth:`from_image`/:meth:`to_image` convert moduli.
+
     Args:
         model: the forward model (its mesh, supports, loads and material law).
-        displacement: the measured displacement ``u_m``: a pair of images ``(ux, uy)`` of shape
-            ``(ny+1, nx+1)``, a function on ``model.V`` or its local values; optional here, then
-            :meth:`set_data` must be called before use.
+        displacement: the measured displacement ``u_m`` (see :meth:`set_data`); optional here,
+            then :meth:`set_data` must be called before use.
         noise: the noise covariances (required with ``displacement``).
         settings: linear-algebra settings.
     """
@@ -461,7 +433,8 @@ class StatisticalLikelihood:
         self.comm = model.comm
         self.settings = settings or LikelihoodSettings()
         self.D = model.assemble_D(model.u_data, apply_bcs=True).copy()
-        self.gamma = Gamma(model, noise or NoiseModel((1.0, 1.0)), self.settings)
+        n_components = model.V.dofmap.index_map_bs
+        self.gamma = Gamma(model, noise or NoiseModel((1.0,) * n_components), self.settings)
         self.f = self.D.createVecLeft()
         self.u_m = self.D.createVecLeft()
         self._r, self._s, self._v = self.f.duplicate(), self.f.duplicate(), self.f.duplicate()
@@ -487,27 +460,13 @@ class StatisticalLikelihood:
     def set_data(self, displacement, noise: NoiseModel | None = None) -> None:
         """Set the measured displacement ``u_m`` (assembling ``D(u_m)`` once) and the noise.
 
-        ``displacement``: images ``(ux, uy)``, a function on ``model.V`` or its local values.
-        Raises ``ValueError`` for wrong shapes or non-finite values (on every rank). Collective.
+        ``displacement``: a function on ``model.V``, a PETSc vector of its owned values, its local
+        values (owned and ghosts, ``u.x.array``), or (on an image grid) one image per component
+        (``(ux, uy)``). Raises ``ValueError`` for wrong shapes or non-finite values (on every
+        rank). Collective.
         """
         model = self.model
-        u = model.u_data
-        if isinstance(displacement, fem.Function):
-            u.x.array[:] = displacement.x.array
-        elif isinstance(displacement, tuple | list) and len(displacement) == 2:
-            shape = model.grid.shape if model.grid is not None else None
-            ux = validate_image(displacement[0], shape, "measured displacement ux")
-            uy = validate_image(displacement[1], shape, "measured displacement uy")
-            model.images("V").from_images(np.stack([ux, uy]), u.x.array)
-        else:
-            values = np.asarray(displacement, dtype=float)
-            if values.shape != u.x.array.shape:
-                raise ValueError(f"measured displacement must be images (ux, uy), a function on V "
-                                 f"or {u.x.array.size} local values; got shape {values.shape}")
-            u.x.array[:] = values
-        bad = int(not np.isfinite(u.x.array).all())
-        if self.comm.allreduce(bad, op=MPI.MAX):
-            raise ValueError("measured displacement has non-finite values (NaN or inf)")
+        u = set_displacement(model, displacement, model.u_data, "measured displacement")
         model.assemble_D(u, apply_bcs=True).copy(self.D, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
         n = self.u_m.getLocalSize()
         self.u_m.array[:] = u.x.array[:n]
@@ -524,7 +483,8 @@ class StatisticalLikelihood:
     def noise_from_snr(self, snr_db: float, ratio: float = 1.0, force_std: float = 0.0
                        ) -> NoiseModel:
         """The :class:`NoiseModel` of the current (noisy) ``u_m`` at a given SNR in dB, with
-        ``SNR = 10 log10(‖u‖²/‖n‖²)`` over the free dofs and ``σx = ratio σy``."""
+        ``SNR = 10 log10(‖u‖²/‖n‖²)`` over the free dofs and ``σ_lateral = ratio σ_axial`` (the
+        axial component is the last one)."""
         self._require_data()
         free = self.gamma.free.array_r.astype(bool)
         sum_u2 = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
@@ -544,12 +504,14 @@ class StatisticalLikelihood:
         return vec
 
     def to_image(self, E: PETSc.Vec) -> np.ndarray:
-        """The image ``(ny+1, nx+1)`` of nodal moduli, on every rank. Collective."""
+        """The image ``(ny+1, nx+1)`` of nodal moduli, on every rank (image grids only).
+        Collective."""
         return self.model.images("Q").to_images(E.array_r)[0]
 
     def from_image(self, image, out: PETSc.Vec | None = None, name: str = "modulus image"
                    ) -> PETSc.Vec:
-        """Nodal values of an image ``(ny+1, nx+1)`` into ``out`` (new vector by default)."""
+        """Nodal values of an image ``(ny+1, nx+1)`` into ``out`` (new vector by default; image
+        grids only)."""
         grid = self.model.grid
         image = validate_image(image, grid.shape if grid else None, name)
         out = out or self.create_vector()
@@ -598,10 +560,11 @@ class StatisticalLikelihood:
                   ) -> tuple[float, PETSc.Vec]:
         """Power-iteration estimate of ``L = λ_max(Dᵀ Γ⁻¹ D)``, the Lipschitz constant of ``∇g``.
 
-        A lower bound that converges from below (``‖Hv‖`` for the unit iterate ``v``). Starts
-        from ``v`` (warm start across refreshes) or from a fixed pseudo-random image, so the
-        result does not depend on the number of ranks; stops when the estimate changes by less
-        than ``rtol``. Returns ``(L, v)`` with ``v`` the normalised last iterate.
+        A lower bound that converges from below (:func:`fenics_red.linalg.power_iteration`).
+        Starts from ``v`` (warm start across refreshes) or from a fixed start vector that does
+        not depend on the number of ranks (a pseudo-random image on an image grid, ones
+        otherwise); stops when the estimate changes by less than ``rtol``. Returns ``(L, v)``
+        with ``v`` the normalised last iterate.
         """
         if v is None:
             grid = self.model.grid
@@ -609,23 +572,10 @@ class StatisticalLikelihood:
                 v = self.from_image(np.random.default_rng(12345).uniform(0.5, 1.5, grid.shape))
             else:
                 v = self.create_vector(1.0)
-        w = v.duplicate()
-        v.scale(1.0 / v.norm())
-        estimate = 0.0
-        for _ in range(max(1, int(iterations))):
-            self.hessian_mult(v, w)
-            norm = w.norm()
-            if not norm > 0.0:
-                raise RuntimeError("D(u_m)ᵀ Γ⁻¹ D(u_m) vanishes: is the measured displacement "
-                                   "zero?")
-            w.copy(v)
-            v.scale(1.0 / norm)
-            done = abs(norm - estimate) <= rtol * norm
-            estimate = norm
-            if done:
-                break
-        w.destroy()
-        return float(estimate), v
+        estimate = power_iteration(self.hessian_mult, v, iterations, rtol)
+        if not estimate > 0.0:
+            raise RuntimeError("D(u_m)ᵀ Γ⁻¹ D(u_m) vanishes: is the measured displacement zero?")
+        return estimate, v
 
     def misfit(self, E: PETSc.Vec) -> float:
         """``(f − DE)ᵀ Γ⁻¹ (f − DE) = 2 g(E)``: about :attr:`n_equations` at the true ``E``."""
@@ -645,10 +595,9 @@ class StatisticalLikelihood:
         return self.value(E) + logdet_weight * self.logdet()
 
     def homogeneous_fit(self) -> float:
-        """The uniform modulus ``c`` whose displacement best fits ``u_m`` (``Σn⁻¹``-weighted).
+        """The uniform modulus whose displacement best fits ``u_m`` (``Σn⁻¹``-weighted, free dofs;
+        ``Σw`` is ignored here): :func:`best_uniform_modulus` with ``u₁ = K(1)⁻¹ f``.
 
-        ``K(c) = c K(1)``, so ``u(c) = u₁ / c`` with ``u₁ = K(1)⁻¹ f`` and the least-squares
-        ``1/c = ⟨u₁, u_m⟩ / ⟨u₁, u₁⟩`` (weights ``Σn⁻¹``, free dofs; ``Σw`` is ignored here).
         Costs one factorisation, and leaves ``Γ`` frozen at ``E = 1``.
         """
         self._require_data()
@@ -657,18 +606,36 @@ class StatisticalLikelihood:
             self.refresh(ones)
             u1 = self._s
             self.gamma.apply_K_inverse(self.f, u1)
-            self._v.pointwiseMult(u1, self.gamma.sigma2_inv)
-            self._v.pointwiseMult(self._v, self.gamma.free)
-            num, den = self._v.dot(u1), self._v.dot(self.u_m)
+            self._v.pointwiseMult(self.gamma.sigma2_inv, self.gamma.free)
+            return best_uniform_modulus(u1, self.u_m, self._v)
         finally:
             ones.destroy()
-        if not (den > 0 and num > 0):
-            raise ValueError("the measured displacement does not follow the load (⟨u₁, u_m⟩ ≤ 0): "
-                             "check the sign convention of the traction and the displacement")
-        return float(num / den)
 
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
         self.gamma.destroy()
         for obj in (self.D, self.f, self.u_m, self._r, self._s, self._v):
             obj.destroy()
+
+
+def best_uniform_modulus(u1: PETSc.Vec, u_m: PETSc.Vec, weights: PETSc.Vec) -> float:
+    """The uniform modulus ``c`` whose displacement best fits ``u_m`` in the ``weights`` norm.
+
+    Linear elasticity is linear in ``E``: ``K(c) = c K(1)``, so ``u(c) = u₁ / c`` with ``u₁`` the
+    displacement of ``E = 1`` and the weighted least-squares ``1/c`` is ``⟨u₁, u_m⟩_W / ⟨u₁,
+    u₁⟩_W``. ``weights`` (one per displacement dof, 0 on Dirichlet dofs) is ``Σn⁻¹`` for the
+    likelihood and the component weights for Gauss-Newton. Vectors with the layout of the owned
+    displacement dofs (ghosted ones too); collective. Raises ``ValueError`` when ``u_m`` does not
+    follow the load (``⟨u₁, u_m⟩_W ≤ 0``).
+    """
+    weighted = u1.duplicate()
+    try:
+        weighted.pointwiseMult(weights, u1)
+        num, den = weighted.dot(u1), weighted.dot(u_m)
+    finally:
+        weighted.destroy()
+    if not (den > 0 and num > 0):
+        raise ValueError("the measured displacement does not correlate positively with the "
+                         "model's response to the load (⟨u₁, u_m⟩ ≤ 0): check the load "
+                         "direction, the supports and the displacement sign convention")
+    return float(num / den)

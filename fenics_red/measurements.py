@@ -1,16 +1,21 @@
 """Simulated ultrasound measurements: clean displacements plus Gaussian noise (paper, eqs. 2-5).
 
 The measured displacement is ``u_m = u + n`` with ``n`` zero-mean Gaussian, independent per dof,
-of standard deviation ``σx`` on the lateral (x) and ``σy`` on the axial (y) components, so that
-``Σn = diag(σx², σy², ...)``. Lateral tracking is noisier in practice: ``σx = r σy`` with the
-lateral-to-axial noise ratio ``r`` (default 1).
+of standard deviation ``σ_c`` on displacement component ``c``, so that ``Σn = diag(σx², σy², ...)``
+in 2-D (``diag(σx², σy², σz², ...)`` in 3-D). The *axial* component (along the load: the last one,
+``y`` in 2-D, ``z`` in 3-D) has ``σ_axial``; the lateral ones are noisier in practice:
+``σ_lateral = r σ_axial`` with the lateral-to-axial noise ratio ``r`` (default 1).
 
 The level follows a target signal-to-noise ratio over the free (non-Dirichlet) dofs,
 ``SNR = 10 log10(‖u‖² / ‖n‖²)`` (the paper uses 35 dB). ``σ`` is set from the *expected* noise
-energy, ``E‖n‖² = σy² (r² N_x + N_y) = ‖u‖² 10^(−SNR/10)`` with ``N_x, N_y`` the numbers of free
-lateral and axial dofs, so ``Σn`` is known exactly and the realised SNR scatters around the target
-by about ``4.3 sqrt(2 / (N_x + N_y))`` dB. Support (Dirichlet) dofs are known exactly and stay
-noise-free.
+energy, ``E‖n‖² = Σ_c N_c σ_c² = σ_axial² (r² N_lateral + N_axial) = ‖u‖² 10^(−SNR/10)`` with
+``N_c`` the numbers of free dofs of each component (:func:`noise_std_from_energy`), so ``Σn`` is
+known exactly and the realised SNR scatters around the target by about ``4.3 sqrt(2 / Σ N_c)``
+dB. Support (Dirichlet) dofs are known exactly and stay noise-free.
+
+The generic functions take the components stacked along the first axis (``u`` of shape
+``(n_components, ...)``: images ``(2, ny+1, nx+1)``, or nodal arrays); :func:`noise_std_for_snr`,
+:func:`add_noise` and :func:`measured_snr_db` are their 2-D spellings with ``(ux, uy)``.
 
 Optional force noise ``w`` (standard deviation ``σw`` per free dof, in the units of the nodal load
 vector, ``Σw = σw² I``) models an uncertain applied load: the measured field is then
@@ -27,11 +32,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from dolfinx import fem
+from petsc4py import PETSc
 
+from . import validation
 from .forward import ElasticityModel
+from .grid import validate_image
 
-__all__ = ["Measurement", "free_dof_images", "noise_std_for_snr", "add_noise", "measured_snr_db",
-           "simulate_measurement"]
+__all__ = ["Measurement", "free_dof_images", "set_displacement", "noise_std_from_energy",
+           "component_noise_std", "draw_noise", "realised_snr_db", "noise_std_for_snr",
+           "add_noise", "measured_snr_db", "simulate_measurement"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class Measurement:
 
 
 def free_dof_images(model: ElasticityModel) -> np.ndarray:
-    """Boolean images ``(2, ny+1, nx+1)``: True where the x / y displacement dof is free.
+    """Boolean images ``(n_components, ny+1, nx+1)``: True where a displacement dof is free.
 
     Collective on the model's communicator (every rank gets the whole images).
     """
@@ -64,33 +74,116 @@ def free_dof_images(model: ElasticityModel) -> np.ndarray:
     return model.images("V").to_images(mask) > 0.5
 
 
-def _check_snr(snr_db: float, noise_ratio: float) -> tuple[float, float]:
-    snr_db, noise_ratio = float(snr_db), float(noise_ratio)
-    if not math.isfinite(snr_db):
-        raise ValueError(f"the SNR must be a finite number of dB, got {snr_db!r}")
-    if not (math.isfinite(noise_ratio) and noise_ratio > 0):
-        raise ValueError(f"the lateral-to-axial noise ratio must be finite and > 0, got "
-                         f"{noise_ratio!r}")
-    return snr_db, noise_ratio
+def set_displacement(model: ElasticityModel, displacement, out: fem.Function,
+                     name: str = "measured displacement") -> fem.Function:
+    """Fill ``out`` (a function on ``model.V``) with a displacement given in any of its forms.
+
+    ``displacement``: a function on ``model.V``; a PETSc vector of its owned values; its local
+    values (owned and ghosts, the layout of ``fem.Function.x.array``); or, on a model with an image
+    grid, one image per component (``(ux, uy)`` in 2-D). Raises ``ValueError`` naming ``name`` for
+    a wrong shape, and on every rank when any rank holds a non-finite value. Collective.
+    """
+    n_components = model.V.dofmap.index_map_bs
+    n_owned = model.V.dofmap.index_map.size_local * n_components
+    if isinstance(displacement, fem.Function):
+        out.x.array[:] = displacement.x.array
+    elif isinstance(displacement, PETSc.Vec):
+        if displacement.getLocalSize() != n_owned:
+            raise ValueError(f"{name}: a vector of local size {displacement.getLocalSize()} does "
+                             f"not have the shape ({n_owned},) of the owned dofs of V")
+        out.x.array[:n_owned] = displacement.array_r
+        out.x.scatter_forward()
+    elif isinstance(displacement, tuple | list) and len(displacement) == n_components:
+        shape = model.grid.shape if model.grid is not None else None
+        images = [validate_image(image, shape, f"{name} u{'xyz'[c]}")
+                  for c, image in enumerate(displacement)]
+        model.images("V").from_images(np.stack(images), out.x.array)
+    else:
+        values = np.asarray(displacement, dtype=float)
+        if values.shape != out.x.array.shape:
+            images = ", ".join(f"u{'xyz'[c]}" for c in range(n_components))
+            raise ValueError(f"{name} must be images ({images}), a function on V, a PETSc vector "
+                             f"or {out.x.array.size} local values; got shape {values.shape}")
+        out.x.array[:] = values
+    validation.check_finite(out.x.array, name, model.comm)
+    return out
+
+
+def noise_std_from_energy(energy: float, counts, snr_db: float, noise_ratio: float = 1.0,
+                          noisy: bool = False) -> tuple[float, ...]:
+    """``σ`` per component whose expected noise energy gives ``snr_db`` (module docstring).
+
+    Solves ``σ_axial² (r² Σ_lateral N_c + N_axial) = ‖u‖² 10^(−SNR/10)``, ``σ_lateral = r σ_axial``,
+    for any number of components (the last one axial).
+
+    Args:
+        energy: ``‖u‖²`` over the free dofs (of the clean ``u``; of the noisy ``u_m`` when
+            ``noisy``: then ``E‖u_m‖² = ‖u‖² (1 + 10^(−SNR/10))`` is corrected for).
+        counts: numbers of free dofs per component (``(N_x, N_y)`` or ``(N_x, N_y, N_z)``).
+        snr_db: the SNR in dB.
+        noise_ratio: ``r``, the lateral-to-axial ratio of the standard deviations.
+    """
+    snr_db = validation.finite(snr_db, "the SNR", what="a finite number of dB")
+    ratio = validation.positive(noise_ratio, "the lateral-to-axial noise ratio")
+    counts = [int(c) for c in counts]
+    if not counts or sum(counts) == 0:
+        raise ValueError("there are no free displacement dofs to add noise to")
+    energy = float(energy)
+    if not (math.isfinite(energy) and energy > 0):
+        raise ValueError(f"the displacement has no energy over the free dofs ({energy!r}); an "
+                         "SNR needs a non-zero displacement")
+    level = 10.0 ** (-snr_db / 10.0)
+    noise_energy = energy * level / (1.0 + level) if noisy else energy * level
+    sigma_axial = math.sqrt(noise_energy / (ratio**2 * sum(counts[:-1]) + counts[-1]))
+    return (*(ratio * sigma_axial,) * (len(counts) - 1), sigma_axial)
+
+
+def component_noise_std(u: np.ndarray, free: np.ndarray, snr_db: float,
+                        noise_ratio: float = 1.0) -> tuple[float, ...]:
+    """``σ`` per component whose expected noise energy gives ``snr_db`` over the free dofs.
+
+    ``u``: the clean components stacked along the first axis; ``free``: booleans of its shape.
+    """
+    free = np.asarray(free, dtype=bool)
+    counts = [int(free[c].sum()) for c in range(len(free))]
+    energy = float(sum(np.sum(u[c][free[c]] ** 2) for c in range(len(free))))
+    return noise_std_from_energy(energy, counts, snr_db, noise_ratio)
+
+
+def draw_noise(u: np.ndarray, free: np.ndarray, snr_db: float, rng: np.random.Generator,
+               noise_ratio: float = 1.0) -> tuple[np.ndarray, tuple[float, ...]]:
+    """``(u + n, σ)``: Gaussian noise of the target SNR on the free dofs of stacked components.
+
+    Draws one standard-normal array of ``u``'s shape from ``rng`` (component 0 first); the
+    Dirichlet dofs keep their exact values.
+    """
+    u = np.asarray(u)
+    sigma = component_noise_std(u, free, snr_db, noise_ratio)
+    noise = rng.standard_normal(u.shape)
+    noise *= np.asarray(sigma).reshape(-1, *(1,) * (u.ndim - 1)) * np.asarray(free, dtype=bool)
+    return u + noise, sigma
+
+
+def realised_snr_db(u: np.ndarray, u_noisy: np.ndarray, free: np.ndarray | None = None) -> float:
+    """Realised ``10 log10(‖u‖² / ‖u_m − u‖²)`` over the free dofs (all dofs if ``free`` is None).
+
+    ``u``, ``u_noisy`` (and ``free``): components stacked along the first axis.
+    """
+    u = np.asarray(u)
+    n = np.asarray(u_noisy) - u
+    if free is not None:
+        free = np.asarray(free, dtype=bool)
+        u, n = u[free], n[free]
+    return float(10.0 * np.log10(np.sum(u**2) / np.sum(n**2)))
 
 
 def noise_std_for_snr(ux: np.ndarray, uy: np.ndarray, free: np.ndarray, snr_db: float,
                       noise_ratio: float = 1.0) -> tuple[float, float]:
-    """``(σx, σy)`` whose expected noise energy gives ``snr_db`` over the free dofs.
+    """``(σx, σy)`` whose expected noise energy gives ``snr_db`` over the free dofs (2-D).
 
     Solves ``σy² (r² N_x + N_y) = ‖u_free‖² / 10^(SNR/10)``, ``σx = r σy``.
     """
-    snr_db, ratio = _check_snr(snr_db, noise_ratio)
-    free = np.asarray(free, dtype=bool)
-    n_x, n_y = int(free[0].sum()), int(free[1].sum())
-    if n_x + n_y == 0:
-        raise ValueError("there are no free displacement dofs to add noise to")
-    energy = float(np.sum(ux[free[0]] ** 2) + np.sum(uy[free[1]] ** 2))
-    if not (math.isfinite(energy) and energy > 0):
-        raise ValueError(f"the clean displacement has no energy over the free dofs ({energy!r}); "
-                         "an SNR needs a non-zero displacement")
-    sigma_y = math.sqrt(energy * 10.0 ** (-snr_db / 10.0) / (ratio**2 * n_x + n_y))
-    return (ratio * sigma_y, sigma_y)
+    return component_noise_std(np.stack([ux, uy]), free, snr_db, noise_ratio)
 
 
 def add_noise(ux: np.ndarray, uy: np.ndarray, free: np.ndarray, snr_db: float,
@@ -101,21 +194,15 @@ def add_noise(ux: np.ndarray, uy: np.ndarray, free: np.ndarray, snr_db: float,
     Draws one standard-normal array of shape ``(2, ny+1, nx+1)`` from ``rng`` (x first); the
     Dirichlet dofs keep their exact values.
     """
-    sigma = noise_std_for_snr(ux, uy, free, snr_db, noise_ratio)
-    noise = rng.standard_normal((2, *np.shape(ux)))
-    noise *= np.asarray(sigma)[:, None, None] * np.asarray(free, dtype=bool)
-    return ux + noise[0], uy + noise[1], sigma
+    noisy, sigma = draw_noise(np.stack([ux, uy]), free, snr_db, rng, noise_ratio)
+    return noisy[0], noisy[1], sigma
 
 
 def measured_snr_db(ux: np.ndarray, uy: np.ndarray, ux_noisy: np.ndarray, uy_noisy: np.ndarray,
                     free: np.ndarray | None = None) -> float:
-    """Realised ``10 log10(‖u‖² / ‖u_m − u‖²)`` over the free dofs (all dofs if ``free`` is None)."""
-    u = np.stack([ux, uy])
-    n = np.stack([ux_noisy, uy_noisy]) - u
-    if free is not None:
-        free = np.asarray(free, dtype=bool)
-        u, n = u[free], n[free]
-    return float(10.0 * np.log10(np.sum(u**2) / np.sum(n**2)))
+    """Realised ``10 log10(‖u‖² / ‖u_m − u‖²)`` over the free dofs (all dofs if ``free`` is
+    None), 2-D."""
+    return realised_snr_db(np.stack([ux, uy]), np.stack([ux_noisy, uy_noisy]), free)
 
 
 def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.random.Generator,
@@ -136,17 +223,14 @@ def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.ra
     The model is left holding ``E = modulus`` and, in :attr:`ElasticityModel.u`, the displacement
     of the (possibly perturbed) load.
     """
-    force_noise = float(force_noise)
-    if not (math.isfinite(force_noise) and force_noise >= 0):
-        raise ValueError(f"the force noise standard deviation must be finite and >= 0, got "
-                         f"{force_noise!r}")
+    force_noise = validation.non_negative(force_noise, "the force noise standard deviation")
     model.solve(modulus)
-    ux, uy = model.displacement_images()
+    images = model.images("V")
+    u = images.to_images(model.u.x.array)
     free = free_dof_images(model)
-    ux_noisy, uy_noisy, sigma = add_noise(ux, uy, free, snr_db, rng, noise_ratio)
+    u_noisy, sigma = draw_noise(u, free, snr_db, rng, noise_ratio)
     if force_noise > 0:
-        w = rng.standard_normal((2, *ux.shape)) * (force_noise * free)
-        images = model.images("V")
+        w = rng.standard_normal(u.shape) * (force_noise * free)
         local = np.zeros(images.num_local * images.block_size)
         images.from_images(w, local)
         b = model.assemble_load()  # K(E) is assembled (and factorised) by the solve above
@@ -157,6 +241,5 @@ def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.ra
             raise RuntimeError("the forward solve with force noise did not converge (PETSc KSP "
                                f"reason {model.ksp.getConvergedReason()})")
         model.u.x.scatter_forward()
-        wx, wy = model.displacement_images()
-        ux_noisy, uy_noisy = ux_noisy + (wx - ux), uy_noisy + (wy - uy)
-    return Measurement(ux, uy, ux_noisy, uy_noisy, sigma, force_noise, free)
+        u_noisy = u_noisy + (images.to_images(model.u.x.array) - u)
+    return Measurement(u[0], u[1], u_noisy[0], u_noisy[1], sigma, force_noise, free)

@@ -1,23 +1,40 @@
-"""Registry of reconstruction methods: one name, one factory, one dict entry per method.
+"""Registry of reconstruction methods: one name, one entry per method, everything else generic.
 
 A *method* turns a data set sample (measured displacements, noise levels) into a modulus image.
-Everything that reconstructs many samples (``fenics-red reconstruct``, the training-set builder,
-the benchmarks) goes through this registry, so every method is used the same way::
+Everything that reconstructs data set samples (``fenics-red reconstruct``, ``evaluate``,
+``demo``) goes through this registry, so every method is used the same way::
 
-    runner = get_method("ml").setup(grid, forward_settings, comm, {"max_steps": 200})
+    method = get_method("ml")
+    options = method.options({"max_steps": 200})     # validated settings dataclass
+    runner = method.setup(grid, forward_settings, comm, options)
     try:
         estimate, history, info = runner.run(sample)
     finally:
         runner.destroy()
 
-The contract (see :class:`Runner`):
+A :class:`Method` entry declares, and the command line only loops over the entries:
+
+* ``setup(grid, forward_settings, comm, options) -> runner``, the factory (below);
+* ``options(overrides) -> settings``: the method's options as a small validated frozen dataclass
+  (:class:`~fenics_red.solvers.MLSettings`, :class:`~fenics_red.red.REDSettings`,
+  :class:`~fenics_red.gauss_newton.GaussNewtonSettings`, ...) built from a mapping of overrides
+  (or returned as is when it already is one). Unknown keys and bad values raise ``ValueError``
+  naming the method and the accepted keys. ``options(settings.to_dict()) == settings``;
+* ``flags``: its command-line flags (:class:`Flag`). A flag shared by several methods is one
+  object listed by each of them; the command line adds each flag once, in an argument group per
+  set of methods that share it (:func:`argument_groups`), and reports a flag given to a method
+  that does not list it. :meth:`Method.options_from_args` turns parsed arguments into overrides.
+
+Option names are the settings' field names plus, by convention, the generic ``max_steps``,
+``stop`` and ``solver`` (the iteration: ``"fista"``/``"pgd"``), which a method maps to its own
+fields (``ml``: ``solver`` → ``method``; ``gn-*``: ``max_steps`` → ``max_iterations``).
+
+The runner contract (see :class:`Runner`):
 
 * ``setup(grid, forward_settings, comm, options) -> runner`` builds the method's objects once for
   one grid and forward model (meshes, matrices, solvers, networks), distributed over ``comm``.
-  ``options`` is a mapping of overrides of the method's settings; unknown keys and bad values
-  raise ``ValueError`` naming the accepted ones. The command line passes the generic keys
-  ``max_steps``, ``stop`` and ``solver`` (the iteration: ``"fista"``/``"pgd"``) when the user
-  gives them; a method maps them to its own settings or rejects them.
+  ``options`` is what ``options()`` accepts (a mapping of overrides, or the settings).
+* ``runner.options`` is the validated settings dataclass.
 * ``runner.run(sample)`` (collective on ``comm``) returns ``(estimate, history, info)``: the
   estimate as an image ``(ny+1, nx+1)`` on every rank; ``history``, a dict of 1-D numpy arrays
   (one per column; lengths may differ between columns, e.g. per-iterate and per-refresh
@@ -30,19 +47,24 @@ The contract (see :class:`Runner`):
   method was not validated on (RED: data noisier than the denoiser's training SNR);
   :func:`warn_about_data` emits them.
 
-Adding a method (e.g. ``"gn-tikhonov"``, ``"gn-tv"``, ``"denoised-ml"``, ``"red"``): write a
-runner class with ``run``, ``settings`` and ``destroy`` and a ``setup`` function, then add one
-entry ``"name": Method(setup, "one-line description")`` to :data:`METHODS`. Import heavy
-dependencies (torch) inside ``setup``, never at module level: ``import fenics_red`` must stay
-light.
+Adding a method: in its own module write the settings dataclass (validated in
+``__post_init__``, with ``to_dict``), an ``options(overrides)`` function, a runner class (``run``,
+``options``, ``settings``, ``destroy``) and a ``setup`` function; then add one entry
+``"name": Method(_lazy(module, "setup_x"), _lazy(module, "x_options"), "one-line description",
+flags=(...))`` to :data:`METHODS`, reusing the :class:`Flag` objects of options it shares with
+other methods. ``tests/test_methods.py`` then runs it on a phantom, serially and on 2 ranks.
+Entries import their module on first use (:func:`_lazy`), and heavy dependencies (torch) are
+imported only when a runner needs them: building the command line imports no method module.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from mpi4py import MPI
@@ -50,8 +72,8 @@ from mpi4py import MPI
 from .forward import ForwardSettings
 from .grid import ImageGrid
 
-__all__ = ["Method", "Runner", "METHODS", "get_method", "method_names", "MLRunner", "setup_ml",
-           "warn_about_data"]
+__all__ = ["Flag", "Method", "Runner", "METHODS", "DEFAULT_METHOD", "get_method", "method_names",
+           "flag_users", "argument_groups", "name_methods", "warn_about_data"]
 
 
 def warn_about_data(runner, data_settings, comm: MPI.Comm) -> None:
@@ -66,6 +88,7 @@ def warn_about_data(runner, data_settings, comm: MPI.Comm) -> None:
 class Runner(Protocol):
     """What :attr:`Method.setup` returns (see the module docstring)."""
 
+    options: Any
     settings: dict
 
     def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]: ...
@@ -73,83 +96,168 @@ class Runner(Protocol):
     def destroy(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Method:
-    """A registry entry: ``setup(grid, forward_settings, comm, options) -> Runner``, a help line."""
+@dataclass(frozen=True, eq=False)
+class Flag:
+    """A command-line flag that sets one option (the same object for every method that takes it).
 
-    setup: Callable[[ImageGrid, ForwardSettings, MPI.Comm, Mapping], Runner]
-    description: str
+    Attributes:
+        name: the flag, ``"--lam"``; its ``argparse`` destination is the name without dashes.
+        option: the option it sets, ``"lam"``.
+        help: the help line.
+        kwargs: further keywords of ``add_argument`` (``type``, ``choices``, ``metavar``,
+            ``action``).
+        convert: the parsed value -> the option value, ``None`` when the flag was not given (the
+            default: the parsed value itself, ``None`` when absent); may raise ``ValueError``.
+    """
 
-
-# -- "ml": the maximum-likelihood (unregularised, early-stopped) estimate ------------------------
-
-#: Generic command-line option names and the :class:`~fenics_red.solvers.MLSettings` fields.
-_ML_GENERIC = {"solver": "method", "max_steps": "max_steps", "stop": "stop"}
-
-
-class MLRunner:
-    """The ``"ml"`` method: :class:`fenics_red.solvers.MLReconstructor` behind the runner API."""
-
-    def __init__(self, grid: ImageGrid, forward: ForwardSettings, comm: MPI.Comm,
-                 options: Mapping | None = None):
-        from .solvers import MLReconstructor, MLSettings
-
-        values = MLSettings().to_dict()
-        for key, value in dict(options or {}).items():
-            field = _ML_GENERIC.get(key, key)
-            if field not in values:
-                accepted = sorted(set(values) | set(_ML_GENERIC))
-                raise ValueError(f"method 'ml' has no option {key!r}; accepted: {accepted}")
-            values[field] = value
-        self.ml_settings = MLSettings.from_dict(values)
-        self.reconstructor = MLReconstructor(grid, forward, self.ml_settings, comm)
+    name: str
+    option: str
+    help: str
+    kwargs: Mapping = field(default_factory=dict)
+    convert: Callable[[Any], Any] | None = None
 
     @property
-    def settings(self) -> dict:
-        return self.ml_settings.to_dict()
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
 
-    def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-        estimate, history = self.reconstructor.run_sample(sample)
-        return estimate, history.as_arrays(), history.summary()
+    def add_to(self, parser) -> None:
+        """Add the flag to an ``argparse`` parser or argument group."""
+        parser.add_argument(self.name, dest=self.dest, help=self.help, **self.kwargs)
 
-    def destroy(self) -> None:
-        self.reconstructor.destroy()
+    def value(self, args: argparse.Namespace):
+        """The option value the user gave with this flag, ``None`` when not given."""
+        parsed = getattr(args, self.dest, None)
+        return self.convert(parsed) if self.convert is not None else parsed
 
 
-def setup_ml(grid: ImageGrid, forward: ForwardSettings, comm: MPI.Comm,
-             options: Mapping | None = None) -> MLRunner:
-    """Factory of the ``"ml"`` method (options: :class:`~fenics_red.solvers.MLSettings` fields,
-    or the generic ``solver``/``max_steps``/``stop``)."""
-    return MLRunner(grid, forward, comm, options)
+@dataclass(frozen=True)
+class Method:
+    """A registry entry (see the module docstring).
+
+    Attributes:
+        setup: ``setup(grid, forward_settings, comm, options) -> Runner``.
+        options: ``options(overrides: Mapping | settings | None) -> settings``: the method's
+            validated settings dataclass.
+        description: one help line.
+        flags: the method's command-line flags.
+    """
+
+    setup: Callable[[ImageGrid, ForwardSettings, MPI.Comm, Mapping | Any | None], Runner]
+    options: Callable[[Mapping | Any | None], Any]
+    description: str
+    flags: tuple[Flag, ...] = ()
+
+    def options_from_args(self, args: argparse.Namespace) -> dict:
+        """The overrides of this method's options given on the command line (its flags only)."""
+        given = {}
+        for flag in self.flags:
+            value = flag.value(args)
+            if value is not None:
+                given[flag.option] = value
+        return given
 
 
 def _lazy(module: str, name: str) -> Callable:
-    """A factory imported from ``fenics_red.<module>`` when first called (keeps imports light)."""
-    def setup(grid, forward, comm, options=None):
-        import importlib
-
-        return getattr(importlib.import_module(f"fenics_red.{module}"), name)(
-            grid, forward, comm, options)
-    setup.__name__ = name
-    return setup
+    """``fenics_red.<module>.<name>``, imported when first called (keeps imports light)."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(f"fenics_red.{module}"), name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``fenics_red.{module}.{name}``, imported on first use."
+    return call
 
 
-#: The registered methods, by name (one entry per method).
+# -- command-line flags, shared by the methods that list them -------------------------------------
+
+def _positive_steps(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError(f"--max-steps must be a positive integer, got {value}")
+    return value
+
+
+MAX_STEPS = Flag("--max-steps", "max_steps", "budget of iterations (default: the method's)",
+                 {"type": int, "metavar": "N"}, _positive_steps)
+STOP = Flag("--stop", "stop", "stopping rule: the discrepancy principle (misfit reaches the "
+            "number of free equations, or the budget) or the budget alone (default: the "
+            "method's)", {"choices": ["discrepancy", "budget"]})
+SOLVER = Flag("--solver", "solver", "iteration: monotone FISTA or projected gradient descent "
+              "(default: the method's)", {"choices": ["fista", "pgd"]})
+DENOISER = Flag("--denoiser", "denoiser", "denoiser model from 'fenics-red train' (default: the "
+                "shipped one)", {"metavar": "MODEL.pt"})
+NO_FLIP_AVERAGE = Flag("--no-flip-average", "flip_average", "apply the denoiser as it is, not "
+                       "averaged over left-right flips", {"action": "store_true"},
+                       lambda given: False if given else None)
+LAM = Flag("--lam", "lam", "RED weight: a number, paper:C (eq. 12), balance:C or lipschitz:C "
+           "(default: the method's)", {"metavar": "RULE"})
+START = Flag("--start", "start", "RED's initial modulus (default denoised-ml)",
+             {"choices": ["denoised-ml", "ml", "homogeneous"]})
+MIN_MISFIT_DECREASE = Flag(
+    "--min-misfit-decrease", "min_misfit_decrease", "RED stops at the first round that lowers "
+    "the data misfit by less than C standard deviations sqrt(2n) and keeps the iterate before "
+    "it (default 1; 0 turns it off)", {"type": float, "metavar": "C"})
+
+
+#: The registered methods, by name, in the order of the paper's comparison (tables, figures, the
+#: demo). Iterating over it is how the command line learns about methods.
 METHODS: dict[str, Method] = {
     "gn-tikhonov": Method(_lazy("gauss_newton", "setup_gn_tikhonov"),
+                          _lazy("gauss_newton", "gn_tikhonov_options"),
                           "Gauss-Newton-CG, output error, Tikhonov (gradient) regulariser, alpha "
-                          "by the discrepancy principle (classical baseline)"),
-    "gn-tv": Method(_lazy("gauss_newton", "setup_gn_tv"),
+                          "by the discrepancy principle (classical baseline)",
+                          flags=(MAX_STEPS,)),
+    "gn-tv": Method(_lazy("gauss_newton", "setup_gn_tv"), _lazy("gauss_newton", "gn_tv_options"),
                     "Gauss-Newton-CG, output error, smoothed total variation, alpha by the "
-                    "discrepancy principle (classical baseline)"),
-    "ml": Method(setup_ml, "maximum-likelihood estimate (statistical model, no prior, early "
-                           "stopped; the denoiser's training input)"),
-    "denoised-ml": Method(_lazy("red", "setup_denoised_ml"),
-                          "the denoiser applied once to the ML estimate (RED's yardstick)"),
-    "red": Method(_lazy("red", "setup_red"),
+                    "discrepancy principle (classical baseline)",
+                    flags=(MAX_STEPS,)),
+    "ml": Method(_lazy("solvers", "setup_ml"), _lazy("solvers", "ml_options"),
+                 "maximum-likelihood estimate (statistical model, no prior, early stopped; the "
+                 "denoiser's training input)",
+                 flags=(MAX_STEPS, STOP, SOLVER)),
+    "denoised-ml": Method(_lazy("red", "setup_denoised_ml"), _lazy("red", "denoised_ml_options"),
+                          "the denoiser applied once to the ML estimate (RED's yardstick)",
+                          flags=(DENOISER, NO_FLIP_AVERAGE)),
+    "red": Method(_lazy("red", "setup_red"), _lazy("red", "red_options"),
                   "regularisation by denoising: the statistical likelihood with the learned "
-                  "prior, started from denoised-ml"),
+                  "prior, started from denoised-ml",
+                  flags=(MAX_STEPS, SOLVER, DENOISER, LAM, START, MIN_MISFIT_DECREASE,
+                         NO_FLIP_AVERAGE)),
 }
+
+#: The method of ``fenics-red reconstruct`` when none is named.
+DEFAULT_METHOD = "ml"
+
+
+def flag_users() -> dict[Flag, tuple[str, ...]]:
+    """Every flag of the registry and the names of the methods that list it, in registry order;
+    ``RuntimeError`` when two different flags have the same name."""
+    users: dict[Flag, list[str]] = {}
+    names: dict[str, Flag] = {}
+    for method_name, method in METHODS.items():
+        for flag in method.flags:
+            if names.setdefault(flag.name, flag) is not flag:
+                raise RuntimeError(f"two different flags {flag.name} in the method registry; "
+                                   "methods that share an option must share its Flag")
+            users.setdefault(flag, []).append(method_name)
+    return {flag: tuple(names) for flag, names in users.items()}
+
+
+def argument_groups() -> list[tuple[str, list[Flag]]]:
+    """The registry's flags grouped by the methods that take them: ``(title, flags)`` pairs, one
+    ``argparse`` argument group each, in registry order."""
+    groups: dict[tuple[str, ...], list[Flag]] = {}
+    for flag, users in flag_users().items():
+        groups.setdefault(users, []).append(flag)
+    return [(f"options of {name_methods(users, article=False)}", flags)
+            for users, flags in groups.items()]
+
+
+def name_methods(names: Sequence[str], article: bool = True) -> str:
+    """``"the method red"``, ``"the methods denoised-ml and red"``, ``"the methods a, b and c"``
+    (without ``"the method(s)"`` when ``article`` is false)."""
+    names = list(names)
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    if not article:
+        return text
+    return f"the method {text}" if len(names) == 1 else f"the methods {text}"
 
 
 def method_names() -> list[str]:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from . import validation
 from .grid import ImageGrid
 
 __all__ = ["SHAPES", "PhantomSettings", "random_phantom", "mask_phantom", "compose_phantom",
@@ -50,22 +51,6 @@ SHAPES = ("circle", "ellipse", "rotated_ellipse", "blob", "polygon")
 MASK_SUFFIXES = (".png", ".npy")
 
 _MAX_TRIES = 200  # placements tried per inclusion before giving up on it
-
-
-def _range(value, name: str, low: float = 0.0, integer: bool = False) -> tuple:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"PhantomSettings.{name} must be a pair (low, high), got {value!r}"
-                         ) from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo <= hi):
-        raise ValueError(f"PhantomSettings.{name} must satisfy {low} <= low <= high (finite), "
-                         f"got {value!r}")
-    if integer:
-        if lo != int(lo) or hi != int(hi):
-            raise ValueError(f"PhantomSettings.{name} must be a pair of integers, got {value!r}")
-        return (int(lo), int(hi))
-    return (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -101,34 +86,27 @@ class PhantomSettings:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "background", _range(self.background, "background", low=0.0))
-        set_(self, "inclusion", _range(self.inclusion, "inclusion", low=0.0))
+        for name in ("background", "inclusion"):
+            set_(self, name, validation.interval(getattr(self, name), f"PhantomSettings.{name}"))
         if self.background[0] <= 0:
             raise ValueError(f"PhantomSettings.background must be strictly positive, got "
                              f"{self.background!r}")
-        set_(self, "n_inclusions", _range(self.n_inclusions, "n_inclusions", low=1, integer=True))
+        set_(self, "n_inclusions", validation.interval(
+            self.n_inclusions, "PhantomSettings.n_inclusions", low=1, integer=True))
         shapes = (self.shapes,) if isinstance(self.shapes, str) else tuple(self.shapes)
         unknown = [s for s in shapes if s not in SHAPES]
         if not shapes or unknown:
             raise ValueError(f"PhantomSettings.shapes must be a non-empty subset of {SHAPES}, "
                              f"got {self.shapes!r}")
         set_(self, "shapes", shapes)
-        for name, low in (("min_size", 1.0), ("max_aspect", 1.0)):
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and value >= low):
-                raise ValueError(f"PhantomSettings.{name} must be a number >= {low}, got "
-                                 f"{getattr(self, name)!r}")
-            set_(self, name, value)
-        max_size = float(self.max_size)
-        if not (math.isfinite(max_size) and 0 < max_size <= 1):
-            raise ValueError(f"PhantomSettings.max_size is a fraction of the field in (0, 1], got "
-                             f"{self.max_size!r}")
-        set_(self, "max_size", max_size)
-        soft = float(self.soft_edge)
-        if not (math.isfinite(soft) and soft >= 0):
-            raise ValueError(f"PhantomSettings.soft_edge must be >= 0 cells, got "
-                             f"{self.soft_edge!r}")
-        set_(self, "soft_edge", soft)
+        for name in ("min_size", "max_aspect"):
+            set_(self, name, validation.number(getattr(self, name), f"PhantomSettings.{name}",
+                                               1.0))
+        set_(self, "max_size", validation.number(
+            self.max_size, "PhantomSettings.max_size", 0.0, 1.0, low_open=True,
+            what="a fraction of the field in (0, 1]"))
+        set_(self, "soft_edge", validation.non_negative(
+            self.soft_edge, "PhantomSettings.soft_edge", what="a number of cells >= 0"))
         set_(self, "overlap", bool(self.overlap))
 
     def to_dict(self) -> dict:
@@ -248,8 +226,13 @@ def compose_phantom(regions: list[np.ndarray], grid: ImageGrid, rng: np.random.G
 
 
 def random_phantom(grid: ImageGrid, rng: np.random.Generator,
-                   settings: PhantomSettings | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   settings: PhantomSettings | None = None, region: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """A random phantom: ``(E, labels)`` images (see the module docstring).
+
+    ``region``: a boolean image of the pixels inside the tissue (a mesh's raster mask); every
+    inclusion then lies inside it, one pixel from its edge. ``None``: the whole field (the draws
+    are then those of a rectangle, bit for bit).
 
     The number of inclusions, their shapes, sizes, positions and moduli are drawn from ``rng``.
     Inclusions lie entirely inside the field, at least one cell from its edges, and (unless
@@ -272,6 +255,8 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
     n_wanted = int(rng.integers(settings.n_inclusions[0], settings.n_inclusions[1] + 1))
     gap = int(math.ceil(settings.soft_edge)) + 1
     occupied = np.zeros(grid.shape, dtype=bool)
+    outside = None if region is None else ~ndimage.binary_erosion(
+        np.asarray(region, dtype=bool), iterations=1, border_value=0)
     regions: list[np.ndarray] = []
     for _ in range(n_wanted):
         for _attempt in range(_MAX_TRIES):
@@ -283,7 +268,7 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
                       rng.uniform(half, grid.height - half) if grid.height > 2 * half
                       else 0.5 * grid.height)
             inside = _shape_mask(shape, x, y, centre, diameter, rng, settings)
-            if not inside.any():
+            if not inside.any() or (outside is not None and (inside & outside).any()):
                 continue
             if not settings.overlap and (
                     ndimage.binary_dilation(inside, iterations=gap) & occupied).any():

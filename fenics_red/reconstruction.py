@@ -7,7 +7,8 @@ File layout (format ``"fenics-red reconstructions"``, version 1; images in the c
 name             shape              dtype    meaning
 ================ ================== ======== ===============================================
 estimate         (n, ny+1, nx+1)    float64  the reconstructed modulus of output row k
-truth            (n, ny+1, nx+1)    float64  the data set's ``E`` of that sample
+truth            (n, ny+1, nx+1)    float64  the data set's ``E`` of that sample (absent when the
+                                             data set has no truth, e.g. a real measurement)
 index            (n,)               int64    the sample's index in the data set
 done             (n,)               uint8    1 once row k is written (all 1 when complete)
 history/<k>/<c>  (m,)               float64  column ``c`` of row k's solver history (group
@@ -25,6 +26,10 @@ mesh distributed over all ranks (``distribute="mesh"``, used for one sample). Ra
 ``OUT.h5.partial`` after every batch and renames it when complete; running again with the same
 method, settings and data resumes it (per-row ``done`` flags), as :func:`fenics_red.data.
 simulate_dataset` does.
+
+:func:`run_method` is the driver under it (the loop over the samples, the method's setup and
+data warnings, resuming, spreading over the ranks): :func:`fenics_red.evaluation.evaluate` runs
+it once per method with its own output (one ``.npz`` per run) instead of this file.
 """
 
 from __future__ import annotations
@@ -39,12 +44,13 @@ import numpy as np
 from mpi4py import MPI
 
 from .data import load_dataset
-from .jobs import ResumableFile, partial_path, run_batches
-from .jobs import plain as _plain
+from .io import plain, to_json
+from .jobs import ResumableFile, ResumableOutput, partial_path, run_batches
 from .methods import get_method, warn_about_data
+from .parallel import check_all
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "reconstruct_dataset",
-           "load_reconstructions", "load_history"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "Result", "reconstruct_dataset",
+           "run_method", "has_truth", "load_reconstructions", "load_history"]
 
 #: Value of the ``format`` attribute of every reconstruction file.
 FORMAT = "fenics-red reconstructions"
@@ -54,25 +60,37 @@ _REQUIRED_ATTRS = ("format", "format_version", "fenics_red_version", "method", "
                    "data_path", "data_attrs")
 
 
-def _json(value) -> str:
-    return json.dumps(value, sort_keys=True, default=_plain)
+class Result(NamedTuple):
+    """One run of a method on one sample: what :func:`run_method` writes to its output."""
+
+    row: int  # the position of the sample in the run's ``indices``
+    estimate: np.ndarray
+    truth: np.ndarray | None  # the data set's E (None without truth)
+    history: dict
+    info: dict
+
+
+def has_truth(dataset) -> bool:
+    """Whether a data set holds the true modulus (a real measurement has none)."""
+    return bool(getattr(dataset, "has_truth", True))
 
 
 class _RowFile(ResumableFile):
     """Rank 0's handle on ``OUT.h5.partial`` (layout: module docstring)."""
 
     def __init__(self, path: Path, attrs: dict, index: np.ndarray, shape: tuple[int, int],
-                 overwrite: bool):
+                 overwrite: bool, truth: bool = True):
         self.index, self.shape = np.asarray(index, dtype=np.int64), tuple(shape)
+        self.images = ("estimate", "truth") if truth else ("estimate",)
         super().__init__(path, attrs, len(index), overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         n = self.n_rows
-        return {"estimate": (n, *self.shape), "truth": (n, *self.shape), "index": (n,)}
+        return {**{name: (n, *self.shape) for name in self.images}, "index": (n,)}
 
     def create_datasets(self) -> None:
         chunk = (1, *self.shape)
-        for name in ("estimate", "truth"):
+        for name in self.images:
             self.file.create_dataset(name, (self.n_rows, *self.shape), dtype=np.float64,
                                      chunks=chunk)
         self.file.create_dataset("index", data=self.index)
@@ -81,11 +99,11 @@ class _RowFile(ResumableFile):
     def check(self, attrs: dict, where: str) -> None:
         advice = "run again with the same options to resume it, or pass --overwrite to start again"
         f = self.file
-        if _plain(f.attrs.get("format")) != FORMAT:
+        if plain(f.attrs.get("format")) != FORMAT:
             raise ValueError(f"{where} is not a fenics-red reconstruction file; delete it or "
                              f"pass --overwrite")
         differences = [key for key in ("format_version", "method", "settings", "data_attrs")
-                       if _plain(f.attrs.get(key)) != attrs[key]]
+                       if plain(f.attrs.get(key)) != attrs[key]]
         if differences:
             raise ValueError(f"{where} was made with different {', '.join(differences)}; "
                              f"{advice}")
@@ -93,14 +111,17 @@ class _RowFile(ResumableFile):
         if wrong is not None:
             raise ValueError(f"{where} has no dataset {wrong[0]!r} of shape {wrong[1]}; delete "
                              "it or pass --overwrite")
+        if "truth" in f and "truth" not in self.images:
+            raise ValueError(f"{where} holds truths but the data set has none; {advice}")
         if not np.array_equal(f["index"][...], self.index):
             raise ValueError(f"{where} holds other samples of the data set; {advice}")
 
-    def write_row(self, row: tuple) -> int:
+    def write_row(self, row: Result) -> int:
         f = self.file
         k, estimate, truth, history, info = row
         f["estimate"][k] = estimate
-        f["truth"][k] = truth
+        if "truth" in self.images:
+            f["truth"][k] = truth
         name = f"history/{k}"
         if name in f:
             del f[name]
@@ -108,7 +129,7 @@ class _RowFile(ResumableFile):
         for column, values in history.items():
             group.create_dataset(column, data=np.asarray(values, dtype=np.float64).ravel())
         for key, value in info.items():
-            group.attrs[key] = value if isinstance(value, str | int | float) else _json(value)
+            group.attrs[key] = value if isinstance(value, str | int | float) else to_json(value)
         return k
 
 
@@ -140,9 +161,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
     out_path = Path(out_path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    entry = get_method(method)
+    get_method(method)  # an unknown method is refused before the data set is read
     dataset = load_dataset(data_path)  # every rank: validated, read lazily
-    runner = None
     try:
         n_data = len(dataset)
         if indices is None:
@@ -154,37 +174,98 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
                 raise ValueError(f"sample indices must be integers in 0..{n_data - 1} (the data "
                                  f"set has {n_data} samples), got {indices.tolist()}")
             indices = indices.astype(np.int64)
-        distribute = distribute or ("mesh" if len(indices) == 1 else "samples")
-        if distribute not in ("samples", "mesh"):
-            raise ValueError(f"distribute must be 'samples' or 'mesh', got {distribute!r}")
-        settings = dataset.settings
-        solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
-        runner = entry.setup(settings.grid, settings.forward, solve_comm, dict(options or {}))
-        warn_about_data(runner, settings, comm)
 
-        from . import __version__
+        def open_output(settings: dict, truth: bool) -> _RowFile:
+            from . import __version__
 
-        data_attrs = dataset.attrs
-        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                 "fenics_red_version": __version__, "method": method,
-                 "settings": _json(runner.settings),
-                 "data_path": str(Path(data_path).resolve()), "data_attrs": _json(data_attrs)}
+            attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                     "fenics_red_version": __version__, "method": method,
+                     "settings": to_json(settings),
+                     "data_path": str(Path(data_path).resolve()),
+                     "data_attrs": to_json(dataset.attrs)}
+            return _RowFile(out_path, attrs, indices, dataset.grid.shape, overwrite, truth)
 
-        def solve(k: int) -> tuple:
-            sample = dataset.sample(int(indices[k]))
-            estimate, history, info = runner.run(sample)
-            return k, estimate, sample.E, history, info
-
-        run_batches(comm, lambda: _RowFile(out_path, attrs, indices, settings.grid.shape,
-                                           overwrite),
-                    solve, batch_size=batch_size, spread=distribute == "samples",
-                    progress=f"{method} {out_path.name}" if progress else None,
-                    on_batch=on_batch)
+        run_method(dataset, comm, method, options, indices, open_output,
+                   distribute=distribute or ("mesh" if len(indices) == 1 else "samples"),
+                   batch_size=batch_size,
+                   progress=f"{method} {out_path.name}" if progress else None,
+                   on_batch=on_batch)
     finally:
-        if runner is not None:
-            runner.destroy()
         dataset.close()
     return out_path
+
+
+def _without_truth(sample):
+    """The sample as a method sees a real measurement: no ``E``, no ``mask``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(sample):
+        return dataclasses.replace(sample, E=None, mask=None)
+    return sample
+
+
+def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
+               indices: Sequence[int],
+               open_output: Callable[[dict, bool], ResumableOutput], *,
+               distribute: str = "samples", truth: bool | None = None, batch_size: int = 4,
+               progress: str | None = None,
+               on_batch: Callable[[int], None] | None = None) -> None:
+    """Collective on ``comm``: run ``method`` on the samples ``indices`` of an open data set.
+
+    The one loop over a data set's samples (:func:`reconstruct_dataset`, the evaluation suite):
+    sets the method up (an error on any rank is raised on every rank), opens the output on rank 0,
+    emits the method's data warnings (:func:`fenics_red.methods.warn_about_data`) when samples
+    remain to be solved, solves them (resuming an unfinished output) and writes them.
+
+    Args:
+        dataset: an open :class:`fenics_red.data.Dataset` (read on every rank).
+        comm: the communicator of the run.
+        method, options: a registered method and overrides of its settings.
+        indices: the samples to run, in output order (row ``k`` is sample ``indices[k]``).
+        open_output: ``open_output(settings, truth)``, called on rank 0 with the method's full
+            settings and whether the truth is used: creates or resumes the output (a
+            :class:`fenics_red.jobs.ResumableOutput` of ``len(indices)`` rows), refusing one made
+            with other settings; it is written :class:`Result` rows.
+        distribute: ``"samples"`` (each rank solves its own on ``COMM_SELF``) or ``"mesh"``
+            (every sample on all ranks).
+        truth: pass the data set's truth on (``None``: when it has one, :func:`has_truth`);
+            ``False`` runs the method as on a real measurement (samples without ``E`` and
+            ``mask``) and writes rows without truth.
+        batch_size: samples per rank between two writes.
+        progress: the description of a tqdm bar on rank 0 (``None``: no bar).
+        on_batch: ``on_batch(n_done)`` on every rank after each write.
+    """
+    if distribute not in ("samples", "mesh"):
+        raise ValueError(f"distribute must be 'samples' or 'mesh', got {distribute!r}")
+    entry = get_method(method)
+    indices = np.asarray(indices, dtype=np.int64)
+    truth = has_truth(dataset) if truth is None else bool(truth and has_truth(dataset))
+    data_settings = dataset.settings
+    solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
+    runner = check_all(comm, lambda: entry.setup(data_settings.grid, data_settings.forward,
+                                                 solve_comm, dict(options or {})))
+    try:
+        def open_and_warn() -> ResumableOutput:
+            output = open_output(runner.settings, truth)
+            try:
+                if len(output.pending()):
+                    warn_about_data(runner, data_settings, comm)  # rank 0 (here) emits them
+            except BaseException:
+                output.close()
+                raise
+            return output
+
+        def solve(k: int) -> Result:
+            sample = dataset.sample(int(indices[k]))
+            if not truth:
+                sample = _without_truth(sample)
+            estimate, history, info = runner.run(sample)
+            return Result(k, estimate, sample.E if truth else None, history, info)
+
+        run_batches(comm, open_and_warn, solve, batch_size=batch_size,
+                    spread=distribute == "samples", progress=progress, on_batch=on_batch)
+    finally:
+        runner.destroy()
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -193,7 +274,7 @@ class Reconstructions(NamedTuple):
     """What :func:`load_reconstructions` returns (unpacks as ``estimates, truth, index, attrs``)."""
 
     estimates: np.ndarray
-    truth: np.ndarray
+    truth: np.ndarray | None  # None when the data set had no truth
     index: np.ndarray
     attrs: dict
 
@@ -220,13 +301,14 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
     Checks the format and version, the attributes (``settings`` and ``data_attrs`` must be JSON),
     the datasets' presence, shapes and dtypes, that every row was written, and that the estimates
     and truths are finite. ``attrs`` has plain values with ``settings`` and ``data_attrs``
-    decoded from JSON. Raises ``FileNotFoundError`` or ``ValueError`` saying what is wrong.
+    decoded from JSON; ``truth`` is ``None`` for a file without truth (a data set without one).
+    Raises ``FileNotFoundError`` or ``ValueError`` saying what is wrong.
     """
     def fail(message):
         raise ValueError(f"reconstruction file {str(path)!r}: {message}")
 
     with _open(path) as f:
-        attrs = {key: _plain(value) for key, value in f.attrs.items()}
+        attrs = {key: plain(value) for key, value in f.attrs.items()}
         if attrs.get("format") != FORMAT:
             fail(f"not a fenics-red reconstruction file (attribute format is "
                  f"{attrs.get('format')!r}, expected {FORMAT!r})")
@@ -241,15 +323,18 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
                 attrs[key] = json.loads(attrs[key])
             except (TypeError, json.JSONDecodeError):
                 fail(f"attribute {key!r} is not valid JSON")
-        for name in ("estimate", "truth", "index", "done"):
+        images = ("estimate", "truth") if "truth" in f else ("estimate",)
+        for name in (*images, "index", "done"):
             if name not in f or not hasattr(f[name], "shape"):
                 fail(f"dataset {name!r} is missing")
-        estimates, truth = f["estimate"], f["truth"]
+        estimates = f["estimate"]
         if estimates.ndim != 3:
             fail(f"dataset 'estimate' has shape {estimates.shape}, expected (n, ny+1, nx+1)")
         n = estimates.shape[0]
         for name, want, kinds in (("truth", estimates.shape, "f"), ("index", (n,), "iu"),
                                   ("done", (n,), "iub"), ("estimate", estimates.shape, "f")):
+            if name == "truth" and "truth" not in images:
+                continue
             d = f[name]
             if d.shape != want:
                 fail(f"dataset {name!r} has shape {d.shape}, expected {want}")
@@ -258,13 +343,13 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
         done = np.asarray(f["done"][...])
         if not (done == 1).all():
             fail(f"incomplete: {int((done == 1).sum())} of {n} rows were written")
-        estimates, truth = np.asarray(estimates[...]), np.asarray(truth[...])
-        for name, values in (("estimate", estimates), ("truth", truth)):
-            if not np.isfinite(values).all():
-                k = int(np.argwhere(~np.isfinite(values).all(axis=(1, 2)))[0, 0])
+        values = {name: np.asarray(f[name][...]) for name in images}
+        for name in images:
+            if not np.isfinite(values[name]).all():
+                k = int(np.argwhere(~np.isfinite(values[name]).all(axis=(1, 2)))[0, 0])
                 fail(f"dataset {name!r} has non-finite values (first in row {k})")
         index = np.asarray(f["index"][...], dtype=np.int64)
-    return Reconstructions(estimates, truth, index, attrs)
+    return Reconstructions(values["estimate"], values.get("truth"), index, attrs)
 
 
 def load_history(path: str | os.PathLike, row: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -275,4 +360,4 @@ def load_history(path: str | os.PathLike, row: int) -> tuple[dict[str, np.ndarra
             raise KeyError(f"reconstruction file {str(path)!r} has no history for row {row}")
         group = f[name]
         return ({key: np.asarray(group[key][...]) for key in group},
-                {key: _plain(value) for key, value in group.attrs.items()})
+                {key: plain(value) for key, value in group.attrs.items()})

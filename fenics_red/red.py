@@ -13,81 +13,16 @@ A run on one data set has three stages:
 2. ``C(Ẽ)``: the denoiser applied once. This is the ``denoised-ml`` method, and RED's start;
 3. the RED loop from ``C(Ẽ)``, with ``Γ`` refreshed from the (now smooth) iterate every
    :attr:`REDSettings.steps_per_round` steps and λ set at each refresh by a rule of
-   :mod:`fenics_red.priors` (:attr:`REDSettings.lam`), until the relative change of ``E`` falls
-   below :attr:`REDSettings.rtol` (a fixed point) or the step budget is spent.
+   :mod:`fenics_red.priors` (:attr:`REDSettings.lam`), until one of the loop's stopping rules
+   (:func:`fenics_red.solvers.stopping_rules`) ends it: a fixed point (:attr:`REDSettings.rtol`),
+   a round without a significant decrease of the misfit, the misfit guard or the step budget.
 
 ``denoised-ml`` is the honest yardstick for RED: where RED does not beat it, the physics loop adds
-nothing to one pass of the network.
-
-Choice of λ and of the stopping rule (``demos/red_lambda_rules.py``, one call per SNR, with the
-shipped denoiser, on validation sets of 16 phantoms at 64², seed 5000, used neither in training
-nor in ``make paper``; mean relative error; in brackets the median λ / L_g of the paper's rule).
-With the defaults (denoiser averaged over left-right flips, see :mod:`fenics_red.denoiser`):
-
-============================== ================ ================ ================
-                               25 dB            35 dB            45 dB
-============================== ================ ================ ================
-ml                             0.4194           0.3805           0.3285
-denoised-ml (RED's start)      0.2644           0.1929           0.1643
-0.001 L_g (the default)        0.2643           0.1925           0.1639
-0.01 L_g                       0.2646           0.1924           0.1637
-paper (12), c = 1              0.2658 (6.4e-3)  0.1927 (9.6e-4)  0.1638 (9.3e-4)
-============================== ================ ================ ================
-
-A wider sweep, made first, with the same network not averaged over flips (``flip_average=False``):
-
-============================== ================ ================ ================
-                               25 dB            35 dB            45 dB
-============================== ================ ================ ================
-denoised-ml                    0.2680           0.1998           0.1672
-paper (12), c = 1              0.2689 (6.0e-3)  0.1996 (1.0e-3)  0.1667 (8.8e-4)
-0.001 L_g                      0.2677           0.1993           0.1667
-0.003 L_g                      0.2678           0.1992           0.1667
-0.01 L_g                       0.2681           0.1992           0.1665
-0.03 L_g                       0.2693           0.1996           0.1669
-0.1 L_g                        0.2695           0.2016           0.1683
-0.001 L_g without the          0.2718           0.1992           0.1667
-significance stop
-============================== ================ ================ ================
-
-Projected gradient steps, 20 per refresh of ``Γ``, at most 200. What the tables say:
-
-* **The denoiser does the work.** One pass takes the ML estimate's error down by 37 %, 49 % and
-  50 %; the RED loop then changes it by −0.4 % to +0.1 % at weights up to 0.01 L_g. Weights of
-  0.03 L_g and above make it worse at every SNR: iterated, any denoiser pulls towards its own
-  fixed points, which are close to, but not, the clean maps (five passes over a clean map move
-  it by 1.5 %; the model card's ``clean_drift_5``). The paper's rule (12) gives about 1e-3 L_g at
-  35 and 45 dB, i.e. the default, and six times more at 25 dB, where ``‖∇g‖`` grows with the
-  noise: a little worse there.
-* **Why the stopping rule.** With a small weight the loop is nearly the data term's gradient
-  descent from the denoised start. Where the data are noisy that descent keeps lowering the misfit
-  by amounts smaller than its own noise (one standard deviation of a χ²_n misfit is ``√(2n)``,
-  about 1.6 % of ``n``) while adding texture: at 25 dB the error crept up round after round (0.2680
-  → 0.2718 in 200 steps; with the previous, 35 dB-only model 0.42 → 0.44). The rule
-  :attr:`REDSettings.min_misfit_decrease` ends the loop at the first round that lowers the misfit
-  by less than ``√(2n)`` and keeps the iterate before it: 14 of 16 runs at 25 dB end there after
-  one or two rounds, at 35 dB all 16 (the loop's later rounds were below the noise there too), at
-  45 dB only 1 of 16 (the others reach a fixed point first). Where the data still carry
-  information it changes nothing (35 and 45 dB: within 1e-4, second table).
-* **Guards.** Large weights with the previous model (λ = L_g) let stiff spots run away (one 35 dB
-  phantom ended at max/median 283, the truth's is 5.4), where the displacement is insensitive to
-  the modulus; the misfit guard (:attr:`REDSettings.misfit_guard`) stops a run whose misfit rises
-  above its start's (2 of 16 at 25 dB and 1 of 16 at 45 dB with the default weight).
-
-The previous shipped model, trained on 35 dB pairs only, gave denoised-ml errors of 0.423, 0.202
-and 0.222 on the same sets: one pass left 25 dB estimates as they were and RED then drifted
-(0.42 → 0.44 with 0.001 L_g, 0.63 with the paper's rule). Training across SNRs (25, 35 and 45 dB
-pairs) fixed the first (0.268) and the stopping rule the second. That RED adds so little to one
-pass is the finding, not a tuning gap: with these data and this denoiser, the physics loop only
-confirms the denoised estimate. Phantoms unlike the training ones do not change that (35 dB,
-16 phantoms each, seed 6000, ``fenics-red simulate --samples 16 --grid 64 --snr 35 --seed 6000``
-with the option in brackets, then ``reconstruct --all`` with each method; mean relative error of
-ml / denoised-ml / red): the training recipe 0.423 / 0.1957 / 0.1954, soft edges
-(``--soft-edge 3``) 0.379 / 0.1442 / 0.1437, 5-8 inclusions (``--inclusions 5 8``) 0.513 /
-0.2675 / 0.2666, a sliding bottom (``--support sliding``) 0.432 / 0.2099 / 0.2095, one or two
-large inclusions (``--max-size 0.5 --inclusions 1 2``) 0.376 / 0.1875 / 0.1868. RED is below
-its start on 77 of the 80 phantoms and above it on none, by 0.2-0.4 %. A loop that adds more
-than a denoiser pass needs a prior with a true potential (a gradient-step denoiser), not tried.
+nothing to one pass of the network. The defaults (λ = 0.001 L_g, the significance stop and the
+misfit guard of :class:`REDSettings`) were chosen on validation sets at 25, 35 and 45 dB; the
+measurements, and the commands that made them, are in ``docs/studies.md``. In short: one denoiser
+pass takes 37-50 % off the ML estimate's error and the loop changes it by under 0.5 %; larger
+weights, and rounds that lower the misfit by less than its noise, make it worse.
 
 The default denoiser is the model shipped in ``fenics_red/data/denoiser.pt`` (trained by
 ``make denoiser``: see the README); any file written by ``fenics-red train`` can replace it.
@@ -96,6 +31,7 @@ The default denoiser is the model shipped in ``fenics_red/data/denoiser.pt`` (tr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -109,10 +45,26 @@ from .likelihood import StatisticalLikelihood
 from .parallel import on_root
 from .solvers import FixedPointSolver, MLSettings, measurement_from_sample
 
-__all__ = ["REDSettings", "REDReconstructor", "default_denoiser_path", "load_denoiser",
-           "setup_red", "setup_denoised_ml", "snr_warning", "training_snrs"]
+__all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "default_denoiser_path",
+           "load_denoiser", "red_options", "denoised_ml_options", "setup_red",
+           "setup_denoised_ml", "snr_warning", "training_snrs"]
 
 _STARTS = ("denoised-ml", "ml", "homogeneous")
+_SOLVERS = ("pgd", "fista")
+
+
+def _check_denoiser(settings, name: str) -> None:
+    """``denoiser``: ``None`` or a non-empty path (kept as a string); ``flip_average``: a bool."""
+    denoiser = settings.denoiser
+    if isinstance(denoiser, os.PathLike):
+        denoiser = os.fspath(denoiser)
+        object.__setattr__(settings, "denoiser", denoiser)
+    if denoiser is not None and not (isinstance(denoiser, str) and denoiser):
+        raise ValueError(f"{name}.denoiser must be None (the shipped model) or a model file, "
+                         f"got {denoiser!r}")
+    if not isinstance(settings.flip_average, bool):
+        raise ValueError(f"{name}.flip_average must be True or False, got "
+                         f"{settings.flip_average!r}")
 
 
 def default_denoiser_path() -> Path:
@@ -142,7 +94,7 @@ class REDSettings:
             :mod:`fenics_red.denoiser`; measured better at every SNR of the validation sets).
         lam: the λ rule, as :func:`fenics_red.priors.parse_lambda_rule` reads it: a number,
             ``"paper:c"`` (λ = c‖∇g‖, equation 12), ``"balance:c"`` (λ = c‖∇g‖/‖E − C(E)‖) or
-            ``"lipschitz:c"`` (λ = c L_g; the default, ``c = 0.001``). See the module docstring
+            ``"lipschitz:c"`` (λ = c L_g; the default, ``c = 0.001``). See ``docs/studies.md``
             for the measurements behind the default.
         start: ``"denoised-ml"`` (default), ``"ml"`` or ``"homogeneous"`` (the uniform fit).
         max_steps: budget of RED gradient steps.
@@ -153,12 +105,12 @@ class REDSettings:
         misfit_guard: stop when a refresh of ``Γ`` finds the data misfit above the start's, and
             keep the last iterate within it (:attr:`MLSettings.misfit_guard`): RED exists to
             bring the denoised estimate closer to the data, and an iterate that fits them worse
-            than its start is being pulled away by the prior (the divergence of the module
-            docstring).
+            than its start is being pulled away by the prior (runaway stiff spots with large
+            weights, ``docs/studies.md``).
         min_misfit_decrease: stop when a round lowers the misfit (at the refreshes of ``Γ``) by
             less than this many of its standard deviations ``√(2n)``, and keep the iterate
             before that round (:attr:`MLSettings.min_misfit_decrease`): such a round fits the
-            noise, not the modulus (the slow drift below the training SNR, module docstring).
+            noise, not the modulus (the slow drift below the training SNR, ``docs/studies.md``).
             ``0`` turns it off.
     """
 
@@ -175,15 +127,18 @@ class REDSettings:
     min_misfit_decrease: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.flip_average, bool):
-            raise ValueError(f"REDSettings.flip_average must be True or False, got "
-                             f"{self.flip_average!r}")
+        _check_denoiser(self, "REDSettings")
         if self.start not in _STARTS:
             raise ValueError(f"REDSettings.start must be one of {_STARTS}, got {self.start!r}")
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"REDSettings.solver must be one of {_SOLVERS}, got {self.solver!r}")
         from .priors import parse_lambda_rule
 
         parse_lambda_rule(self.lam, prior=object(), fidelity=object())  # spelling check only
-        self.loop_settings()  # checks the numbers
+        try:
+            self.loop_settings()  # checks the numbers
+        except ValueError as error:  # the same field names
+            raise ValueError(str(error).replace("MLSettings.", "REDSettings.")) from None
 
     def loop_settings(self) -> MLSettings:
         """The :class:`MLSettings` of the RED loop."""
@@ -206,6 +161,47 @@ class REDSettings:
                                  f"{sorted(known)}")
             values[key] = value
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class DenoisedMLSettings:
+    """Options of ``denoised-ml``: the denoiser (:attr:`REDSettings.denoiser`,
+    :attr:`REDSettings.flip_average`); the ML stage is the training recipe, not an option."""
+
+    denoiser: str | None = None
+    flip_average: bool = True
+
+    def __post_init__(self):
+        _check_denoiser(self, "DenoisedMLSettings")
+
+    def red_settings(self) -> REDSettings:
+        """The :class:`REDSettings` whose first two stages are this method."""
+        return REDSettings(denoiser=self.denoiser, flip_average=self.flip_average)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def red_options(options: Mapping | REDSettings | None = None) -> REDSettings:
+    """The ``"red"`` method's options: :class:`REDSettings` with the overrides ``options`` (its
+    fields; ``max_steps`` and ``solver`` are fields of the same meaning as the generic names)."""
+    if isinstance(options, REDSettings):
+        return options
+    return REDSettings.from_options(options, "red")
+
+
+def denoised_ml_options(options: Mapping | DenoisedMLSettings | None = None
+                        ) -> DenoisedMLSettings:
+    """The ``"denoised-ml"`` method's options: :class:`DenoisedMLSettings` with the overrides
+    ``options`` (``denoiser``, ``flip_average``)."""
+    if isinstance(options, DenoisedMLSettings):
+        return options
+    known = {f.name for f in fields(DenoisedMLSettings)}
+    unknown = sorted(set(dict(options or {})) - known)
+    if unknown:
+        raise ValueError(f"method 'denoised-ml' has no option(s) {unknown}; accepted: "
+                         f"{sorted(known)} (the ML stage is the training recipe)")
+    return DenoisedMLSettings(**dict(options or {}))
 
 
 class REDReconstructor:
@@ -287,14 +283,12 @@ class _Runner:
     """Runner API of :mod:`fenics_red.methods` for ``red`` and ``denoised-ml``."""
 
     def __init__(self, stages: str, grid, forward, comm, options):
-        if stages == "denoised-ml":
-            known = {"denoiser", "flip_average"}
-            unknown = sorted(set(dict(options or {})) - known)
-            if unknown:
-                raise ValueError(f"method 'denoised-ml' has no option(s) {unknown}; accepted: "
-                                 f"{sorted(known)} (the ML stage is the training recipe)")
         self.stages = stages
-        self.red_settings = REDSettings.from_options(options, stages)
+        if stages == "denoised-ml":
+            self.options = denoised_ml_options(options)
+            self.red_settings = self.options.red_settings()
+        else:
+            self.options = self.red_settings = red_options(options)
         self.reconstructor = REDReconstructor(grid, forward, self.red_settings, comm)
 
     @property
@@ -337,7 +331,7 @@ def snr_warning(denoiser, snr_db: float | None, method: str = "red") -> str | No
     denoiser was trained at, ``None`` otherwise (or when either SNR is unknown).
 
     Measured with a model trained at 35 dB alone: at 25 dB one denoiser pass left the ML estimate
-    as it was and RED made it worse (module docstring).
+    as it was and RED made it worse (``docs/studies.md``).
     """
     snrs = training_snrs(denoiser)
     if snr_db is None or not snrs or not math.isfinite(float(snr_db)):
@@ -347,7 +341,7 @@ def snr_warning(denoiser, snr_db: float | None, method: str = "red") -> str | No
     trained = ", ".join(f"{v:g}" for v in sorted(set(snrs)))
     return (f"the data ({float(snr_db):g} dB) are noisier than the denoiser's training data "
             f"({trained} dB): {method!r} was not validated there (a model trained at 35 dB alone "
-            "did not improve 25 dB estimates, see fenics_red/red.py); train a denoiser at this SNR "
+            "did not improve 25 dB estimates, see docs/studies.md); train a denoiser at this SNR "
             "(scripts/train-denoiser with SNRS=...) and pass it with --denoiser, or compare with "
             "--method ml")
 
@@ -358,10 +352,10 @@ def _card_summary(denoiser) -> dict:
 
 
 def setup_red(grid, forward, comm, options=None) -> _Runner:
-    """Factory of ``"red"`` (options: :class:`REDSettings` fields)."""
+    """Factory of ``"red"`` (options: see :func:`red_options`)."""
     return _Runner("red", grid, forward, comm, options)
 
 
 def setup_denoised_ml(grid, forward, comm, options=None) -> _Runner:
-    """Factory of ``"denoised-ml"`` (options: ``denoiser``, ``flip_average``)."""
+    """Factory of ``"denoised-ml"`` (options: see :func:`denoised_ml_options`)."""
     return _Runner("denoised-ml", grid, forward, comm, options)

@@ -1,7 +1,7 @@
-"""Fixed-point projected gradient descent for the statistical estimator (paper, equations 6-7).
+"""Fixed-point projected gradient descent for the statistical estimator (paper, equations 6-9).
 
-The loop (``E ← [E − ε(∇g(E) + λ∇R(E))]₊`` with ``Γ`` frozen, then ``Γ ← Γ(E)``) is assembled
-from separate objects, as in deepinv's ``optim``:
+The loop (``E ← [E − ε(∇g(E) + λ∇R(E))]₊`` with ``Γ`` frozen, then ``Γ ← Γ(E)``, equations 5-7)
+is assembled from separate objects, as in deepinv's ``optim``:
 
 * the data fidelity, :class:`fenics_red.likelihood.StatisticalLikelihood` (``g``, ``∇g``,
   ``refresh``, ``lipschitz``);
@@ -9,44 +9,20 @@ from separate objects, as in deepinv's ``optim``:
   ``lipschitz``, see :class:`Prior`) and its weight ``λ`` (a number, or a callable evaluated at
   every refresh, e.g. the paper's rule ``λ ≥ ‖∇g(E)‖``, equation 12);
 * the iteration, :class:`ProjectedGradient` or :class:`MonotoneFISTA`;
-* the stopping rule and every number of the loop, in the frozen dataclass :class:`MLSettings`.
+* the stopping rules, small objects with one interface (:class:`StoppingRule`:
+  :class:`MisfitGuard`, :class:`SignificantDecrease`, :class:`Discrepancy`, :class:`StepBudget`,
+  :class:`FixedPoint`), composed by :func:`stopping_rules` from the frozen dataclass
+  :class:`MLSettings`, which holds every number of the loop.
 
-The maximum-likelihood (ML) estimate
-------------------------------------
-Without a prior the loop computes the unregularised estimate. At realistic noise it
-*semi-converges*: the error first falls, then grows as the iteration fits the noise (a converged
-bounded least-squares solution has errors of 2 to 7), so the ML estimate is an early-stopped
-iteration and its stopping rule is part of its definition. The defaults of :class:`MLSettings`
-are that definition (the data recipe of the denoiser, stored with every estimate):
-
-* start from the uniform modulus that best fits the measured displacement
-  (:meth:`~fenics_red.likelihood.StatisticalLikelihood.homogeneous_fit`), positivity floor 1% of
-  it;
-* monotone FISTA with ``ε = 1/L`` (``L`` from 30 power iterations), ``Γ`` frozen at the initial
-  modulus (``steps_per_round`` exceeds the budget, so no refresh happens);
-* stop at the first iterate whose ``Γ``-weighted misfit ``(f − DE)ᵀ Γ⁻¹ (f − DE)`` is at most the
-  number ``n`` of free equations (its expected value at the true ``E``: the discrepancy principle,
-  ``τ = 1``), or after 150 steps, whichever comes first.
-
-Why (measured with ``python benchmarks/inverse.py --stopping``: FISTA with ``Γ`` frozen, 400
-steps, random inclusion phantoms of ``SimulationSettings(grid, seed=5)``, samples 0-15, 0-7 at
-128²; mean relative L2 errors). At 35 dB the best iterate lies at a median step of 145 at 64²
-(range 56-167; 195 at 32², 90 at 128²), with mean best errors 0.395 (64²), 0.409 (32²) and
-0.323 (128²). The budget of 150 alone gives 0.400, 0.419 and 0.336 (at most 0.04 above the
-best for any one sample). The discrepancy principle ends 15 of 16 runs at 64² within 400 steps
-(from step 28 to 362; 10 of 16 at 32²) with errors comparable to the budget's, but it cannot be
-the only rule since the misfit may never reach ``n``. Combined, as in the defaults, the rule
-gives 0.396 (64²), 0.418 (32²) and 0.323 (128²) at 35 dB. It adapts to the noise: at 25 dB the
-best iterate is near step 25 and the combined rule gives 0.442 (best 0.441) where the budget
-alone gives 0.634; at 45 dB it stops early (0.345 at 64², while 400 steps reach 0.272), so data
-much cleaner than 35 dB deserve a larger ``max_steps``. Refreshing ``Γ`` from the
-unregularised iterate makes the estimate worse (best error 0.410 with a refresh every 50
-steps, 0.416 every 20, against 0.395 frozen) because ``Γ(E)`` inherits the noise of ``E``; the
-refresh is kept for regularised iterations (RED), where ``E`` is smooth. Plain projected
-gradient descent is far slower: on samples 0-3 at 64² its best iterate lies at steps 451-2554
-(FISTA: 56-159), and to come within 1 % of FISTA's best error of 300 steps it took 3.2 times
-FISTA's time on sample 0 and did not get there in 3000 steps on samples 1 and 2 (speed-up above
-14; ``benchmarks/results/inverse.md``).
+Without a prior the loop computes the maximum-likelihood (ML) estimate (equation 6 with λ = 0;
+``g`` and ``∇g``: equations 8-9). At realistic noise it *semi-converges*: the error first falls,
+then grows as the iteration fits the noise, so the ML estimate is an early-stopped iteration and
+its stopping rule is part of its definition. The defaults of :class:`MLSettings` are that
+definition (the data recipe of the denoiser, stored with every estimate): start from the uniform
+modulus that best fits the data, monotone FISTA with ``Γ`` frozen at it, stop at the first
+iterate whose misfit is at most the number ``n`` of free equations (the discrepancy principle) or
+after 150 steps. The measurements behind these choices, and the commands that made them, are in
+``docs/studies.md``.
 """
 
 from __future__ import annotations
@@ -65,9 +41,11 @@ from .forward import ElasticityModel, ForwardSettings
 from .grid import ImageGrid, validate_image
 from .likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
 
-__all__ = ["MLSettings", "History", "IterationState", "Prior", "ProjectedGradient",
+__all__ = ["MLSettings", "History", "IterationState", "LoopState", "Prior", "ProjectedGradient",
            "MonotoneFISTA", "FixedPointSolver", "MLReconstructor", "reconstruct_ml",
-           "measurement_from_sample"]
+           "measurement_from_sample", "StoppingRule", "MisfitGuard", "SignificantDecrease",
+           "CallbackStop", "Discrepancy", "StepBudget", "FixedPoint", "stopping_rules",
+           "ml_options", "MLRunner", "setup_ml"]
 
 _METHODS = ("pgd", "fista")
 _STOPS = ("discrepancy", "budget")
@@ -97,7 +75,7 @@ class MLSettings:
         max_steps: the budget of gradient steps (all rounds together).
         steps_per_round: gradient steps with ``Γ`` frozen before it is refreshed from the current
             ``E`` (equations 5-7). The default exceeds :attr:`max_steps`: the ML estimate keeps
-            ``Γ`` at the initial modulus (see the module docstring); RED-type loops refresh.
+            ``Γ`` at the initial modulus (``docs/studies.md``); RED-type loops refresh.
         rtol: a round ends when a proximal-gradient step changes ``E`` by less than ``rtol``
             (relative); the solve ends when, in addition, the round moved ``E`` by less than
             ``rtol`` (fixed point of equations 6-7 reached).
@@ -163,7 +141,7 @@ class MLSettings:
         _check(self.min_misfit_decrease, "min_misfit_decrease", strict=False)
         _check(self.power_iterations, "power_iterations", integer=True)
         _check(self.refresh_power_iterations, "refresh_power_iterations", integer=True)
-        for name in ("backtracking", "restart"):
+        for name in ("backtracking", "restart", "misfit_guard"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise ValueError(f"MLSettings.{name} must be True or False")
         if isinstance(self.likelihood, Mapping):
@@ -221,6 +199,169 @@ class IterationState:
     time: float
     error: float
     lam: float
+
+
+# -- stopping rules ------------------------------------------------------------------------------
+
+#: When the loop asks a rule (:attr:`StoppingRule.when`): at the first iterate after each refresh
+#: of ``Γ``, at every iterate, or when a round has ended without a stop (before the next refresh).
+AT_REFRESH, AT_STEP, AT_ROUND_END = "refresh", "step", "round_end"
+#: Which iterate the loop returns when a rule stops it (:attr:`StoppingRule.keep`): the current
+#: one, or that of the last refresh of ``Γ`` that passed every rule.
+KEEP_CURRENT, KEEP_LAST_REFRESH = "current", "last_refresh"
+
+
+@dataclass
+class LoopState(IterationState):
+    """What a stopping rule sees: the iterate as a callback sees it, and the loop's bookkeeping.
+
+    ``n_equations``: free equations ``n`` (the misfit's expected value at the true ``E``);
+    ``round_steps``: steps since the last refresh of ``Γ``; ``prox_change``: relative change of
+    the last proximal-gradient step; ``round_start``: the iterate at the last refresh; ``work``: a
+    scratch vector of the same layout.
+    """
+
+    n_equations: int
+    round_steps: int
+    prox_change: float
+    round_start: PETSc.Vec
+    work: PETSc.Vec
+
+
+@runtime_checkable
+class StoppingRule(Protocol):
+    """One reason to end the fixed-point loop.
+
+    ``check(state)`` returns the reason to stop (the history's ``stop_reason``) or ``None``. The
+    loop asks its rules at the point :attr:`when` (:data:`AT_REFRESH`, :data:`AT_STEP` or
+    :data:`AT_ROUND_END`), in order; the first reason ends the run, which then returns the
+    iterate named by :attr:`keep`. A rule may keep state across the calls of one run:
+    :func:`stopping_rules` makes fresh ones for every run. States hold values reduced over the
+    ranks, so every rank takes the same decision; collective operations on the state's vectors
+    are allowed (every rank asks every rule).
+    """
+
+    when: str
+    keep: str
+
+    def check(self, state: LoopState) -> str | None: ...
+
+
+class MisfitGuard:
+    """``"misfit_guard"``: a refresh finds the misfit above its value at the start of the run, or
+    above ``τ n`` when that is larger (:attr:`MLSettings.misfit_guard`); keeps the last
+    refreshed iterate within the limit."""
+
+    when, keep = AT_REFRESH, KEEP_LAST_REFRESH
+
+    def __init__(self, discrepancy: float):
+        self.discrepancy = discrepancy
+        self.limit = math.inf
+
+    def check(self, state: LoopState) -> str | None:
+        if state.round == 0:  # misfits within the noise level are never suspicious
+            self.limit = max(state.misfit, self.discrepancy * state.n_equations)
+        return "misfit_guard" if state.misfit > self.limit else None
+
+
+class SignificantDecrease:
+    """``"insignificant"``: a refresh finds the misfit less than ``c √(2n)`` (``c`` standard
+    deviations of a χ²_n misfit) below the previous refresh's
+    (:attr:`MLSettings.min_misfit_decrease`): the round was not supported by the data; keeps the
+    iterate of the previous refresh."""
+
+    when, keep = AT_REFRESH, KEEP_LAST_REFRESH
+
+    def __init__(self, min_decrease: float):
+        self.min_decrease = min_decrease
+        self.previous = math.inf
+
+    def check(self, state: LoopState) -> str | None:
+        if self.previous - state.misfit < self.min_decrease * math.sqrt(2.0 * state.n_equations):
+            return "insignificant"
+        self.previous = state.misfit
+        return None
+
+
+class CallbackStop:
+    """``"callback"``: the user's ``callback(state)`` returned a true value (asked at every
+    iterate, before the rules of the settings)."""
+
+    when, keep = AT_STEP, KEEP_CURRENT
+
+    def __init__(self, callback: Callable[[IterationState], bool | None]):
+        self.callback = callback
+
+    def check(self, state: LoopState) -> str | None:
+        return "callback" if self.callback(state) else None
+
+
+class Discrepancy:
+    """``"discrepancy"``: the misfit is at most ``τ n`` (the discrepancy principle,
+    :attr:`MLSettings.stop` ``"discrepancy"``)."""
+
+    when, keep = AT_STEP, KEEP_CURRENT
+
+    def __init__(self, discrepancy: float):
+        self.discrepancy = discrepancy
+
+    def check(self, state: LoopState) -> str | None:
+        return "discrepancy" if state.misfit <= self.discrepancy * state.n_equations else None
+
+
+class StepBudget:
+    """``"max_steps"``: :attr:`MLSettings.max_steps` gradient steps are done."""
+
+    when, keep = AT_STEP, KEEP_CURRENT
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+
+    def check(self, state: LoopState) -> str | None:
+        return "max_steps" if state.step >= self.max_steps else None
+
+
+class FixedPoint:
+    """``"rtol"``: a round ended by a proximal step smaller than :attr:`MLSettings.rtol` moved
+    ``E`` by less than ``rtol`` (relative) since its refresh of ``Γ``: a fixed point of
+    equations 6-7."""
+
+    when, keep = AT_ROUND_END, KEEP_CURRENT
+
+    def __init__(self, rtol: float):
+        self.rtol = rtol
+
+    def check(self, state: LoopState) -> str | None:
+        if not state.prox_change < self.rtol:
+            return None
+        state.work.waxpy(-1.0, state.round_start, state.E)
+        return "rtol" if state.work.norm() <= self.rtol * state.E.norm() else None
+
+
+def stopping_rules(settings: MLSettings, callback: Callable | None = None
+                   ) -> list[StoppingRule]:
+    """Fresh stopping rules of one run, in the order the loop asks them."""
+    rules: list[StoppingRule] = []
+    if settings.misfit_guard:
+        rules.append(MisfitGuard(settings.discrepancy))
+    if settings.min_misfit_decrease > 0:
+        rules.append(SignificantDecrease(settings.min_misfit_decrease))
+    if callback is not None:
+        rules.append(CallbackStop(callback))
+    if settings.stop == "discrepancy":
+        rules.append(Discrepancy(settings.discrepancy))
+    rules.append(StepBudget(settings.max_steps))
+    rules.append(FixedPoint(settings.rtol))
+    return rules
+
+
+def _first_stop(rules: list[StoppingRule], state: LoopState) -> tuple[str, StoppingRule | None]:
+    """The first rule's reason to stop, and the rule (``("", None)`` when none stops)."""
+    for rule in rules:
+        reason = rule.check(state)
+        if reason:
+            return reason, rule
+    return "", None
 
 
 class History:
@@ -523,7 +664,9 @@ class FixedPointSolver:
 
         Returns the estimate (the solver's own vector: copy it before the next run) and the
         :class:`History`. ``truth`` (vector or image) adds the relative error to the history.
-        ``callback(state)`` is called for every iterate; returning ``True`` stops the loop.
+        ``callback(state)`` is called for every iterate; returning ``True`` stops the loop. The
+        loop ends when one of :func:`stopping_rules` (composed from the settings, the callback
+        first among the per-iterate rules) gives a reason: the history's ``stop_reason``.
         Collective.
         """
         s = self.settings
@@ -540,17 +683,17 @@ class FixedPointSolver:
                 fid.from_image(truth, self._truth, name="true modulus")
             truth_norm = self._truth.norm()
         history.setup_time = time.perf_counter() - t0
-        target = s.discrepancy * fid.n_equations
         if self._power_vector is not None:
             # every run starts its power iteration afresh: an estimate must not depend on the
             # data sets solved before it (e.g. on how --all spread the samples over ranks)
             self._power_vector.destroy()
             self._power_vector = None
 
-        steps, rnd, change, prox_change, stop = 0, 0, 0.0, math.inf, ""
-        start_misfit = math.inf
-        previous_misfit = math.inf  # at the last refresh of Γ
-        significant = s.min_misfit_decrease * math.sqrt(2.0 * fid.n_equations)
+        rules = stopping_rules(s, callback)
+        at_refresh, at_step, at_round_end = ([r for r in rules if r.when == when]
+                                             for when in (AT_REFRESH, AT_STEP, AT_ROUND_END))
+        keep_refreshed = any(r.keep == KEEP_LAST_REFRESH for r in rules)
+        steps, rnd, change, prox_change, stop, rule = 0, 0, 0.0, math.inf, "", None
         while True:
             # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
             fid.refresh(x)
@@ -579,29 +722,17 @@ class FixedPointSolver:
                 history.append(round=rnd, step=steps, objective=F, misfit=2 * g,
                                grad_norm=grad_norm, step_size=eps, change=change, time=now,
                                error=self._error(x, truth_norm), lam=lam)
-                if round_steps == 0 and (s.misfit_guard or s.min_misfit_decrease > 0):
-                    if rnd == 0:  # misfits within the noise level are never suspicious
-                        start_misfit = max(2 * g, target)
-                    if s.misfit_guard and 2 * g > start_misfit:
-                        stop = "misfit_guard"
-                    elif s.min_misfit_decrease > 0 and previous_misfit - 2 * g < significant:
-                        stop = "insignificant"  # the round was not supported by the data
+                state = LoopState(rnd, steps, x, F, 2 * g, grad_norm, eps, change, now,
+                                  history.rows[-1]["error"], lam, fid.n_equations, round_steps,
+                                  prox_change, self._start, self._diff)
+                if round_steps == 0:
+                    stop, rule = _first_stop(at_refresh, state)
                     if stop:
-                        self._refreshed.copy(x)  # back to the iterate of the refresh before
                         break
-                    previous_misfit = 2 * g
-                    x.copy(self._refreshed)
-                if callback is not None:
-                    row = history.rows[-1]
-                    if callback(IterationState(rnd, steps, x, F, 2 * g, grad_norm, eps, change,
-                                               now, row["error"], lam)):
-                        stop = "callback"
-                if s.stop == "discrepancy" and 2 * g <= target:
-                    stop = stop or "discrepancy"
+                    if keep_refreshed:
+                        x.copy(self._refreshed)
+                stop, rule = _first_stop(at_step, state)
                 if stop:
-                    break
-                if steps >= s.max_steps:
-                    stop = "max_steps"
                     break
                 if round_steps > 0 and prox_change < s.rtol:
                     break  # the frozen-Γ problem is solved: refresh (or stop, below)
@@ -613,11 +744,11 @@ class FixedPointSolver:
                 change = self._diff.norm() / max(x.norm(), 1e-300)
                 steps += 1
                 round_steps += 1
+            if not stop:
+                stop, rule = _first_stop(at_round_end, state)
             if stop:
-                break
-            self._diff.waxpy(-1.0, self._start, x)
-            if prox_change < s.rtol and self._diff.norm() <= s.rtol * x.norm():
-                stop = "rtol"  # a fresh Γ moved E by less than rtol: the fixed point
+                if rule.keep == KEEP_LAST_REFRESH:
+                    self._refreshed.copy(x)  # back to the iterate of the refresh before
                 break
             rnd += 1
         history.stop_reason = stop
@@ -726,3 +857,51 @@ def reconstruct_ml(sample, settings: MLSettings | None = None, comm: MPI.Comm = 
         return ml.run(displacement, noise, truth=truth, callback=callback)
     finally:
         ml.destroy()
+
+
+# -- the "ml" method of fenics_red.methods ------------------------------------------------------
+
+#: Generic option names of :mod:`fenics_red.methods` and the :class:`MLSettings` fields.
+_ML_GENERIC = {"solver": "method", "max_steps": "max_steps", "stop": "stop"}
+
+
+def ml_options(options: Mapping | MLSettings | None = None) -> MLSettings:
+    """The ``"ml"`` method's options: :class:`MLSettings` with the overrides ``options``
+    (its fields, or the generic ``solver``/``max_steps``/``stop``); settings pass as they are."""
+    if isinstance(options, MLSettings):
+        return options
+    values = MLSettings().to_dict()
+    for key, value in dict(options or {}).items():
+        name = _ML_GENERIC.get(key, key)
+        if name not in values:
+            accepted = sorted(set(values) | set(_ML_GENERIC))
+            raise ValueError(f"method 'ml' has no option {key!r}; accepted: {accepted}")
+        values[name] = value
+    return MLSettings.from_dict(values)
+
+
+class MLRunner:
+    """The ``"ml"`` method: :class:`MLReconstructor` behind the runner API of
+    :mod:`fenics_red.methods`."""
+
+    def __init__(self, grid: ImageGrid, forward: ForwardSettings, comm: MPI.Comm,
+                 options: Mapping | MLSettings | None = None):
+        self.options = ml_options(options)
+        self.reconstructor = MLReconstructor(grid, forward, self.options, comm)
+
+    @property
+    def settings(self) -> dict:
+        return self.options.to_dict()
+
+    def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+        estimate, history = self.reconstructor.run_sample(sample)
+        return estimate, history.as_arrays(), history.summary()
+
+    def destroy(self) -> None:
+        self.reconstructor.destroy()
+
+
+def setup_ml(grid: ImageGrid, forward: ForwardSettings, comm: MPI.Comm,
+             options: Mapping | MLSettings | None = None) -> MLRunner:
+    """Factory of the ``"ml"`` method (options: see :func:`ml_options`)."""
+    return MLRunner(grid, forward, comm, options)

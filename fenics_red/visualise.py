@@ -3,18 +3,19 @@
 Everything renders off-screen: matplotlib with the Agg backend, pyvista with an Xvfb server it
 starts itself when no display is set (``xvfb`` is part of the stack). matplotlib, pyvista and
 DOLFINx's writers are imported inside the functions, so ``import fenics_red`` stays light.
-Images follow the convention of :mod:`fenics_red.grid` (row 0 is the transducer edge, drawn at
-the top).
+Every file is written through :func:`fenics_red.io.atomic_output`. Images follow the convention
+of :mod:`fenics_red.grid` (row 0 is the transducer edge, drawn at the top).
 """
 
 from __future__ import annotations
 
 import os
+from io import BytesIO
 
 import numpy as np
 
 from .grid import ImageGrid, validate_image
-from .io import atomic_output
+from .io import atomic_output, check_output_path
 
 __all__ = ["plot_sample", "plot_forward", "plot_comparison", "plot_profiles",
            "profile_row", "write_xdmf"]
@@ -26,16 +27,17 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
 
     Layout: top row modulus ``E`` (inclusion outlines from the mask), clean ``ux``, clean ``uy``;
     bottom row the mask labels, noisy ``ux``, noisy ``uy``. Clean and noisy images of a component
-    share one colour scale. Row 0 of the images (the transducer, ``y = H``) is at the top; axes
-    are in the grid's length units. The file is written atomically (``overwrite`` as in
-    :func:`fenics_red.io.atomic_output`).
+    share one colour scale; a sample without truth (``E`` and ``mask`` ``None``, a real
+    measurement) gets a note in their panels. Row 0 of the images (the transducer, ``y = H``)
+    is at the top; axes are in the grid's length units. The file is written atomically
+    (``overwrite`` as in :func:`fenics_red.io.atomic_output`).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = grid or ImageGrid.from_shape(np.shape(sample.E))
+    grid = grid or ImageGrid.from_shape(np.shape(sample.ux_noisy))
     extent = (0.0, grid.width, 0.0, grid.height)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2), constrained_layout=True)
 
@@ -48,14 +50,21 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
         fig.colorbar(shown, ax=ax, shrink=0.85)
         return shown
 
-    show(axes[0, 0], sample.E, "modulus E [100 kPa]", "viridis")
-    labels = np.asarray(sample.mask)
-    if labels.max() > 0:
-        axes[0, 0].contour(np.flipud(labels > 0).astype(float), [0.5], colors="white",
-                           linewidths=0.8, extent=extent)
-    n_labels = max(int(labels.max()), 1)
-    show(axes[1, 0], labels, f"mask ({int(labels.max())} inclusion label(s))",
-         plt.get_cmap("tab20", n_labels + 1), vmin=-0.5, vmax=n_labels + 0.5)
+    if sample.E is not None:
+        show(axes[0, 0], sample.E, "modulus E [100 kPa]", "viridis")
+    if sample.mask is not None:
+        labels = np.asarray(sample.mask)
+        if labels.max() > 0 and sample.E is not None:
+            axes[0, 0].contour(np.flipud(labels > 0).astype(float), [0.5], colors="white",
+                               linewidths=0.8, extent=extent)
+        n_labels = max(int(labels.max()), 1)
+        show(axes[1, 0], labels, f"mask ({int(labels.max())} inclusion label(s))",
+             plt.get_cmap("tab20", n_labels + 1), vmin=-0.5, vmax=n_labels + 0.5)
+    for ax, what in ((axes[0, 0], sample.E), (axes[1, 0], sample.mask)):
+        if what is None:
+            ax.text(0.5, 0.5, "no truth\n(a measurement)", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.set_axis_off()
     sigma = tuple(sample.noise_std)
     for column, (name, clean, noisy, s) in enumerate(
             [("lateral ux", sample.ux, sample.ux_noisy, sigma[0]),
@@ -184,9 +193,10 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
                                width=0.45, color="black", title_font_size=14,
                                label_font_size=12)
         plotter.set_background("white")
+        png = BytesIO()
+        plotter.screenshot(png)  # PNG-encoded into memory
         with atomic_output(path, overwrite=overwrite) as tmp:
-            plotter.screenshot(str(tmp) + ".png")
-            os.replace(str(tmp) + ".png", tmp)
+            tmp.write_bytes(png.getvalue())
     finally:
         plotter.close()
 
@@ -250,38 +260,47 @@ def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid: Ima
                overwrite: bool = True) -> None:
     """Write modulus images as P1 functions on the grid's mesh to an XDMF file (ParaView).
 
-    Collective on ``comm`` (the mesh is distributed over it). The ``.xdmf`` and its ``.h5`` are
-    written under temporary names and moved into place when complete.
+    Collective on ``comm`` (the mesh is distributed over it). DOLFINx writes the ``.xdmf`` and
+    its ``.h5`` under a temporary name; rank 0 then moves them into place through
+    :func:`fenics_red.io.atomic_output` (the ``.h5`` first), so a failed run leaves no
+    half-written output.
     """
+    import secrets
     from pathlib import Path
 
     from dolfinx import fem, io
 
     from .grid import NodalImage
-    from .parallel import check_all
+    from .parallel import check_all, on_root
 
     path = Path(path)
     if path.suffix != ".xdmf":
         raise ValueError(f"an XDMF output needs the suffix .xdmf, got {str(path)!r}")
-    def check():
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"output {str(path)!r} already exists; pass --overwrite")
-
-    check_all(comm, check)
+    h5 = path.with_suffix(".h5")
+    check_all(comm, lambda: [check_output_path(p, overwrite) for p in (path, h5)])
     msh = grid.create_mesh(comm)
     Q = fem.functionspace(msh, ("Lagrange", 1))
     images = NodalImage(Q, grid)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    with io.XDMFFile(comm, tmp, "w") as xdmf:
-        xdmf.write_mesh(msh)
-        for name, image in fields.items():
-            f = fem.Function(Q, name=name)
-            images.from_image(validate_image(image, grid.shape, f"field {name!r}"), f)
-            xdmf.write_function(f)
-    comm.Barrier()
-    if comm.rank == 0:
-        text = tmp.read_text().replace(tmp.with_suffix(".h5").name, path.with_suffix(".h5").name)
-        os.replace(tmp.with_suffix(".h5"), path.with_suffix(".h5"))
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    comm.Barrier()
+    # one name on every rank, unique among concurrent writers of the folder
+    work = path.with_name(f".{path.stem}.{comm.bcast(secrets.token_hex(4), root=0)}.xdmf")
+
+    def publish():
+        text = work.read_text().replace(work.with_suffix(".h5").name, h5.name)
+        with atomic_output(h5, overwrite) as tmp:
+            os.replace(work.with_suffix(".h5"), tmp)
+        with atomic_output(path, overwrite) as tmp:
+            tmp.write_text(text)
+
+    try:
+        with io.XDMFFile(comm, work, "w") as xdmf:
+            xdmf.write_mesh(msh)
+            for name, image in fields.items():
+                f = fem.Function(Q, name=name)
+                images.from_image(validate_image(image, grid.shape, f"field {name!r}"), f)
+                xdmf.write_function(f)
+        comm.Barrier()
+        on_root(comm, publish)
+    finally:
+        if comm.rank == 0:
+            for leftover in (work, work.with_suffix(".h5")):
+                leftover.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Specification of ``fenics-red reconstruct``, the method registry and the reconstruction files."""
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -169,3 +170,66 @@ def test_registry_builds_runners_with_the_documented_contract(comm):
         get_method("nope")
     with pytest.raises(ValueError, match="no option 'lambda'"):
         get_method("ml").setup(SETTINGS.grid, SETTINGS.forward, MPI.COMM_SELF, {"lambda": 1})
+
+
+def test_the_command_line_takes_every_method_flag_from_the_registry():
+    """Each flag of each registered method once, in a group named after the methods taking it."""
+    from fenics_red.cli import build_parser
+    from fenics_red.methods import argument_groups, flag_users
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for command in ("reconstruct", "evaluate", "demo"):
+        groups = {g.title: {a.option_strings[0] for a in g._group_actions if a.option_strings}
+                  for g in commands[command]._action_groups}
+        for title, flags in argument_groups():
+            assert groups[title] == {flag.name for flag in flags}, (command, title)
+    for flag, users in flag_users().items():
+        assert all(flag in METHODS[name].flags for name in users)
+    for name, method in METHODS.items():
+        for flag in method.flags:
+            assert name in flag_users()[flag]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "red", "--stop", "budget"], "--stop applies to the method ml, not 'red'"),
+    (["--method", "denoised-ml", "--lam", "0.1"], "--lam applies to the method red, not "
+                                                  "'denoised-ml'"),
+    (["--method", "denoised-ml", "--max-steps", "5"],
+     "--max-steps applies to the methods gn-tikhonov, gn-tv, ml and red, not 'denoised-ml'"),
+    (["--method", "red", "--lam", "sometimes"], "'sometimes' not understood"),
+    (["--method", "gn-tv", "--max-steps", "0"], "--max-steps must be a positive integer"),
+])
+def test_method_flags_are_checked_against_the_registry(data, mpi_tmp_path, capsys, extra,
+                                                       message):
+    assert _reconstruct(data, mpi_tmp_path / "z.h5", "--all", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (mpi_tmp_path / "z.h5").exists()
+
+
+def test_method_flags_reach_each_method_that_takes_them():
+    from fenics_red.cli import build_parser
+    from fenics_red.cli.evaluate import settings_from_args
+    from fenics_red.cli.reconstruct import options_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["reconstruct", "d.h5", "--all", "--out", "o.h5", "--method",
+                              "gn-tv", "--max-steps", "3"])
+    assert options_from_args(args) == {"max_steps": 3}
+    assert get_method("gn-tv").options(options_from_args(args)).max_iterations == 3
+
+    def evaluate(*extra):
+        return settings_from_args(parser.parse_args(["evaluate", "d.h5", "--out", "o", *extra]))
+
+    settings = evaluate("--methods", "ml,gn-tv,denoised-ml", "--max-steps", "5",
+                        "--no-flip-average")
+    assert settings.options == {"ml": {"max_steps": 5}, "gn-tv": {"max_steps": 5},
+                                "denoised-ml": {"flip_average": False}}
+    assert evaluate("--methods", "ml").options == {}
+    for extra, message in [
+            (["--methods", "ml", "--denoiser", "m.pt"],
+             "--denoiser is used by the methods denoised-ml and red; neither is in --methods"),
+            (["--methods", "ml,gn-tv", "--lam", "0.1"],
+             "--lam is used by the method red; it is not in --methods")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(*extra)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -45,6 +46,7 @@ def test_evaluate_writes_metrics_tables_and_figures(dataset, mpi_tmp_path, comm)
         for name in (f"figures/sample_{i}.png", f"figures/profile_{i}.png",
                      f"xdmf/sample_{i}.xdmf", f"xdmf/sample_{i}.h5"):
             assert (out / name).stat().st_size > 0, name
+    assert not list(out.rglob(".*")), "a temporary file of an atomic output is left over"
 
 
 def test_an_interrupted_evaluation_reuses_its_finished_runs(dataset, mpi_tmp_path, comm):
@@ -62,6 +64,90 @@ def test_an_interrupted_evaluation_reuses_its_finished_runs(dataset, mpi_tmp_pat
     evaluate(dataset, out, other, comm, progress=False, overwrite=True)
     _, stored, _ = read_estimate(out / "estimates" / "ml" / "sample_1.npz")
     assert stored["max_steps"] == 3
+
+
+def test_json_records_are_strict_json_of_plain_values():
+    import math
+    from pathlib import Path
+
+    from fenics_red.io import plain, to_json
+
+    value = {"b": (1, np.int64(2)), "a": [np.float64(math.nan), math.inf], "c": Path("x"),
+             "d": b"y", "e": np.array([0.5]), 3: np.bool_(True), "f": object}
+    assert json.loads(to_json(value)) == {"a": [None, None], "b": [1, 2], "c": "x", "d": "y",
+                                          "e": [0.5], "3": True, "f": str(object)}
+    assert to_json({"b": 1, "a": 2}) == '{"a": 2, "b": 1}'
+    assert to_json({"b": 1, "a": 2}, sort_keys=False) == '{"b": 1, "a": 2}'
+    # values read from files keep what they are (NaN stays a number)
+    assert math.isnan(plain(np.float64(math.nan))) and plain(b"x") == "x"
+    assert plain(object) is object
+
+
+def _skips_metrics(out, caught, comm):
+    """The checks of an evaluation without truth: a warning (rank 0), estimates and their
+    figures, no metrics and no truth panel."""
+    messages = [str(w.message) for w in caught if "metrics and truth figures skipped" in
+                str(w.message)]
+    assert len(messages) == (1 if comm.rank == 0 else 0)
+    assert not (out / "metrics.csv").exists() and not (out / "metrics.json").exists()
+    assert "No metrics:" in (out / "summary.md").read_text()
+    for name in ("figures/sample_0.png", "figures/profile_0.png", "xdmf/sample_0.xdmf"):
+        assert (out / name).stat().st_size > 0, name
+    assert 'Name="truth"' not in (out / "xdmf" / "sample_0.xdmf").read_text()
+    assert 'Name="ml"' in (out / "xdmf" / "sample_0.xdmf").read_text()
+
+
+def test_without_truth_metrics_are_skipped_and_estimates_written(dataset, mpi_tmp_path, comm):
+    out = mpi_tmp_path / "eval"
+    evaluate(dataset, out, EvaluationSettings(("ml",), samples=(0, 1), figures=False), comm,
+             progress=False)
+    assert (out / "metrics.csv").exists()
+    stamp = (out / "estimates" / "ml" / "sample_0.npz").stat().st_mtime_ns
+    settings = EvaluationSettings(("ml",), samples=(0, 1), xdmf=True, truth=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = evaluate(dataset, out, settings, comm, progress=False)
+    assert summary == {}
+    _skips_metrics(out, caught, comm)  # the earlier metrics are removed, not left stale
+    assert "truth is turned off" in (out / "summary.md").read_text()
+    # the runs made with the truth are reused (its use changes no estimate)
+    assert (out / "estimates" / "ml" / "sample_0.npz").stat().st_mtime_ns == stamp
+
+
+def test_a_data_set_without_truth_is_evaluated_without_metrics(dataset, mpi_tmp_path, comm,
+                                                               capsys):
+    """A real measurement: the simulated data set without its ``E`` and ``mask``."""
+    import h5py
+
+    measured = mpi_tmp_path / "measured.h5"
+    if comm.rank == 0:
+        with h5py.File(dataset, "r") as source, h5py.File(measured, "w") as target:
+            target.attrs.update(source.attrs)
+            for name in source:
+                if name not in ("E", "mask"):
+                    source.copy(name, target)
+    comm.Barrier()
+    try:
+        load_dataset(measured).close()
+    except ValueError as error:
+        if "'E' is missing" in str(error):
+            pytest.xfail("fenics_red.data.load_dataset refuses data sets without truth")
+        raise
+    out = mpi_tmp_path / "eval"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = evaluate(measured, out, EvaluationSettings(("ml",), samples=(0,), xdmf=True),
+                           comm, progress=False)
+    assert summary == {}
+    _skips_metrics(out, caught, comm)
+    assert "no true modulus" in (out / "summary.md").read_text()
+    assert read_estimate(out / "estimates" / "ml" / "sample_0.npz")[0].shape == GRID.shape
+    capsys.readouterr()
+    assert main(["evaluate", str(measured), "--methods", "ml", "--samples", "0", "--out",
+                 str(out), "--quiet"]) == 0
+    if comm.rank == 0:
+        printed = capsys.readouterr().out
+        assert "| ml |" not in printed and "estimates/, summary.md" in printed
 
 
 @pytest.mark.parametrize("kwargs, message", [

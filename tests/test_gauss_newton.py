@@ -12,8 +12,13 @@ import pytest
 from mpi4py import MPI
 
 from fenics_red import ElasticityModel, ImageGrid
-from fenics_red.gauss_newton import (GaussNewtonInversion, GaussNewtonSettings, l_curve_corner,
-                                     reconstruct_gauss_newton)
+from fenics_red.gauss_newton import (
+    GaussNewtonInversion,
+    GaussNewtonSettings,
+    expand_component_weights,
+    l_curve_corner,
+    reconstruct_gauss_newton,
+)
 
 _SMALL = ImageGrid(10, 8, 1.0, 0.8)
 _GRID = ImageGrid(16, 16)
@@ -149,7 +154,7 @@ def test_recovers_a_smooth_phantom_from_noise_free_data(comm):
     assert error < 0.01, f"relative error {error:.3g}"
     assert initial_error > 0.3
     objectives = [record["objective"] for record in history["iterations"]]
-    assert all(b <= a for a, b in zip(objectives, objectives[1:]))
+    assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
     misfits = [record["misfit"] for record in history["iterations"]]
     assert misfits[-1] < 1e-6 * misfits[0]
     model.destroy()
@@ -174,7 +179,7 @@ def test_noisy_data_at_35_db_with_the_discrepancy_principle(comm, rng, regularis
     # smaller alpha fits the data more closely: the search is monotone where it was explored
     trials = sorted(history["alpha_trials"], key=lambda t: t["alpha"])
     residuals = [t["residual_norm2"] for t in trials]
-    assert all(b >= a * (1 - 1e-3) for a, b in zip(residuals, residuals[1:]))
+    assert all(b >= a * (1 - 1e-3) for a, b in zip(residuals, residuals[1:], strict=False))
     model.destroy()
 
 
@@ -253,8 +258,9 @@ def test_l_curve_and_initial_image(comm, rng):
     residuals = [p["residual_norm2"] for p in result["points"]]
     regularisations = [p["regularisation"] for p in result["points"]]
     assert alphas == sorted(alphas, reverse=True)
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(residuals, residuals[1:]))
-    assert all(b >= a * (1 - 1e-6) for a, b in zip(regularisations, regularisations[1:]))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(residuals, residuals[1:], strict=False))
+    assert all(b >= a * (1 - 1e-6)
+               for a, b in zip(regularisations, regularisations[1:], strict=False))
     assert result["corner"] in alphas[1:-1]
     assert set(result["images"]) == set(alphas)
     # started at the truth with exact data, the iteration has nothing to do
@@ -273,3 +279,61 @@ def test_l_curve_corner_of_an_ideal_l():
     assert l_curve_corner(alphas, residuals, regularisations) == 1e-3
     with pytest.raises(ValueError, match="three"):
         l_curve_corner([1.0, 2.0], [1.0, 2.0], [2.0, 1.0])
+
+
+def test_gauss_newton_hessian_passes_the_taylor_test_at_zero_residual(comm, rng):
+    """At exact data, alpha = 0: ``‖∇J(m + h p) − ∇J(m) − h H p‖ = O(h²)`` (the generic check)."""
+    E = rng.uniform(0.1, 0.6, _SMALL.shape)
+    model, ux, uy = _data(_SMALL, E, comm)
+    with GaussNewtonInversion(model, ux, uy) as inversion:
+        result = inversion.taylor_test(np.log(E), rng.normal(size=_SMALL.shape), alpha=0.0,
+                                       check_hessian=True)
+        assert np.allclose(np.exp(inversion.parameter()), inversion._E_owned())  # left at m
+    assert min(result["hessian_rates"]) > 1.9, result["hessian_remainders"]
+    assert min(result["rates"]) > 1.9, result["remainders"]
+    model.destroy()
+
+
+def test_component_weights_and_noise_per_component():
+    assert list(expand_component_weights((1.0, 2.0), 2)) == [1.0, 2.0]
+    assert list(expand_component_weights((1.0, 2.0), 3)) == [1.0, 1.0, 2.0]  # (lateral, axial)
+    assert list(expand_component_weights((0.5,), 3)) == [0.5, 0.5, 0.5]
+    assert list(expand_component_weights((1.0, 2.0, 3.0), 3)) == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="do not fit"):
+        expand_component_weights((1.0, 2.0, 3.0), 2)
+    assert GaussNewtonSettings(component_weights=(1, 1, 2)).component_weights == (1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="component_weights"):
+        GaussNewtonSettings(component_weights=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"component_weights\[1\]"):
+        GaussNewtonSettings(component_weights=(1, -1))
+
+
+def test_gauss_newton_on_a_3d_mesh_without_an_image_grid(comm):
+    """Tetrahedra, displacement as local values, estimate as owned nodal values."""
+    from dolfinx import mesh
+
+    msh = mesh.create_box(comm, [np.zeros(3), np.array([1.0, 0.8, 0.6])], [3, 3, 2],
+                          mesh.CellType.tetrahedron)
+    model = ElasticityModel(msh)
+    x = model.Q.tabulate_dof_coordinates()
+    truth = 0.2 + 0.1 * x[:, 0] * x[:, 1]
+    model.solve(truth)
+    u = model.u.x.array.copy()
+    settings = GaussNewtonSettings(alpha=1e-12, gradient_rtol=1e-10, decrement_rtol=1e-14,
+                                   max_iterations=100)
+    estimate, history = reconstruct_gauss_newton(model, u, None, 1e-6, settings)
+    n_owned = model.Q.dofmap.index_map.size_local
+    assert estimate.shape == (n_owned,)
+    assert history["noise_std"] == [1e-6] * 3
+    misfits = [record["misfit"] for record in history["iterations"]]
+    assert misfits[-1] < 1e-9 * misfits[0]
+    error = np.abs(estimate - truth[:n_owned]).max() / truth.max()
+    assert comm.allreduce(error, op=MPI.MAX) < 0.01  # 48 nodes: a coarse, ill-conditioned fit
+    with pytest.raises(ValueError, match="no ImageGrid"):
+        reconstruct_gauss_newton(model, u, u, 1e-6, settings)
+    with GaussNewtonInversion(model, u) as inversion:
+        with pytest.raises(ValueError, match="noise_std"):
+            inversion.expected_noise_energy((1e-6, 1e-6))  # three components
+        assert inversion.expected_noise_energy(2.0) == pytest.approx(
+            4.0 * inversion.free_counts.sum())
+    model.destroy()

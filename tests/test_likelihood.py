@@ -8,8 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from mpi4py import MPI
-from petsc4py import PETSc
 
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.forward import ElasticityModel
@@ -236,4 +234,85 @@ def test_using_gamma_before_a_refresh_is_an_error(comm):
     fid, _ = _likelihood(comm)
     with pytest.raises(RuntimeError, match="refresh"):
         fid.value(fid.create_vector(1.0))
+    _destroy(fid)
+
+
+# -- any dimension -------------------------------------------------------------------------------
+
+def test_noise_model_has_one_standard_deviation_per_component():
+    noise = NoiseModel((1.0, 2.0, 3.0), force_std=0.5)
+    assert noise.sigma == (1.0, 2.0, 3.0) and noise.n_components == 3
+    assert NoiseModel([4, 5]).sigma == (4.0, 5.0)
+    for bad in ((1.0, 2.0, 3.0, 4.0), (), "ab"):
+        with pytest.raises(ValueError, match="one standard deviation per displacement"):
+            NoiseModel(bad)
+    with pytest.raises(ValueError, match=r"sigma\[2\] must be finite and strictly positive"):
+        NoiseModel((1.0, 1.0, 0.0))
+    # the SNR rule with three components: σx = σy = r σz, Σ N_c σ_c² = ‖u‖² 10^(−SNR/10)
+    noise = NoiseModel.from_snr(3.0, (10, 12, 20), 20.0, ratio=2.0, noisy=False)
+    sx, sy, sz = noise.sigma
+    assert sx == sy == pytest.approx(2 * sz, rel=1e-15)
+    assert 10 * sx**2 + 12 * sy**2 + 20 * sz**2 == pytest.approx(3.0 / 100, rel=1e-13)
+    # ... and with two the rule the simulated data sets were made with
+    noise = NoiseModel.from_snr(3.0, (10, 20), 20.0, ratio=2.0, noisy=False)
+    assert noise.sigma[1] == math.sqrt(0.03 / (2.0**2 * 10 + 20))
+
+
+def _box_likelihood(comm, modulus=0.3, sigma=(1e-5, 2e-5, 3e-5)):
+    """A likelihood on a small 3-D box (tetrahedra, no image grid) holding the exact data of a
+    uniform modulus, given as a PETSc vector."""
+    from dolfinx import mesh
+
+    msh = mesh.create_box(comm, [np.zeros(3), np.array([1.0, 0.8, 0.6])], [3, 3, 2],
+                          mesh.CellType.tetrahedron)
+    model = ElasticityModel(msh)
+    model.solve(np.full(model.E.x.array.shape, modulus))
+    u = model.u.x.petsc_vec.copy()
+    fid = StatisticalLikelihood(model, u, NoiseModel(sigma))
+    u.destroy()
+    return fid
+
+
+def test_likelihood_on_a_3d_mesh_without_an_image_grid(comm):
+    fid = _box_likelihood(comm)
+    gamma = fid.gamma
+    assert fid.model.grid is None and gamma.n_components == 3
+    assert len(gamma.free_counts) == 3 and sum(gamma.free_counts) == fid.n_equations
+    # Σn: σ_c² on the free dofs of component c (dofs blocked by node), 1 on Dirichlet dofs
+    free = gamma.free.array_r.astype(bool)
+    component = np.arange(len(free)) % 3
+    expected = np.where(free, np.array([1e-5, 2e-5, 3e-5])[component] ** 2, 1.0)
+    assert np.array_equal(gamma.sigma2.array_r, expected)
+    assert fid.homogeneous_fit() == pytest.approx(0.3, rel=1e-10)
+    E = fid.create_vector(0.3)
+    fid.refresh(E)
+    assert fid.misfit(E) < 1e-12 * fid.n_equations  # exact data
+    # log|Γ| = 2 log|det K_ff| + Σ_free log σ² against a dense determinant
+    G, free_all = _dense(fid, gamma.mult)
+    sign, expected_logdet = np.linalg.slogdet(G[np.ix_(free_all, free_all)])
+    assert sign == 1.0 and fid.logdet() == pytest.approx(expected_logdet, rel=1e-9)
+    L, v = fid.lipschitz(200, rtol=1e-10)
+    Hv = fid.create_vector()
+    fid.hessian_mult(v, Hv)
+    assert v.norm() == pytest.approx(1.0) and Hv.norm() == pytest.approx(L, rel=1e-6)
+    with pytest.raises(ValueError, match="3 components"):
+        fid.set_noise(NoiseModel((1e-5, 1e-5)))
+    for vec in (E, Hv, v):
+        vec.destroy()
+    _destroy(fid)
+
+
+def test_a_vector_of_owned_values_is_the_same_data_as_images(comm):
+    fid, sample = _likelihood(comm)
+    other = StatisticalLikelihood(ElasticityModel.on_grid(_GRID, comm), fid.u_m,
+                                  NoiseModel(sample.noise_std))
+    assert np.array_equal(other.u_m.array_r, fid.u_m.array_r)
+    E = fid.from_image(sample.E)
+    fid.refresh(E)
+    other.refresh(E)
+    assert other.value(E) == fid.value(E)
+    with pytest.raises(ValueError, match="shape"):
+        other.set_data(E)  # a modulus-space vector
+    E.destroy()
+    _destroy(other)
     _destroy(fid)

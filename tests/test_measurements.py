@@ -2,11 +2,22 @@
 
 import numpy as np
 import pytest
+from dolfinx import fem
 from mpi4py import MPI
 
 from fenics_red import ElasticityModel, ForwardSettings, ImageGrid
-from fenics_red.measurements import (add_noise, free_dof_images, measured_snr_db,
-                                     noise_std_for_snr, simulate_measurement)
+from fenics_red.measurements import (
+    add_noise,
+    component_noise_std,
+    draw_noise,
+    free_dof_images,
+    measured_snr_db,
+    noise_std_for_snr,
+    noise_std_from_energy,
+    realised_snr_db,
+    set_displacement,
+    simulate_measurement,
+)
 
 GRID = ImageGrid(24, 24)
 
@@ -144,3 +155,76 @@ def test_a_displacement_without_energy_has_no_snr():
         noise_std_for_snr(zero, zero, free, 35.0)
     with pytest.raises(ValueError, match="no free"):
         noise_std_for_snr(zero + 1, zero, ~free, 35.0)
+
+
+# -- any number of components ----------------------------------------------------------------------
+
+def test_the_two_dimensional_functions_are_the_generic_ones_on_two_components(fixed):
+    """``add_noise`` draws exactly what ``draw_noise`` draws on the stacked components."""
+    _, ux, uy, free = fixed
+    uxn, uyn, sigma = add_noise(ux, uy, free, 35.0, np.random.default_rng(3), 2.0)
+    noisy, sigma_generic = draw_noise(np.stack([ux, uy]), free, 35.0, np.random.default_rng(3),
+                                      2.0)
+    assert sigma == sigma_generic
+    assert np.array_equal(noisy[0], uxn) and np.array_equal(noisy[1], uyn)
+    assert measured_snr_db(ux, uy, uxn, uyn, free) == realised_snr_db(np.stack([ux, uy]), noisy,
+                                                                      free)
+
+
+def test_three_components_share_the_snr_with_lateral_noise_r_times_the_axial():
+    rng = np.random.default_rng(8)
+    u = rng.normal(size=(3, 6, 7, 5))          # (components, nodes...) in any layout
+    free = np.ones(u.shape, dtype=bool)
+    free[:, 0] = False                          # a support
+    free[2, 1, 0, 0] = False                    # one more axial dof held
+    sigma = component_noise_std(u, free, 30.0, noise_ratio=2.0)
+    assert len(sigma) == 3
+    assert sigma[0] == sigma[1] == pytest.approx(2.0 * sigma[2], rel=1e-15)
+    counts = free.reshape(3, -1).sum(axis=1)
+    energy = np.sum(u[free] ** 2)
+    assert np.sum(counts * np.square(sigma)) == pytest.approx(energy / 10**3, rel=1e-13)
+    assert noise_std_from_energy(energy, counts, 30.0, 2.0) == pytest.approx(sigma, rel=1e-13)
+    noisy, drawn = draw_noise(u, free, 30.0, np.random.default_rng(1), 2.0)
+    assert drawn == sigma
+    assert np.array_equal(noisy[~free], u[~free])
+    expected = u + np.random.default_rng(1).standard_normal(u.shape) * \
+        np.asarray(sigma)[:, None, None, None] * free
+    assert np.array_equal(noisy, expected)
+    realised = [realised_snr_db(u, draw_noise(u, free, 30.0, rng)[0], free) for _ in range(20)]
+    assert abs(np.mean(realised) - 30.0) < 0.3
+
+
+def test_noise_std_from_energy_with_the_noisy_correction():
+    """From the energy of ``u_m = u + n`` the expected ``‖u‖²(1 + 10^(−SNR/10))`` is undone."""
+    counts, energy = (40, 40, 50), 2.5
+    clean = noise_std_from_energy(energy, counts, 20.0)
+    noisy = noise_std_from_energy(energy * 1.01, counts, 20.0, noisy=True)
+    assert noisy == pytest.approx(clean, rel=1e-14)
+    with pytest.raises(ValueError, match="no free displacement dofs"):
+        noise_std_from_energy(1.0, (0, 0, 0), 20.0)
+    with pytest.raises(ValueError, match="finite number of dB"):
+        noise_std_from_energy(1.0, (3, 3), float("inf"))
+
+
+def test_set_displacement_takes_every_form_of_a_displacement(fixed, comm):
+    _, ux, uy, _ = fixed
+    model = ElasticityModel.on_grid(GRID, comm, ForwardSettings())
+    try:
+        reference = fem.Function(model.V)
+        set_displacement(model, (ux, uy), reference)
+        for form in (reference, reference.x.petsc_vec, reference.x.array.copy(), [ux, uy]):
+            out = fem.Function(model.V)
+            set_displacement(model, form, out)
+            assert np.array_equal(out.x.array, reference.x.array)
+        out = fem.Function(model.V)
+        with pytest.raises(ValueError, match="shape"):
+            set_displacement(model, np.zeros(5), out)
+        with pytest.raises(ValueError, match="u_m uy has shape"):
+            set_displacement(model, (ux, uy[:-1]), out, name="u_m")
+        bad = reference.x.array.copy()
+        if comm.rank == comm.size - 1:
+            bad[0] = np.inf
+        with pytest.raises(ValueError, match="non-finite"):  # on every rank
+            set_displacement(model, bad, out)
+    finally:
+        model.destroy()

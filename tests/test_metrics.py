@@ -5,8 +5,17 @@ import math
 import numpy as np
 import pytest
 
-from fenics_red.metrics import (METRIC_NAMES, cnr_db, contrast_ratio, contrast_ratio_error,
-                                evaluate_metrics, psnr, relative_rmse, rmse, ssim)
+from fenics_red.metrics import (
+    METRIC_NAMES,
+    cnr_db,
+    contrast_ratio,
+    contrast_ratio_error,
+    evaluate_metrics,
+    psnr,
+    relative_rmse,
+    rmse,
+    ssim,
+)
 
 
 def _ssim_by_hand(x, y, data_range, sigma=1.5, radius=5, k1=0.01, k2=0.03):

@@ -3,6 +3,10 @@
 Each subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int``. Errors in the user's input (``ValueError``, ``OSError``, ...) are reported
 in one line with a non-zero exit; under MPI a failure on any rank ends the whole run.
+
+The command line names no reconstruction method: the commands that run methods loop over the
+registry of :mod:`fenics_red.methods` for their flags (:func:`add_method_arguments`) and options
+(:func:`method_options`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import importlib
 import logging
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_method_arguments", "method_options"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ["demo", "forward", "simulate", "reconstruct", "train", "evaluate", "show"]
@@ -35,6 +39,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of every registered method, each once, in one argument group per set of
+    methods that share flags."""
+    from ..methods import argument_groups
+
+    for title, flags in argument_groups():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            flag.add_to(group)
+
+
+def method_options(args: argparse.Namespace, methods, named_by: str = "--methods",
+                   strict: bool = True) -> dict[str, dict]:
+    """``{method: overrides}`` of the method flags the user gave, for each of ``methods`` (named by
+    the command's flag ``named_by``) that takes them; methods without any are left out. With
+    ``strict``, a flag that none of ``methods`` takes is a ``ValueError`` naming the methods that
+    do."""
+    from ..methods import flag_users, get_method, name_methods
+
+    methods = list(methods)
+    for flag, users in flag_users().items():
+        if not strict or flag.value(args) is None or set(users) & set(methods):
+            continue
+        if named_by == "--method":
+            raise ValueError(f"{flag.name} applies to {name_methods(users)}, not "
+                             f"{methods[0]!r}")
+        absent = {1: "it is not", 2: "neither is"}.get(len(users), "none of them is")
+        raise ValueError(f"{flag.name} is used by {name_methods(users)}; {absent} in {named_by}")
+    options = {name: get_method(name).options_from_args(args) for name in methods}
+    return {name: values for name, values in options.items() if values}
+
+
 def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> int:
     """Run the command line; return the exit status.
 
@@ -45,8 +81,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
 
     args = build_parser().parse_args(argv)
     # Importing DOLFINx (done by building the parser) turns on logging.captureWarnings, which
-    # sends Python warnings to a logger without a handler: a command's warnings (data noisier
-    # than the denoiser's training data, say) would vanish. Give them back to stderr.
+    # sends Python warnings to a logger without a handler: a command's warnings (a method's
+    # warnings about the data it is given, say) would vanish. Give them back to stderr.
     logging.captureWarnings(False)
     comm = MPI.COMM_WORLD
     if abort_on_error is None:

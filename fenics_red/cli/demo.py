@@ -1,10 +1,9 @@
 """``fenics-red demo``: the main job on a built-in phantom, every method, results in one folder.
 
 The demo makes a one-sample data set from a built-in two-inclusion mask at 35 dB (the paper's
-setting), runs the five methods of the paper's comparison (Gauss-Newton with Tikhonov and TV
-regularisation, the unregularised maximum-likelihood estimate, the shipped denoiser applied once
-to it, and RED) through :func:`fenics_red.evaluation.evaluate`, and writes the comparison figure,
-the profile plot, the metrics table and ParaView files to the output folder.
+setting), runs every registered method (:data:`fenics_red.methods.METHODS`, in the order of the
+paper's comparison) through :func:`fenics_red.evaluation.evaluate`, and writes the comparison
+figure, the profile plot, the metrics table and ParaView files to the output folder.
 """
 
 from __future__ import annotations
@@ -15,9 +14,12 @@ import numpy as np
 from mpi4py import MPI
 
 from ..grid import ImageGrid
+from ..methods import METHODS
 from ..parallel import on_root
+from . import add_method_arguments, method_options
 
-DEMO_METHODS = ("gn-tikhonov", "gn-tv", "ml", "denoised-ml", "red")
+#: Every registered method, in the order of the paper's comparison.
+DEMO_METHODS = tuple(METHODS)
 
 
 def builtin_mask(grid: ImageGrid) -> np.ndarray:
@@ -37,8 +39,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="reconstruct a built-in phantom with every method (the main job)",
         description="Simulate the built-in two-inclusion phantom at 35 dB, reconstruct it with "
-                    "Gauss-Newton (Tikhonov, TV), the maximum-likelihood estimate, the denoised "
-                    "ML estimate and RED, and write figures, metrics and ParaView files.")
+                    "every registered method (" + "; ".join(
+                        f"{name}: {method.description}" for name, method in METHODS.items())
+                    + "), and write figures, metrics and ParaView files. A method's options are "
+                    "in the groups that name it; each goes to every method in --methods that "
+                    "takes it.")
     parser.add_argument("--out", default="demo-output", help="output folder (default %(default)s)")
     parser.add_argument("--grid", type=int, default=64, help="cells per side (default %(default)s)")
     parser.add_argument("--snr", type=float, default=35.0,
@@ -46,9 +51,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=2026, help="noise seed (default %(default)s)")
     parser.add_argument("--methods", default=",".join(DEMO_METHODS),
                         help="comma-separated methods (default %(default)s)")
-    parser.add_argument("--denoiser", default=None,
-                        help="denoiser model (default: the shipped one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_method_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -73,8 +77,7 @@ def run(args) -> int:
     simulate_dataset(data, 1, settings, comm, masks_dir=masks, overwrite=True,
                      progress=False)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    options = ({m: {"denoiser": args.denoiser} for m in methods
-                if m in ("red", "denoised-ml")} if args.denoiser else {})
+    options = method_options(args, methods, strict=False)  # as before: unused flags are ignored
     evaluation = EvaluationSettings(methods, options, xdmf=True)
     summary = evaluate(data, out / "results", evaluation, comm, overwrite=True,
                        progress=not args.quiet)

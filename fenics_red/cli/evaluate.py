@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from ..methods import method_names
+from ..methods import METHODS, method_names
+from . import add_method_arguments, method_options
 
 
 def _index_list(text: str) -> tuple[int, ...]:
@@ -28,9 +29,11 @@ def register(subparsers) -> None:
         "evaluate", help="run several methods on a data set and compare them",
         description="Run each method on each sample (resumable: runs already in OUT are "
                     "reused), then write metrics.csv, metrics.json, summary.md and per-sample "
-                    "figures (truth and estimates on one colour scale; a cross-section profile).")
+                    "figures (truth and estimates on one colour scale; a cross-section profile). "
+                    "A method's options are in the groups that name it; each goes to every "
+                    "method in --methods that takes it.")
     parser.add_argument("dataset", help="data set file (.h5) from 'fenics-red simulate'")
-    parser.add_argument("--methods", default="gn-tikhonov,gn-tv,ml,denoised-ml,red",
+    parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods (default %(default)s); registered: "
                              + ", ".join(method_names()))
     parser.add_argument("--out", required=True, help="output folder")
@@ -39,8 +42,6 @@ def register(subparsers) -> None:
                        help="sample indices, e.g. 0,3,5-7 (default: all)")
     group.add_argument("--first", type=int, default=None, metavar="N",
                        help="evaluate the first N samples")
-    parser.add_argument("--denoiser", default=None,
-                        help="denoiser model for denoised-ml and red (default: the shipped one)")
     parser.add_argument("--figures", type=int, default=None, metavar="N",
                         help="draw figures for the first N evaluated samples only (default: all)")
     parser.add_argument("--xdmf", action="store_true",
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard earlier results in OUT and start again")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_method_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,13 +57,7 @@ def settings_from_args(args):
     from ..evaluation import EvaluationSettings
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    options = {}
-    if args.denoiser is not None:
-        users = [m for m in methods if m in ("red", "denoised-ml")]
-        if not users:
-            raise ValueError("--denoiser is used by the methods red and denoised-ml; neither is "
-                             "in --methods")
-        options = {m: {"denoiser": args.denoiser} for m in users}
+    options = method_options(args, methods)
     if args.first is not None and args.first < 1:
         raise ValueError(f"--first must be a positive number of samples, got {args.first}")
     samples = args.samples if args.first is None else tuple(range(args.first))
@@ -77,7 +73,9 @@ def run(args) -> int:
     summary = evaluate(args.dataset, args.out, settings, comm, overwrite=args.overwrite,
                        progress=not args.quiet)
     if comm.rank == 0:
-        print(summary_table(summary, settings.methods), end="")
-        print(f"wrote {args.out}/: metrics.csv, metrics.json, summary.md"
+        if summary:  # empty without truth: no metrics
+            print(summary_table(summary, settings.methods), end="")
+        print(f"wrote {args.out}/: "
+              + ("metrics.csv, metrics.json, " if summary else "estimates/, ") + "summary.md"
               + (", figures/" if settings.figures else "") + (", xdmf/" if settings.xdmf else ""))
     return 0

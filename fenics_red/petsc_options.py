@@ -1,0 +1,51 @@
+"""The one way this package gives options to PETSc objects (KSP, PC, SNES, ...).
+
+Every solver of the package has its own options prefix (``fenics_red_forward_3_``,
+``fenics_red_gamma_``, ``fenics_red_gn_cg_0_``, ...). :func:`set_options` puts the solver's
+defaults and the caller's overrides into PETSc's global options database under that prefix, calls
+``setFromOptions`` and then restores the database to what it was, so that
+
+* options given on the command line (``-fenics_red_gamma_ksp_monitor``) are kept and win over the
+  defaults, but lose to explicit ``overrides`` (settings of the caller);
+* no temporary entry is left behind (PETSc would report it as an unused option, and it would leak
+  into the next object created with the same prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from petsc4py import PETSc
+
+__all__ = ["set_options"]
+
+
+def set_options(obj, prefix: str, defaults: Mapping | None = None,
+                overrides: Mapping | None = None) -> None:
+    """Give ``obj`` (any PETSc object with ``setOptionsPrefix``/``setFromOptions``) its options.
+
+    Sets the prefix, puts ``defaults`` (only where the database has no entry yet, e.g. from the
+    command line) and ``overrides`` (always) into the database under ``prefix``, calls
+    ``obj.setFromOptions()`` and restores the database: entries set here are removed, replaced
+    entries get their old values back. Option names are given without the prefix and without
+    the leading dash. Collective on ``obj``'s communicator (as ``setFromOptions`` is).
+    """
+    obj.setOptionsPrefix(prefix)
+    db = PETSc.Options(prefix)
+    saved: dict[str, str | None] = {}
+    try:
+        for key, value in (defaults or {}).items():
+            if not db.hasName(key):
+                saved[key] = None
+                db[key] = value
+        for key, value in (overrides or {}).items():
+            if key not in saved:
+                saved[key] = db.getString(key) if db.hasName(key) else None
+            db[key] = value
+        obj.setFromOptions()
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                db.delValue(key)
+            else:
+                db[key] = old

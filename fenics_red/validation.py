@@ -1,0 +1,162 @@
+"""One set of input validators for settings, file attributes and arrays.
+
+Every validator returns the checked value in a canonical type (``float``, ``int``, a tuple, a
+float64 array) and raises ``ValueError`` with a message of the form ``"{name} must be {what}, got
+{value!r}"``: ``name`` says where the value comes from (``"SimulationSettings.snr_db"``,
+``"attribute nx"``, ``"the lateral-to-axial noise ratio"``) and ``what`` what was expected
+(derived from the bounds, or given by the caller for a domain-specific wording such as ``"a
+finite number of dB"``).
+
+:func:`check_finite` is collective: it raises on every rank of a communicator when any rank holds a
+non-finite value, so that no rank is left waiting in a later collective call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["number", "finite", "positive", "non_negative", "integer", "interval",
+           "per_component", "one_of", "mapping", "check_finite"]
+
+
+def _describe(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return (f"a finite number in {'(' if low_open else '['}{low}, {high}"
+                f"{')' if high_open else ']'}")
+    if low is not None:
+        return f"a finite number {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"a finite number {'<' if high_open else '<='} {high}"
+    return "a finite number"
+
+
+def number(value, name: str, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False, what: str | None = None) -> float:
+    """A finite real number within optional bounds (closed unless ``low_open``/``high_open``).
+
+    ``what`` replaces the description of the bounds in the message (``"a finite number >= 1"``,
+    ``"a finite number in (0, 1]"``).
+    """
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = math.isfinite(result)
+    if ok and low is not None:
+        ok = result > low if low_open else result >= low
+    if ok and high is not None:
+        ok = result < high if high_open else result <= high
+    if not ok:
+        what = what or _describe(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return result
+
+
+def finite(value, name: str, what: str = "a finite number") -> float:
+    """A finite real number."""
+    return number(value, name, what=what)
+
+
+def positive(value, name: str, what: str = "finite and > 0") -> float:
+    """A finite, strictly positive number."""
+    return number(value, name, 0.0, low_open=True, what=what)
+
+
+def non_negative(value, name: str, what: str = "finite and >= 0") -> float:
+    """A finite number ``>= 0``."""
+    return number(value, name, 0.0, what=what)
+
+
+def integer(value, name: str, low: int | None = None, high: int | None = None,
+            what: str | None = None) -> int:
+    """A Python or NumPy integer (not a bool, not a float) within optional closed bounds.
+
+    The default wording is ``"an integer"``, ``"a positive integer"`` (``low=1``), ``"a
+    non-negative integer"`` (``low=0``) or ``"an integer in [low, high]"``.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, int | np.integer)
+    if ok and low is not None:
+        ok = value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        if what is None:
+            if high is not None:
+                what = f"an integer in [{'-inf' if low is None else low}, {high}]"
+            elif low == 1:
+                what = "a positive integer"
+            elif low == 0:
+                what = "a non-negative integer"
+            elif low is not None:
+                what = f"an integer >= {low}"
+            else:
+                what = "an integer"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def interval(value, name: str, low: float = 0.0, integer: bool = False) -> tuple:
+    """A pair ``(lo, hi)`` of finite numbers with ``low <= lo <= hi`` (integers if ``integer``)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo <= hi):
+        raise ValueError(f"{name} must satisfy {low} <= low <= high (finite), got {value!r}")
+    if integer:
+        if lo != int(lo) or hi != int(hi):
+            raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+        return (int(lo), int(hi))
+    return (lo, hi)
+
+
+def per_component(values, name: str, lengths: Sequence[int] = (2, 3), *,
+                  shape_hint: str = "one value per displacement component (2 or 3)",
+                  allow_zero: bool = False, what: str | None = None) -> tuple[float, ...]:
+    """A tuple of finite numbers ``> 0`` (``>= 0`` with ``allow_zero``), of one of ``lengths``.
+
+    ``values``: a number or a sequence (flattened; a string counts as no value). A wrong number
+    of values is reported as ``"{name} must be {shape_hint}"``, an element out of range as
+    ``"{name}[i] must be {what}"``.
+    """
+    array = (np.asarray(values, dtype=object).ravel() if not isinstance(values, str | bytes)
+             else np.array([]))
+    if array.size not in tuple(lengths):
+        raise ValueError(f"{name} must be {shape_hint}, got {values!r}")
+    check = non_negative if allow_zero else positive
+    kwargs = {} if what is None else {"what": what}
+    return tuple(check(v, f"{name}[{i}]", **kwargs) for i, v in enumerate(array))
+
+
+def one_of(value, name: str, choices: Sequence):
+    """``value`` if it is one of ``choices``."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def mapping(value, name: str) -> Mapping:
+    """``value`` if it is a mapping (``dict``-like)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def check_finite(values, name: str, comm=None) -> np.ndarray:
+    """Raise on every rank of ``comm`` if any rank's ``values`` holds NaN or inf (collective).
+
+    The message is ``"{name} has non-finite values (NaN or inf)"``; without ``comm`` the check is
+    local. Returns ``values`` as an array.
+    """
+    array = np.asarray(values)
+    bad = int(not np.isfinite(array).all())
+    if comm is not None:
+        from mpi4py import MPI
+
+        bad = comm.allreduce(bad, op=MPI.MAX)
+    if bad:
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    return array
