@@ -5,11 +5,11 @@ ENV := scripts/env
 MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
 DEMO_OUT ?= demo-output
 
-.PHONY: help setup test test-serial test-mpi demo bench paper denoiser meshes docker clean
+.PHONY: help setup lint test test-serial test-mpi demo bench paper denoiser meshes docker clean
 
 help:
 	@echo "make setup   provision the DOLFINx/PETSc/torch stack and .venv (idempotent)"
-	@echo "make test    run the tests serially and under mpirun -n 2"
+	@echo "make test    ruff check, then the tests serially and under mpirun -n 2"
 	@echo "make demo    run the main job on the built-in phantom, results in $(DEMO_OUT)/"
 	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
@@ -20,7 +20,10 @@ help:
 setup:
 	@scripts/setup
 
-test: test-serial test-mpi
+test: lint test-serial test-mpi
+
+lint: setup
+	$(ENV) ruff check .
 
 test-serial: setup
 	$(ENV) python -m pytest -q --color=no

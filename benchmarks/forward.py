@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, record  # noqa: E402

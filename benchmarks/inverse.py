@@ -25,15 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
-from fenics_red.grid import ImageGrid  # noqa: E402
 from fenics_red.likelihood import NoiseModel  # noqa: E402
+from fenics_red.raster import ImageGrid  # noqa: E402
 from fenics_red.solvers import MLReconstructor, MLSettings  # noqa: E402
 
 
@@ -102,19 +103,20 @@ def main(sizes=(64, 128, 256)):
         fid, model = ml.likelihood, ml.model
         fid.set_data((sample.ux_noisy, sample.uy_noisy), NoiseModel(sample.noise_std))
         E = fid.create_vector(0.2)
-        t_refresh = mean_time(lambda: fid.refresh(E), 3, comm)
+        t_refresh = mean_time(lambda fid=fid, E=E: fid.refresh(E), 3, comm)
         r, s = fid.f.duplicate(), fid.f.duplicate()
         fid.residual(E, r)
-        t_gamma = mean_time(lambda: fid.gamma.solve(r, s), 20, comm)
-        t_back = mean_time(lambda: fid.gamma.apply_K_inverse(r, s), 20, comm)
+        t_gamma = mean_time(lambda g=fid.gamma, r=r, s=s: g.solve(r, s), 20, comm)
+        t_back = mean_time(lambda g=fid.gamma, r=r, s=s: g.apply_K_inverse(r, s), 20, comm)
         v, w = fid.create_vector(1.0), fid.f.duplicate()
-        t_spmv = mean_time(lambda: (fid.D.mult(v, w), fid.D.multTranspose(w, v)), 50, comm)
+        t_spmv = mean_time(lambda D=fid.D, v=v, w=w: (D.mult(v, w), D.multTranspose(w, v)), 50,
+                           comm)
         model.set_modulus(np.full(grid.shape, 0.2))
         model.solve()  # factorises the forward K
         t_fwd = mean_time(model.solve, 10, comm)  # same K: assembles f and back-substitutes
         b = model.assemble_load()
         u = model.u.x.petsc_vec
-        t_fwd_back = mean_time(lambda: model.ksp.solve(b, u), 20, comm)
+        t_fwd_back = mean_time(lambda ksp=model.ksp, b=b, u=u: ksp.solve(b, u), 20, comm)
         for vec in (r, s, v, w, E):
             vec.destroy()
         ml.destroy()
@@ -152,8 +154,8 @@ def main(sizes=(64, 128, 256)):
                      "back-sub' is the issue's floor (≤ 3 with Γ frozen). 'estimate' = default "
                      "MLSettings, including the uniform fit and 30 power iterations. The FISTA "
                      "speed-up (64², samples 0-2) compares the times to come within 1 % "
-                     "of the best error of 300 FISTA steps (PGD: up to 3000 steps; -1 and '>' mark runs "
-                     "that did not get there)."))
+                     "of the best error of 300 FISTA steps (PGD: up to 3000 steps; -1 and '>' "
+                     "mark runs that did not get there)."))
 
 
 def stopping_study():

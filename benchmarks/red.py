@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
@@ -20,7 +21,7 @@ from common import record  # noqa: E402
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.denoiser import Denoiser  # noqa: E402
 from fenics_red.gauss_newton import setup_gn_tikhonov, setup_gn_tv  # noqa: E402
-from fenics_red.grid import ImageGrid  # noqa: E402
+from fenics_red.raster import ImageGrid  # noqa: E402
 from fenics_red.red import REDReconstructor, load_denoiser  # noqa: E402
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_dataset  # noqa: E402
-from fenics_red.grid import ImageGrid  # noqa: E402
+from fenics_red.raster import ImageGrid  # noqa: E402
 
 
 def main(cases=((64, 32), (128, 16))):

@@ -16,7 +16,8 @@
 # rerun by hand:
 #
 # ```bash
-# scripts/env fenics-red simulate --samples 24 --grid 64 --snr 35 --seed 9001 --out runs/test-64-35db.h5
+# scripts/env fenics-red simulate --samples 24 --grid 64 --snr 35 --seed 9001 \
+#     --out runs/test-64-35db.h5
 # scripts/env mpirun -n 2 fenics-red evaluate runs/test-64-35db.h5 --out runs/eval-35db --figures 4
 # ```
 #
@@ -36,7 +37,7 @@ from mpi4py import MPI
 
 from fenics_red.data import SimulationSettings, simulate_dataset
 from fenics_red.evaluation import EvaluationSettings, evaluate, summary_table
-from fenics_red.grid import ImageGrid
+from fenics_red.raster import ImageGrid
 
 comm = MPI.COMM_WORLD
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
@@ -99,7 +100,7 @@ if comm.rank == 0:
              f"seed {seed})\n",
              "| SNR | ml | denoised-ml | red | red vs ml | red vs denoised-ml |",
              "|---|---|---|---|---|---|"]
-    for snr, (methods, summary) in summaries.items():
+    for snr, (_methods, summary) in summaries.items():
         rel = {m: summary[m]["relative_rmse"] for m in ("ml", "denoised-ml", "red")}
         gain = rel["red"]["mean"] / rel["ml"]["mean"] - 1
         over_dml = rel["red"]["mean"] / rel["denoised-ml"]["mean"] - 1

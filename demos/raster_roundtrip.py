@@ -9,8 +9,9 @@ interpolant). Pixel sizes: the default (the mesh's mean node spacing) and 2, 1, 
 
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from dolfinx import fem
 from fenics_red.domain import Domain
@@ -28,8 +29,8 @@ def main() -> None:
         Q = fem.functionspace(domain.mesh, ("Lagrange", 1))
         smooth, disc = fem.Function(Q), fem.Function(Q)
         smooth.interpolate(lambda p: 1.0 + 0.5 * np.sin(p[0] / 6.0) * np.cos(p[1] / 9.0))
-        disc.interpolate(lambda p: np.where(
-            (p[0] - centre[0]) ** 2 + (p[1] - centre[1]) ** 2 < radius**2, 0.5, 0.12))
+        disc.interpolate(lambda p, c=centre, r=radius: np.where(
+            (p[0] - c[0]) ** 2 + (p[1] - c[1]) ** 2 < r**2, 0.5, 0.12))
         n = Q.dofmap.index_map.size_local
         for spacing in (None, 2.0, 1.0, 0.5, 0.25):
             raster = raster_for(Q, domain, spacing)

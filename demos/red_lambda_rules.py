@@ -43,11 +43,12 @@ import os
 import sys
 from collections import Counter
 
-import numpy as np
 from mpi4py import MPI
 
+import numpy as np
+
 from fenics_red.data import SimulationSettings, load_dataset, simulate_dataset
-from fenics_red.grid import ImageGrid
+from fenics_red.raster import ImageGrid
 from fenics_red.red import REDReconstructor, REDSettings, load_denoiser
 
 comm = MPI.COMM_SELF  # one sample at a time on one rank: a small study

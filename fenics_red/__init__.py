@@ -15,8 +15,9 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 #: Public name -> module that defines it.
 _EXPORTS = {"ElasticityModel": "forward", "ForwardSettings": "forward",
-            "simulate_displacement": "forward", "ImageGrid": "grid", "NodalImage": "grid",
-            "validate_image": "grid"}
+            "simulate_displacement": "forward", "Domain": "domain", "MeshArrays": "domain",
+            "ImageGrid": "raster", "NodalImage": "raster", "PointRaster": "raster",
+            "ValueRaster": "raster", "raster_for": "raster", "validate_image": "raster"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 

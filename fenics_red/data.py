@@ -5,8 +5,9 @@ displacement ``u = K(E)⁻¹ f`` (:mod:`fenics_red.forward`, equation 1) and a n
 ``u_m`` at a target SNR (:mod:`fenics_red.measurements`). The paper trains its denoiser on such
 data made from 540 mask images at 35 dB.
 
-File layout (format version 1; every image in the convention of :mod:`fenics_red.grid`: shape
-``(ny+1, nx+1)``, row 0 the transducer edge ``y = H``, column 0 at ``x = 0``):
+File layout on image grids (format version 1; every image in the convention of
+:mod:`fenics_red.raster`: shape ``(ny+1, nx+1)``, row 0 the transducer edge ``y = H``, column 0
+at ``x = 0``):
 
 ========== ========================= ======== ==============================================
 dataset    shape                     dtype    meaning
@@ -28,6 +29,15 @@ model ``nu``, ``plane``, ``traction``, ``shear_traction``, ``support``, ``solver
 phantom settings ``phantoms`` (JSON); the masks ``masks_dir``, ``n_masks``, ``masks_sha256``
 (empty / 0 for random phantoms), and descriptive ``image_convention`` and ``units`` strings.
 
+On a mesh (``simulate --mesh``, format version 2) the same datasets hold one value per mesh node
+in the mesh's own node order, ``(n, N)`` instead of ``(n, ny+1, nx+1)`` (and ``uz``, ``uz_noisy`` in
+3-D; ``noise_std`` has one column per component), and the group ``mesh`` holds the mesh itself:
+``points`` ``(N, gdim)``, ``cells`` (0-based), and the ``load`` and ``support`` facets as node
+lists, so the file is self-contained (:class:`~fenics_red.domain.MeshArrays`). The grid attributes
+(with ``x0``, ``y0``) then describe the raster on which the phantoms were drawn in physical
+coordinates (each node takes the value of its nearest pixel; inclusions lie inside the mesh);
+``mesh_sha256`` fingerprints the mesh.
+
 Reproducibility: sample ``i`` is drawn from ``SeedSequence(seed).spawn(n)[i]`` (two children of
 it: phantom, then noise), so it is the same whatever the number of samples, the MPI rank count or
 the resumption history. Each rank solves its samples on ``MPI.COMM_SELF``; rank 0 writes.
@@ -37,33 +47,41 @@ same settings resumes it, and the file is renamed to ``FILE.h5`` when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
+import numpy as np
+
 from . import validation
+from .domain import MeshArrays
 from .forward import ElasticityModel, ForwardSettings
-from .grid import ImageGrid
 from .jobs import ResumableFile, run_batches
 from .jobs import plain as _plain
 from .measurements import simulate_measurement
 from .parallel import on_root as _on_root
 from .phantoms import PhantomSettings, load_mask_folder, mask_phantom, random_phantom
+from .raster import ImageGrid
 
 __all__ = ["SimulationSettings", "Sample", "Dataset", "load_dataset", "simulate_dataset",
            "simulate_sample", "sample_generators", "FORMAT", "FORMAT_VERSION", "IMAGE_DATASETS"]
 
 #: Value of the ``format`` attribute of every data set file.
 FORMAT = "fenics-red synthetic elastography"
-#: Version of the layout described in the module docstring.
+#: Version of the layout of grid data sets (module docstring); mesh data sets are version 2.
 FORMAT_VERSION = 1
+MESH_FORMAT_VERSION = 2
 #: Float64 image stacks of a data set, ``(n, ny+1, nx+1)``.
 IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
+#: The extra nodal datasets of 3-D mesh data sets.
+DEPTH_DATASETS = ("uz", "uz_noisy")
+#: Datasets a data set without truth (a real measurement) lacks: both or neither.
+TRUTH_DATASETS = ("E", "mask")
 MASK_DTYPE = np.uint16
 
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
@@ -85,6 +103,8 @@ class SimulationSettings:
         force_noise: standard deviation ``σw`` of the nodal force noise (0: none).
         seed: root seed; sample ``i`` uses ``SeedSequence(seed).spawn(n)[i]``.
         phantoms: how random phantoms are drawn (also the moduli of mask phantoms).
+        mesh: the mesh of a mesh data set (then ``grid`` is the raster of its phantoms), or
+            ``None`` on an image grid.
     """
 
     grid: ImageGrid
@@ -94,6 +114,7 @@ class SimulationSettings:
     force_noise: float = 0.0
     seed: int = 0
     phantoms: PhantomSettings = field(default_factory=PhantomSettings)
+    mesh: MeshArrays | None = None
 
     def __post_init__(self):
         for name, kind in (("grid", ImageGrid), ("forward", ForwardSettings),
@@ -109,12 +130,28 @@ class SimulationSettings:
         set_(self, "force_noise", validation.non_negative(self.force_noise,
                                                           "SimulationSettings.force_noise"))
         set_(self, "seed", validation.integer(self.seed, "SimulationSettings.seed", low=0))
+        if self.mesh is not None and not isinstance(self.mesh, MeshArrays):
+            raise ValueError(f"SimulationSettings.mesh must be MeshArrays or None, got "
+                             f"{type(self.mesh).__name__}")
+
+    @property
+    def space(self):
+        """Where the data live: the mesh arrays, or the image grid (for
+        :func:`~fenics_red.domain.make_domain` and the methods' ``setup``)."""
+        return self.grid if self.mesh is None else self.mesh
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's nodal arrays: the image shape, or ``(N,)`` on a mesh."""
+        return self.grid.shape if self.mesh is None else self.mesh.shape
 
     def to_attrs(self) -> dict:
         """Flat HDF5 attributes (strings, numbers, JSON for nested values)."""
         g, f = self.grid, self.forward
         attrs = {"nx": int(g.nx), "ny": int(g.ny), "width": float(g.width),
                  "height": float(g.height)}
+        if self.mesh is not None:
+            attrs.update(x0=float(g.x0), y0=float(g.y0), mesh_sha256=mesh_digest(self.mesh))
         attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
         attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
         attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
@@ -133,7 +170,8 @@ class SimulationSettings:
         a = {key: _plain(attrs[key]) for key in needed}
         try:
             grid = ImageGrid(_int(a["nx"], "nx"), _int(a["ny"], "ny"), float(a["width"]),
-                             float(a["height"]))
+                             float(a["height"]), float(_plain(attrs.get("x0", 0.0))),
+                             float(_plain(attrs.get("y0", 0.0))))
             forward = ForwardSettings(
                 nu=float(a["nu"]), plane=str(a["plane"]), traction=float(a["traction"]),
                 shear_traction=float(a["shear_traction"]), support=str(a["support"]),
@@ -145,27 +183,44 @@ class SimulationSettings:
             raise ValueError(f"invalid settings attributes: {error}") from None
 
 
+def mesh_digest(mesh: MeshArrays) -> str:
+    """A fingerprint of a mesh's arrays (a resumed mesh data set must be on the same mesh)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (mesh.points, mesh.cells, mesh.load, mesh.support):
+        array = np.ascontiguousarray(array)
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def _int(value, name: str) -> int:
     return validation.integer(value, f"attribute {name}")
 
 
 @dataclass
 class Sample:
-    """One sample of a data set: images ``(ny+1, nx+1)`` and its noise levels.
+    """One sample of a data set: nodal arrays (images ``(ny+1, nx+1)`` on grids, ``(N,)`` on
+    meshes) and its noise levels.
 
     ``mask`` holds integer labels (0 background, ``k > 0`` inclusion ``k``); ``noise_std`` is
-    ``(σx, σy)`` (``Σn``) and ``force_std`` is ``σw`` (``Σw = σw² I``) of the measurement.
+    ``(σx, σy[, σz])`` (``Σn``) and ``force_std`` is ``σw`` (``Σw = σw² I``) of the measurement.
+    ``E`` and ``mask`` are ``None`` for a data set without truth (a real measurement); ``uz`` and
+    ``uz_noisy`` are set in 3-D only.
     """
 
     index: int
-    E: np.ndarray
+    E: np.ndarray | None
     ux: np.ndarray
     uy: np.ndarray
     ux_noisy: np.ndarray
     uy_noisy: np.ndarray
-    mask: np.ndarray
-    noise_std: tuple[float, float]
+    mask: np.ndarray | None
+    noise_std: tuple[float, ...]
     force_std: float
+    uz: np.ndarray | None = None
+    uz_noisy: np.ndarray | None = None
 
 
 def sample_generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -180,27 +235,36 @@ def sample_generators(seed: int, index: int) -> tuple[np.random.Generator, np.ra
 
 
 def simulate_sample(index: int, settings: SimulationSettings,
-                    model: ElasticityModel | None = None, masks: np.ndarray | None = None
-                    ) -> Sample:
+                    model: ElasticityModel | None = None, masks: np.ndarray | None = None,
+                    region: np.ndarray | None = None) -> Sample:
     """Sample ``index`` of the data set of ``settings``: phantom, clean and noisy displacements.
 
     ``model``: a forward model of ``settings.grid`` and ``settings.forward`` to reuse (default: a
     new one on ``MPI.COMM_SELF``, destroyed afterwards). ``masks``: boolean masks
     ``(n_masks, ny+1, nx+1)`` (:func:`~fenics_red.phantoms.load_mask_folder`); sample ``i`` uses
     mask ``i mod n_masks``. Without masks the phantom is random.
+
+    On a mesh (``settings.mesh``) the phantom is drawn on ``settings.grid`` in physical
+    coordinates, its inclusions inside ``region`` (the pixels inside the mesh: default
+    :func:`phantom_region`), and each node takes the value of its nearest pixel.
     """
     phantom_rng, noise_rng = sample_generators(settings.seed, index)
+    if settings.mesh is not None and region is None:
+        region = phantom_region(settings)
     if masks is not None:
         E, labels = mask_phantom(masks[index % len(masks)], settings.grid, phantom_rng,
                                  settings.phantoms)
     else:
-        E, labels = random_phantom(settings.grid, phantom_rng, settings.phantoms)
+        E, labels = random_phantom(settings.grid, phantom_rng, settings.phantoms, region)
+    if settings.mesh is not None:  # the nearest pixel of every node
+        nearest = settings.grid.pixel_index(settings.mesh.points[:, :2])
+        E, labels = E.ravel()[nearest], labels.ravel()[nearest]
     if int(labels.max()) > np.iinfo(MASK_DTYPE).max:
         raise ValueError(f"sample {index} has {int(labels.max())} inclusions; at most "
                          f"{np.iinfo(MASK_DTYPE).max} fit the mask's integer type")
     own = model is None
     if own:
-        model = ElasticityModel.on_grid(settings.grid, MPI.COMM_SELF, settings.forward)
+        model = ElasticityModel.on_grid(settings.space, MPI.COMM_SELF, settings.forward)
     try:
         m = simulate_measurement(model, E, noise_rng, settings.snr_db, settings.noise_ratio,
                                  settings.force_noise)
@@ -209,7 +273,36 @@ def simulate_sample(index: int, settings: SimulationSettings,
             model.destroy()
     return Sample(int(index), E, m.ux, m.uy, m.ux_noisy, m.uy_noisy,
                   labels.astype(MASK_DTYPE), tuple(float(s) for s in m.noise_std),
-                  float(m.force_std))
+                  float(m.force_std), m.uz, m.uz_noisy)
+
+
+def phantom_region(settings: SimulationSettings) -> np.ndarray:
+    """Boolean image on ``settings.grid``: the pixels inside ``settings.mesh`` (serial)."""
+    from dolfinx import fem
+
+    from .raster import PointRaster
+
+    domain = settings.mesh.domain(MPI.COMM_SELF)
+    Q = fem.functionspace(domain.mesh, ("Lagrange", 1))
+    return PointRaster(Q, settings.grid, domain.node_indices(Q), domain.num_file_nodes).mask
+
+
+def mesh_settings(mesh: MeshArrays, spacing: float | None = None, **kwargs
+                  ) -> SimulationSettings:
+    """Settings of a data set on ``mesh``: its phantoms drawn on the raster over the mesh's
+    bounding box with pixels of ``spacing`` (default: the mean node spacing,
+    ``sqrt(area / N)``). ``kwargs``: the other :class:`SimulationSettings` fields."""
+    if mesh.dim != 2:
+        raise ValueError("simulating phantoms on 3-D meshes is not supported yet: the phantom "
+                         "raster is 2-D (use fenics-red forward --mesh for 3-D solves)")
+    points = mesh.points
+    if spacing is None:
+        corners = points[mesh.cells]
+        area = 0.5 * np.abs(np.cross(corners[:, 1] - corners[:, 0],
+                                     corners[:, 2] - corners[:, 0])).sum()
+        spacing = float(np.sqrt(area / len(points)))
+    grid = ImageGrid.covering(points.min(axis=0), points.max(axis=0), spacing)
+    return SimulationSettings(grid, mesh=mesh, **kwargs)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -218,13 +311,15 @@ def _file_attrs(settings: SimulationSettings, n_samples: int, masks_dir, n_masks
                 masks_sha256: str) -> dict:
     from . import __version__
 
-    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+    version = FORMAT_VERSION if settings.mesh is None else MESH_FORMAT_VERSION
+    attrs = {"format": FORMAT, "format_version": version,
              "fenics_red_version": __version__, "n_samples": int(n_samples)}
     attrs.update(settings.to_attrs())
     attrs.update(masks_dir="" if masks_dir is None else str(Path(masks_dir).resolve()),
                  n_masks=int(n_masks), masks_sha256=masks_sha256,
                  image_convention="(ny+1, nx+1) nodal images; row 0 = transducer edge y = H, "
-                                  "column 0 = x = 0",
+                                  "column 0 = x = 0" if settings.mesh is None else
+                                  "(N,) nodal values in the node order of /mesh/points",
                  units="modulus normalised (1 = 100 kPa); displacement in length units of the "
                        "grid; mask: 0 background, k > 0 inclusion k")
     return attrs
@@ -248,8 +343,9 @@ class _SampleFile(ResumableFile):
     UNREADABLE = ("it is not a readable HDF5 file ({error}); delete it or pass --overwrite "
                   "(overwrite=True) to start again")
 
-    def __init__(self, path: Path, attrs: dict, shape: tuple[int, int], overwrite: bool):
-        self.shape = tuple(shape)
+    def __init__(self, path: Path, attrs: dict, settings: SimulationSettings, overwrite: bool):
+        self.shape = tuple(settings.value_shape)
+        self.mesh = settings.mesh
         super().__init__(path, attrs, attrs["n_samples"], overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -264,6 +360,10 @@ class _SampleFile(ResumableFile):
         self.file.create_dataset("mask", (n, *self.shape), dtype=MASK_DTYPE, chunks=chunk)
         self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
         self.file.create_dataset("force_std", (n,), dtype=np.float64)
+        if self.mesh is not None:
+            group = self.file.create_group("mesh")
+            for name in ("points", "cells", "load", "support"):
+                group.create_dataset(name, data=getattr(self.mesh, name))
 
     def check(self, attrs: dict, where: str) -> None:
         advice = ("run again with the same settings to resume it, or pass --overwrite "
@@ -320,15 +420,17 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
     attrs = _file_attrs(settings, n_samples, masks_dir, 0 if masks is None else len(masks), sha)
 
     model: ElasticityModel | None = None
+    region = None
 
     def solve(index: int) -> Sample:
-        nonlocal model
+        nonlocal model, region
         if model is None:
-            model = ElasticityModel.on_grid(grid, MPI.COMM_SELF, settings.forward)
-        return simulate_sample(index, settings, model, masks)
+            model = ElasticityModel.on_grid(settings.space, MPI.COMM_SELF, settings.forward)
+            region = None if settings.mesh is None else phantom_region(settings)
+        return simulate_sample(index, settings, model, masks, region)
 
     try:
-        run_batches(comm, lambda: _SampleFile(path, attrs, grid.shape, overwrite), solve,
+        run_batches(comm, lambda: _SampleFile(path, attrs, settings, overwrite), solve,
                     batch_size=batch_size, progress=f"simulate {path.name}" if progress else None,
                     on_batch=on_batch)
     finally:
@@ -375,9 +477,10 @@ class Dataset:
             self._fail(f"not a fenics-red data set (attribute format is "
                        f"{_plain(attrs.get('format'))!r}, expected {FORMAT!r})")
         version = _plain(attrs.get("format_version"))
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, MESH_FORMAT_VERSION):
             self._fail(f"format version {version!r} is not supported (this fenics-red reads "
-                       f"version {FORMAT_VERSION})")
+                       f"versions {FORMAT_VERSION} and {MESH_FORMAT_VERSION})")
+        self.format_version = version
         missing = [k for k in ("n_samples", "fenics_red_version", "n_masks", "masks_sha256")
                    if k not in attrs]
         if missing:
@@ -386,14 +489,25 @@ class Dataset:
             self.settings = SimulationSettings.from_attrs(attrs)
         except ValueError as error:
             self._fail(str(error))
+        if version == MESH_FORMAT_VERSION:
+            self.settings = dataclasses.replace(self.settings, mesh=self._read_mesh())
         n = _plain(attrs["n_samples"])
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             self._fail(f"attribute n_samples must be a positive integer, got {n!r}")
         self.n_samples = n
-        shape = self.settings.grid.shape
+        present = [name for name in TRUTH_DATASETS if name in f]
+        if len(present) == 1:
+            self._fail(f"dataset {present[0]!r} without "
+                       f"{(set(TRUTH_DATASETS) - set(present)).pop()!r}: a data set has both "
+                       "(the truth) or neither (a real measurement)")
+        self.has_truth = bool(present)
+        shape = self.settings.value_shape
         expected = {name: ((n, *shape), "f") for name in IMAGE_DATASETS}
         expected.update(mask=((n, *shape), "iu"), noise_std=((n, 2), "f"), force_std=((n,), "f"),
                         done=((n,), "iub"))
+        if not self.has_truth:
+            for name in TRUTH_DATASETS:
+                del expected[name]
         for name, (want, kinds) in expected.items():
             if name not in f:
                 self._fail(f"dataset {name!r} is missing")
@@ -413,10 +527,39 @@ class Dataset:
         if check_data:
             self._check_values()
 
+    def _read_mesh(self) -> MeshArrays:
+        f = self._file
+        arrays = {}
+        for name, kind in (("points", "f"), ("cells", "iu"), ("load", "iu"),
+                           ("support", "iu")):
+            key = f"mesh/{name}"
+            if key not in f or not hasattr(f[key], "shape") or f[key].ndim != 2:
+                self._fail(f"format 2 needs a 2-D dataset {key!r} (the mesh)")
+            if f[key].dtype.kind not in kind:
+                self._fail(f"dataset {key!r} has dtype {f[key].dtype}")
+            arrays[name] = np.asarray(f[key][...])
+        points, cells = arrays["points"], arrays["cells"]
+        gdim = points.shape[1]
+        if gdim not in (2, 3) or cells.shape[1] != gdim + 1 or not np.isfinite(points).all():
+            self._fail(f"mesh/points {points.shape} and mesh/cells {cells.shape} are not a "
+                       "triangle or tetrahedron mesh with finite coordinates")
+        for name in ("cells", "load", "support"):
+            a = arrays[name]
+            if a.size and (a.min() < 0 or a.max() >= len(points)):
+                self._fail(f"mesh/{name} references nodes outside 0..{len(points) - 1}")
+        mesh = MeshArrays(points, cells.astype(np.int64), arrays["load"].astype(np.int64),
+                          arrays["support"].astype(np.int64))
+        stored = _plain(f.attrs.get("mesh_sha256"))
+        if stored != mesh_digest(mesh):
+            self._fail("the mesh does not match its fingerprint mesh_sha256 (damaged file?)")
+        return mesh
+
     def _check_values(self) -> None:
         f = self._file
-        per_block = max(1, int(2**25 // (8 * np.prod(self.settings.grid.shape))))
+        per_block = max(1, int(2**25 // (8 * np.prod(self.settings.value_shape))))
         for name in (*IMAGE_DATASETS, "mask"):
+            if name not in f:  # no truth
+                continue
             d = f[name]
             for start in range(0, self.n_samples, per_block):
                 block = d[start:start + per_block]
@@ -426,12 +569,13 @@ class Dataset:
                     continue
                 finite = np.isfinite(block)
                 if not finite.all():
-                    i, r, c = np.argwhere(~finite)[0]
+                    i, *where = np.argwhere(~finite)[0]
+                    at = (f"row {where[0]}, column {where[1]}" if len(where) == 2
+                          else f"node {where[0]}")
                     self._fail(f"dataset {name!r} has {int((~finite).sum())} non-finite value(s) "
-                               f"(NaN or inf), first in sample {start + i} at row {r}, "
-                               f"column {c}")
+                               f"(NaN or inf), first in sample {start + i} at {at}")
                 if name == "E" and not (block > 0).all():
-                    i = int(np.argwhere((block <= 0).any(axis=(1, 2)))[0, 0])
+                    i = int(np.argwhere((block <= 0).reshape(len(block), -1).any(axis=1))[0, 0])
                     self._fail(f"dataset 'E' must be strictly positive; sample {start + i} has "
                                f"minimum {block[i].min()!r}")
         sigma = f["noise_std"][...]
@@ -452,6 +596,16 @@ class Dataset:
         return self.settings.grid
 
     @property
+    def mesh(self) -> MeshArrays | None:
+        """The mesh of a format-2 data set (``None`` on an image grid)."""
+        return self.settings.mesh
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's nodal arrays (an image, or ``(N,)`` on a mesh)."""
+        return self.settings.value_shape
+
+    @property
     def attrs(self) -> dict:
         """All file attributes as plain Python values."""
         return {key: _plain(value) for key, value in self._file.attrs.items()}
@@ -467,10 +621,11 @@ class Dataset:
             raise IndexError(f"sample {index} does not exist: {str(self.path)!r} has "
                              f"{self.n_samples} samples (0 to {self.n_samples - 1})")
         f, i = self._file, int(index)
-        images = {name: np.asarray(f[name][i], dtype=np.float64) for name in IMAGE_DATASETS}
+        images = {name: np.asarray(f[name][i], dtype=np.float64) if name in f else None
+                  for name in IMAGE_DATASETS}
         sigma = f["noise_std"][i]
-        return Sample(i, mask=np.asarray(f["mask"][i]),
-                      noise_std=(float(sigma[0]), float(sigma[1])),
+        return Sample(i, mask=np.asarray(f["mask"][i]) if "mask" in f else None,
+                      noise_std=tuple(float(v) for v in sigma),
                       force_std=float(f["force_std"][i]), **images)
 
     def __iter__(self) -> Iterator[Sample]:
@@ -482,6 +637,9 @@ class Dataset:
         if name not in (*IMAGE_DATASETS, "mask", "noise_std", "force_std"):
             raise KeyError(f"no dataset {name!r}; choose from "
                            f"{[*IMAGE_DATASETS, 'mask', 'noise_std', 'force_std']}")
+        if name not in self._file:
+            raise KeyError(f"data set {str(self.path)!r} has no truth ({name!r}): a real "
+                           "measurement")
         return np.asarray(self._file[name][index])
 
     def close(self) -> None:

@@ -18,19 +18,60 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from dolfinx import fem, mesh
 
 from .parallel import on_root, raise_shared
 
-__all__ = ["Domain", "LOAD", "SUPPORT", "read_mesh"]
+__all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
 
 _MESH_SUFFIXES = (".msh", ".xdmf")
+
+
+@dataclass(frozen=True, eq=False)
+class MeshArrays:
+    """A mesh as plain arrays in file order, the same on every rank (what data sets store).
+
+    ``points`` ``(N, gdim)``, 0-based ``cells`` ``(M, gdim + 1)``, and the ``load`` and
+    ``support`` facets as node lists ``(F, gdim)``. Values on such a mesh are arrays of
+    :attr:`shape` ``(N,)``, node ``i`` at ``points[i]``.
+    """
+
+    points: np.ndarray
+    cells: np.ndarray
+    load: np.ndarray
+    support: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.points.shape[1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (int(self.points.shape[0]),)
+
+    def domain(self, comm: MPI.Comm) -> Domain:
+        """The distributed domain of these arrays. Collective."""
+        return Domain.from_arrays(self.points, self.cells, comm, load=self.load,
+                                  support=self.support, source="data set")
+
+
+def make_domain(spec, comm: MPI.Comm) -> Domain:
+    """The :class:`Domain` of an :class:`~fenics_red.raster.ImageGrid` or :class:`MeshArrays`
+    (a data set's geometry), distributed over ``comm``; a Domain passes through."""
+    if isinstance(spec, Domain):
+        return spec
+    if isinstance(spec, MeshArrays):
+        return spec.domain(comm)
+    if hasattr(spec, "create_mesh"):
+        return Domain.rectangle(spec, comm)
+    raise TypeError(f"expected an ImageGrid, MeshArrays or Domain, got {type(spec).__name__}")
 
 
 @dataclass
@@ -103,13 +144,13 @@ class Domain:
         axis. Node ``i`` of ``points`` is node ``i`` of the file order. Collective."""
         import basix.ufl
         import ufl
-
         from dolfinx.graph import adjacencylist
         from dolfinx.io import distribute_entity_data
 
         def header():
             p, c = np.asarray(points), np.asarray(cells)
-            if p.ndim != 2 or p.shape[1] not in (2, 3) or c.ndim != 2 or c.shape[1] != p.shape[1] + 1:
+            if (p.ndim != 2 or p.shape[1] not in (2, 3) or c.ndim != 2
+                    or c.shape[1] != p.shape[1] + 1):
                 raise ValueError(f"mesh arrays must be points (N, 2) with triangles (M, 3) or "
                                  f"points (N, 3) with tetrahedra (M, 4); got points {p.shape} "
                                  f"and cells {c.shape}")
@@ -157,6 +198,12 @@ class Domain:
         """The geometric dimension (2 or 3)."""
         return self.mesh.geometry.dim
 
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """Shape of an array of nodal values in file order: the image shape on grid domains,
+        ``(num_file_nodes,)`` otherwise."""
+        return tuple(self.grid.shape) if self.grid is not None else (self.num_file_nodes,)
+
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """The global bounding box ``(lower, upper)`` of the mesh nodes. Collective."""
         return _bounds(self.mesh)
@@ -182,7 +229,9 @@ class Domain:
         for name, tag in (("load", LOAD), ("support", SUPPORT)):
             local = self.facets(tag)
             local = local[local < n_facets]
-            geometry_nodes = mesh.entities_to_geometry(msh, tdim - 1, local.astype(np.int32))
+            # (DOLFINx 0.9 divides by zero in entities_to_geometry for an empty list)
+            geometry_nodes = (mesh.entities_to_geometry(msh, tdim - 1, local.astype(np.int32))
+                              if len(local) else np.zeros((0, tdim), dtype=np.int32))
             facets[name] = self.comm.gather(_file_nodes(self, geometry_nodes), root=0)
         cells = _file_nodes(self, msh.geometry.dofmap[:n_cells])
         gathered = self.comm.gather((original, cells), root=0)

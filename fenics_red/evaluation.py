@@ -31,6 +31,7 @@ the metrics and draws the figures.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -40,8 +41,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from .data import load_dataset
 from .io import atomic_output, plain, to_json
@@ -49,6 +51,7 @@ from .jobs import ResumableOutput
 from .methods import get_method
 from .metrics import METRIC_NAMES, evaluate_metrics
 from .parallel import check_all, on_root
+from .raster import ValueRaster
 from .reconstruction import Result, has_truth, run_method
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "METRIC_LABELS"]
@@ -119,8 +122,9 @@ def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
     except (OSError, ValueError, KeyError, EOFError) as error:
         raise ValueError(f"estimate file {str(path)!r} is damaged ({error}); delete it to "
                          "recompute it") from None
-    if estimate.ndim != 2 or not np.isfinite(estimate).all():
-        raise ValueError(f"estimate file {str(path)!r} holds no finite 2-D image; delete it")
+    if estimate.ndim not in (1, 2) or not np.isfinite(estimate).all():
+        raise ValueError(f"estimate file {str(path)!r} holds no finite image or nodal values; "
+                         "delete it")
     return estimate, settings, info
 
 
@@ -287,17 +291,25 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     """Rank 0: metrics of every run, the tables and the figures (``no_truth``: why there is no
     truth to compare with; then no metrics and figures of the estimates only)."""
     rows, samples, estimates = [], {}, {}
+    # metrics and figures compare images: exact copies on grids, the raster of a mesh otherwise
+    raster = ValueRaster(dataset.settings.space, dataset.grid)
+    valid = None if dataset.mesh is None else raster.mask
+    nodal = {}  # the estimates as stored (per node on a mesh), for the XDMF files
     for i in indices:
         sample = None if no_truth else dataset.sample(i)
+        if sample is not None and dataset.mesh is not None:
+            sample = dataclasses.replace(sample, E=raster.image(sample.E),
+                                         mask=raster.labels(sample.mask))
         samples[i] = sample
-        estimates[i] = {}
+        estimates[i], nodal[i] = {}, {}
         for method in settings.methods:
             estimate, _, info = read_estimate(_run_path(out, method, i))
-            estimates[i][method] = estimate
+            estimates[i][method] = raster.image(estimate)
+            nodal[i][method] = estimate
             if sample is None:
                 continue
-            row = {"sample": i, "method": method, **evaluate_metrics(estimate, sample.E,
-                                                                    sample.mask > 0)}
+            row = {"sample": i, "method": method,
+                   **evaluate_metrics(estimates[i][method], sample.E, sample.mask > 0, valid)}
             row["time"] = float(info.get("time", math.nan) or math.nan)
             rows.append(row)
     heading = (f"# Evaluation of {len(indices)} sample(s) of `{dataset.path.name}`\n\n"
@@ -326,13 +338,16 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     with atomic_output(out / "summary.md", overwrite=True) as tmp:
         Path(tmp).write_text(text)
     if settings.figures or settings.xdmf:
-        _figures(out, dataset.grid, samples, estimates, rows, settings)
+        truths = {i: None if no_truth else dataset.sample(i).E for i in samples}
+        _figures(out, raster.grid, samples, estimates, rows, settings,
+                 (dataset.settings.space, truths, nodal))
     return summary
 
 
-def _figures(out, grid, samples, estimates, rows, settings) -> None:
-    """Per sample: the comparison and the profile figure, the XDMF file (a sample of ``None``:
-    no truth, figures of the estimates only)."""
+def _figures(out, grid, samples, estimates, rows, settings, nodal) -> None:
+    """Per sample: the comparison and the profile figure (images), the XDMF file (on the data
+    set's grid or mesh: ``nodal = (space, truths, estimates)`` as stored); a sample of ``None``:
+    no truth, figures of the estimates only."""
     from .visualise import plot_comparison, plot_profiles, write_xdmf
 
     error = {(r["sample"], r["method"]): r["relative_rmse"] for r in rows}
@@ -349,6 +364,7 @@ def _figures(out, grid, samples, estimates, rows, settings) -> None:
                           mask=None if sample is None else sample.mask)
         if settings.xdmf:
             (out / "xdmf").mkdir(exist_ok=True)
-            fields = {} if truth is None else {"truth": truth}
-            fields.update({m.replace("-", "_"): e for m, e in estimates[i].items()})
-            write_xdmf(fields, out / "xdmf" / f"sample_{i}.xdmf", grid, MPI.COMM_SELF)
+            space, truths, values = nodal
+            fields = {} if truths[i] is None else {"truth": truths[i]}
+            fields.update({m.replace("-", "_"): e for m, e in values[i].items()})
+            write_xdmf(fields, out / "xdmf" / f"sample_{i}.xdmf", space, MPI.COMM_SELF)

@@ -13,15 +13,16 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-import ufl
 from mpi4py import MPI
 from petsc4py import PETSc
 
+import numpy as np
+
+import ufl
 from dolfinx import fem, mesh
 from dolfinx.fem import petsc as fem_petsc
 
-from .domain import LOAD, SUPPORT, Domain
+from .domain import LOAD, SUPPORT, Domain, make_domain
 from .raster import ImageGrid, NodalImage, NodeOrder, raster_for, validate_image
 
 __all__ = ["ForwardSettings", "ElasticityModel", "strain", "stress", "lame_parameters",
@@ -71,7 +72,8 @@ class ForwardSettings:
         if self.support not in ("fixed", "sliding"):
             raise ValueError(f"support must be 'fixed' or 'sliding', got {self.support!r}")
         if self.solver not in _SOLVER_OPTIONS:
-            raise ValueError(f"solver must be one of {sorted(_SOLVER_OPTIONS)}, got {self.solver!r}")
+            raise ValueError(f"solver must be one of {sorted(_SOLVER_OPTIONS)}, got "
+                             f"{self.solver!r}")
         for name in ("traction", "shear_traction"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
@@ -148,7 +150,8 @@ class ElasticityModel:
 
         ds = ufl.Measure("ds", domain=msh, subdomain_data=domain.facet_tags)
         v = ufl.TestFunction(self.V)
-        residual = ufl.inner(stress(self.E, self.u, settings.nu, settings.plane), strain(v)) * ufl.dx
+        sigma = stress(self.E, self.u, settings.nu, settings.plane)
+        residual = ufl.inner(sigma, strain(v)) * ufl.dx
         data_residual = ufl.replace(residual, {self.u: self.u_data})
         self._a = fem.form(ufl.derivative(residual, self.u, ufl.TrialFunction(self.V)))
         self._D = fem.form(ufl.derivative(data_residual, self.E, ufl.TrialFunction(self.Q)))
@@ -182,10 +185,11 @@ class ElasticityModel:
                 fem.functionspace(msh, ("Lagrange", 1)))
 
     @classmethod
-    def on_grid(cls, grid: ImageGrid, comm: MPI.Comm, settings: ForwardSettings | None = None
+    def on_grid(cls, grid, comm: MPI.Comm, settings: ForwardSettings | None = None
                 ) -> ElasticityModel:
-        """A model on the mesh of an image grid, distributed over ``comm``."""
-        return cls(Domain.rectangle(grid, comm), settings)
+        """A model on the mesh of an image grid (or of any domain spec of
+        :func:`~fenics_red.domain.make_domain`: a data set's mesh), distributed over ``comm``."""
+        return cls(make_domain(grid, comm), settings)
 
     def _supports(self) -> list[fem.DirichletBC]:
         """``fixed``: every component zero on the support. ``sliding``: the depth component zero
@@ -284,6 +288,28 @@ class ElasticityModel:
             self._images[key] = NodeOrder(V, self.domain.node_indices(V),
                                           self.domain.num_file_nodes)
         return self._images[key]
+
+    def to_values(self, local: np.ndarray, space: str = "Q") -> np.ndarray:
+        """Local dof values of ``"Q"`` (or ``"V"``) as arrays in file order on every rank:
+        shape :attr:`Domain.value_shape` (an image on grids), with a leading component axis for
+        ``"V"``. Exact. Collective."""
+        arrays = self.node_order(space).gather(local)
+        shape = self.domain.value_shape
+        return arrays[0].reshape(shape) if space == "Q" else arrays.reshape(-1, *shape)
+
+    def from_values(self, values, out: np.ndarray, space: str = "Q",
+                    name: str = "nodal values") -> np.ndarray:
+        """Write arrays in file order (shape :attr:`Domain.value_shape`, components first for
+        ``"V"``) into local dof values ``out`` (owned and ghosts)."""
+        values = np.asarray(values, dtype=np.float64)
+        order = self.node_order(space)
+        shape = self.domain.value_shape
+        expected = shape if space == "Q" else (order.block_size, *shape)
+        if values.shape != tuple(expected):
+            what = "image" if self.grid is not None else "array of one value per mesh node"
+            raise ValueError(f"{name}: expected an {what} of shape {tuple(expected)}, got "
+                             f"{values.shape}")
+        return order.scatter(values.reshape(order.block_size, -1), out)
 
     # -- state -----------------------------------------------------------------------------------
 

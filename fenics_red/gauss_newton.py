@@ -64,17 +64,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
-from dolfinx import fem
 from mpi4py import MPI
 from petsc4py import PETSc
 
+import numpy as np
+
+from dolfinx import fem
+
 from . import validation
 from .forward import ElasticityModel, ForwardSettings
-from .grid import ImageGrid, validate_image
 from .likelihood import best_uniform_modulus
 from .linalg import taylor_test
-from .measurements import set_displacement
+from .measurements import Measurement, set_displacement
 from .optimisation import (
     alpha_heuristic,
     armijo_backtracking,
@@ -83,6 +84,7 @@ from .optimisation import (
     l_curve_corner,
 )
 from .petsc_options import set_options
+from .raster import ImageGrid, validate_image
 from .regularisers import REGULARISERS, Regulariser, TotalVariation, create_regulariser
 
 __all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "GaussNewtonHessian", "OutputMisfit",
@@ -424,7 +426,7 @@ class GaussNewtonInversion:
         else:
             values = np.asarray(m, dtype=np.float64)
             if values.ndim == 2:
-                self.model.images("Q").from_images(values, self.m.x.array)
+                self.model.from_values(values, self.m.x.array, name="parameter image")
             elif values.shape == (self._nq,):
                 self.m.x.array[: self._nq] = values
             else:
@@ -449,7 +451,7 @@ class GaussNewtonInversion:
             values.copy(vec)
         elif np.ndim(values) == 2:
             scratch = np.empty(self.m.x.array.size)
-            self.model.images("Q").from_images(np.asarray(values, dtype=np.float64), scratch)
+            self.model.from_values(values, scratch)
             vec.array[:] = scratch[: self._nq]
         else:
             vec.array[:] = np.asarray(values, dtype=np.float64)
@@ -458,6 +460,10 @@ class GaussNewtonInversion:
     def modulus_image(self) -> np.ndarray:
         """The current modulus as an image (collective; image grids only)."""
         return self.model.images("Q").to_image(self.model.E)
+
+    def modulus_values(self) -> np.ndarray:
+        """The current modulus in file order on every rank (an image on grids). Collective."""
+        return self.model.to_values(self.model.E.x.array)
 
     def estimate(self) -> np.ndarray:
         """The current modulus: an image on an image grid (collective), else a copy of the owned
@@ -863,7 +869,7 @@ class GaussNewtonRunner:
     ``max_steps`` maps to ``max_iterations``.
     """
 
-    def __init__(self, regulariser: str, grid: ImageGrid, forward: ForwardSettings,
+    def __init__(self, regulariser: str, grid, forward: ForwardSettings,
                  comm: MPI.Comm, options: Mapping | GaussNewtonSettings | None = None):
         self.options = self.gn_settings = gn_options(regulariser, options)
         self.model = ElasticityModel.on_grid(grid, comm, forward)
@@ -873,9 +879,16 @@ class GaussNewtonRunner:
         return self.gn_settings.to_dict()
 
     def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-        estimate, history = reconstruct_gauss_newton(
-            self.model, sample.ux_noisy, sample.uy_noisy, tuple(sample.noise_std),
-            self.gn_settings)
+        m = Measurement.from_sample(sample)
+        if self.model.grid is not None:
+            estimate, history = reconstruct_gauss_newton(
+                self.model, *m.displacement, m.noise_std, self.gn_settings)
+        else:  # owned nodal values back to the data set's node order
+            owned, history = reconstruct_gauss_newton(self.model, m.displacement, None,
+                                                      m.noise_std, self.gn_settings)
+            local = np.zeros(self.model.E.x.array.size)
+            local[: len(owned)] = owned
+            estimate = self.model.to_values(local)
         rows = history["iterations"]
         columns = sorted({k for row in rows for k, v in row.items()
                           if isinstance(v, int | float | np.number)})

@@ -27,8 +27,9 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from .io import plain
 from .parallel import on_root, raise_local_or_shared

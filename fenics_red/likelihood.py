@@ -53,17 +53,19 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-from dolfinx import fem
 from mpi4py import MPI
 from petsc4py import PETSc
 
+import numpy as np
+
+from dolfinx import fem
+
 from . import validation
 from .forward import ElasticityModel
-from .grid import validate_image
 from .linalg import power_iteration
 from .measurements import noise_std_from_energy, set_displacement
 from .petsc_options import set_options
+from .raster import validate_image
 
 __all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood",
            "best_uniform_modulus"]
@@ -504,19 +506,39 @@ class StatisticalLikelihood:
         return vec
 
     def to_image(self, E: PETSc.Vec) -> np.ndarray:
-        """The image ``(ny+1, nx+1)`` of nodal moduli, on every rank (image grids only).
-        Collective."""
+        """The image ``(ny+1, nx+1)`` of nodal moduli through the model's raster (exact on grids,
+        sampled elsewhere), on every rank. Collective."""
         return self.model.images("Q").to_images(E.array_r)[0]
 
     def from_image(self, image, out: PETSc.Vec | None = None, name: str = "modulus image"
                    ) -> PETSc.Vec:
-        """Nodal values of an image ``(ny+1, nx+1)`` into ``out`` (new vector by default; image
-        grids only)."""
-        grid = self.model.grid
-        image = validate_image(image, grid.shape if grid else None, name)
+        """Nodal values of an image ``(ny+1, nx+1)`` through the model's raster into ``out``
+        (new vector by default)."""
+        raster = self.model.images("Q")
+        image = validate_image(image, raster.grid.shape, name)
         out = out or self.create_vector()
         scratch = np.empty(self.model.E.x.array.size)
-        self.model.images("Q").from_images(image, scratch)
+        raster.from_images(image, scratch)
+        out.array[:] = scratch[: self._n_owned_q]
+        return out
+
+    def to_values(self, E: PETSc.Vec) -> np.ndarray:
+        """Nodal moduli in file order (an image on grids, one value per node otherwise), on every
+        rank. Exact. Collective."""
+        return self.model.to_values(E.array_r)
+
+    def from_values(self, values, out: PETSc.Vec | None = None, name: str = "modulus"
+                    ) -> PETSc.Vec:
+        """Nodal moduli in file order (:meth:`to_values`' layout) into ``out`` (new vector by
+        default). Raises ``ValueError`` for a wrong shape or non-finite values."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 2 and self.model.grid is not None:
+            values = validate_image(values, self.model.grid.shape, name)
+        elif not np.isfinite(values).all():
+            raise ValueError(f"{name} has non-finite values (NaN or inf)")
+        out = out or self.create_vector()
+        scratch = np.empty(self.model.E.x.array.size)
+        self.model.from_values(values, scratch, name=name)
         out.array[:] = scratch[: self._n_owned_q]
         return out
 

@@ -31,25 +31,106 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-from dolfinx import fem
 from petsc4py import PETSc
+
+import numpy as np
+
+from dolfinx import fem
 
 from . import validation
 from .forward import ElasticityModel
-from .grid import validate_image
+from .raster import validate_image
 
-__all__ = ["Measurement", "free_dof_images", "set_displacement", "noise_std_from_energy",
-           "component_noise_std", "draw_noise", "realised_snr_db", "noise_std_for_snr",
-           "add_noise", "measured_snr_db", "simulate_measurement"]
+__all__ = ["Measurement", "SimulatedMeasurement", "free_dof_images", "set_displacement",
+           "noise_std_from_energy", "component_noise_std", "draw_noise", "realised_snr_db",
+           "noise_std_for_snr", "add_noise", "measured_snr_db", "simulate_measurement"]
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """Clean and noisy displacement images with the exact noise levels used.
+    """What a reconstruction takes: measured displacements, their noise, optionally the truth.
 
     Attributes:
-        ux, uy: clean displacement images ``u = K(E)⁻¹ f``.
+        displacement: one array per component (``ux, uy[, uz]``): images on grids, one value
+            per node in the mesh's order otherwise.
+        noise_std: ``σ`` per component of the displacement noise (``Σn``).
+        force_std: ``σw`` of the force noise (``Σw = σw² I``; 0: none).
+        truth: the true modulus (same layout), or ``None`` for a real measurement.
+        units: the length and modulus units of the arrays (for the record and the outputs).
+
+    The load and the supports are the forward model's (:class:`~fenics_red.forward.
+    ForwardSettings`): a measurement is reconstructed with the settings that describe it.
+    """
+
+    displacement: tuple[np.ndarray, ...]
+    noise_std: tuple[float, ...]
+    force_std: float = 0.0
+    truth: np.ndarray | None = None
+    units: tuple[str, str] = ("model length", "normalised modulus (1 = 100 kPa)")
+
+    def __post_init__(self):
+        components = tuple(np.asarray(c, dtype=np.float64) for c in self.displacement)
+        if len(components) not in (2, 3):
+            raise ValueError(f"a measurement has 2 or 3 displacement components, got "
+                             f"{len(components)}")
+        shape = components[0].shape
+        for c, values in zip("xyz", components, strict=False):
+            if len(shape) == 2:
+                validate_image(values, shape, f"u{c}_noisy")
+            elif values.shape != shape or not np.isfinite(values).all():
+                raise ValueError(f"u{c}_noisy must hold finite values of shape {shape} (one per "
+                                 "node)")
+        object.__setattr__(self, "displacement", components)
+        sigma = tuple(float(v) for v in np.asarray(self.noise_std, dtype=float).ravel())
+        object.__setattr__(self, "noise_std", sigma)
+        object.__setattr__(self, "force_std", validation.non_negative(
+            0.0 if self.force_std is None else self.force_std, "force_std"))
+        self.noise  # noqa: B018  (validates sigma and force_std: one clear error here)
+        if len(sigma) != len(components):
+            raise ValueError(f"noise_std has {len(sigma)} value(s) for {len(components)} "
+                             "displacement components: give one per component")
+        if self.truth is not None:
+            truth = np.asarray(self.truth, dtype=np.float64)
+            if truth.shape != shape:
+                raise ValueError(f"the true modulus E has shape {truth.shape}, the displacement "
+                                 f"{shape}")
+            object.__setattr__(self, "truth", truth)
+
+    @property
+    def noise(self):
+        """The :class:`~fenics_red.likelihood.NoiseModel` (``Σn``, ``Σw``) of the likelihood."""
+        from .likelihood import NoiseModel
+
+        return NoiseModel(self.noise_std, self.force_std)
+
+    @classmethod
+    def from_sample(cls, sample) -> Measurement:
+        """The measurement of a data set sample: an object or mapping with ``ux_noisy``,
+        ``uy_noisy`` (``uz_noisy`` in 3-D), ``noise_std``, optionally ``force_std`` and the truth
+        ``E`` (the ``Sample`` of :mod:`fenics_red.data`, or a dict of arrays)."""
+        def get(name, default=None):
+            if isinstance(sample, dict):
+                return sample.get(name, default)
+            return getattr(sample, name, default)
+
+        components = [get(f"u{c}_noisy") for c in "xyz"]
+        if components[0] is None or components[1] is None:
+            raise ValueError("the sample has no measured displacement (ux_noisy, uy_noisy)")
+        if get("noise_std") is None:
+            raise ValueError("the sample has no noise_std (sigma_x, sigma_y): the likelihood "
+                             "needs the noise level")
+        return cls(tuple(c for c in components if c is not None), get("noise_std"),
+                   get("force_std", 0.0), get("E"))
+
+
+@dataclass(frozen=True)
+class SimulatedMeasurement:
+    """Clean and noisy displacement images with the exact noise levels used.
+
+    Arrays are images on grids and one value per node (file order) on meshes.
+
+    Attributes:
+        ux, uy: clean displacement images ``u = K(E)⁻¹ f`` (``uz`` too in 3-D).
         ux_noisy, uy_noisy: measured images ``u_m``.
         noise_std: ``(σx, σy)``, standard deviations of the displacement noise (``Σn``).
         force_std: ``σw``, standard deviation of the force noise (``Σw = σw² I``; 0 when none).
@@ -60,9 +141,11 @@ class Measurement:
     uy: np.ndarray
     ux_noisy: np.ndarray
     uy_noisy: np.ndarray
-    noise_std: tuple[float, float]
+    noise_std: tuple[float, ...]
     force_std: float
     free: np.ndarray
+    uz: np.ndarray | None = None
+    uz_noisy: np.ndarray | None = None
 
 
 def free_dof_images(model: ElasticityModel) -> np.ndarray:
@@ -94,10 +177,12 @@ def set_displacement(model: ElasticityModel, displacement, out: fem.Function,
         out.x.array[:n_owned] = displacement.array_r
         out.x.scatter_forward()
     elif isinstance(displacement, tuple | list) and len(displacement) == n_components:
-        shape = model.grid.shape if model.grid is not None else None
-        images = [validate_image(image, shape, f"{name} u{'xyz'[c]}")
-                  for c, image in enumerate(displacement)]
-        model.images("V").from_images(np.stack(images), out.x.array)
+        if model.grid is not None:
+            arrays = [validate_image(image, model.grid.shape, f"{name} u{'xyz'[c]}")
+                      for c, image in enumerate(displacement)]
+        else:
+            arrays = [np.asarray(a, dtype=np.float64) for a in displacement]
+        model.from_values(np.stack(arrays), out.x.array, "V", name)
     else:
         values = np.asarray(displacement, dtype=float)
         if values.shape != out.x.array.shape:
@@ -207,12 +292,13 @@ def measured_snr_db(ux: np.ndarray, uy: np.ndarray, ux_noisy: np.ndarray, uy_noi
 
 def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.random.Generator,
                          snr_db: float = 35.0, noise_ratio: float = 1.0,
-                         force_noise: float = 0.0) -> Measurement:
+                         force_noise: float = 0.0) -> SimulatedMeasurement:
     """Solve the forward model for ``modulus`` and simulate a noisy measurement of it.
 
     Args:
-        model: a forward model with an image grid (any communicator; collective on it).
-        modulus: modulus image ``(ny+1, nx+1)``.
+        model: a forward model (any communicator; collective on it).
+        modulus: nodal moduli in file order: an image ``(ny+1, nx+1)`` on a grid, one value per
+            mesh node otherwise (:meth:`ElasticityModel.from_values`).
         rng: the random generator; the displacement noise is drawn first, then (when
             ``force_noise > 0``) the force noise, each as one ``(2, ny+1, nx+1)`` array.
         snr_db: target SNR of the displacement noise in dB (relative to the clean field).
@@ -224,22 +310,22 @@ def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.ra
     of the (possibly perturbed) load.
     """
     force_noise = validation.non_negative(force_noise, "the force noise standard deviation")
-    model.solve(modulus)
-    images = model.images("V")
-    u = images.to_images(model.u.x.array)
-    free = free_dof_images(model)
+    local = model.from_values(modulus, np.empty_like(model.E.x.array), name="modulus")
+    model.solve(local)
+    u = model.to_values(model.u.x.array, "V")
+    free = model.to_values(model.free_dofs.astype(np.float64), "V") > 0.5
     u_noisy, sigma = draw_noise(u, free, snr_db, rng, noise_ratio)
     if force_noise > 0:
         w = rng.standard_normal(u.shape) * (force_noise * free)
-        local = np.zeros(images.num_local * images.block_size)
-        images.from_images(w, local)
+        local = model.from_values(w, np.zeros(model.u.x.array.size), "V")
         b = model.assemble_load()  # K(E) is assembled (and factorised) by the solve above
-        owned = images.num_owned * images.block_size
-        b.array[:] += local[:owned]
+        b.array[:] += local[: b.getLocalSize()]
         model.ksp.solve(b, model.u.x.petsc_vec)
         if model.ksp.getConvergedReason() < 0:
             raise RuntimeError("the forward solve with force noise did not converge (PETSc KSP "
                                f"reason {model.ksp.getConvergedReason()})")
         model.u.x.scatter_forward()
-        u_noisy = u_noisy + (images.to_images(model.u.x.array) - u)
-    return Measurement(u[0], u[1], u_noisy[0], u_noisy[1], sigma, force_noise, free)
+        u_noisy = u_noisy + (model.to_values(model.u.x.array, "V") - u)
+    third = {} if len(u) == 2 else {"uz": u[2], "uz_noisy": u_noisy[2]}
+    return SimulatedMeasurement(u[0], u[1], u_noisy[0], u_noisy[1], sigma, force_noise, free,
+                                **third)

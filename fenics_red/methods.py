@@ -66,11 +66,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 from mpi4py import MPI
 
+import numpy as np
+
 from .forward import ForwardSettings
-from .grid import ImageGrid
+from .raster import ImageGrid
 
 __all__ = ["Flag", "Method", "Runner", "METHODS", "DEFAULT_METHOD", "get_method", "method_names",
            "flag_users", "argument_groups", "name_methods", "warn_about_data"]

@@ -1,7 +1,8 @@
 """Image-quality metrics between an estimated modulus image and the ground truth.
 
 All metrics take images (NumPy arrays of the same 2-D shape, in the image convention of
-:mod:`fenics_red.grid`) and return plain floats, so that the evaluation can store them in CSV/JSON.
+:mod:`fenics_red.raster`) and return plain floats, so that the evaluation can store them in
+CSV/JSON.
 The truth is always the second argument; wherever a metric needs a scale (PSNR's peak, SSIM's data
 range) it is taken from the truth, never from the estimate, so that every method is measured with
 the same yardstick.
@@ -219,27 +220,59 @@ def contrast_ratio_error(estimate, truth, mask) -> float:
     return abs(contrast_ratio(x, mask) - true_ratio) / abs(true_ratio)
 
 
-def evaluate_metrics(estimate, truth, mask) -> dict[str, float]:
+def evaluate_metrics(estimate, truth, mask, valid=None) -> dict[str, float]:
     """All metrics of an estimate against the truth, keyed as :data:`METRIC_NAMES`.
 
     Args:
         estimate: the reconstructed modulus image.
         truth: the ground-truth modulus image (same shape; sets PSNR's peak and SSIM's range).
         mask: the phantom's inclusion mask (same shape; nonzero = inclusion, zero = background).
+        valid: optional boolean image of the pixels inside the tissue (a mesh's raster mask):
+            every metric then uses only those pixels (SSIM: its map averaged over them).
 
     Raises:
         ValueError: on shape mismatch, non-finite values, an empty or full mask, or a truth
             without a positive peak or range.
     """
     x, y = _pair(estimate, truth)
-    _regions(mask, y.shape)  # validate once, with a clear message, before any metric
-    ratio, true_ratio = contrast_ratio(x, mask), contrast_ratio(y, mask)
+    if valid is None:
+        _regions(mask, y.shape)  # validate once, with a clear message, before any metric
+        ratio, true_ratio = contrast_ratio(x, mask), contrast_ratio(y, mask)
+        return {
+            "rmse": rmse(x, y),
+            "relative_rmse": relative_rmse(x, y),
+            "psnr": psnr(x, y),
+            "ssim": ssim(x, y),
+            "cnr_db": cnr_db(x, mask),
+            "contrast_ratio": ratio,
+            "contrast_ratio_true": true_ratio,
+            "contrast_ratio_error": abs(ratio - true_ratio) / abs(true_ratio),
+        }
+    v = np.asarray(valid, dtype=bool)
+    if v.shape != y.shape or not v.any():
+        raise ValueError(f"valid must be a non-empty boolean image of shape {y.shape}")
+    inclusion, background = _regions(mask, y.shape)
+    inclusion, background = inclusion & v, background & v
+    if not (inclusion.any() and background.any()):
+        raise ValueError("the inclusion or the background has no pixel inside the tissue: "
+                         "their statistics are undefined")
+    xv, yv = x[v], y[v]
+    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+    _, s_map = ssim(x, y, data_range=float(np.ptp(yv)) or None, full=True)
+    inside = v[radius:-radius, radius:-radius]
+    m_i, m_b, v_i, v_b = _region_stats(x, inclusion, background)
+    t_i, t_b, _, _ = _region_stats(y, inclusion, background)
+    ratio, true_ratio = m_i / m_b, t_i / t_b
+    contrast, noise = 2.0 * (m_i - m_b) ** 2, v_i + v_b
+    cnr = (math.inf if contrast > 0 else -math.inf) if noise == 0 else (
+        -math.inf if contrast == 0 else float(10.0 * np.log10(contrast / noise)))
+    mse = float(np.mean((xv - yv) ** 2))
     return {
-        "rmse": rmse(x, y),
-        "relative_rmse": relative_rmse(x, y),
-        "psnr": psnr(x, y),
-        "ssim": ssim(x, y),
-        "cnr_db": cnr_db(x, mask),
+        "rmse": math.sqrt(mse),
+        "relative_rmse": float(np.linalg.norm(xv - yv) / np.linalg.norm(yv)),
+        "psnr": math.inf if mse == 0 else float(10.0 * np.log10(float(yv.max()) ** 2 / mse)),
+        "ssim": float(s_map[inside].mean()) if inside.any() else float(s_map.mean()),
+        "cnr_db": cnr,
         "contrast_ratio": ratio,
         "contrast_ratio_true": true_ratio,
         "contrast_ratio_error": abs(ratio - true_ratio) / abs(true_ratio),

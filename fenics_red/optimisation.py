@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 from petsc4py import PETSc
+
+import numpy as np
 
 from .linalg import power_iteration
 

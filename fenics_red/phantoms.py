@@ -15,7 +15,7 @@ module makes such phantoms in two ways:
 Both return ``(E, labels)``: ``E`` a float64 image of nodal moduli of shape ``(ny+1, nx+1)`` and
 ``labels`` an ``int32`` image of the same shape with 0 in the background and ``k = 1..K`` on the
 nodes of inclusion ``k`` (the inclusion mask is ``labels > 0``). Images follow the convention of
-:mod:`fenics_red.grid` (row 0 is the transducer edge ``y = H``).
+:mod:`fenics_red.raster` (row 0 is the transducer edge ``y = H``).
 
 With a soft edge the modulus ramps smoothly (a smoothstep over ``soft_edge`` cells centred on the
 inclusion boundary) from the background to the inclusion value; the labels mark the nodes where the
@@ -38,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import validation
-from .grid import ImageGrid
+from .raster import ImageGrid
 
 __all__ = ["SHAPES", "PhantomSettings", "random_phantom", "mask_phantom", "compose_phantom",
            "inclusion_weight", "read_mask", "resize_mask", "mask_files", "load_mask_folder",

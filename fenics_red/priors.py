@@ -54,8 +54,9 @@ import math
 import time
 from collections.abc import Callable
 
-import numpy as np
 from petsc4py import PETSc
+
+import numpy as np
 
 from .parallel import on_root
 

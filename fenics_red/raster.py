@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 from scipy import sparse
 
 from dolfinx import fem, geometry, mesh
 
-__all__ = ["ImageGrid", "NodalImage", "NodeOrder", "PointRaster", "validate_image",
-           "raster_for"]
+__all__ = ["ImageGrid", "NodalImage", "NodeOrder", "PointRaster", "ValueRaster",
+           "validate_image", "raster_for"]
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,9 @@ class PointRaster(NodalImage):
     ``to_images`` samples the field at each pixel inside the domain (the P1 interpolant in the
     cell holding it) and fills the pixels outside (:attr:`mask` False) from the nearest pixel
     inside, so a denoiser sees a complete image. ``from_images`` interpolates an image bilinearly
-    at the mesh nodes from the pixels inside (weights renormalised near the boundary); ``adjoint_images`` applies the transpose of the sampling (for gradients of
-    image-space functionals). Both sparse operators are built once, on every rank, in the file
+    at the mesh nodes from the pixels inside (weights renormalised near the boundary);
+    ``adjoint_images`` applies the transpose of the sampling (for gradients of image-space
+    functionals). Both sparse operators are built once, on every rank, in the file
     order of the domain's nodes (:meth:`fenics_red.domain.Domain.node_indices`).
     """
 
@@ -410,3 +412,47 @@ def _dx(msh):
     import ufl
 
     return ufl.dx(domain=msh)
+
+
+class ValueRaster:
+    """Images of nodal arrays in file order, serially (for metrics and figures of data sets).
+
+    On an :class:`ImageGrid` the arrays already are images; on
+    :class:`~fenics_red.domain.MeshArrays` they are sampled at the pixels of ``grid`` (default:
+    the mesh's mean node spacing) by a :class:`PointRaster`, the pixels outside the mesh filled
+    from the nearest inside and marked False in :attr:`mask`.
+    """
+
+    def __init__(self, space, grid: ImageGrid | None = None):
+        if isinstance(space, ImageGrid):
+            self.grid, self._matrix = space, None
+            self.mask = np.ones(space.shape, dtype=bool)
+            return
+        domain = space.domain(MPI.COMM_SELF)
+        Q = fem.functionspace(domain.mesh, ("Lagrange", 1))
+        if grid is None:
+            lower, upper = domain.bounds()
+            grid = ImageGrid.covering(lower, upper, mean_node_spacing(domain.mesh))
+        raster = PointRaster(Q, grid, domain.node_indices(Q), domain.num_file_nodes)
+        self.grid, self.mask = grid, raster.mask
+        self._matrix = (raster.fill @ raster.sample).tocsr()
+
+    def image(self, values: np.ndarray) -> np.ndarray:
+        """The image of one array of nodal values (a copy on grids)."""
+        values = np.asarray(values, dtype=np.float64)
+        if self._matrix is None:
+            return values.reshape(self.grid.shape).copy()
+        return (self._matrix @ values.ravel()).reshape(self.grid.shape)
+
+    def labels(self, labels: np.ndarray) -> np.ndarray:
+        """A label image: each pixel takes the label with the largest interpolation weight."""
+        labels = np.asarray(labels)
+        if self._matrix is None:
+            return labels.reshape(self.grid.shape).copy()
+        out = np.zeros(self.grid.shape, dtype=labels.dtype)
+        weight = np.zeros(self.grid.shape)
+        for label in np.unique(labels):
+            share = self.image((labels == label).astype(np.float64))
+            better = share > weight
+            out[better], weight[better] = label, share[better]
+        return out

@@ -1,12 +1,13 @@
 """Reconstruct the samples of a data set with a registered method; write, resume and load results.
 
 File layout (format ``"fenics-red reconstructions"``, version 1; images in the convention of
-:mod:`fenics_red.grid`, shape ``(ny+1, nx+1)``). The training pipeline reads these names:
+:mod:`fenics_red.raster`, shape ``(ny+1, nx+1)``). The training pipeline reads these names:
 
 ================ ================== ======== ===============================================
 name             shape              dtype    meaning
 ================ ================== ======== ===============================================
-estimate         (n, ny+1, nx+1)    float64  the reconstructed modulus of output row k
+estimate         (n, ny+1, nx+1)    float64  the reconstructed modulus of output row k (``(n, N)``
+                                             per node on a mesh data set)
 truth            (n, ny+1, nx+1)    float64  the data set's ``E`` of that sample (absent when the
                                              data set has no truth, e.g. a real measurement)
 index            (n,)               int64    the sample's index in the data set
@@ -40,8 +41,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from .data import load_dataset
 from .io import plain, to_json
@@ -183,7 +185,7 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
                      "settings": to_json(settings),
                      "data_path": str(Path(data_path).resolve()),
                      "data_attrs": to_json(dataset.attrs)}
-            return _RowFile(out_path, attrs, indices, dataset.grid.shape, overwrite, truth)
+            return _RowFile(out_path, attrs, indices, dataset.value_shape, overwrite, truth)
 
         run_method(dataset, comm, method, options, indices, open_output,
                    distribute=distribute or ("mesh" if len(indices) == 1 else "samples"),
@@ -242,7 +244,7 @@ def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
     truth = has_truth(dataset) if truth is None else bool(truth and has_truth(dataset))
     data_settings = dataset.settings
     solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
-    runner = check_all(comm, lambda: entry.setup(data_settings.grid, data_settings.forward,
+    runner = check_all(comm, lambda: entry.setup(data_settings.space, data_settings.forward,
                                                  solve_comm, dict(options or {})))
     try:
         def open_and_warn() -> ResumableOutput:
@@ -328,8 +330,9 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
             if name not in f or not hasattr(f[name], "shape"):
                 fail(f"dataset {name!r} is missing")
         estimates = f["estimate"]
-        if estimates.ndim != 3:
-            fail(f"dataset 'estimate' has shape {estimates.shape}, expected (n, ny+1, nx+1)")
+        if estimates.ndim not in (2, 3):
+            fail(f"dataset 'estimate' has shape {estimates.shape}, expected (n, ny+1, nx+1) or "
+                 "(n, N) on a mesh")
         n = estimates.shape[0]
         for name, want, kinds in (("truth", estimates.shape, "f"), ("index", (n,), "iu"),
                                   ("done", (n,), "iub"), ("estimate", estimates.shape, "f")):

@@ -36,14 +36,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
+import numpy as np
+
 from .forward import ElasticityModel, ForwardSettings
-from .grid import ImageGrid
 from .likelihood import StatisticalLikelihood
+from .measurements import Measurement
 from .parallel import on_root
-from .solvers import FixedPointSolver, MLSettings, measurement_from_sample
+from .raster import ImageGrid
+from .solvers import FixedPointSolver, MLSettings
 
 __all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "default_denoiser_path",
            "load_denoiser", "red_options", "denoised_ml_options", "setup_red",
@@ -239,29 +241,32 @@ class REDReconstructor:
     def run_sample(self, sample, stages: str = "red") -> tuple[np.ndarray, dict, dict]:
         """``(estimate, history, info)`` of a data set sample; ``stages`` ``"denoised-ml"`` stops
         after the denoiser pass. Collective."""
-        displacement, noise, truth = measurement_from_sample(sample)
+        m = Measurement.from_sample(sample)
+        displacement, noise, truth = m.displacement, m.noise, m.truth
         fid = self.likelihood
         fid.set_data(displacement, noise)
         E_ml, ml_history = self.ml.run(truth=truth)
-        ml_image = fid.to_image(E_ml)
-        denoised = self.denoise(ml_image)
-        floor = self.ml_settings.floor * float(np.mean(ml_image))
+        ml_values = fid.to_values(E_ml)
+        # the denoiser sees the raster image; its output comes back to the nodes (exact on grids)
+        denoised = fid.to_values(fid.from_image(self.denoise(fid.to_image(E_ml)),
+                                                name="denoised ML estimate"))
+        floor = self.ml_settings.floor * float(np.mean(ml_values))
         denoised = np.maximum(denoised, floor)
         info = {"ml_steps": int(ml_history.final["step"]), "ml_stop": ml_history.stop_reason,
                 "ml_time": float(ml_history.final["time"])}
         if truth is not None:
             norm = np.linalg.norm(truth)
-            info.update(ml_error=float(np.linalg.norm(ml_image - truth) / norm),
+            info.update(ml_error=float(np.linalg.norm(ml_values - truth) / norm),
                         denoised_ml_error=float(np.linalg.norm(denoised - truth) / norm))
         if stages == "denoised-ml":
             history = {f"ml_{k}": v for k, v in ml_history.as_arrays().items()}
             info["time"] = info["ml_time"]
             return denoised, history, info
-        start = {"denoised-ml": denoised, "ml": ml_image, "homogeneous": None}[
+        start = {"denoised-ml": denoised, "ml": ml_values, "homogeneous": None}[
             self.settings.start]
         calls, seconds = self.prior.calls, self.prior.seconds
         E, history = self.red.run(start, truth=truth)
-        estimate = fid.to_image(E)
+        estimate = fid.to_values(E)
         arrays = history.as_arrays()
         final = history.final
         info.update(steps=int(final["step"]), stop=history.stop_reason,

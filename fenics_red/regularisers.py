@@ -20,11 +20,12 @@ Hessian that depends on ``E`` is reassembled when next asked for.
 
 from __future__ import annotations
 
+from mpi4py import MPI
+from petsc4py import PETSc
+
 import ufl
 from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
-from mpi4py import MPI
-from petsc4py import PETSc
 
 __all__ = ["Regulariser", "Tikhonov", "TotalVariation", "REGULARISERS", "create_regulariser"]
 

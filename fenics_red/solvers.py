@@ -33,17 +33,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 from mpi4py import MPI
 from petsc4py import PETSc
 
+import numpy as np
+
 from .forward import ElasticityModel, ForwardSettings
-from .grid import ImageGrid, validate_image
 from .likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
+from .measurements import Measurement
+from .raster import ImageGrid
 
 __all__ = ["MLSettings", "History", "IterationState", "LoopState", "Prior", "ProjectedGradient",
            "MonotoneFISTA", "FixedPointSolver", "MLReconstructor", "reconstruct_ml",
-           "measurement_from_sample", "StoppingRule", "MisfitGuard", "SignificantDecrease",
+           "StoppingRule", "MisfitGuard", "SignificantDecrease",
            "CallbackStop", "Discrepancy", "StepBudget", "FixedPoint", "stopping_rules",
            "ml_options", "MLRunner", "setup_ml"]
 
@@ -649,7 +651,7 @@ class FixedPointSolver:
         if isinstance(E0, PETSc.Vec):
             E0.copy(self.x)
         else:
-            fid.from_image(E0, self.x, name="initial modulus")
+            fid.from_values(E0, self.x, name="initial modulus")
         level = self.x.sum() / self.x.getSize()
         if not (np.isfinite(self.x.array_r).all() and self.comm.allreduce(
                 bool((self.x.array_r > 0).all()), op=MPI.LAND)):
@@ -680,7 +682,7 @@ class FixedPointSolver:
             if isinstance(truth, PETSc.Vec):
                 truth.copy(self._truth)
             else:
-                fid.from_image(truth, self._truth, name="true modulus")
+                fid.from_values(truth, self._truth, name="true modulus")
             truth_norm = self._truth.norm()
         history.setup_time = time.perf_counter() - t0
         if self._power_vector is not None:
@@ -763,37 +765,6 @@ class FixedPointSolver:
             self._power_vector.destroy()
 
 
-def measurement_from_sample(sample) -> tuple[tuple[np.ndarray, np.ndarray], NoiseModel,
-                                             np.ndarray | None]:
-    """``((ux, uy), noise, truth)`` of a data set sample.
-
-    ``sample``: an object or mapping with ``ux_noisy``, ``uy_noisy`` and ``noise_std`` (``(σx,
-    σy)``), optionally ``force_std`` and the truth ``E`` (the ``Sample`` of
-    :mod:`fenics_red.data` or a dict of arrays).
-    """
-    def get(name, default=None):
-        if isinstance(sample, Mapping):
-            return sample.get(name, default)
-        return getattr(sample, name, default)
-
-    ux, uy = get("ux_noisy"), get("uy_noisy")
-    if ux is None or uy is None:
-        raise ValueError("the sample has no measured displacement (ux_noisy, uy_noisy)")
-    ux = validate_image(ux, None, "ux_noisy")
-    uy = validate_image(uy, ux.shape, "uy_noisy")
-    noise_std = get("noise_std")
-    if noise_std is None:
-        raise ValueError("the sample has no noise_std (sigma_x, sigma_y): the likelihood needs "
-                         "the noise level")
-    force_std = get("force_std", 0.0)
-    noise = NoiseModel(tuple(np.asarray(noise_std, dtype=float).ravel()),
-                       float(0.0 if force_std is None else force_std))
-    truth = get("E")
-    if truth is not None:
-        truth = validate_image(truth, ux.shape, "true modulus E")
-    return (ux, uy), noise, truth
-
-
 class MLReconstructor:
     """Maximum-likelihood (unregularised, early-stopped) estimates on one grid, objects reused.
 
@@ -810,8 +781,6 @@ class MLReconstructor:
 
     def __init__(self, grid: ImageGrid, forward: ForwardSettings | None = None,
                  settings: MLSettings | None = None, comm: MPI.Comm = MPI.COMM_SELF):
-        if not isinstance(grid, ImageGrid):
-            raise TypeError(f"grid must be an ImageGrid, got {type(grid).__name__}")
         self.grid = grid
         self.settings = settings or MLSettings()
         self.model = ElasticityModel.on_grid(grid, comm, forward or ForwardSettings())
@@ -827,12 +796,13 @@ class MLReconstructor:
         """
         self.likelihood.set_data(displacement, noise)
         E, history = self.solver.run(E0, truth=truth, callback=callback)
-        return self.likelihood.to_image(E), history
+        return self.likelihood.to_values(E), history
 
     def run_sample(self, sample, callback=None) -> tuple[np.ndarray, History]:
-        """:meth:`run` on a data set sample (see :func:`measurement_from_sample`)."""
-        displacement, noise, truth = measurement_from_sample(sample)
-        return self.run(displacement, noise, truth=truth, callback=callback)
+        """:meth:`run` on a data set sample (see :meth:`Measurement.from_sample
+        <fenics_red.measurements.Measurement.from_sample>`)."""
+        m = Measurement.from_sample(sample)
+        return self.run(m.displacement, m.noise, truth=m.truth, callback=callback)
 
     def destroy(self) -> None:
         self.solver.destroy()
@@ -845,13 +815,14 @@ def reconstruct_ml(sample, settings: MLSettings | None = None, comm: MPI.Comm = 
                    callback=None) -> tuple[np.ndarray, History]:
     """The ML estimate of one sample: ``(E_image, history)``.
 
-    ``sample`` as in :func:`measurement_from_sample`; ``grid`` defaults to unit width and square
+    ``sample`` as in :meth:`Measurement.from_sample`; ``grid`` defaults to unit width and square
     cells (pass ``dataset.settings.grid``), ``forward`` to :class:`ForwardSettings` defaults (pass
     ``dataset.settings.forward``: the loads must be those that made the data). For many samples
     use :class:`MLReconstructor`, which allocates once.
     """
-    displacement, noise, truth = measurement_from_sample(sample)
-    grid = grid or ImageGrid.from_shape(displacement[0].shape)
+    m = Measurement.from_sample(sample)
+    displacement, noise, truth = m.displacement, m.noise, m.truth
+    grid = grid or ImageGrid.from_shape(np.shape(displacement[0]))
     ml = MLReconstructor(grid, forward, settings, comm)
     try:
         return ml.run(displacement, noise, truth=truth, callback=callback)

@@ -51,8 +51,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .denoiser import (CHECKPOINT_FORMAT, Denoiser, DenoiserNet, UNetConfig, _read_torch_file,
-                       count_parameters)
+from .denoiser import (
+    CHECKPOINT_FORMAT,
+    Denoiser,
+    DenoiserNet,
+    UNetConfig,
+    _read_torch_file,
+    count_parameters,
+)
 from .io import atomic_output, check_input_file, check_output_path
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",

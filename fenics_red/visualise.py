@@ -4,7 +4,7 @@ Everything renders off-screen: matplotlib with the Agg backend, pyvista with an 
 starts itself when no display is set (``xvfb`` is part of the stack). matplotlib, pyvista and
 DOLFINx's writers are imported inside the functions, so ``import fenics_red`` stays light.
 Every file is written through :func:`fenics_red.io.atomic_output`. Images follow the convention
-of :mod:`fenics_red.grid` (row 0 is the transducer edge, drawn at the top).
+of :mod:`fenics_red.raster` (row 0 is the transducer edge, drawn at the top).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from io import BytesIO
 
 import numpy as np
 
-from .grid import ImageGrid, validate_image
 from .io import atomic_output, check_output_path
+from .raster import ImageGrid, validate_image
 
 __all__ = ["plot_sample", "plot_forward", "plot_comparison", "plot_profiles",
            "profile_row", "write_xdmf"]
@@ -256,9 +256,13 @@ def plot_profiles(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     return row
 
 
-def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid: ImageGrid, comm,
+def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid, comm,
                overwrite: bool = True) -> None:
-    """Write modulus images as P1 functions on the grid's mesh to an XDMF file (ParaView).
+    """Write moduli as P1 functions on their mesh to an XDMF file (ParaView).
+
+    ``grid``: an :class:`ImageGrid` (fields are images) or the
+    :class:`~fenics_red.domain.MeshArrays` of a mesh data set (fields hold one value per node in
+    its order).
 
     Collective on ``comm`` (the mesh is distributed over it). DOLFINx writes the ``.xdmf`` and
     its ``.h5`` under a temporary name; rank 0 then moves them into place through
@@ -270,17 +274,19 @@ def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid: Ima
 
     from dolfinx import fem, io
 
-    from .grid import NodalImage
+    from .domain import make_domain
     from .parallel import check_all, on_root
+    from .raster import NodeOrder
 
     path = Path(path)
     if path.suffix != ".xdmf":
         raise ValueError(f"an XDMF output needs the suffix .xdmf, got {str(path)!r}")
     h5 = path.with_suffix(".h5")
     check_all(comm, lambda: [check_output_path(p, overwrite) for p in (path, h5)])
-    msh = grid.create_mesh(comm)
+    domain = make_domain(grid, comm)
+    msh = domain.mesh
     Q = fem.functionspace(msh, ("Lagrange", 1))
-    images = NodalImage(Q, grid)
+    order = NodeOrder(Q, domain.node_indices(Q), domain.num_file_nodes)
     # one name on every rank, unique among concurrent writers of the folder
     work = path.with_name(f".{path.stem}.{comm.bcast(secrets.token_hex(4), root=0)}.xdmf")
 
@@ -296,7 +302,11 @@ def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid: Ima
             xdmf.write_mesh(msh)
             for name, image in fields.items():
                 f = fem.Function(Q, name=name)
-                images.from_image(validate_image(image, grid.shape, f"field {name!r}"), f)
+                values = np.asarray(image, dtype=np.float64)
+                if values.shape != domain.value_shape or not np.isfinite(values).all():
+                    raise ValueError(f"field {name!r} must hold finite values of shape "
+                                     f"{domain.value_shape}, got {values.shape}")
+                order.scatter(values, f.x.array)
                 xdmf.write_function(f)
         comm.Barrier()
         on_root(comm, publish)

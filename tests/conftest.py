@@ -4,9 +4,10 @@ import gc
 import tempfile
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,9 @@
 """Specification of ``fenics-red simulate`` and ``fenics-red show``."""
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red.cli import main
 from fenics_red.data import load_dataset

@@ -3,9 +3,10 @@
 import json
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red import ImageGrid, simulate_displacement
 from fenics_red.cli import main

@@ -3,17 +3,22 @@
 import json
 import re
 
+from mpi4py import MPI
+
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red.cli import main
 from fenics_red.data import SimulationSettings, load_dataset, simulate_dataset
-from fenics_red.grid import ImageGrid
 from fenics_red.methods import METHODS, Runner, get_method
-from fenics_red.reconstruction import (FORMAT, load_history, load_reconstructions,
-                                       reconstruct_dataset)
+from fenics_red.raster import ImageGrid
+from fenics_red.reconstruction import (
+    FORMAT,
+    load_history,
+    load_reconstructions,
+    reconstruct_dataset,
+)
 from fenics_red.solvers import MLSettings
 
 SETTINGS = SimulationSettings(ImageGrid(10, 8, 1.0, 0.8), seed=7)

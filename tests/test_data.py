@@ -1,14 +1,20 @@
 """Synthetic data sets: reproducible from a seed on any rank count, resumable, validated on load."""
 
+from mpi4py import MPI
+
 import h5py
 import numpy as np
 import pytest
-from mpi4py import MPI
 
-from fenics_red.data import (IMAGE_DATASETS, SimulationSettings, load_dataset, simulate_dataset,
-                             simulate_sample)
-from fenics_red.grid import ImageGrid
+from fenics_red.data import (
+    IMAGE_DATASETS,
+    SimulationSettings,
+    load_dataset,
+    simulate_dataset,
+    simulate_sample,
+)
 from fenics_red.measurements import measured_snr_db
+from fenics_red.raster import ImageGrid
 
 GRID = ImageGrid(12, 10, 1.2, 1.0)
 SETTINGS = SimulationSettings(GRID, snr_db=35.0, noise_ratio=2.0, seed=7)

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fenics_red.denoiser import (MODEL_FORMAT, Denoiser, DenoiserNet, UNet, UNetConfig,
-                                 count_parameters)
+from fenics_red.denoiser import (
+    MODEL_FORMAT,
+    Denoiser,
+    DenoiserNet,
+    UNet,
+    UNetConfig,
+    count_parameters,
+)
 
 TINY = UNetConfig(channels=4, depth=2)
 

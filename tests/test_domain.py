@@ -7,10 +7,11 @@ and under ``mpirun -n 2``.
 
 from pathlib import Path
 
+from mpi4py import MPI
+
 import meshio
 import numpy as np
 import pytest
-from mpi4py import MPI
 from reference_fe import facets_from_meshio, solve_elasticity
 
 from fenics_red.domain import LOAD, SUPPORT, Domain
@@ -110,7 +111,8 @@ def test_grid_domain_tags_the_top_as_load_and_the_bottom_as_support(comm):
         assert comm.allreduce(int((facets < n_owned).sum()), op=MPI.SUM) == grid.nx
 
 
-@pytest.mark.parametrize("content", [None, b"not a mesh", b"$MeshFormat\n4.1 0 8\n$EndMeshFormat\n"])
+@pytest.mark.parametrize("content", [None, b"not a mesh",
+                                     b"$MeshFormat\n4.1 0 8\n$EndMeshFormat\n"])
 def test_missing_or_corrupt_mesh_files_fail_with_one_clear_error(comm, mpi_tmp_path, content):
     path = mpi_tmp_path / "bad.msh"
     if content is not None and comm.rank == 0:
@@ -149,6 +151,33 @@ def test_a_domain_saved_as_arrays_rebuilds_the_same_problem(comm, name):
         model.set_modulus(order.scatter(_modulus(arrays["points"]), np.empty_like(model.E.x.array)))
         model.solve()
         solutions.append(model.node_order("V").gather(model.u.x.array))
+        model.destroy()
+    np.testing.assert_allclose(solutions[1], solutions[0], rtol=0,
+                               atol=1e-12 * np.abs(solutions[0]).max())
+
+
+def test_an_xdmf_mesh_with_facet_tags_gives_the_same_solution_as_its_gmsh_source(comm,
+                                                                                mpi_tmp_path):
+    from dolfinx.io import XDMFFile
+
+    source = Domain.from_file(MESHES / "roi-2d.msh", comm)
+    path = mpi_tmp_path / "roi.xdmf"
+    with XDMFFile(comm, path, "w") as xdmf:
+        xdmf.write_mesh(source.mesh)
+        source.facet_tags.name = "facet_tags"
+        xdmf.write_meshtags(source.facet_tags, source.mesh.geometry)
+    comm.Barrier()
+    copy = Domain.from_file(path, comm)
+    assert copy.num_file_nodes == source.num_file_nodes
+    solutions = []
+    for domain in (source, copy):
+        model = ElasticityModel(domain, ForwardSettings(support="sliding"))
+        order = model.node_order("Q")
+        points = order.gather_rows(model.Q.tabulate_dof_coordinates()[:, :2]).T
+        model.set_modulus(order.scatter(_modulus(points), np.empty_like(model.E.x.array)))
+        model.solve()
+        u = model.node_order("V").gather(model.u.x.array).T
+        solutions.append(u[np.lexsort(points.T)])  # the two files number nodes differently
         model.destroy()
     np.testing.assert_allclose(solutions[1], solutions[0], rtol=0,
                                atol=1e-12 * np.abs(solutions[0]).max())

@@ -3,14 +3,20 @@
 Every test runs serially and under ``mpirun -n 2``.
 """
 
-import numpy as np
-import pytest
-import ufl
 from mpi4py import MPI
 
-from dolfinx import fem, mesh
-from fenics_red import ElasticityModel, ForwardSettings, ImageGrid, NodalImage, simulate_displacement
+import numpy as np
+import pytest
 
+import ufl
+from dolfinx import fem, mesh
+from fenics_red import (
+    ElasticityModel,
+    ForwardSettings,
+    ImageGrid,
+    NodalImage,
+    simulate_displacement,
+)
 
 _GRID = ImageGrid(12, 9, 1.2, 0.9)
 
@@ -99,7 +105,8 @@ def _manufactured_error(n: int, comm) -> float:
     model.E.interpolate(fem.Expression(E_exact, model.Q.element.interpolation_points()))
     model.modulus_changed()
     u = model.solve()
-    error = fem.form(ufl.inner(u - u_exact, u - u_exact) * ufl.dx(metadata={"quadrature_degree": 8}))
+    dx = ufl.dx(metadata={"quadrature_degree": 8})
+    error = fem.form(ufl.inner(u - u_exact, u - u_exact) * dx)
     return np.sqrt(comm.allreduce(fem.assemble_scalar(error), op=MPI.SUM))
 
 

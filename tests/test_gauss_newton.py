@@ -7,9 +7,10 @@ agree.
 import json
 import math
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red import ElasticityModel, ImageGrid
 from fenics_red.gauss_newton import (

@@ -11,8 +11,8 @@ import pytest
 
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.forward import ElasticityModel
-from fenics_red.grid import ImageGrid
 from fenics_red.likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
+from fenics_red.raster import ImageGrid
 
 _GRID = ImageGrid(10, 8, 1.0, 0.8)
 

@@ -2,10 +2,11 @@
 
 import math
 
-import numpy as np
-import pytest
 from mpi4py import MPI
 from petsc4py import PETSc
+
+import numpy as np
+import pytest
 
 from fenics_red.linalg import convergence_rates, power_iteration, taylor_test
 

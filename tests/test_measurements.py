@@ -1,10 +1,11 @@
 """Specification of the simulated measurements ``u_m = u + n`` at a target SNR (paper, eqs. 2-5)."""
 
-import numpy as np
-import pytest
-from dolfinx import fem
 from mpi4py import MPI
 
+import numpy as np
+import pytest
+
+from dolfinx import fem
 from fenics_red import ElasticityModel, ForwardSettings, ImageGrid
 from fenics_red.measurements import (
     add_noise,

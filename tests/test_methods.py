@@ -13,13 +13,14 @@ import re
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 from mpi4py import MPI
 
+import numpy as np
+import pytest
+
 from fenics_red.data import SimulationSettings, simulate_sample
-from fenics_red.grid import ImageGrid
 from fenics_red.methods import Runner, get_method, method_names
+from fenics_red.raster import ImageGrid
 
 GRID = ImageGrid(16, 16)
 SETTINGS = SimulationSettings(GRID, seed=1)

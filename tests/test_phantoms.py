@@ -3,14 +3,22 @@
 Pure numpy: every rank runs the same checks on its own, with no communication.
 """
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 from scipy import ndimage
 
 from fenics_red import ImageGrid
-from fenics_red.phantoms import (SHAPES, PhantomSettings, load_mask_folder, mask_phantom,
-                                 random_phantom, read_mask, resize_mask)
+from fenics_red.phantoms import (
+    SHAPES,
+    PhantomSettings,
+    load_mask_folder,
+    mask_phantom,
+    random_phantom,
+    read_mask,
+    resize_mask,
+)
 
 GRID = ImageGrid(24, 20, 1.2, 1.0)
 

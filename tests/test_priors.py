@@ -14,11 +14,18 @@ import torch
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.denoiser import Denoiser, UNetConfig
 from fenics_red.forward import ElasticityModel, ForwardSettings
-from fenics_red.grid import ImageGrid
 from fenics_red.likelihood import StatisticalLikelihood
-from fenics_red.priors import (BalanceLambda, FixedLambda, GradientNormLambda,
-                               LipschitzFractionLambda, RedPrior, parse_lambda_rule)
-from fenics_red.solvers import FixedPointSolver, MLSettings, Prior, measurement_from_sample
+from fenics_red.measurements import Measurement
+from fenics_red.priors import (
+    BalanceLambda,
+    FixedLambda,
+    GradientNormLambda,
+    LipschitzFractionLambda,
+    RedPrior,
+    parse_lambda_rule,
+)
+from fenics_red.raster import ImageGrid
+from fenics_red.solvers import FixedPointSolver, MLSettings, Prior
 
 GRID = ImageGrid(12, 10)
 TINY = UNetConfig(channels=4, depth=2)
@@ -154,7 +161,8 @@ def test_lambda_rules_parse_from_the_command_line(fidelity):
 @pytest.fixture
 def measured(fidelity):
     sample = simulate_sample(0, SimulationSettings(GRID, snr_db=35.0, seed=11))
-    displacement, noise, truth = measurement_from_sample(sample)
+    m = Measurement.from_sample(sample)
+    displacement, noise, truth = m.displacement, m.noise, m.truth
     fidelity.set_data(displacement, noise)
     return truth
 

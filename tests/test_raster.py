@@ -7,9 +7,10 @@ pixels with a mask of pixels outside, a bilinear way back and an exact adjoint. 
 
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from dolfinx import fem
 from fenics_red.domain import Domain

@@ -1,11 +1,12 @@
 """Specification of RED reconstruction (paper, eqs. 6-12) and the denoised-ml yardstick."""
 
-import numpy as np
-import pytest
 from mpi4py import MPI
 
+import numpy as np
+import pytest
+
 from fenics_red.data import SimulationSettings, simulate_sample
-from fenics_red.grid import ImageGrid
+from fenics_red.raster import ImageGrid
 from fenics_red.red import REDReconstructor, REDSettings, load_denoiser
 
 GRID = ImageGrid(16, 16)

@@ -6,15 +6,17 @@ Every test runs serially and under ``mpirun -n 2``; grids are 8² to 24².
 import json
 import math
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.forward import simulate_displacement
-from fenics_red.grid import ImageGrid
 from fenics_red.likelihood import NoiseModel
-from fenics_red.solvers import MLReconstructor, MLSettings, measurement_from_sample
+from fenics_red.measurements import Measurement
+from fenics_red.raster import ImageGrid
+from fenics_red.solvers import MLReconstructor, MLSettings
 
 _GRID = ImageGrid(20, 20)
 
@@ -229,7 +231,7 @@ def test_bad_samples_raise_clear_value_errors(comm):
     for change, message in cases:
         sample = dict(vars(good), **change)
         with pytest.raises(ValueError, match=message):
-            measurement_from_sample(sample)
+            Measurement.from_sample(sample)
     ml = MLReconstructor(ImageGrid(8, 8), comm=comm)
     with pytest.raises(ValueError, match="non-finite|NaN"):
         ml.run_sample(nan)

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from fenics_red.denoiser import Denoiser, UNetConfig
-from fenics_red.training import (PAIRS_FORMAT, TrainingSettings, card_path, checkpoint_path,
-                                 read_pairs, train_denoiser)
+from fenics_red.training import (
+    PAIRS_FORMAT,
+    TrainingSettings,
+    card_path,
+    checkpoint_path,
+    read_pairs,
+    train_denoiser,
+)
 
 TINY = UNetConfig(channels=6, depth=2)
 FAST = TrainingSettings(epochs=3, batch_size=4, lr=3e-3, seed=3, val_fraction=0.25,
@@ -263,8 +269,9 @@ def test_the_train_command_writes_model_card_and_checkpoint(shared_pairs, mpi_tm
     from fenics_red.cli import main
 
     out = mpi_tmp_path / "model.pt"
-    argv = ["train", "--data", str(shared_pairs), "--out", str(out), "--epochs", "2", "--batch-size",
-            "8", "--seed", "5", "--val-fraction", "0.25", "--channels", "4", "--depth", "1",
+    argv = ["train", "--data", str(shared_pairs), "--out", str(out), "--epochs", "2",
+            "--batch-size", "8", "--seed", "5", "--val-fraction", "0.25", "--channels", "4",
+            "--depth", "1",
             "--clean-fraction", "0.5", "--t-max", "1.2", "--idempotence-weight", "0.1",
             "--threads", "1", "--quiet"]
     assert main(argv) == 0

@@ -2,9 +2,10 @@
 
 import math
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from fenics_red import validation
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from mpi4py import MPI
 
-from ..grid import ImageGrid
+import numpy as np
+
 from ..methods import METHODS
 from ..parallel import on_root
+from ..raster import ImageGrid
 from . import add_method_arguments, method_options
 
 #: Every registered method, in the order of the paper's comparison.

@@ -6,13 +6,12 @@ gmsh or XDMF) they are one value per node in the mesh file's own node order.
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 from mpi4py import MPI
 
-from ..forward import ElasticityModel, ForwardSettings
+import numpy as np
+
 from ..domain import Domain
+from ..forward import ElasticityModel, ForwardSettings
 from ..io import atomic_output, check_input_file, check_output_path, to_json
 from ..raster import ImageGrid, validate_image
 

@@ -56,9 +56,12 @@ def run(args) -> int:
         from ..reconstruction import load_reconstructions
 
         result = load_reconstructions(path)
-        errors = [float(((e - t) ** 2).sum() ** 0.5 / (t**2).sum() ** 0.5)
-                  for e, t in zip(result.estimates, result.truth)]
-        mean = sum(errors) / len(errors)
-        print(f"wrote {path}: {len(errors)} estimate(s) by {args.method}, mean relative error "
-              f"{mean:.3f}")
+        n = len(result.estimates)
+        if result.truth is None:  # a real measurement: nothing to compare with
+            print(f"wrote {path}: {n} estimate(s) by {args.method} (no truth in the data set)")
+        else:
+            errors = [float(((e - t) ** 2).sum() ** 0.5 / (t**2).sum() ** 0.5)
+                      for e, t in zip(result.estimates, result.truth, strict=True)]
+            print(f"wrote {path}: {n} estimate(s) by {args.method}, mean relative error "
+                  f"{sum(errors) / n:.3f}")
     return 0

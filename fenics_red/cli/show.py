@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 from mpi4py import MPI
+
+import numpy as np
 
 from ..data import load_dataset
 from ..io import check_output_path

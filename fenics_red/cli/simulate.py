@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from ..data import SimulationSettings, simulate_dataset
-from ..grid import ImageGrid
+from ..data import SimulationSettings, mesh_settings, simulate_dataset
+from ..domain import Domain, MeshArrays
+from ..io import check_input_file
 from ..phantoms import SHAPES, PhantomSettings
+from ..raster import ImageGrid
 from .forward import add_forward_arguments, forward_settings
 
 
@@ -19,8 +21,15 @@ def register(subparsers) -> None:
                     "file on any number of MPI ranks; an interrupted run resumes from "
                     "OUT.partial when started again with the same options.")
     parser.add_argument("--samples", type=int, required=True, help="number of samples")
-    parser.add_argument("--grid", type=int, default=64,
-                        help="cells along x (default %(default)s)")
+    parser.add_argument("--mesh", default=None, metavar="FILE",
+                        help="simulate on this mesh (gmsh .msh with physical groups 'load' and "
+                             "'support', or XDMF) instead of a grid; writes a data set of format "
+                             "2 (one value per mesh node)")
+    parser.add_argument("--pixel", type=float, default=None,
+                        help="with --mesh: pixel size of the raster the phantoms are drawn on, "
+                             "in the mesh's length unit (default: its mean node spacing)")
+    parser.add_argument("--grid", type=int, default=None,
+                        help="cells along x (default 64)")
     parser.add_argument("--grid-y", type=int, default=None,
                         help="cells along y (default: square cells, i.e. --grid for a square)")
     parser.add_argument("--snr", type=float, default=35.0,
@@ -60,9 +69,10 @@ def register(subparsers) -> None:
 
 
 def grid_from_args(args) -> ImageGrid:
-    """The grid of ``--grid``, ``--grid-y``, ``--width`` and ``--height`` (square cells by default)."""
-    nx = args.grid
-    if nx is None or nx < 1:
+    """The grid of ``--grid``, ``--grid-y``, ``--width`` and ``--height`` (square cells by
+    default)."""
+    nx = 64 if args.grid is None else args.grid
+    if nx < 1:
         raise ValueError(f"--grid must be a positive number of cells, got {nx}")
     width = 1.0 if args.width is None else args.width
     ny = args.grid_y
@@ -79,13 +89,32 @@ def run(args) -> int:
     phantoms = PhantomSettings(n_inclusions=tuple(args.inclusions), shapes=tuple(args.shapes),
                                min_size=args.min_size, max_size=args.max_size,
                                soft_edge=args.soft_edge)
-    settings = SimulationSettings(grid_from_args(args), forward_settings(args), args.snr,
-                                  args.noise_ratio, args.force_noise, args.seed, phantoms)
+    common = dict(forward=forward_settings(args), snr_db=args.snr, noise_ratio=args.noise_ratio,
+                  force_noise=args.force_noise, seed=args.seed, phantoms=phantoms)
+    if args.mesh is None:
+        if args.pixel is not None:
+            raise ValueError("--pixel sizes the phantom raster of a mesh; give --mesh too")
+        settings = SimulationSettings(grid_from_args(args), **common)
+    else:
+        for flag, value in (("--grid", args.grid), ("--grid-y", args.grid_y),
+                            ("--width", args.width), ("--height", args.height)):
+            if value is not None:
+                raise ValueError(f"{flag} sizes a grid; a mesh (--mesh) has its own size")
+        settings = mesh_settings(read_mesh_arrays(args.mesh, comm), args.pixel, **common)
     path = simulate_dataset(args.out, args.samples, settings, comm, masks_dir=args.masks,
                             overwrite=args.overwrite, progress=not args.quiet,
                             batch_size=args.batch_size)
     if comm.rank == 0:
         g = settings.grid
-        print(f"wrote {path}: {args.samples} samples on a {g.nx} x {g.ny} grid at "
-              f"{settings.snr_db:g} dB")
+        where = (f"a {g.nx} x {g.ny} grid" if settings.mesh is None else
+                 f"the {settings.mesh.shape[0]}-node mesh {args.mesh} (phantom raster "
+                 f"{g.nx} x {g.ny})")
+        print(f"wrote {path}: {args.samples} samples on {where} at {settings.snr_db:g} dB")
     return 0
+
+
+def read_mesh_arrays(path, comm: MPI.Comm) -> MeshArrays:
+    """The mesh of a file as :class:`MeshArrays` on every rank (what a data set stores)."""
+    domain = Domain.from_file(check_input_file(path, "mesh file"), comm)
+    arrays = comm.bcast(domain.to_arrays(), root=0)
+    return MeshArrays(arrays["points"], arrays["cells"], arrays["load"], arrays["support"])
