@@ -21,7 +21,7 @@
 # relative change below `rtol`; a round without a significant decrease of the misfit; the misfit
 # guard; the step budget), and the λ they ended with,
 # next to the two yardsticks: the maximum-likelihood (ML) estimate and one denoiser pass over it
-# (`denoised-ml`). The table in the docstring of `fenics_red/red.py` comes from this script on
+# (`denoised-ml`). The table in `docs/studies.md` comes from this script on
 # the three validation sets (one call per SNR).
 #
 # Choose λ on a validation set, never on the test set of `make paper` (seed 9001) nor on the

@@ -5,7 +5,7 @@ displacement ``u = K(E)⁻¹ f`` (:mod:`fenics_red.forward`, equation 1) and a n
 ``u_m`` at a target SNR (:mod:`fenics_red.measurements`). The paper trains its denoiser on such
 data made from 540 mask images at 35 dB.
 
-File layout on image grids (format version 1; every image in the convention of
+File layout (format version 2) on image grids (every image in the convention of
 :mod:`fenics_red.raster`: shape ``(ny+1, nx+1)``, row 0 the transducer edge ``y = H``, column 0
 at ``x = 0``):
 
@@ -27,16 +27,18 @@ Attributes (everything needed to redo the file): ``format``, ``format_version``,
 model ``nu``, ``plane``, ``traction``, ``shear_traction``, ``support``, ``solver``,
 ``petsc_options`` (JSON); the noise ``snr_db``, ``noise_ratio``, ``force_noise``; ``seed``; the
 phantom settings ``phantoms`` (JSON); the masks ``masks_dir``, ``n_masks``, ``masks_sha256``
-(empty / 0 for random phantoms), and descriptive ``image_convention`` and ``units`` strings.
+(empty / 0 for random phantoms), ``layout`` (``grid`` or ``mesh``), and descriptive
+``image_convention`` and ``units`` strings.
 
-On a mesh (``simulate --mesh``, format version 2) the same datasets hold one value per mesh node
-in the mesh's own node order, ``(n, N)`` instead of ``(n, ny+1, nx+1)`` (and ``uz``, ``uz_noisy`` in
-3-D; ``noise_std`` has one column per component), and the group ``mesh`` holds the mesh itself:
-``points`` ``(N, gdim)``, ``cells`` (0-based), and the ``load`` and ``support`` facets as node
-lists, so the file is self-contained (:class:`~fenics_red.domain.MeshArrays`). The grid attributes
-(with ``x0``, ``y0``) then describe the raster on which the phantoms were drawn in physical
-coordinates (each node takes the value of its nearest pixel; inclusions lie inside the mesh);
-``mesh_sha256`` fingerprints the mesh.
+Every file holds its mesh in the group ``mesh``: ``points`` ``(N, gdim)`` in the file's node order,
+``cells`` (0-based), and the ``load`` and ``support`` facets as node lists
+(:class:`~fenics_red.domain.MeshArrays`; fingerprint ``mesh_sha256``), so it is self-contained. On
+a grid the nodes are the pixels in row-major order, so the images above are the nodal values in
+that order. On a mesh (``simulate --mesh``, ``layout = "mesh"``) the same datasets hold one value
+per node, ``(n, N)`` instead of ``(n, ny+1, nx+1)``, and the grid attributes (with ``x0``, ``y0``)
+describe the raster on which the phantoms were drawn in physical coordinates (each node takes the
+value of its nearest pixel; inclusions lie inside the mesh). Files of format version 1 (grids,
+without the mesh group) still read.
 
 Reproducibility: sample ``i`` is drawn from ``SeedSequence(seed).spawn(n)[i]`` (two children of
 it: phantom, then noise), so it is the same whatever the number of samples, the MPI rank count or
@@ -73,9 +75,9 @@ __all__ = ["SimulationSettings", "Sample", "Dataset", "load_dataset", "simulate_
 
 #: Value of the ``format`` attribute of every data set file.
 FORMAT = "fenics-red synthetic elastography"
-#: Version of the layout of grid data sets (module docstring); mesh data sets are version 2.
-FORMAT_VERSION = 1
-MESH_FORMAT_VERSION = 2
+#: Version of the layout written (module docstring); version 1 (grids, no mesh group) still reads.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 #: Float64 image stacks of a data set, ``(n, ny+1, nx+1)``.
 IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
 #: The extra nodal datasets of 3-D mesh data sets.
@@ -150,8 +152,9 @@ class SimulationSettings:
         g, f = self.grid, self.forward
         attrs = {"nx": int(g.nx), "ny": int(g.ny), "width": float(g.width),
                  "height": float(g.height)}
+        attrs["layout"] = "grid" if self.mesh is None else "mesh"
         if self.mesh is not None:
-            attrs.update(x0=float(g.x0), y0=float(g.y0), mesh_sha256=mesh_digest(self.mesh))
+            attrs.update(x0=float(g.x0), y0=float(g.y0))
         attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
         attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
         attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
@@ -278,13 +281,9 @@ def simulate_sample(index: int, settings: SimulationSettings,
 
 def phantom_region(settings: SimulationSettings) -> np.ndarray:
     """Boolean image on ``settings.grid``: the pixels inside ``settings.mesh`` (serial)."""
-    from dolfinx import fem
+    from .raster import ValueRaster
 
-    from .raster import PointRaster
-
-    domain = settings.mesh.domain(MPI.COMM_SELF)
-    Q = fem.functionspace(domain.mesh, ("Lagrange", 1))
-    return PointRaster(Q, settings.grid, domain.node_indices(Q), domain.num_file_nodes).mask
+    return ValueRaster(settings.mesh, settings.grid).mask
 
 
 def mesh_settings(mesh: MeshArrays, spacing: float | None = None, **kwargs
@@ -292,16 +291,14 @@ def mesh_settings(mesh: MeshArrays, spacing: float | None = None, **kwargs
     """Settings of a data set on ``mesh``: its phantoms drawn on the raster over the mesh's
     bounding box with pixels of ``spacing`` (default: the mean node spacing,
     ``sqrt(area / N)``). ``kwargs``: the other :class:`SimulationSettings` fields."""
+    from .raster import mean_node_spacing
+
     if mesh.dim != 2:
         raise ValueError("simulating phantoms on 3-D meshes is not supported yet: the phantom "
                          "raster is 2-D (use fenics-red forward --mesh for 3-D solves)")
-    points = mesh.points
     if spacing is None:
-        corners = points[mesh.cells]
-        area = 0.5 * np.abs(np.cross(corners[:, 1] - corners[:, 0],
-                                     corners[:, 2] - corners[:, 0])).sum()
-        spacing = float(np.sqrt(area / len(points)))
-    grid = ImageGrid.covering(points.min(axis=0), points.max(axis=0), spacing)
+        spacing = mean_node_spacing(mesh.domain(MPI.COMM_SELF).mesh)
+    grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), spacing)
     return SimulationSettings(grid, mesh=mesh, **kwargs)
 
 
@@ -311,10 +308,10 @@ def _file_attrs(settings: SimulationSettings, n_samples: int, masks_dir, n_masks
                 masks_sha256: str) -> dict:
     from . import __version__
 
-    version = FORMAT_VERSION if settings.mesh is None else MESH_FORMAT_VERSION
-    attrs = {"format": FORMAT, "format_version": version,
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
              "fenics_red_version": __version__, "n_samples": int(n_samples)}
     attrs.update(settings.to_attrs())
+    attrs["mesh_sha256"] = mesh_digest(settings.mesh or MeshArrays.of_grid(settings.grid))
     attrs.update(masks_dir="" if masks_dir is None else str(Path(masks_dir).resolve()),
                  n_masks=int(n_masks), masks_sha256=masks_sha256,
                  image_convention="(ny+1, nx+1) nodal images; row 0 = transducer edge y = H, "
@@ -345,7 +342,7 @@ class _SampleFile(ResumableFile):
 
     def __init__(self, path: Path, attrs: dict, settings: SimulationSettings, overwrite: bool):
         self.shape = tuple(settings.value_shape)
-        self.mesh = settings.mesh
+        self.mesh = settings.mesh or MeshArrays.of_grid(settings.grid)
         super().__init__(path, attrs, attrs["n_samples"], overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -360,10 +357,9 @@ class _SampleFile(ResumableFile):
         self.file.create_dataset("mask", (n, *self.shape), dtype=MASK_DTYPE, chunks=chunk)
         self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
         self.file.create_dataset("force_std", (n,), dtype=np.float64)
-        if self.mesh is not None:
-            group = self.file.create_group("mesh")
-            for name in ("points", "cells", "load", "support"):
-                group.create_dataset(name, data=getattr(self.mesh, name))
+        group = self.file.create_group("mesh")
+        for name in ("points", "cells", "load", "support"):
+            group.create_dataset(name, data=getattr(self.mesh, name))
 
     def check(self, attrs: dict, where: str) -> None:
         advice = ("run again with the same settings to resume it, or pass --overwrite "
@@ -477,9 +473,9 @@ class Dataset:
             self._fail(f"not a fenics-red data set (attribute format is "
                        f"{_plain(attrs.get('format'))!r}, expected {FORMAT!r})")
         version = _plain(attrs.get("format_version"))
-        if version not in (FORMAT_VERSION, MESH_FORMAT_VERSION):
+        if version not in READ_VERSIONS:
             self._fail(f"format version {version!r} is not supported (this fenics-red reads "
-                       f"versions {FORMAT_VERSION} and {MESH_FORMAT_VERSION})")
+                       f"versions {list(READ_VERSIONS)})")
         self.format_version = version
         missing = [k for k in ("n_samples", "fenics_red_version", "n_masks", "masks_sha256")
                    if k not in attrs]
@@ -489,8 +485,13 @@ class Dataset:
             self.settings = SimulationSettings.from_attrs(attrs)
         except ValueError as error:
             self._fail(str(error))
-        if version == MESH_FORMAT_VERSION:
-            self.settings = dataclasses.replace(self.settings, mesh=self._read_mesh())
+        if version >= 2:  # the mesh is stored; a grid's is checked, a mesh's is used
+            layout = _plain(attrs.get("layout"))
+            if layout not in ("grid", "mesh"):
+                self._fail(f"attribute layout must be 'grid' or 'mesh', got {layout!r}")
+            mesh = self._read_mesh()
+            if layout == "mesh":
+                self.settings = dataclasses.replace(self.settings, mesh=mesh)
         n = _plain(attrs["n_samples"])
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             self._fail(f"attribute n_samples must be a positive integer, got {n!r}")

@@ -30,10 +30,8 @@ properties by construction:
   load is vertical, the supports symmetric), and training uses such flips as its only
   augmentation, but a network is only approximately equivariant. :class:`Denoiser` averages the
   two: ``C(E) = ½ [Ĉ(E) + F Ĉ(F E)]`` (one call on a batch of two; ``flip_average=False`` turns
-  it off). On the validation sets of :mod:`fenics_red.red` (16 phantoms each, seed 5000) this
-  lowered the one-pass error of the shipped model from 0.2680, 0.1998 and 0.1672 to 0.2644,
-  0.1929 and 0.1643 at 25, 35 and 45 dB (and that of the previous, 35 dB-only model from 0.2019
-  to 0.1961 at 35 dB). Scale equivariance and the identity of an untrained network are kept.
+  it off; its measured effect is in ``docs/studies.md``). Scale equivariance and the identity of
+  an untrained network are kept.
 
 The network runs in float32; images enter and leave as float64 NumPy arrays. torch is imported by
 this module (and :mod:`fenics_red.training`) only: ``import fenics_red`` stays free of it.

@@ -56,6 +56,13 @@ class MeshArrays:
     def shape(self) -> tuple[int]:
         return (int(self.points.shape[0]),)
 
+    @classmethod
+    def of_grid(cls, grid) -> MeshArrays:
+        """The triangle mesh of an :class:`~fenics_red.raster.ImageGrid` as arrays, its nodes in
+        the image's row-major pixel order (serial)."""
+        arrays = Domain.rectangle(grid, MPI.COMM_SELF).to_arrays()
+        return cls(arrays["points"], arrays["cells"], arrays["load"], arrays["support"])
+
     def domain(self, comm: MPI.Comm) -> Domain:
         """The distributed domain of these arrays. Collective."""
         return Domain.from_arrays(self.points, self.cells, comm, load=self.load,

@@ -358,8 +358,13 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal) -> None:
             (out / "figures").mkdir(exist_ok=True)
             labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]
                       if (i, m) in error}
-            plot_comparison(truth, estimates[i], out / "figures" / f"sample_{i}.png", grid,
-                            labels=labels)
+            space, truths, values = nodal
+            if hasattr(space, "cells") and space.dim == 2:  # drawn on the mesh itself
+                plot_comparison(truths[i], values[i], out / "figures" / f"sample_{i}.png",
+                                space, labels=labels)
+            else:
+                plot_comparison(truth, estimates[i], out / "figures" / f"sample_{i}.png", grid,
+                                labels=labels)
             plot_profiles(truth, estimates[i], out / "figures" / f"profile_{i}.png", grid,
                           mask=None if sample is None else sample.mask)
         if settings.xdmf:

@@ -143,6 +143,21 @@ def _image_data(pyvista, image: np.ndarray, grid: ImageGrid, name: str):
     return data
 
 
+def _mesh_data(pyvista, values: np.ndarray, mesh, name: str):
+    """A pyvista UnstructuredGrid of nodal values on a 2-D triangle mesh (MeshArrays)."""
+    points = np.zeros((len(mesh.points), 3))
+    points[:, :2] = mesh.points[:, :2]
+    cells = np.hstack([np.full((len(mesh.cells), 1), 3), mesh.cells]).ravel()
+    types = np.full(len(mesh.cells), pyvista.CellType.TRIANGLE, dtype=np.uint8)
+    data = pyvista.UnstructuredGrid(cells, types, points)
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(points),) or not np.isfinite(values).all():
+        raise ValueError(f"field {name!r} must hold {len(points)} finite nodal values, got "
+                         f"shape {values.shape}")
+    data.point_data[name] = values
+    return data
+
+
 def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
                     path: str | os.PathLike, grid: ImageGrid | None = None, *,
                     labels: dict[str, str] | None = None, clim: tuple[float, float] | None = None,
@@ -150,7 +165,9 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
                     overwrite: bool = True) -> None:
     """The paper's Fig. 2: the true modulus and each method's estimate on one colour scale.
 
-    ``estimates`` maps a method name to its modulus image; ``labels`` (optional) gives each panel
+    ``estimates`` maps a method name to its modulus image (or, with ``grid`` the
+    :class:`~fenics_red.domain.MeshArrays` of a 2-D mesh, its nodal values, drawn on the mesh
+    itself); ``labels`` (optional) gives each panel
     a subtitle (e.g. its relative RMSE). The colour scale is ``clim`` (default: 0 to the largest
     value of the truth, or of the estimates without truth) and one colour bar with ``units``
     serves every panel. Rendered by pyvista off-screen, written atomically as PNG.
@@ -159,6 +176,7 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     if not panels:
         raise ValueError("nothing to plot: give a truth or at least one estimate")
     first = np.asarray(panels[0][1])
+    on_mesh = grid is not None and hasattr(grid, "cells")
     grid = grid or ImageGrid.from_shape(first.shape)
     if clim is None:
         reference = truth if truth is not None else np.stack([e for _, e in panels])
@@ -177,8 +195,9 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
         data = None
         for k, (name, image) in enumerate(panels):
             plotter.subplot(k // columns, k % columns)
-            data = _image_data(pv, validate_image(image, grid.shape, f"image {name!r}"),
-                               grid, units)
+            data = (_mesh_data(pv, image, grid, units) if on_mesh else
+                    _image_data(pv, validate_image(image, grid.shape, f"image {name!r}"),
+                                grid, units))
             plotter.add_mesh(data, scalars=units, cmap="viridis", clim=clim,
                              show_scalar_bar=False)
             text = name if name not in labels else f"{name}\n{labels[name]}"

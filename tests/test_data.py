@@ -223,3 +223,32 @@ def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
         assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_a_grid_data_set_stores_its_mesh_with_the_pixels_as_nodes(reference):
+    from fenics_red.domain import MeshArrays
+
+    with h5py.File(reference, "r") as f:
+        assert f.attrs["format_version"] == 2 and f.attrs["layout"] == "grid"
+        stored = MeshArrays(*(f[f"mesh/{name}"][...] for name in
+                              ("points", "cells", "load", "support")))
+    np.testing.assert_allclose(stored.points, GRID.pixel_points(), rtol=0, atol=1e-12)
+    assert len(stored.cells) == 2 * GRID.nx * GRID.ny
+    assert np.allclose(stored.points[np.unique(stored.load), 1], GRID.height)
+    assert np.allclose(stored.points[np.unique(stored.support), 1], 0.0)
+
+
+def test_format_1_files_without_a_mesh_still_read(reference, mpi_tmp_path, comm):
+    old = mpi_tmp_path / "version1.h5"
+    if comm.rank == 0:
+        with h5py.File(reference, "r") as source, h5py.File(old, "w") as target:
+            for name in source:
+                if name != "mesh":
+                    source.copy(name, target)
+            target.attrs.update({k: v for k, v in source.attrs.items()
+                                 if k not in ("layout", "mesh_sha256")})
+            target.attrs["format_version"] = 1
+    comm.Barrier()
+    with load_dataset(old) as data, load_dataset(reference) as new:
+        assert data.format_version == 1 and data.mesh is None
+        np.testing.assert_array_equal(data.sample(2).E, new.sample(2).E)

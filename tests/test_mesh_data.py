@@ -105,3 +105,9 @@ def test_evaluation_of_a_mesh_data_set_measures_inside_the_field_of_view(sector_
     assert abs(stored - error) <= 1e-12 * error
     assert (out / "figures" / "sample_0.png").exists()
     assert (out / "xdmf" / "sample_0.xdmf").exists() and (out / "xdmf" / "sample_0.h5").exists()
+
+
+def test_show_draws_a_sample_of_a_mesh_data_set_through_its_raster(sector_data, mpi_tmp_path):
+    out = mpi_tmp_path / "sample.png"
+    assert main(["show", str(sector_data), "--sample", "2", "--out", str(out)]) == 0
+    assert out.exists() and out.stat().st_size > 10_000

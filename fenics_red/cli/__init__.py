@@ -106,4 +106,7 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
 
 
 def console_main() -> None:  # pragma: no cover - the installed entry point
+    from ..threads import set_thread_environment
+
+    set_thread_environment()  # before NumPy, PETSc and torch start their thread pools
     sys.exit(main())

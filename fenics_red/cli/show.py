@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from mpi4py import MPI
 
 import numpy as np
@@ -33,6 +35,16 @@ def run(args) -> int:
                              f"samples (0 to {n - 1})")
         sample = dataset.sample(args.sample)
         grid = dataset.grid
+        if dataset.mesh is not None:  # a mesh data set is drawn through its raster
+            from ..raster import ValueRaster
+
+            raster = ValueRaster(dataset.mesh, grid)
+            images = {name: raster.image(getattr(sample, name))
+                      for name in ("E", "ux", "uy", "ux_noisy", "uy_noisy")
+                      if getattr(sample, name) is not None}
+            if sample.mask is not None:
+                images["mask"] = raster.labels(sample.mask)
+            sample = dataclasses.replace(sample, **images)
     for name in ("E", "ux", "uy", "ux_noisy", "uy_noisy"):
         values = getattr(sample, name)
         if values is not None and not np.isfinite(values).all():  # E is None without truth

@@ -1,0 +1,28 @@
+"""Threads per rank: the cores of a node shared by its ranks; the user's settings win."""
+
+from fenics_red.threads import ranks_on_node, set_thread_environment, threads_per_rank
+
+
+def test_ranks_on_the_node_come_from_the_launcher():
+    assert ranks_on_node({}) == 1
+    assert ranks_on_node({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4
+    assert ranks_on_node({"MPI_LOCALNRANKS": "3"}) == 3
+    assert ranks_on_node({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+
+
+def test_each_rank_gets_its_share_of_the_cores_and_at_least_one():
+    assert threads_per_rank(16, {"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4
+    assert threads_per_rank(2, {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 1
+    assert threads_per_rank(2, {"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}) == 1
+    assert threads_per_rank(8, {}) == 8
+    assert threads_per_rank(8, {"FENICS_RED_THREADS": "3"}) == 3
+
+
+def test_the_environment_is_set_unless_the_user_chose(monkeypatch):
+    env = {"OMPI_COMM_WORLD_LOCAL_SIZE": "64"}
+    assert set_thread_environment(env) == 1
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    mine = {"OMPI_COMM_WORLD_LOCAL_SIZE": "64", "OMP_NUM_THREADS": "7"}
+    assert set_thread_environment(mine) == 7 and "OPENBLAS_NUM_THREADS" not in mine
+    forced = {"FENICS_RED_THREADS": "2", "OMP_NUM_THREADS": "7"}
+    assert set_thread_environment(forced) == 2 and forced["OMP_NUM_THREADS"] == "2"
