@@ -70,6 +70,7 @@ from mpi4py import MPI
 
 import numpy as np
 
+from . import validation
 from .forward import ForwardSettings
 from .raster import ImageGrid
 
@@ -170,9 +171,7 @@ def _lazy(module: str, name: str) -> Callable:
 # -- command-line flags, shared by the methods that list them -------------------------------------
 
 def _positive_steps(value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise ValueError(f"--max-steps must be a positive integer, got {value}")
-    return value
+    return None if value is None else validation.integer(value, "--max-steps", low=1)
 
 
 MAX_STEPS = Flag("--max-steps", "max_steps", "budget of iterations (default: the method's)",

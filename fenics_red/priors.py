@@ -58,6 +58,7 @@ from petsc4py import PETSc
 
 import numpy as np
 
+from . import validation
 from .parallel import on_root
 
 __all__ = ["RedPrior", "FixedLambda", "GradientNormLambda", "BalanceLambda",
@@ -155,13 +156,6 @@ class RedPrior:
 
 # -- λ rules -------------------------------------------------------------------------------------
 
-def _positive(value, name: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
 class _Rule:
     """Base of the λ rules: records every value it returns in :attr:`values`."""
 
@@ -191,7 +185,7 @@ class FixedLambda(_Rule):
 
     def __init__(self, value: float):
         super().__init__()
-        self.value = _positive(value, "λ")
+        self.value = validation.non_negative(value, "λ")
 
     def __call__(self, state) -> float:
         return self._record(self.value)
@@ -208,7 +202,7 @@ class GradientNormLambda(_Rule):
 
     def __init__(self, factor: float = 1.0):
         super().__init__()
-        self.factor = _positive(factor, "the factor of rule (12)")
+        self.factor = validation.non_negative(factor, "the factor of rule (12)")
 
     def __call__(self, state) -> float:
         return self._record(self.factor * float(state.grad_norm))
@@ -229,7 +223,7 @@ class BalanceLambda(_Rule):
     def __init__(self, prior: RedPrior, factor: float = 1.0, max_value: float = math.inf):
         super().__init__()
         self._prior = prior
-        self.factor = _positive(factor, "the factor of the balance rule")
+        self.factor = validation.non_negative(factor, "the factor of the balance rule")
         self.max_value = float(max_value)
 
     def __call__(self, state) -> float:
@@ -252,7 +246,7 @@ class LipschitzFractionLambda(_Rule):
 
     def __init__(self, fraction: float, fidelity=None, iterations: int = 30):
         super().__init__()
-        self.fraction = _positive(fraction, "the fraction of L")
+        self.fraction = validation.non_negative(fraction, "the fraction of L")
         self._fidelity = fidelity
         self._iterations = int(iterations)
         self._vector = None

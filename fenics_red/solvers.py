@@ -38,6 +38,7 @@ from petsc4py import PETSc
 
 import numpy as np
 
+from . import validation
 from .forward import ElasticityModel, ForwardSettings
 from .likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
 from .measurements import Measurement
@@ -51,17 +52,6 @@ __all__ = ["MLSettings", "History", "IterationState", "LoopState", "Prior", "Pro
 
 _METHODS = ("pgd", "fista")
 _STOPS = ("discrepancy", "budget")
-
-
-def _check(value, name: str, integer: bool = False, low: float = 0.0, strict: bool = True,
-           high: float = math.inf) -> None:
-    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if strict else value >= low) and value < high
-    if not ok:
-        what = "an integer" if integer else "a number"
-        bounds = f"{'>' if strict else '≥'} {low}" + (f" and < {high}" if high < math.inf else "")
-        raise ValueError(f"MLSettings.{name} must be {what} {bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -132,17 +122,20 @@ class MLSettings:
             raise ValueError(f"MLSettings.method must be one of {_METHODS}, got {self.method!r}")
         if self.stop not in _STOPS:
             raise ValueError(f"MLSettings.stop must be one of {_STOPS}, got {self.stop!r}")
-        _check(self.discrepancy, "discrepancy")
-        _check(self.max_steps, "max_steps", integer=True)
-        _check(self.steps_per_round, "steps_per_round", integer=True)
-        _check(self.rtol, "rtol", strict=False)
-        _check(self.floor, "floor", high=1.0)
+        validation.positive(self.discrepancy, "MLSettings.discrepancy")
+        validation.integer(self.max_steps, "MLSettings.max_steps", low=1)
+        validation.integer(self.steps_per_round, "MLSettings.steps_per_round", low=1)
+        validation.non_negative(self.rtol, "MLSettings.rtol")
+        validation.number(self.floor, "MLSettings.floor", 0.0, 1.0, low_open=True,
+                          high_open=True)
         if self.initial is not None:
-            _check(self.initial, "initial")
-        _check(self.step_scale, "step_scale", high=2.0)
-        _check(self.min_misfit_decrease, "min_misfit_decrease", strict=False)
-        _check(self.power_iterations, "power_iterations", integer=True)
-        _check(self.refresh_power_iterations, "refresh_power_iterations", integer=True)
+            validation.positive(self.initial, "MLSettings.initial")
+        validation.number(self.step_scale, "MLSettings.step_scale", 0.0, 2.0, low_open=True,
+                          high_open=True)
+        validation.non_negative(self.min_misfit_decrease, "MLSettings.min_misfit_decrease")
+        validation.integer(self.power_iterations, "MLSettings.power_iterations", low=1)
+        validation.integer(self.refresh_power_iterations,
+                           "MLSettings.refresh_power_iterations", low=1)
         for name in ("backtracking", "restart", "misfit_guard"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise ValueError(f"MLSettings.{name} must be True or False")
