@@ -50,6 +50,7 @@ same settings resumes it, and the file is renamed to ``FILE.h5`` when complete.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -80,8 +81,6 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 #: Float64 image stacks of a data set, ``(n, ny+1, nx+1)``.
 IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
-#: The extra nodal datasets of 3-D mesh data sets.
-DEPTH_DATASETS = ("uz", "uz_noisy")
 #: Datasets a data set without truth (a real measurement) lacks: both or neither.
 TRUTH_DATASETS = ("E", "mask")
 MASK_DTYPE = np.uint16
@@ -186,6 +185,12 @@ class SimulationSettings:
             raise ValueError(f"invalid settings attributes: {error}") from None
 
 
+@functools.lru_cache(maxsize=4)
+def _grid_mesh(grid: ImageGrid) -> MeshArrays:
+    """The mesh of a grid data set (made once per grid: the attributes and the file need it)."""
+    return MeshArrays.of_grid(grid)
+
+
 def mesh_digest(mesh: MeshArrays) -> str:
     """A fingerprint of a mesh's arrays (a resumed mesh data set must be on the same mesh)."""
     import hashlib
@@ -209,8 +214,7 @@ class Sample:
 
     ``mask`` holds integer labels (0 background, ``k > 0`` inclusion ``k``); ``noise_std`` is
     ``(σx, σy[, σz])`` (``Σn``) and ``force_std`` is ``σw`` (``Σw = σw² I``) of the measurement.
-    ``E`` and ``mask`` are ``None`` for a data set without truth (a real measurement); ``uz`` and
-    ``uz_noisy`` are set in 3-D only.
+    ``E`` and ``mask`` are ``None`` for a data set without truth (a real measurement).
     """
 
     index: int
@@ -222,8 +226,6 @@ class Sample:
     mask: np.ndarray | None
     noise_std: tuple[float, ...]
     force_std: float
-    uz: np.ndarray | None = None
-    uz_noisy: np.ndarray | None = None
 
 
 def sample_generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -276,7 +278,7 @@ def simulate_sample(index: int, settings: SimulationSettings,
             model.destroy()
     return Sample(int(index), E, m.ux, m.uy, m.ux_noisy, m.uy_noisy,
                   labels.astype(MASK_DTYPE), tuple(float(s) for s in m.noise_std),
-                  float(m.force_std), m.uz, m.uz_noisy)
+                  float(m.force_std))
 
 
 def phantom_region(settings: SimulationSettings) -> np.ndarray:
@@ -311,7 +313,7 @@ def _file_attrs(settings: SimulationSettings, n_samples: int, masks_dir, n_masks
     attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
              "fenics_red_version": __version__, "n_samples": int(n_samples)}
     attrs.update(settings.to_attrs())
-    attrs["mesh_sha256"] = mesh_digest(settings.mesh or MeshArrays.of_grid(settings.grid))
+    attrs["mesh_sha256"] = mesh_digest(settings.mesh or _grid_mesh(settings.grid))
     attrs.update(masks_dir="" if masks_dir is None else str(Path(masks_dir).resolve()),
                  n_masks=int(n_masks), masks_sha256=masks_sha256,
                  image_convention="(ny+1, nx+1) nodal images; row 0 = transducer edge y = H, "
@@ -342,7 +344,7 @@ class _SampleFile(ResumableFile):
 
     def __init__(self, path: Path, attrs: dict, settings: SimulationSettings, overwrite: bool):
         self.shape = tuple(settings.value_shape)
-        self.mesh = settings.mesh or MeshArrays.of_grid(settings.grid)
+        self.mesh = settings.mesh or _grid_mesh(settings.grid)
         super().__init__(path, attrs, attrs["n_samples"], overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -531,25 +533,15 @@ class Dataset:
     def _read_mesh(self) -> MeshArrays:
         f = self._file
         arrays = {}
-        for name, kind in (("points", "f"), ("cells", "iu"), ("load", "iu"),
-                           ("support", "iu")):
+        for name in ("points", "cells", "load", "support"):
             key = f"mesh/{name}"
-            if key not in f or not hasattr(f[key], "shape") or f[key].ndim != 2:
-                self._fail(f"format 2 needs a 2-D dataset {key!r} (the mesh)")
-            if f[key].dtype.kind not in kind:
-                self._fail(f"dataset {key!r} has dtype {f[key].dtype}")
+            if key not in f or not hasattr(f[key], "shape"):
+                self._fail(f"format 2 needs the dataset {key!r} (the mesh)")
             arrays[name] = np.asarray(f[key][...])
-        points, cells = arrays["points"], arrays["cells"]
-        gdim = points.shape[1]
-        if gdim not in (2, 3) or cells.shape[1] != gdim + 1 or not np.isfinite(points).all():
-            self._fail(f"mesh/points {points.shape} and mesh/cells {cells.shape} are not a "
-                       "triangle or tetrahedron mesh with finite coordinates")
-        for name in ("cells", "load", "support"):
-            a = arrays[name]
-            if a.size and (a.min() < 0 or a.max() >= len(points)):
-                self._fail(f"mesh/{name} references nodes outside 0..{len(points) - 1}")
-        mesh = MeshArrays(points, cells.astype(np.int64), arrays["load"].astype(np.int64),
-                          arrays["support"].astype(np.int64))
+        try:
+            mesh = MeshArrays(**arrays)
+        except ValueError as error:
+            self._fail(str(error))
         stored = _plain(f.attrs.get("mesh_sha256"))
         if stored != mesh_digest(mesh):
             self._fail("the mesh does not match its fingerprint mesh_sha256 (damaged file?)")

@@ -48,6 +48,34 @@ class MeshArrays:
     load: np.ndarray
     support: np.ndarray
 
+    def __post_init__(self):
+        points = np.asarray(self.points)
+        if (points.ndim != 2 or points.shape[1] not in (2, 3) or points.dtype.kind not in "fiu"
+                or not np.isfinite(points).all()):
+            raise ValueError(f"mesh points must be finite coordinates of shape (N, 2) or (N, 3), "
+                             f"got shape {points.shape}")
+        n, gdim = points.shape
+        arrays = {"points": points.astype(np.float64)}
+        for name, width in (("cells", gdim + 1), ("load", gdim), ("support", gdim)):
+            a = np.asarray(getattr(self, name))
+            if a.size == 0 and name != "cells":
+                a = a.reshape(0, width)
+            what = {"cells": "triangles (M, 3)" if gdim == 2 else "tetrahedra (M, 4)",
+                    "load": "facets (F, 2), node pairs" if gdim == 2 else "facets (F, 3)",
+                    "support": "facets (F, 2), node pairs" if gdim == 2 else "facets (F, 3)"}
+            if a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu":
+                raise ValueError(f"mesh {name} must be integer node indices, {what[name]} for "
+                                 f"{gdim}-D points; got dtype {a.dtype}, shape {a.shape}")
+            if a.size and (a.min() < 0 or a.max() >= n):
+                bad = int(a.min() if a.min() < 0 else a.max())
+                raise ValueError(f"mesh {name} reference node {bad}, outside 0..{n - 1} (0-based "
+                                 f"indices into the {n} points)")
+            arrays[name] = a.astype(np.int64)
+        if len(arrays["cells"]) == 0:
+            raise ValueError("the mesh has no cells")
+        for name, value in arrays.items():
+            object.__setattr__(self, name, value)
+
     @property
     def dim(self) -> int:
         return int(self.points.shape[1])
@@ -132,8 +160,9 @@ class Domain:
         facets, values = facets[order], values[order]
         unique, first = np.unique(facets, return_index=True)  # a facet in both parts: load wins
         tags = mesh.meshtags(msh, fdim, unique, values[first])
-        if "num_file_nodes" not in kwargs:
-            kwargs["num_file_nodes"] = msh.geometry.index_map().size_global
+        if "num_file_nodes" not in kwargs:  # nodes of the file that no cell uses are dropped
+            last = np.max(msh.geometry.input_global_indices, initial=-1)
+            kwargs["num_file_nodes"] = msh.comm.allreduce(int(last), op=MPI.MAX) + 1
         return cls(msh, tags, **kwargs)
 
     @classmethod
@@ -155,13 +184,10 @@ class Domain:
         from dolfinx.io import distribute_entity_data
 
         def header():
-            p, c = np.asarray(points), np.asarray(cells)
-            if (p.ndim != 2 or p.shape[1] not in (2, 3) or c.ndim != 2
-                    or c.shape[1] != p.shape[1] + 1):
-                raise ValueError(f"mesh arrays must be points (N, 2) with triangles (M, 3) or "
-                                 f"points (N, 3) with tetrahedra (M, 4); got points {p.shape} "
-                                 f"and cells {c.shape}")
-            return p.shape[1], len(p)
+            empty = np.zeros((0, np.shape(points)[-1] if np.ndim(points) == 2 else 2), np.int64)
+            checked = MeshArrays(points, cells, empty if load is None else load,
+                                 empty if support is None else support)  # raises if malformed
+            return checked.dim, len(checked.points)
 
         gdim, n_nodes = on_root(comm, header)
         cell = "triangle" if gdim == 2 else "tetrahedron"
@@ -358,6 +384,7 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                 name = gmsh.model.getPhysicalName(dim, tag)
                 if name in ("load", "support"):
                     names[name] = tag
+            problem = problem or _gmsh_node_problem(gmsh, gdim, path)
         except Exception as error:  # gmsh raises plain Exception with its log message
             problem = f"cannot read mesh file {str(path)!r}: {error}"
     raise_shared(comm, problem and ("ValueError", problem))
@@ -367,6 +394,24 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
     if comm.rank == 0:
         gmsh.clear()
     return msh, facet_tags, names
+
+
+def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
+    """What DOLFINx's gmsh reader cannot take (it would abort the MPI run), or None."""
+    tags = np.asarray(gmsh.model.mesh.getNodes()[0], dtype=np.int64)
+    if not np.array_equal(np.sort(tags), np.arange(1, len(tags) + 1)):
+        return (f"mesh file {str(path)!r} numbers its nodes with gaps; renumber them in gmsh "
+                "(Mesh > Renumber nodes, or -renumber) and save again")
+    used = set()
+    for _, group in gmsh.model.getPhysicalGroups(gdim):
+        for entity in gmsh.model.getEntitiesForPhysicalGroup(gdim, group):
+            for nodes in gmsh.model.mesh.getElements(gdim, entity)[2]:
+                used.update(np.asarray(nodes, dtype=np.int64).tolist())
+    if len(used) < len(tags):
+        return (f"mesh file {str(path)!r} has {len(tags) - len(used)} node(s) that no cell of a "
+                f"{gdim}-D physical group uses (a Physical Point, or cells outside the physical "
+                "groups?); DOLFINx cannot read such a file: remove them and save again")
+    return None
 
 
 def _read_xdmf(path: Path, comm: MPI.Comm):

@@ -304,6 +304,10 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
         estimates[i], nodal[i] = {}, {}
         for method in settings.methods:
             estimate, _, info = read_estimate(_run_path(out, method, i))
+            if estimate.shape != tuple(dataset.value_shape):
+                raise ValueError(f"estimate file {str(_run_path(out, method, i))!r} has shape "
+                                 f"{estimate.shape}, the data set {tuple(dataset.value_shape)}; "
+                                 "delete it to recompute it")
             estimates[i][method] = raster.image(estimate)
             nodal[i][method] = estimate
             if sample is None:

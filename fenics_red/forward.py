@@ -1,6 +1,7 @@
 """The forward model of quasi-static elastography, ``K(E) u = D(u) E = f`` (paper, equation 1).
 
-Linear elasticity on P1 triangles with a nodal (P1) Young's modulus ``E``. The stiffness ``K(E)``
+Linear elasticity on P1 triangles (2-D) or tetrahedra (3-D) with a nodal (P1) Young's modulus
+``E``, on a :class:`~fenics_red.domain.Domain`. The stiffness ``K(E)``
 is the Jacobian of the residual form ``r(E; u, v) = inner(sigma(E, u), eps(v)) dx`` with respect to
 ``u``; because ``r`` is linear in ``E`` too, its derivative with respect to ``E`` gives the
 rectangular operator ``D(u)`` (vector dofs x scalar dofs) with ``D(u) E = K(E) u`` to round-off.
@@ -367,7 +368,7 @@ class ElasticityModel:
         return K
 
     def assemble_D(self, u=None, apply_bcs: bool = False) -> PETSc.Mat:
-        """Reassemble ``D(u)`` (size ``2N x N``) in place and return it.
+        """Reassemble ``D(u)`` (size ``dN x N`` in ``d`` dimensions) in place and return it.
 
         ``u`` (a function on :attr:`V` or local values) defaults to the current :attr:`u_data`.
         With ``apply_bcs`` the Dirichlet rows are zero, leaving the free equations only.
@@ -418,7 +419,8 @@ class ElasticityModel:
         return self.u
 
     def displacement_images(self, u: fem.Function | None = None) -> tuple[np.ndarray, ...]:
-        """``(ux, uy)`` images of a displacement (default :attr:`u`). Collective."""
+        """The component images ``(ux, uy)`` of a displacement (default :attr:`u`) through the
+        raster (2-D). Collective."""
         images = self.images("V").to_image(u or self.u)
         return tuple(images)
 

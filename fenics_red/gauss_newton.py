@@ -84,7 +84,7 @@ from .optimisation import (
     l_curve_corner,
 )
 from .petsc_options import set_options
-from .raster import ImageGrid, validate_image
+from .raster import ImageGrid
 from .regularisers import REGULARISERS, Regulariser, TotalVariation, create_regulariser
 
 __all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "GaussNewtonHessian", "OutputMisfit",
@@ -214,16 +214,6 @@ def expand_component_weights(weights: Sequence[float], n_components: int) -> np.
         return np.array([weights[0], weights[0], weights[1]])
     raise ValueError(f"component_weights {tuple(weights)} do not fit a displacement of "
                      f"{n_components} components")
-
-
-def _largest_extent(msh) -> float:
-    """The largest side of the bounding box of a (distributed) mesh."""
-    gdim = msh.geometry.dim
-    x = msh.geometry.x[:, :gdim]
-    lower, upper = np.empty(gdim), np.empty(gdim)
-    msh.comm.Allreduce(x.min(axis=0) if len(x) else np.full(gdim, np.inf), lower, op=MPI.MIN)
-    msh.comm.Allreduce(x.max(axis=0) if len(x) else np.full(gdim, -np.inf), upper, op=MPI.MAX)
-    return float(np.max(upper - lower))
 
 
 class GaussNewtonHessian:
@@ -411,7 +401,7 @@ class GaussNewtonInversion:
         self._state_current = False  # the forward solution belongs to the current m
         self._D_current = False  # D(u) is assembled at the current forward solution
         self.initial_modulus: float | None = None
-        self._length = _largest_extent(model.mesh)
+        self._length = float(np.max(model.upper - model.lower))
         self.set_tv_smoothing(1.0)  # until an initial guess sets the modulus scale
 
     # -- parameter handling ----------------------------------------------------------------------
@@ -420,7 +410,8 @@ class GaussNewtonInversion:
         return self.model.E.x.array[: self._nq]
 
     def set_parameter(self, m) -> None:
-        """Set ``m = log E`` from a Q-layout PETSc Vec, local owned values or an image."""
+        """Set ``m = log E`` from a Q-layout PETSc Vec, this rank's owned values (a 1-D array, as
+        :meth:`parameter` returns) or an image (grids)."""
         if isinstance(m, PETSc.Vec):
             self.m.x.array[: self._nq] = m.array_r
         else:
@@ -466,11 +457,9 @@ class GaussNewtonInversion:
         return self.model.to_values(self.model.E.x.array)
 
     def estimate(self) -> np.ndarray:
-        """The current modulus: an image on an image grid (collective), else a copy of the owned
-        nodal values."""
-        if self.model.grid is not None:
-            return self.modulus_image()
-        return self._E_owned().copy()
+        """The current modulus in file order, on every rank: an image on an image grid, one
+        value per node otherwise (:meth:`modulus_values`). Collective."""
+        return self.modulus_values()
 
     def set_tv_smoothing(self, reference_modulus: float) -> None:
         """Set the TV smoothing ``delta = tv_delta * reference_modulus / L`` (done by
@@ -578,19 +567,18 @@ class GaussNewtonInversion:
         """Set the initial parameter: a modulus image or nodal values (PETSc vector or owned
         values), a number, or (None) the settings' number or the homogeneous fit."""
         if initial is not None and (isinstance(initial, PETSc.Vec) or np.ndim(initial) >= 1):
-            if isinstance(initial, PETSc.Vec) or np.ndim(initial) == 1:
-                values = (initial.array_r if isinstance(initial, PETSc.Vec)
-                          else np.asarray(initial, dtype=np.float64))
-                bad = int(not (np.isfinite(values).all() and (values > 0).all()))
-                if self.comm.allreduce(bad, op=MPI.MAX):
-                    raise ValueError("initial modulus must be finite and strictly positive "
-                                     "everywhere")
+            values = (initial.array_r if isinstance(initial, PETSc.Vec)
+                      else np.asarray(initial, dtype=np.float64))
+            bad = int(not (np.isfinite(values).all() and (values > 0).all()))
+            if self.comm.allreduce(bad, op=MPI.MAX):
+                raise ValueError("initial modulus must be finite and strictly positive "
+                                 "everywhere")
+            if isinstance(initial, PETSc.Vec):  # owned values
                 self.set_parameter(np.log(values))
-            else:
-                grid = self.model.grid
-                image = validate_image(initial, grid.shape if grid else None,
-                                       "initial modulus image", positive=True)
-                self.set_parameter(np.log(image))
+            else:  # file order: an image on grids, one value per mesh node otherwise
+                local = self.model.from_values(values, np.empty(self.m.x.array.size),
+                                               name="initial modulus")
+                self.set_parameter(np.log(local[: self._nq]))
             E0 = self.comm.allreduce(float(np.sum(self._E_owned())), op=MPI.SUM) / \
                 self._q_work.getSize()
         else:
@@ -880,15 +868,8 @@ class GaussNewtonRunner:
 
     def run(self, sample) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
         m = Measurement.from_sample(sample)
-        if self.model.grid is not None:
-            estimate, history = reconstruct_gauss_newton(
-                self.model, *m.displacement, m.noise_std, self.gn_settings)
-        else:  # owned nodal values back to the data set's node order
-            owned, history = reconstruct_gauss_newton(self.model, m.displacement, None,
-                                                      m.noise_std, self.gn_settings)
-            local = np.zeros(self.model.E.x.array.size)
-            local[: len(owned)] = owned
-            estimate = self.model.to_values(local)
+        estimate, history = reconstruct_gauss_newton(self.model, m.displacement, None,
+                                                     m.noise_std, self.gn_settings)
         rows = history["iterations"]
         columns = sorted({k for row in rows for k, v in row.items()
                           if isinstance(v, int | float | np.number)})

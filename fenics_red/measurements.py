@@ -56,7 +56,6 @@ class Measurement:
         noise_std: ``σ`` per component of the displacement noise (``Σn``).
         force_std: ``σw`` of the force noise (``Σw = σw² I``; 0: none).
         truth: the true modulus (same layout), or ``None`` for a real measurement.
-        units: the length and modulus units of the arrays (for the record and the outputs).
 
     The load and the supports are the forward model's (:class:`~fenics_red.forward.
     ForwardSettings`): a measurement is reconstructed with the settings that describe it.
@@ -66,7 +65,6 @@ class Measurement:
     noise_std: tuple[float, ...]
     force_std: float = 0.0
     truth: np.ndarray | None = None
-    units: tuple[str, str] = ("model length", "normalised modulus (1 = 100 kPa)")
 
     def __post_init__(self):
         components = tuple(np.asarray(c, dtype=np.float64) for c in self.displacement)
@@ -134,7 +132,7 @@ class SimulatedMeasurement:
         ux_noisy, uy_noisy: measured images ``u_m``.
         noise_std: ``(σx, σy)``, standard deviations of the displacement noise (``Σn``).
         force_std: ``σw``, standard deviation of the force noise (``Σw = σw² I``; 0 when none).
-        free: boolean images ``(2, ny+1, nx+1)`` of the free x and y dofs (where noise was added).
+        free: boolean arrays, one per component, of the free dofs (where noise was added).
     """
 
     ux: np.ndarray

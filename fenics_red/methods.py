@@ -36,7 +36,8 @@ The runner contract (see :class:`Runner`):
   ``options`` is what ``options()`` accepts (a mapping of overrides, or the settings).
 * ``runner.options`` is the validated settings dataclass.
 * ``runner.run(sample)`` (collective on ``comm``) returns ``(estimate, history, info)``: the
-  estimate as an image ``(ny+1, nx+1)`` on every rank; ``history``, a dict of 1-D numpy arrays
+  estimate in the data's layout on every rank (an image ``(ny+1, nx+1)`` on grids, one value per
+  node ``(N,)`` on meshes); ``history``, a dict of 1-D numpy arrays
   (one per column; lengths may differ between columns, e.g. per-iterate and per-refresh
   records); ``info``, a dict of JSON-able scalars (stop reason, steps, time, ...).
 * ``runner.settings`` is the JSON-able dict of the method's full settings (defaults included):

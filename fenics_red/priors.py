@@ -134,21 +134,30 @@ class RedPrior:
         return self._image, self._residual
 
     def residual_norm(self, E: PETSc.Vec) -> float:
-        """``‖E − C(E)‖`` over all nodes (the norm of the RED gradient). Collective."""
+        """``‖E − C(E)‖`` over the pixels of the image (the nodes on a grid): the norm of the RED
+        gradient. Collective."""
         return float(np.linalg.norm(self.residual_image(E)[1]))
 
     # -- the Prior protocol --------------------------------------------------------------------
 
     def gradient(self, E: PETSc.Vec, out: PETSc.Vec) -> float:
-        """``out = E − C(E)`` (eq. 10); returns ``R(E) = ½ Eᵀ(E − C(E))`` (eq. 11)."""
+        """``out = E − C(E)`` (eq. 10); returns ``R(E) = ½ Eᵀ(E − C(E))`` (eq. 11).
+
+        On a mesh the residual image comes back to the nodes by the raster's bilinear way back
+        (not the transpose of the sampling), so ``R`` is reported, not differentiated."""
         image, residual = self.residual_image(E)
         self.fidelity.from_image(residual, out, name="RED gradient E - C(E)")
-        return 0.5 * float(np.dot(image.ravel(), residual.ravel()))
+        return self._value(image, residual)
 
     def value(self, E: PETSc.Vec) -> float:
-        """``R(E) = ½ Eᵀ(E − C(E))`` (eq. 11)."""
-        image, residual = self.residual_image(E)
-        return 0.5 * float(np.dot(image.ravel(), residual.ravel()))
+        """``R(E) = ½ Eᵀ(E − C(E))`` (eq. 11), over the pixels inside the tissue."""
+        return self._value(*self.residual_image(E))
+
+    def _value(self, image: np.ndarray, residual: np.ndarray) -> float:
+        inside = self.fidelity.model.images("Q").mask
+        if inside.all():
+            return 0.5 * float(np.dot(image.ravel(), residual.ravel()))
+        return 0.5 * float(np.dot(image[inside], residual[inside]))
 
     def __repr__(self) -> str:
         return f"RedPrior({self.denoiser!r}, lipschitz={self.lipschitz})"

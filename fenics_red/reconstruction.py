@@ -349,7 +349,8 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
         values = {name: np.asarray(f[name][...]) for name in images}
         for name in images:
             if not np.isfinite(values[name]).all():
-                k = int(np.argwhere(~np.isfinite(values[name]).all(axis=(1, 2)))[0, 0])
+                rows = np.isfinite(values[name]).reshape(len(values[name]), -1).all(axis=1)
+                k = int(np.argwhere(~rows)[0, 0])
                 fail(f"dataset {name!r} has non-finite values (first in row {k})")
         index = np.asarray(f["index"][...], dtype=np.int64)
     return Reconstructions(values["estimate"], values.get("truth"), index, attrs)

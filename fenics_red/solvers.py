@@ -645,10 +645,11 @@ class FixedPointSolver:
             E0.copy(self.x)
         else:
             fid.from_values(E0, self.x, name="initial modulus")
-        level = self.x.sum() / self.x.getSize()
-        if not (np.isfinite(self.x.array_r).all() and self.comm.allreduce(
-                bool((self.x.array_r > 0).all()), op=MPI.LAND)):
+        local = self.x.array_r
+        if not self.comm.allreduce(bool(np.isfinite(local).all() and (local > 0).all()),
+                                   op=MPI.LAND):  # every rank reduces, then all raise together
             raise ValueError("the initial modulus must be finite and strictly positive")
+        level = self.x.sum() / self.x.getSize()
         return level
 
     def run(self, E0: PETSc.Vec | np.ndarray | float | None = None, *,
@@ -782,9 +783,10 @@ class MLReconstructor:
 
     def run(self, displacement, noise: NoiseModel, truth=None, E0=None, callback=None
             ) -> tuple[np.ndarray, History]:
-        """The ML estimate (image, on every rank) of measured ``(ux, uy)`` images with ``noise``.
+        """The ML estimate (on every rank, in the data's layout: an image on grids, one value per
+        node on meshes) of the measured displacement components with ``noise``.
 
-        ``truth`` (image) adds errors to the history; ``E0`` overrides the initial guess.
+        ``truth`` (same layout) adds errors to the history; ``E0`` overrides the initial guess.
         Collective.
         """
         self.likelihood.set_data(displacement, noise)
@@ -815,6 +817,9 @@ def reconstruct_ml(sample, settings: MLSettings | None = None, comm: MPI.Comm = 
     """
     m = Measurement.from_sample(sample)
     displacement, noise, truth = m.displacement, m.noise, m.truth
+    if grid is None and np.ndim(displacement[0]) != 2:
+        raise ValueError("a sample of one value per mesh node needs its mesh: pass "
+                         "grid=dataset.settings.space")
     grid = grid or ImageGrid.from_shape(np.shape(displacement[0]))
     ml = MLReconstructor(grid, forward, settings, comm)
     try:

@@ -19,15 +19,16 @@ __all__ = ["ranks_on_node", "threads_per_rank", "set_thread_environment", "THREA
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "BLIS_NUM_THREADS")
 
-# launchers' variables for the number of ranks on this node: Open MPI, MPICH/Hydra, Slurm
-_LOCAL_SIZE = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE")
+# launchers' variables for the number of ranks on this node: Open MPI, MPICH/Hydra (under
+# Slurm's srun, set FENICS_RED_THREADS)
+_LOCAL_SIZE = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
 
 
 def ranks_on_node(env: Mapping[str, str] | None = None) -> int:
     """The number of MPI ranks on this node, from the launcher's environment (1 without one)."""
     env = os.environ if env is None else env
     for name in _LOCAL_SIZE:
-        value = env.get(name, "").split("(")[0]  # Slurm may write "2(x3)"
+        value = env.get(name, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
     return 1
@@ -39,9 +40,11 @@ def threads_per_rank(cores: int | None = None, env: Mapping[str, str] | None = N
     chosen = env.get("FENICS_RED_THREADS", "")
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+    if cores is None:  # the node's cores (a rank's own binding may be narrower)
+        cores = os.cpu_count() or 1
+        if hasattr(os, "sched_getaffinity"):
+            allowed = len(os.sched_getaffinity(0))
+            return max(1, min(allowed, cores // ranks_on_node(env)))
     return max(1, cores // ranks_on_node(env))
 
 

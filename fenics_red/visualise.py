@@ -38,7 +38,7 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
     import matplotlib.pyplot as plt
 
     grid = grid or ImageGrid.from_shape(np.shape(sample.ux_noisy))
-    extent = (0.0, grid.width, 0.0, grid.height)
+    extent = (grid.x0, grid.x0 + grid.width, grid.y0, grid.y0 + grid.height)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2), constrained_layout=True)
 
     def show(ax, image, name, cmap, vmin=None, vmax=None):
@@ -138,7 +138,8 @@ def _pyvista():
 def _image_data(pyvista, image: np.ndarray, grid: ImageGrid, name: str):
     """A pyvista ImageData of a nodal image (points at the grid's nodes, y upwards)."""
     hx, hy = grid.spacing
-    data = pyvista.ImageData(dimensions=(grid.nx + 1, grid.ny + 1, 1), spacing=(hx, hy, 1.0))
+    data = pyvista.ImageData(dimensions=(grid.nx + 1, grid.ny + 1, 1), spacing=(hx, hy, 1.0),
+                             origin=(grid.x0, grid.y0, 0.0))
     data.point_data[name] = np.flipud(np.asarray(image, dtype=np.float64)).ravel()
     return data
 
@@ -255,7 +256,7 @@ def plot_profiles(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     row = profile_row(mask, shape) if row is None else int(row)
     if not 0 <= row < shape[0]:
         raise ValueError(f"profile row {row} is outside the image's {shape[0]} rows")
-    x = np.linspace(0.0, grid.width, grid.nx + 1)
+    x = np.linspace(grid.x0, grid.x0 + grid.width, grid.nx + 1)
     depth = grid.height * row / grid.ny
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for name, image in panels:

@@ -181,3 +181,41 @@ def test_an_xdmf_mesh_with_facet_tags_gives_the_same_solution_as_its_gmsh_source
         model.destroy()
     np.testing.assert_allclose(solutions[1], solutions[0], rtol=0,
                                atol=1e-12 * np.abs(solutions[0]).max())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p, c: (p, c + 100), "outside 0"),
+    (lambda p, c: (p, c - 1), "outside 0"),
+    (lambda p, c: (p, c + 0.5), "integer node indices"),
+    (lambda p, c: (p, c[:, :2]), "triangles"),
+    (lambda p, c: (np.full_like(p, np.nan), c), "finite coordinates"),
+])
+def test_malformed_mesh_arrays_fail_with_one_clear_error_on_every_rank(comm, change, message):
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    cells = np.array([[0, 1, 2], [0, 2, 3]])
+    points, cells = change(points, cells)
+    with pytest.raises(ValueError, match=message):
+        Domain.from_arrays(points, cells, comm)
+
+
+def test_gmsh_files_that_dolfinx_cannot_read_are_refused_before_it_aborts(comm, mpi_tmp_path):
+    """An isolated node (a Physical Point away from the cells) would abort DOLFINx's reader."""
+    path = mpi_tmp_path / "orphan.msh"
+    if comm.rank == 0:
+        text = (MESHES / "sector-2d.geo").read_text()
+        geo = mpi_tmp_path / "orphan.geo"
+        geo.write_text(text + '\nPoint(9999) = {1000, 1000, 0, 1};\nPhysical Point("apex") = '
+                       '{9999};\n')
+        import gmsh
+
+        if not gmsh.isInitialized():
+            gmsh.initialize(["-noenv"], readConfigFiles=False)
+        gmsh.option.setNumber("General.Terminal", 0)
+        gmsh.clear()
+        gmsh.open(str(geo))
+        gmsh.model.mesh.generate(2)
+        gmsh.write(str(path))
+        gmsh.clear()
+    comm.Barrier()
+    with pytest.raises(ValueError, match="no cell"):
+        Domain.from_file(path, comm)

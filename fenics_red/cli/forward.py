@@ -90,17 +90,15 @@ def run(args) -> int:
         modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
         meta = {"mesh": str(args.mesh), "num_nodes": domain.num_file_nodes, "dim": domain.dim}
     model = ElasticityModel(domain, settings)
-    order = model.node_order("Q")
-    model.set_modulus(order.scatter(modulus.ravel(), np.empty_like(model.E.x.array)))
-    model.solve()
-    u = model.node_order("V").gather(model.u.x.array)
-    points = order.gather_rows(model.Q.tabulate_dof_coordinates()[:, :domain.dim]).T
-    model.destroy()
-    names = ("ux", "uy", "uz")[:domain.dim]
-    arrays = {name: component.reshape(modulus.shape) for name, component in zip(names, u,
-                                                                                strict=True)}
-    if args.mesh is not None:
-        arrays["points"] = points
+    try:
+        model.solve(model.from_values(modulus, np.empty_like(model.E.x.array), name="modulus"))
+        names = ("ux", "uy", "uz")[:domain.dim]
+        arrays = dict(zip(names, model.to_values(model.u.x.array, "V"), strict=True))
+        if args.mesh is not None:  # the node coordinates, in the same order
+            coordinates = model.Q.tabulate_dof_coordinates()[:, :domain.dim]
+            arrays["points"] = model.node_order("Q").gather_rows(coordinates).T
+    finally:
+        model.destroy()
     if comm.rank == 0:
         meta["forward"] = settings.to_dict()
         with atomic_output(args.out, args.overwrite) as tmp, open(tmp, "wb") as fh:
