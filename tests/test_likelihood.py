@@ -310,7 +310,8 @@ def test_a_vector_of_owned_values_is_the_same_data_as_images(comm):
     E = fid.from_image(sample.E)
     fid.refresh(E)
     other.refresh(E)
-    assert other.value(E) == fid.value(E)
+    # two models (two partitions, two MUMPS factorisations on 2 ranks): equal to round-off
+    assert other.value(E) == pytest.approx(fid.value(E), rel=1e-12)
     with pytest.raises(ValueError, match="shape"):
         other.set_data(E)  # a modulus-space vector
     E.destroy()
