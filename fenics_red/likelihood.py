@@ -18,7 +18,7 @@ has full length; ``D(u_m)``, ``f`` and the residual have zero Dirichlet rows, ``
 ``diag(K_ff, I)`` and ``Σn``/``Σw`` are 1/0 on Dirichlet rows, so that ``Γ = diag(Γ_ff, I)``, every
 ``Γ⁻¹ r`` vanishes on Dirichlet rows and ``log|Γ| = log|Γ_ff|``.
 
-Linear algebra (see ``../shared/DESIGN.md``, pitfalls): ``Γ ≈ K Σn K`` is as ill-conditioned as
+Linear algebra: ``Γ ≈ K Σn K`` is as ill-conditioned as
 ``K²``, so ``Γ`` is never formed for solves. It is a matrix-free PETSc ``MatShell``; ``Γ⁻¹ r`` is a
 PETSc KSP whose preconditioner ``P⁻¹ = K⁻¹ Σn⁻¹ K⁻¹`` uses ONE factorisation (MUMPS Cholesky by
 default) of ``K(E)`` for as long as ``Γ`` is frozen. With ``Σw = 0`` that preconditioner *is*
