@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from petsc4py import PETSc
 
 import numpy as np
+from scipy import sparse
 
 from dolfinx import fem
 
@@ -351,12 +352,10 @@ def estimate_noise_std(space, displacement, support_free: bool = True) -> tuple[
         support_free: leave out the nodes of the support and their neighbours (the support is
             held: noise-free in simulated data, and not measured in the same way in real data).
     """
-    from scipy import sparse
-
     from .domain import MeshArrays
 
     mesh = space if isinstance(space, MeshArrays) else MeshArrays.of_grid(space)
-    residual = _local_fit_residual(mesh, support_free, sparse)
+    residual = _local_fit_residual(mesh, support_free)
     sigma = []
     for component in displacement:
         values = np.asarray(component, dtype=np.float64).ravel()
@@ -367,7 +366,7 @@ def estimate_noise_std(space, displacement, support_free: bool = True) -> tuple[
     return tuple(sigma)
 
 
-def _local_fit_residual(mesh, support_free: bool, sparse):
+def _local_fit_residual(mesh, support_free: bool) -> sparse.csr_matrix:
     """Rows ``(I − H)[i] / sqrt(1 − h_ii)`` of each node's local linear fit (nodes kept only)."""
     n, d = mesh.points.shape
     k = mesh.cells.shape[1]
