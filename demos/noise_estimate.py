@@ -14,7 +14,7 @@ from mpi4py import MPI
 import numpy as np
 
 from fenics_red.data import SimulationSettings, mesh_settings, simulate_sample
-from fenics_red.domain import Domain, MeshArrays
+from fenics_red.domain import Domain
 from fenics_red.measurements import estimate_noise_std
 from fenics_red.raster import ImageGrid
 
@@ -22,7 +22,7 @@ MESH = Path(__file__).resolve().parents[1] / "meshes" / "roi-2d.msh"
 
 
 def main(n_samples: int = 8) -> None:
-    roi = MeshArrays(**Domain.from_file(MESH, MPI.COMM_SELF).to_arrays())
+    roi = Domain.from_file(MESH, MPI.COMM_SELF).to_arrays()
     print("| data | SNR | r | σx estimate / true | σy estimate / true |")
     print("|---|---|---|---|---|")
     for where in ("64² grid", "ROI mesh"):

@@ -88,8 +88,7 @@ class MeshArrays:
     def of_grid(cls, grid) -> MeshArrays:
         """The triangle mesh of an :class:`~fenics_red.raster.ImageGrid` as arrays, its nodes in
         the image's row-major pixel order (serial)."""
-        arrays = Domain.rectangle(grid, MPI.COMM_SELF).to_arrays()
-        return cls(arrays["points"], arrays["cells"], arrays["load"], arrays["support"])
+        return Domain.rectangle(grid, MPI.COMM_SELF).to_arrays()
 
     def domain(self, comm: MPI.Comm) -> Domain:
         """The distributed domain of these arrays. Collective."""
@@ -160,7 +159,9 @@ class Domain:
         facets, values = facets[order], values[order]
         unique, first = np.unique(facets, return_index=True)  # a facet in both parts: load wins
         tags = mesh.meshtags(msh, fdim, unique, values[first])
-        if "num_file_nodes" not in kwargs:  # nodes of the file that no cell uses are dropped
+        if kwargs.get("grid") is not None:  # a grid's nodes are its pixels
+            kwargs.setdefault("num_file_nodes", int(np.prod(kwargs["grid"].shape)))
+        elif "num_file_nodes" not in kwargs:  # nodes of the file that no cell uses are dropped
             last = np.max(msh.geometry.input_global_indices, initial=-1)
             kwargs["num_file_nodes"] = msh.comm.allreduce(int(last), op=MPI.MAX) + 1
         return cls(msh, tags, **kwargs)
@@ -168,8 +169,7 @@ class Domain:
     @classmethod
     def rectangle(cls, grid, comm: MPI.Comm) -> Domain:
         """The triangle mesh of an image grid; its nodes (and file order) are the pixels."""
-        return cls.from_mesh(grid.create_mesh(comm), grid=grid, source="grid",
-                             num_file_nodes=int(np.prod(grid.shape)))
+        return cls.from_mesh(grid.create_mesh(comm), grid=grid, source="grid")
 
     @classmethod
     def from_arrays(cls, points, cells, comm: MPI.Comm, load=None, support=None,
@@ -245,8 +245,8 @@ class Domain:
         """Local facet indices with tag :data:`LOAD` or :data:`SUPPORT`."""
         return self.facet_tags.find(tag)
 
-    def to_arrays(self) -> dict[str, np.ndarray] | None:
-        """The mesh in file order on rank 0 (``None`` elsewhere): ``points`` ``(N, gdim)``,
+    def to_arrays(self) -> MeshArrays:
+        """The mesh in file order as :class:`MeshArrays`, on every rank: ``points`` ``(N, gdim)``,
         ``cells`` (in the source's cell order), and the ``load`` and ``support`` facets as node
         lists; :meth:`from_arrays` rebuilds the same domain. Collective."""
         msh, gdim = self.mesh, self.dim
@@ -268,14 +268,14 @@ class Domain:
             facets[name] = self.comm.gather(_file_nodes(self, geometry_nodes), root=0)
         cells = _file_nodes(self, msh.geometry.dofmap[:n_cells])
         gathered = self.comm.gather((original, cells), root=0)
-        if self.comm.rank != 0:
-            return None
-        order = np.concatenate([g[0] for g in gathered])
-        cells = np.vstack([g[1] for g in gathered])[np.argsort(order, kind="stable")]
-        out = {"points": nodes, "cells": cells}
-        for name, parts in facets.items():
-            out[name] = np.unique(np.sort(np.vstack(parts), axis=1), axis=0)
-        return out
+        out = None
+        if self.comm.rank == 0:
+            order = np.concatenate([g[0] for g in gathered])
+            out = {"points": nodes,
+                   "cells": np.vstack([g[1] for g in gathered])[np.argsort(order, kind="stable")]}
+            for name, parts in facets.items():
+                out[name] = np.unique(np.sort(np.vstack(parts), axis=1), axis=0)
+        return MeshArrays(**self.comm.bcast(out, root=0))
 
     def node_indices(self, V: fem.FunctionSpace) -> np.ndarray:
         """File node index of each local (owned, then ghost) node of a P1 space ``V``.

@@ -133,9 +133,7 @@ class ElasticityModel:
     def __init__(self, domain: Domain | mesh.Mesh, settings: ForwardSettings | None = None,
                  grid: ImageGrid | None = None, *, body_force=None, bcs=None):
         if not isinstance(domain, Domain):
-            domain = Domain.from_mesh(domain, grid=grid, source="grid" if grid else "mesh",
-                                      **({"num_file_nodes": int(np.prod(grid.shape))}
-                                         if grid else {}))
+            domain = Domain.from_mesh(domain, grid=grid, source="grid" if grid else "mesh")
         self.settings = settings = settings or ForwardSettings()
         self.domain = domain
         self.mesh = msh = domain.mesh

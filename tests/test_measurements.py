@@ -239,7 +239,7 @@ def test_the_noise_estimate_is_within_20_percent_of_the_true_sigma(snr_db, where
     from pathlib import Path
 
     from fenics_red.data import SimulationSettings, mesh_settings, simulate_sample
-    from fenics_red.domain import Domain, MeshArrays
+    from fenics_red.domain import Domain
     from fenics_red.measurements import estimate_noise_std
 
     common = dict(snr_db=snr_db, noise_ratio=2.0, seed=31)
@@ -247,8 +247,7 @@ def test_the_noise_estimate_is_within_20_percent_of_the_true_sigma(snr_db, where
         settings = SimulationSettings(ImageGrid(48, 40, 1.2, 1.0), **common)
     else:
         path = Path(__file__).resolve().parents[1] / "meshes" / "roi-2d.msh"
-        arrays = Domain.from_file(path, MPI.COMM_SELF).to_arrays()
-        settings = mesh_settings(MeshArrays(**arrays), **common)
+        settings = mesh_settings(Domain.from_file(path, MPI.COMM_SELF).to_arrays(), **common)
     for index in range(3):
         sample = simulate_sample(index, settings)
         estimate = estimate_noise_std(settings.space, (sample.ux_noisy, sample.uy_noisy))

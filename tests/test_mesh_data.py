@@ -24,8 +24,7 @@ MESHES = Path(__file__).resolve().parents[1] / "meshes"
 
 
 def _mesh(name: str, comm) -> MeshArrays:
-    arrays = comm.bcast(Domain.from_file(MESHES / f"{name}.msh", comm).to_arrays(), root=0)
-    return MeshArrays(arrays["points"], arrays["cells"], arrays["load"], arrays["support"])
+    return Domain.from_file(MESHES / f"{name}.msh", comm).to_arrays()
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,4 @@ def run(args) -> int:
 
 def read_mesh_arrays(path, comm: MPI.Comm) -> MeshArrays:
     """The mesh of a file as :class:`MeshArrays` on every rank (what a data set stores)."""
-    domain = Domain.from_file(check_input_file(path, "mesh file"), comm)
-    arrays = comm.bcast(domain.to_arrays(), root=0)
-    return MeshArrays(arrays["points"], arrays["cells"], arrays["load"], arrays["support"])
+    return Domain.from_file(check_input_file(path, "mesh file"), comm).to_arrays()
