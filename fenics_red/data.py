@@ -83,6 +83,10 @@ READ_VERSIONS = (1, 2)
 IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
 #: Datasets a data set without truth (a real measurement) lacks: both or neither.
 TRUTH_DATASETS = ("E", "mask")
+#: Clean displacements, optional without truth (an imported measurement has none).
+CLEAN_DATASETS = ("ux", "uy")
+#: Per-node flags of an imported measurement (:mod:`fenics_red.measured`), optional.
+FLAG_DATASETS = ("valid", "reference")
 MASK_DTYPE = np.uint16
 
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
@@ -166,10 +170,13 @@ class SimulationSettings:
         """Inverse of :meth:`to_attrs`; raises ``ValueError`` naming missing or bad attributes."""
         needed = ["nx", "ny", "width", "height", *_FORWARD_KEYS, "petsc_options", "snr_db",
                   "noise_ratio", "force_noise", "seed", "phantoms"]
-        missing = [key for key in needed if key not in attrs]
+        defaults = {}
+        if _plain(attrs.get("source")) == "measurement":  # no phantoms, no seed: not simulated
+            defaults = {"seed": 0, "phantoms": json.dumps(PhantomSettings().to_dict())}
+        missing = [key for key in needed if key not in attrs and key not in defaults]
         if missing:
             raise ValueError(f"missing attribute(s) {missing}")
-        a = {key: _plain(attrs[key]) for key in needed}
+        a = {key: _plain(attrs[key]) if key in attrs else defaults[key] for key in needed}
         try:
             grid = ImageGrid(_int(a["nx"], "nx"), _int(a["ny"], "ny"), float(a["width"]),
                              float(a["height"]), float(_plain(attrs.get("x0", 0.0))),
@@ -219,8 +226,8 @@ class Sample:
 
     index: int
     E: np.ndarray | None
-    ux: np.ndarray
-    uy: np.ndarray
+    ux: np.ndarray | None  # None in an imported measurement (no clean displacement)
+    uy: np.ndarray | None
     ux_noisy: np.ndarray
     uy_noisy: np.ndarray
     mask: np.ndarray | None
@@ -511,6 +518,12 @@ class Dataset:
         if not self.has_truth:
             for name in TRUTH_DATASETS:
                 del expected[name]
+            for name in CLEAN_DATASETS:  # a measurement has no clean displacement
+                if name not in f:
+                    del expected[name]
+        for name in FLAG_DATASETS:
+            if name in f:
+                expected[name] = ((n, *shape), "iub")
         for name, (want, kinds) in expected.items():
             if name not in f:
                 self._fail(f"dataset {name!r} is missing")
@@ -551,7 +564,7 @@ class Dataset:
         f = self._file
         per_block = max(1, int(2**25 // (8 * np.prod(self.settings.value_shape))))
         for name in (*IMAGE_DATASETS, "mask"):
-            if name not in f:  # no truth
+            if name not in f:  # no truth (or no clean displacement)
                 continue
             d = f[name]
             for start in range(0, self.n_samples, per_block):
@@ -602,6 +615,30 @@ class Dataset:
     def attrs(self) -> dict:
         """All file attributes as plain Python values."""
         return {key: _plain(value) for key, value in self._file.attrs.items()}
+
+    @property
+    def measurement(self) -> dict | None:
+        """How an imported measurement was read (:mod:`fenics_red.measured`); ``None`` for a
+        simulated data set."""
+        if _plain(self._file.attrs.get("source")) != "measurement":
+            return None
+        try:
+            return json.loads(_plain(self._file.attrs["measurement"]))
+        except (KeyError, TypeError, json.JSONDecodeError):
+            self._fail("an imported measurement needs its attribute 'measurement' (JSON)")
+
+    def valid(self, index: int) -> np.ndarray:
+        """Booleans ``value_shape``: where sample ``index`` was measured (all True unless the
+        data set says otherwise)."""
+        if "valid" not in self._file:
+            return np.ones(self.value_shape, dtype=bool)
+        return np.asarray(self._file["valid"][index]) != 0
+
+    def reference(self, index: int) -> np.ndarray | None:
+        """Booleans ``value_shape`` of the reference region of sample ``index`` (or ``None``)."""
+        if "reference" not in self._file:
+            return None
+        return np.asarray(self._file["reference"][index]) != 0
 
     def __len__(self) -> int:
         return self.n_samples

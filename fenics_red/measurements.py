@@ -333,7 +333,8 @@ def simulate_measurement(model: ElasticityModel, modulus: np.ndarray, rng: np.ra
 
 # -- the noise level of a measurement ------------------------------------------------------------
 
-def estimate_noise_std(space, displacement, support_free: bool = True) -> tuple[float, ...]:
+def estimate_noise_std(space, displacement, support_free: bool = True,
+                       valid: np.ndarray | None = None) -> tuple[float, ...]:
     """``σ`` per displacement component, estimated from the measured field itself.
 
     The method (a local-fit residual with a robust scale): at each node, fit a linear function
@@ -351,11 +352,13 @@ def estimate_noise_std(space, displacement, support_free: bool = True) -> tuple[
         displacement: one array per component in that layout (images, or one value per node).
         support_free: leave out the nodes of the support and their neighbours (the support is
             held: noise-free in simulated data, and not measured in the same way in real data).
+        valid: booleans, one per node: where the displacement was measured (default: all). Only
+            nodes whose fit uses measured nodes alone count.
     """
     from .domain import MeshArrays
 
     mesh = space if isinstance(space, MeshArrays) else MeshArrays.of_grid(space)
-    residual = _local_fit_residual(mesh, support_free)
+    residual = _local_fit_residual(mesh, support_free, valid)
     sigma = []
     for component in displacement:
         values = np.asarray(component, dtype=np.float64).ravel()
@@ -366,7 +369,7 @@ def estimate_noise_std(space, displacement, support_free: bool = True) -> tuple[
     return tuple(sigma)
 
 
-def _local_fit_residual(mesh, support_free: bool) -> sparse.csr_matrix:
+def _local_fit_residual(mesh, support_free: bool, valid=None) -> sparse.csr_matrix:
     """Rows ``(I − H)[i] / sqrt(1 − h_ii)`` of each node's local linear fit (nodes kept only)."""
     n, d = mesh.points.shape
     k = mesh.cells.shape[1]
@@ -378,6 +381,11 @@ def _local_fit_residual(mesh, support_free: bool) -> sparse.csr_matrix:
         held = np.zeros(n, dtype=bool)
         held[np.unique(mesh.support)] = True
         keep &= ~held & ~((adjacency @ held.astype(float)) > 0)
+    if valid is not None:
+        missing = ~np.asarray(valid, dtype=bool).ravel()
+        if missing.shape != (n,):
+            raise ValueError(f"valid must hold one boolean per node ({n}), got {missing.shape}")
+        keep &= ~missing & ~((adjacency @ missing.astype(float)) > 0)
     cols, vals = [], []
     for i in np.flatnonzero(keep):
         ring = np.concatenate([[i], adjacency.indices[adjacency.indptr[i]:adjacency.indptr[i + 1]]])

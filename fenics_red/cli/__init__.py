@@ -19,7 +19,9 @@ import sys
 __all__ = ["main", "build_parser", "add_method_arguments", "method_options"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ["demo", "forward", "simulate", "reconstruct", "train", "evaluate", "show"]
+COMMANDS = ["demo", "forward", "simulate", "import", "reconstruct", "train", "evaluate", "show"]
+#: A command whose module name differs from it (``import`` is a Python keyword).
+_MODULES = {"import": "import_"}
 
 #: Exceptions that describe bad input rather than a bug: reported without a traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+        importlib.import_module(f"{__name__}.{_MODULES.get(name, name)}").register(subparsers)
     return parser
 
 

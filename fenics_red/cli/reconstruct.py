@@ -15,11 +15,14 @@ def register(subparsers) -> None:
         "reconstruct", help="reconstruct the modulus of data set samples with a method",
         description="Estimate the Young's modulus of one sample (--sample i, the mesh spread "
                     "over all MPI ranks) or of every sample (--all, the samples spread over the "
-                    "ranks) of a data set made by 'fenics-red simulate', and write estimates, "
-                    "truths, solver histories and the method's settings to an HDF5 file. An "
+                    "ranks) of a data set made by 'fenics-red simulate' or 'import', and write "
+                    "estimates, truths, solver histories and the method's settings to an HDF5 "
+                    "file; for a measurement (fenics-red import) also the modulus in its layout "
+                    "and units, XDMF and a figure (OUT-modulus.*). An "
                     "interrupted --all run resumes from OUT.partial. A method's options are "
                     f"in the groups that name it. Methods: {methods}.")
-    parser.add_argument("data", metavar="DATA.h5", help="data set (from fenics-red simulate)")
+    parser.add_argument("data", metavar="DATA.h5",
+                        help="data set (from fenics-red simulate or fenics-red import)")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                         help="reconstruction method (default %(default)s)")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -44,14 +47,41 @@ def options_from_args(args) -> dict:
     return options
 
 
+def _measurement(data, out, overwrite: bool, comm) -> dict | None:
+    """How an imported measurement was read (``None`` for a simulated data set); its outputs in
+    the user's layout are checked before any work."""
+    from ..data import load_dataset
+    from ..io import check_output_path
+    from ..measured import export_paths
+    from ..parallel import on_root
+
+    def read():
+        with load_dataset(data, check_data=False) as dataset:
+            measurement = dataset.measurement
+        if measurement is not None:
+            for path in export_paths(out, measurement, heavy=True):
+                check_output_path(path, overwrite)
+        return measurement
+
+    return on_root(comm, read)
+
+
 def run(args) -> int:
     comm = MPI.COMM_WORLD
     indices = None if args.all else [args.sample]
     if args.sample is not None and args.sample < 0:
         raise ValueError(f"--sample must be a non-negative sample index, got {args.sample}")
+    measurement = _measurement(args.data, args.out, args.overwrite, comm)
     path = reconstruct_dataset(args.data, args.out, comm, args.method, options_from_args(args),
                                indices=indices, overwrite=args.overwrite,
                                progress=not args.quiet, batch_size=args.batch_size)
+    if measurement is not None:  # the estimate in the user's layout and units, XDMF, figure
+        from ..measured import export_estimates
+
+        written = export_estimates(args.data, path, comm, args.overwrite, args.method)
+        if comm.rank == 0 and not args.quiet:
+            print(f"{measurement['output']['meaning']}: wrote "
+                  + ", ".join(str(p) for p in written))
     if comm.rank == 0 and not args.quiet:
         from ..reconstruction import load_reconstructions
 

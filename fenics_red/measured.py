@@ -1,0 +1,958 @@
+"""Your own measurements: displacement files in physical units as data sets (``fenics-red import``).
+
+A measurement is a displacement field, with no truth, from speckle tracking or another
+finite-element code. :func:`import_measurement` reads it, checks it, converts it to the package's
+units and writes a data set of format 2 (:mod:`fenics_red.data`, ``source = "measurement"``) that
+``reconstruct`` and ``evaluate`` take; :func:`export_estimates` writes a reconstruction back in
+the user's layout and units.
+
+Two layouts (:class:`ImportSettings`):
+
+* **nodal**: node coordinates ``(N, 2)`` (or ``(N, 3)``, read and checked; 3-D data sets are not
+  supported yet), cells ``(M, 3)`` 0- or 1-based (detected, or ``index_base``), and the
+  displacement as component arrays or one vector ``(N, d)``, ``(d, N)`` or interleaved
+  ``[ux0, uy0, ux1, ...]``. Or the mesh from a gmsh/XDMF file (``mesh``), in its node order.
+* **image**: axial and lateral displacement images with the depth along the first axis (row 0
+  at the probe, the axial displacement positive away from it), a pixel ``spacing`` (axial,
+  lateral) and an optional region of interest; the pixels become the nodes of a triangle mesh
+  (:meth:`~fenics_red.domain.MeshArrays.of_grid`), or the images are sampled bilinearly at the
+  nodes of a given ``mesh`` (:mod:`fenics_red.raster`).
+
+Files: ``.npy`` (one array, the displacement), ``.npz``, MATLAB ``.mat`` (v5 by
+:func:`scipy.io.loadmat`, v7.3 by h5py, transposed back to MATLAB's shapes), ``.h5`` and XDMF
+(meshio: its points, cells and point data). Missing values (NaN, or 0 in a validity mask) carry no
+data: they are filled by harmonic interpolation over the mesh so that ``D(u)`` can be assembled,
+kept out of the noise estimate, and flagged in the data set's ``valid`` dataset (the estimate there
+is drawn but not trusted).
+
+Units: lengths and displacements in m, mm or µm are stored in mm; the modulus is computed in the
+package's unit (1 = 100 kPa) and reported in Pa or kPa. With a known ``traction`` (Pa) the modulus
+is absolute. Without it, the usual case in ultrasound, the modulus is known only up to a factor:
+the model is loaded by a nominal traction (the measured mean axial strain, so the background
+comes out near 1) and the output is the relative modulus ``E / median(E)`` over the measured nodes
+(``normalise = "background"``) or over a reference region (``"reference"``), optionally times a
+known ``reference_modulus`` (a gel of known stiffness). The statistical estimators are
+scale-equivariant (``tests/test_measured.py``), so this equals the known-force estimate divided by
+its median.
+
+The held components of the support (all of them when fixed, the depth one when sliding) are
+measured relative to their mean over the support nodes (a rigid translation, invisible to
+``D(u)E = K(E)u``, that the output-error baselines would otherwise fit). The noise level is given
+(``snr_db`` or ``noise_std``) or estimated by :func:`fenics_red.measurements.estimate_noise_std`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse import linalg as sparse_linalg
+
+from . import validation
+from .domain import Domain, MeshArrays
+from .io import atomic_output, check_input_file, check_output_path, plain, to_json
+
+__all__ = ["ImportSettings", "Measured", "VariableFile", "import_measurement", "read_measurement",
+           "export_estimates", "output_modulus", "LENGTH_UNITS", "MODULUS_UNITS", "KPA"]
+
+#: Length and displacement units, as millimetres.
+LENGTH_UNITS = {"m": 1e3, "mm": 1.0, "um": 1e-3, "µm": 1e-3}
+#: Modulus (and stress) units, as kPa.
+MODULUS_UNITS = {"Pa": 1e-3, "kPa": 1.0}
+#: The package's modulus unit in kPa (normalised moduli: 1 = 100 kPa).
+KPA = 100.0
+SUFFIXES = (".npy", ".npz", ".mat", ".h5", ".hdf5", ".xdmf")
+NORMALISATIONS = ("background", "reference")
+
+_DEFAULT_NAMES = {
+    "nodes": ("nodes", "points", "coordinates", "coords", "p", "xy", "x"),
+    "cells": ("cells", "elements", "triangles", "tetrahedra", "connectivity", "t", "tri"),
+    "displacement": ("displacement", "u", "U", "disp"),
+    "axial": ("axial", "uz_axial", "u_axial", "axial_displacement"),
+    "lateral": ("lateral", "u_lateral", "lateral_displacement"),
+}
+
+
+def _unit(value: str, units: Mapping, what: str) -> float:
+    if value not in units:
+        raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(units)}")
+    return float(units[value])
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImportSettings:
+    """How to read a measurement file (``fenics-red import`` flags; stored with the data set).
+
+    Attributes:
+        layout: ``"nodal"``, ``"image"``, or ``"auto"`` (image when ``spacing`` is given).
+        nodes, cells: variable names of the node coordinates and cells (default: the first of
+            the usual names present, e.g. ``nodes``/``points``, ``cells``/``elements``).
+        displacement: one variable with every component (``(N, d)``, ``(d, N)`` or, with
+            ``interleaved``, ``[ux0, uy0, ux1, ...]``; for images ``(2, rows, cols)`` as axial,
+            lateral). ``ux``, ``uy``, ``uz``: separate components instead (nodal).
+        axial, lateral: the image variables (default ``axial``, ``lateral``).
+        interleaved: a 1-D ``displacement`` is interleaved by node.
+        index_base: 0 or 1 for the cells (default: detected; a file that contradicts it is
+            refused).
+        mesh: a gmsh ``.msh`` or XDMF mesh file: nodal data are in its node order; images are
+            sampled at its nodes.
+        spacing: image pixel size ``(axial, lateral)`` in ``length_unit``.
+        roi: image region ``(depth_from, depth_to, lateral_from, lateral_to)`` in ``length_unit``
+            (depth from the first row, lateral from the first column).
+        valid: variable of a validity mask (nonzero where the displacement was measured).
+        reference: variable of a reference-region mask (``normalise = "reference"``).
+        length_unit, displacement_unit: ``m``, ``mm`` or ``um``; modulus_unit: ``Pa`` or ``kPa``.
+        traction: the known probe pressure on the loaded boundary in Pa (``None``: unknown force).
+        normalise: with an unknown force, ``"background"`` (median over the measured nodes) or
+            ``"reference"`` (median over the ``reference`` mask).
+        reference_modulus: the modulus of that background or region in ``modulus_unit``
+            (scales the relative modulus to absolute values).
+        support, plane, nu: the forward model (:class:`~fenics_red.forward.ForwardSettings`).
+        snr_db, noise_std: the noise level (SNR in dB, or ``σ`` per component in
+            ``displacement_unit``); neither: estimated from the data.
+        noise_ratio: ``σ_lateral / σ_axial`` with ``snr_db`` (default 1).
+    """
+
+    layout: str = "auto"
+    nodes: str | None = None
+    cells: str | None = None
+    displacement: str | None = None
+    ux: str | None = None
+    uy: str | None = None
+    uz: str | None = None
+    axial: str | None = None
+    lateral: str | None = None
+    interleaved: bool = False
+    index_base: int | None = None
+    mesh: str | None = None
+    spacing: tuple[float, float] | None = None
+    roi: tuple[float, float, float, float] | None = None
+    valid: str | None = None
+    reference: str | None = None
+    length_unit: str = "mm"
+    displacement_unit: str = "mm"
+    modulus_unit: str = "kPa"
+    traction: float | None = None
+    normalise: str = "background"
+    reference_modulus: float | None = None
+    support: str = "fixed"
+    plane: str = "stress"
+    nu: float = 0.495
+    snr_db: float | None = None
+    noise_std: tuple[float, ...] | None = None
+    noise_ratio: float = 1.0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        validation.one_of(self.layout, "layout", ("auto", "nodal", "image"))
+        _unit(self.length_unit, LENGTH_UNITS, "length unit")
+        _unit(self.displacement_unit, LENGTH_UNITS, "displacement unit")
+        _unit(self.modulus_unit, MODULUS_UNITS, "modulus unit")
+        validation.one_of(self.normalise, "normalise", NORMALISATIONS)
+        if self.index_base is not None:
+            validation.one_of(self.index_base, "the cells' index base", (0, 1))
+        if self.spacing is not None:
+            set_(self, "spacing", validation.per_component(
+                self.spacing, "the pixel spacing", (2,), shape_hint="two sizes (axial, lateral)"))
+        if self.roi is not None:
+            roi = tuple(validation.finite(v, "the region of interest") for v in self.roi)
+            if len(roi) != 4 or roi[0] >= roi[1] or roi[2] >= roi[3]:
+                raise ValueError("the region of interest must be DEPTH_FROM DEPTH_TO LATERAL_FROM "
+                                 f"LATERAL_TO with from < to, got {self.roi!r}")
+            set_(self, "roi", roi)
+        if self.traction is not None:
+            set_(self, "traction", validation.positive(self.traction, "the traction (Pa)"))
+            if self.reference_modulus is not None:
+                raise ValueError("a known traction gives absolute moduli; the reference modulus "
+                                 "is for an unknown force (leave out one of them)")
+        if self.reference_modulus is not None:
+            set_(self, "reference_modulus", validation.positive(self.reference_modulus,
+                                                                "the reference modulus"))
+        if self.normalise == "reference" and self.reference is None:
+            raise ValueError("normalising to a reference region needs the region: name its mask "
+                             "variable (--reference NAME)")
+        if self.snr_db is not None and self.noise_std is not None:
+            raise ValueError("give the noise level once: an SNR or sigma per component, not both")
+        if self.snr_db is not None:
+            set_(self, "snr_db", validation.finite(self.snr_db, "the SNR",
+                                                   what="a finite number of dB"))
+        if self.noise_std is not None:
+            set_(self, "noise_std", validation.per_component(self.noise_std, "the noise sigma"))
+        set_(self, "noise_ratio", validation.positive(self.noise_ratio, "the noise ratio"))
+        # the forward model's own checks (nu, plane, support)
+        self.forward_settings(1.0)
+
+    @property
+    def image(self) -> bool:
+        return self.layout == "image" or (self.layout == "auto" and self.spacing is not None)
+
+    @property
+    def known_force(self) -> bool:
+        return self.traction is not None
+
+    def forward_settings(self, traction: float):
+        from .forward import ForwardSettings
+
+        return ForwardSettings(nu=self.nu, plane=self.plane, traction=traction,
+                               support=self.support)
+
+    def to_dict(self) -> dict:
+        return plain(dataclasses.asdict(self), for_json=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> ImportSettings:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# -- reading named arrays ------------------------------------------------------------------------
+
+class VariableFile:
+    """The named arrays of a measurement file (``.npy``, ``.npz``, ``.mat`` v5/v7.3, ``.h5``,
+    XDMF). ``names`` lists them; :meth:`get` returns one as a numpy array."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = check_input_file(path, "measurement file")
+        self.suffix = self.path.suffix.lower()
+        if self.suffix not in SUFFIXES:
+            raise ValueError(f"measurement file {str(self.path)!r}: unknown suffix "
+                             f"{self.path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        self.kind = {".hdf5": ".h5"}.get(self.suffix, self.suffix)
+        try:
+            self._arrays = getattr(self, "_read_" + self.kind[1:])()
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"measurement file {str(self.path)!r}: {error}") from None
+        except Exception as error:  # a reader's own exception on a corrupt file
+            raise ValueError(f"measurement file {str(self.path)!r} cannot be read as "
+                             f"{self.kind} ({type(error).__name__}: {error}); is it truncated "
+                             "or of another format?") from None
+        self.version = getattr(self, "version", self.kind)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._arrays)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def get(self, name: str, what: str) -> np.ndarray:
+        """The array ``name`` (``what`` it is for, for the error)."""
+        if name not in self._arrays:
+            raise ValueError(f"{str(self.path)!r} has no variable {name!r} ({what}); it has "
+                             f"{', '.join(self.names) or 'no arrays'}")
+        array = np.asarray(self._arrays[name])
+        if array.dtype.kind not in "fiub":
+            raise ValueError(f"variable {name!r} ({what}) holds {array.dtype} data, not numbers")
+        return array
+
+    def find(self, given: str | None, key: str, what: str, required: bool = True) -> str | None:
+        """The variable name ``given``, or the first usual name for ``key`` in the file."""
+        if given is not None:
+            self.get(given, what)
+            return given
+        for name in _DEFAULT_NAMES[key]:
+            if name in self._arrays:
+                return name
+        if required:
+            raise ValueError(f"{str(self.path)!r} has none of the usual names for {what} "
+                             f"({', '.join(_DEFAULT_NAMES[key])}); name it with --{key} "
+                             f"(variables: {', '.join(self.names) or 'none'})")
+        return None
+
+    # one reader per format --------------------------------------------------------------------
+
+    def _read_npy(self) -> dict:
+        return {"displacement": np.load(self.path, allow_pickle=False)}
+
+    def _read_npz(self) -> dict:
+        with np.load(self.path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+
+    def _read_mat(self) -> dict:
+        import scipy.io
+
+        try:
+            contents = scipy.io.loadmat(self.path)
+            self.version = "mat v5"
+        except NotImplementedError:  # v7.3 files are HDF5
+            self.version = "mat v7.3"
+            return self._read_h5(transpose=True)
+        return {k: v for k, v in contents.items() if not k.startswith("__")}
+
+    def _read_h5(self, transpose: bool = False) -> dict:
+        import h5py
+
+        arrays = {}
+
+        def visit(name, item):
+            if isinstance(item, h5py.Dataset) and not name.startswith("#"):
+                array = item[()]
+                # MATLAB v7.3 stores column-major arrays: h5py sees the shape reversed
+                arrays[name] = np.asarray(array).T if transpose else np.asarray(array)
+
+        with h5py.File(self.path, "r") as f:
+            f.visititems(visit)
+        return arrays
+
+    def _read_xdmf(self) -> dict:
+        import meshio
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = meshio.read(self.path)
+        cells = [block for block in data.cells if block.type in ("triangle", "tetra")]
+        if len(cells) != 1:
+            raise ValueError("an XDMF measurement needs one block of triangles or tetrahedra, "
+                             f"got {[block.type for block in data.cells]}")
+        arrays = {"nodes": data.points, "cells": cells[0].data}
+        for name, values in data.point_data.items():
+            arrays[name] = values
+        self.index_base = 0
+        return arrays
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- the measurement on a mesh -------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Measured:
+    """A measurement on a mesh, in mm: what :func:`read_measurement` returns.
+
+    ``displacement`` is ``(d, N)`` in file node order (missing values filled), ``valid`` and
+    ``reference`` are ``(N,)`` booleans, ``layout`` says how to write values back in the user's
+    layout (:func:`export_estimates`).
+    """
+
+    mesh: MeshArrays
+    displacement: np.ndarray
+    valid: np.ndarray
+    reference: np.ndarray | None
+    layout: dict
+
+
+def _vector(array: np.ndarray) -> np.ndarray:
+    """A MATLAB-style ``(n, 1)`` or ``(1, n)`` array as ``(n,)``."""
+    if array.ndim == 2 and 1 in array.shape:
+        return array.ravel()
+    return array
+
+
+def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str) -> tuple[np.ndarray, int,
+                                                                                   str]:
+    """0-based integer cells, the index base and how it was found."""
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"cells {name!r} must be a 2-D array (M, 3) or (M, 4), got shape "
+                         f"{array.shape}")
+    if array.shape[1] not in (3, 4) and array.shape[0] in (3, 4):
+        array = array.T  # (3, M) as MATLAB codes often store them
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise ValueError(f"cells {name!r} must hold whole node numbers")
+    elif array.dtype.kind not in "iu":
+        raise ValueError(f"cells {name!r} must hold node numbers, got {array.dtype}")
+    cells = array.astype(np.int64)
+    low, high = int(cells.min()), int(cells.max())
+    if base is None:
+        if low == 0:
+            base, how = 0, "detected: a cell uses node 0"
+        elif high == n_nodes:
+            base, how = 1, f"detected: a cell uses node {n_nodes} of {n_nodes}"
+        else:
+            raise ValueError(f"cannot tell whether the cells {name!r} are 0- or 1-based (no cell "
+                             f"uses node 0 or node {n_nodes}); pass --index-base 0 or 1")
+    else:
+        how = "given"
+        if base == 0 and high == n_nodes:
+            raise ValueError(f"cells {name!r} use node {n_nodes} of {n_nodes} nodes: they look "
+                             "1-based, not 0-based (drop --index-base 0)")
+        if base == 1 and low == 0:
+            raise ValueError(f"cells {name!r} use node 0: they are 0-based, not 1-based (drop "
+                             "--index-base 1)")
+    cells = cells - base
+    if cells.min() < 0 or cells.max() >= n_nodes:
+        bad = int(cells.min() + base if cells.min() < 0 else cells.max() + base)
+        raise ValueError(f"cells {name!r} reference node {bad}, but there are {n_nodes} nodes "
+                         f"({base}-based: {base} to {n_nodes - 1 + base})")
+    return cells, base, how
+
+
+def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
+    """Refuse unused nodes, repeated nodes in a cell, zero-size cells and inverted cells."""
+    n, d = points.shape
+    if cells.shape[1] != d + 1:
+        raise ValueError(f"{d}-D nodes need {'triangles (M, 3)' if d == 2 else 'tetrahedra (M, 4)'}"
+                         f" as cells, got cells of {cells.shape[1]} nodes")
+    used = np.zeros(n, dtype=bool)
+    used[cells.ravel()] = True
+    if not used.all():
+        raise ValueError(f"{int((~used).sum())} node(s) are used by no cell (first: node "
+                         f"{int(np.flatnonzero(~used)[0])}, 0-based); remove them or check the "
+                         "cells")
+    edges = points[cells[:, 1:]] - points[cells[:, :1]]
+    size = np.linalg.det(edges)  # twice the area / six times the volume, signed
+    scale = np.max(np.abs(edges)) ** d
+    tiny = np.abs(size) <= 1e-12 * scale
+    if tiny.any():
+        raise ValueError(f"{int(tiny.sum())} cell(s) have zero {'area' if d == 2 else 'volume'} "
+                         f"(first: cell {int(np.flatnonzero(tiny)[0])}, 0-based): repeated or "
+                         "collinear nodes")
+    negative = size < 0
+    k = int(min(negative.sum(), (~negative).sum()))
+    if k:
+        which = np.flatnonzero(negative if negative.sum() <= (~negative).sum() else ~negative)
+        raise ValueError(f"{k} cell(s) are inverted (oriented against the other "
+                         f"{len(cells) - k}; first: cell {int(which[0])}, 0-based): the mesh is "
+                         "tangled or the cells do not match the nodes")
+
+
+def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[np.ndarray, dict]:
+    """Nodal displacement ``(d, N)`` in the file's unit and how it was stored."""
+    if any(name is not None for name in (s.ux, s.uy, s.uz)):
+        names = [s.ux, s.uy, s.uz][:d]
+        if any(name is None for name in names):
+            raise ValueError(f"{d}-D nodes need {', '.join('--u' + c for c in 'xyz'[:d])}")
+        arrays = [_vector(file.get(name, f"displacement u{c}"))
+                  for name, c in zip(names, "xyz", strict=False)]
+        for name, array in zip(names, arrays, strict=True):
+            if array.shape != (n,):
+                raise ValueError(f"displacement {name!r} has shape {array.shape}, but there are "
+                                 f"{n} nodes: a mesh and a displacement that do not match")
+        return np.stack(arrays).astype(np.float64), {"components": names}
+    name = file.find(s.displacement, "displacement", "the displacement")
+    array = _vector(file.get(name, "the displacement"))
+    if array.ndim == 1:
+        if array.size != d * n:
+            raise ValueError(f"displacement {name!r} has {array.size} values, but {n} nodes in "
+                             f"{d}-D need {d * n}: a mesh and a displacement that do not match")
+        if not s.interleaved:
+            raise ValueError(f"displacement {name!r} is a vector of {d} x {n} values: pass "
+                             "--interleaved if it is [ux0, uy0, ux1, uy1, ...]")
+        return array.reshape(n, d).T.astype(np.float64), {"vector": name, "interleaved": True}
+    if array.shape == (n, d):
+        return array.T.astype(np.float64), {"vector": name, "shape": "nodes x components"}
+    if array.shape == (d, n):
+        return array.astype(np.float64), {"vector": name, "shape": "components x nodes"}
+    raise ValueError(f"displacement {name!r} has shape {array.shape}; {n} nodes in {d}-D need "
+                     f"({n}, {d}), ({d}, {n}) or {d * n} interleaved values")
+
+
+def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.ndarray | None:
+    if name is None:
+        return None
+    array = file.get(name, what)
+    array = _vector(array) if len(shape) == 1 else array
+    if array.shape != shape:
+        raise ValueError(f"{what} {name!r} has shape {array.shape}, expected {shape}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{what} {name!r} has non-finite values; use 0 and 1")
+    return array != 0
+
+
+def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tuple:
+    """Mesh arrays (file length unit), displacement (file unit), validity, reference, layout."""
+    layout: dict = {"layout": "nodal"}
+    if s.mesh is not None:
+        mesh = Domain.from_file(check_input_file(s.mesh, "mesh file"), comm_self).to_arrays()
+        layout.update(mesh_file=str(Path(s.mesh).resolve()))
+        points = mesh.points
+    else:
+        nodes = file.find(s.nodes, "nodes", "the node coordinates")
+        points = file.get(nodes, "the node coordinates")
+        if points.ndim == 2 and points.shape[1] not in (2, 3) and points.shape[0] in (2, 3):
+            points = points.T
+        if points.ndim != 2 or points.shape[1] not in (2, 3):
+            raise ValueError(f"node coordinates {nodes!r} must have shape (N, 2) or (N, 3), got "
+                             f"{points.shape}")
+        if not np.isfinite(points).all():
+            raise ValueError(f"node coordinates {nodes!r} have non-finite values")
+        points = points.astype(np.float64)
+        name = file.find(s.cells, "cells", "the cells")
+        base = getattr(file, "index_base", None) if s.index_base is None else s.index_base
+        cells, base, how = _cells(file.get(name, "the cells"), len(points), base, name)
+        check_cells(points, cells)
+        mesh = Domain.from_arrays(points, cells, comm_self, source=str(file.path)).to_arrays()
+        layout.update(nodes=nodes, cells=name, index_base=base, index_base_found=how)
+    n, d = mesh.points.shape
+    u, stored = _components(file, s, n, d)
+    layout.update(stored)
+    valid = _mask(file, s.valid, (n,), "validity mask")
+    reference = _mask(file, s.reference, (n,), "reference mask")
+    return mesh, u, valid, reference, layout
+
+
+def _images(file: VariableFile, s: ImportSettings) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Axial and lateral images (rows = depth) and how they were stored."""
+    if s.displacement is not None or ("displacement" in file and s.axial is None):
+        name = s.displacement or "displacement"
+        array = file.get(name, "the displacement images")
+        if array.ndim == 3 and array.shape[0] == 2:
+            return array[0], array[1], {"vector": name, "shape": "(2, rows, cols): axial, lateral"}
+        if array.ndim == 3 and array.shape[2] == 2:
+            return array[..., 0], array[..., 1], {"vector": name,
+                                                  "shape": "(rows, cols, 2): axial, lateral"}
+        raise ValueError(f"displacement images {name!r} must have shape (2, rows, cols) or "
+                         f"(rows, cols, 2) (axial, lateral), got {array.shape}")
+    axial = file.get(file.find(s.axial, "axial", "the axial displacement image"),
+                     "the axial displacement")
+    lateral = file.get(file.find(s.lateral, "lateral", "the lateral displacement image"),
+                       "the lateral displacement")
+    if axial.ndim != 2 or axial.shape != lateral.shape:
+        raise ValueError(f"the axial and lateral displacements must be images of one shape, got "
+                         f"{axial.shape} and {lateral.shape}")
+    return axial, lateral, {"axial": s.axial or file.find(None, "axial", ""),
+                            "lateral": s.lateral or file.find(None, "lateral", "")}
+
+
+def _image(file: VariableFile, s: ImportSettings) -> tuple:
+    """Images onto a mesh: the ROI's pixels as nodes, or bilinear samples at a mesh's nodes."""
+    from .raster import ImageGrid, _bilinear_matrix
+
+    axial, lateral, stored = _images(file, s)
+    if min(axial.shape) < 2:
+        raise ValueError(f"displacement images need at least 2 x 2 pixels, got {axial.shape}")
+    rows, cols = axial.shape
+    valid = _mask(file, s.valid, axial.shape, "validity mask")
+    reference = _mask(file, s.reference, axial.shape, "reference mask")
+    h_axial, h_lateral = s.spacing
+    r0, r1, c0, c1 = 0, rows - 1, 0, cols - 1
+    if s.roi is not None:
+        z0, z1, x0, x1 = s.roi
+        r0 = max(0, math.ceil(z0 / h_axial - 1e-9))
+        r1 = min(rows - 1, math.floor(z1 / h_axial + 1e-9))
+        c0 = max(0, math.ceil(x0 / h_lateral - 1e-9))
+        c1 = min(cols - 1, math.floor(x1 / h_lateral + 1e-9))
+        if r1 - r0 < 1 or c1 - c0 < 1:
+            raise ValueError(f"the region of interest {s.roi} holds fewer than 2 x 2 pixels of the "
+                             f"{rows} x {cols} image (spacing {h_axial} x {h_lateral} "
+                             f"{s.length_unit})")
+    window = np.s_[r0:r1 + 1, c0:c1 + 1]
+    # the package's frame: x lateral, y up (the probe at the top), so y = -depth
+    grid = ImageGrid(c1 - c0, r1 - r0, (c1 - c0) * h_lateral, (r1 - r0) * h_axial,
+                     c0 * h_lateral, -r1 * h_axial)
+    u = np.stack([lateral[window], -axial[window]]).astype(np.float64)
+    ok = _check_values(u.reshape(2, -1), None if valid is None else valid[window].ravel())
+    ok = ok.reshape(u.shape[1:])
+    ref = None if reference is None else reference[window]
+    layout = {"layout": "image", "shape": [rows, cols], "window": [r0, r1, c0, c1],
+              "spacing": list(s.spacing), **stored}
+    if s.mesh is None:
+        layout["grid"] = [grid.nx, grid.ny, grid.width, grid.height, grid.x0, grid.y0]
+        return (MeshArrays.of_grid(grid), u.reshape(2, -1), ok.ravel(),
+                None if ref is None else ref.ravel(), layout)
+    # a mesh of the region: sample the images (missing pixels filled first) at its nodes
+    mesh = Domain.from_file(check_input_file(s.mesh, "mesh file"), MPI.COMM_SELF).to_arrays()
+    if mesh.dim != 2:
+        raise ValueError("displacement images go onto a 2-D mesh; the mesh file is 3-D")
+    points = mesh.points  # in the file's length unit, like the spacing
+    lower, upper = grid.pixel_points().min(axis=0), grid.pixel_points().max(axis=0)
+    tol = 1e-9 * max(grid.width, grid.height)
+    if (points < lower - tol).any() or (points > upper + tol).any():
+        raise ValueError("the mesh reaches outside the image (region of interest); mesh and image "
+                         "must share one frame: x lateral from the first column, y = -depth")
+    image_mesh = MeshArrays.of_grid(grid)
+    filled = _fill(image_mesh, np.where(ok.ravel(), u.reshape(2, -1), np.nan), ok.ravel())
+    B = _bilinear_matrix(grid, points)
+    node_ok = (B @ (~ok.ravel()).astype(float)) < 1e-12
+    node_ref = None if ref is None else (B @ ref.ravel().astype(float)) > 0.5
+    layout["mesh_file"] = str(Path(s.mesh).resolve())
+    return mesh, np.stack([B @ c for c in filled]), node_ok, node_ref, layout
+
+
+def _fill(mesh: MeshArrays, u: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``u`` with its values at ``~valid`` nodes replaced by the harmonic interpolant (graph
+    Laplacian of the mesh's edges) of the valid ones."""
+    missing = ~valid
+    if not missing.any():
+        return u
+    n, k = len(mesh.points), mesh.cells.shape[1]
+    pairs = np.concatenate([mesh.cells[:, [a, b]] for a in range(k) for b in range(k) if a != b])
+    A = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
+    A.data[:] = 1.0
+    L = sparse.diags(np.asarray(A.sum(axis=1)).ravel()) - A
+    Luu = L[missing][:, missing].tocsc()
+    Auk = A[missing][:, valid]
+    out = u.copy()
+    solve = sparse_linalg.factorized(Luu)
+    for c in range(len(u)):
+        out[c, missing] = solve(Auk @ np.nan_to_num(u[c, valid]))
+    if not np.isfinite(out).all():
+        raise ValueError("missing displacement values could not be filled: a part of the mesh "
+                         "has no measured node")
+    return out
+
+
+def _check_values(u: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The validity of each node: ``valid`` (checked against the values) or where ``u`` is
+    finite. Non-finite values where the mask says measured are refused."""
+    finite = np.isfinite(u).all(axis=0)
+    if valid is None:
+        return finite
+    bad = valid & ~finite
+    if bad.any():
+        raise ValueError(f"the displacement has {int(bad.sum())} non-finite value(s) where the "
+                         f"validity mask says it was measured (first: node "
+                         f"{int(np.flatnonzero(bad)[0])}, 0-based); mark them 0 in the mask")
+    return valid
+
+
+def read_measurement(path: str | os.PathLike, settings: ImportSettings) -> Measured:
+    """Read and check a measurement file; the mesh and displacement in mm (serial).
+
+    Raises ``ValueError`` with one line saying what is wrong: missing variables, shapes that do
+    not match, cells outside the nodes or of the wrong index base, zero-size or inverted cells,
+    non-finite values where the data are said to be valid, an unknown unit.
+    """
+    s = settings
+    file = VariableFile(path)
+    to_mm = _unit(s.length_unit, LENGTH_UNITS, "length unit")
+    u_to_mm = _unit(s.displacement_unit, LENGTH_UNITS, "displacement unit")
+    if s.image:
+        if s.spacing is None:
+            raise ValueError("displacement images need the pixel spacing: --spacing AXIAL LATERAL")
+        mesh, u, valid, reference, layout = _image(file, s)
+    else:
+        if s.spacing is not None or s.roi is not None:
+            raise ValueError("--spacing and --roi describe displacement images; nodal data are on "
+                             "their mesh")
+        mesh, u, valid, reference, layout = _nodal(file, s)
+        valid = _check_values(u, valid)
+    mesh = MeshArrays(mesh.points * to_mm, mesh.cells, mesh.load, mesh.support)
+    if not valid.any():
+        raise ValueError("no node has a measured displacement (all NaN or masked out)")
+    if reference is not None and not (reference & valid).any():
+        raise ValueError("the reference region holds no measured node")
+    u = _fill(mesh, np.where(valid, u, np.nan), valid)
+    layout.update(file=str(file.path.resolve()), format=file.version, sha256=_sha256(file.path),
+                  n_nodes=int(len(mesh.points)), n_valid=int(valid.sum()))
+    return Measured(mesh, u * u_to_mm, valid, reference, layout)
+
+
+# -- the data set --------------------------------------------------------------------------------
+
+def _held(support: str, d: int) -> list[int]:
+    return list(range(d)) if support == "fixed" else [d - 1]
+
+
+def _support_nodes(mesh: MeshArrays) -> np.ndarray:
+    return np.unique(mesh.support)
+
+
+def _nominal_traction(mesh: MeshArrays, u: np.ndarray, valid: np.ndarray) -> float:
+    """The mean axial strain between the loaded and supported boundaries: the traction that
+    loads a unit modulus (1 = 100 kPa) as much as the data show."""
+    d = mesh.dim
+    load, support = np.unique(mesh.load), np.unique(mesh.support)
+    load, support = load[valid[load]], support[valid[support]]
+    if not len(load) or not len(support):
+        raise ValueError("the loaded or the supported boundary has no measured node: the force "
+                         "cannot be normalised")
+    depth = mesh.points[load, d - 1].mean() - mesh.points[support, d - 1].mean()
+    shortening = u[d - 1, support].mean() - u[d - 1, load].mean()
+    strain = shortening / depth
+    if not (math.isfinite(strain) and strain > 0):
+        raise ValueError(f"the data show no compression between the loaded and the supported "
+                         f"boundary (mean axial strain {strain:.3g}): check the sign of the axial "
+                         "displacement (positive away from the probe) and the depth axis")
+    return float(strain)
+
+
+def _noise(s: ImportSettings, mesh: MeshArrays, u: np.ndarray, valid: np.ndarray, u_to_mm: float
+           ) -> tuple[tuple[float, ...], str]:
+    from .measurements import estimate_noise_std, noise_std_from_energy
+
+    d = mesh.dim
+    free = valid.copy()
+    free[_support_nodes(mesh)] = False
+    if s.noise_std is not None:
+        if len(s.noise_std) != d:
+            raise ValueError(f"the noise sigma needs {d} values (one per component), got "
+                             f"{len(s.noise_std)}")
+        return tuple(v * u_to_mm for v in s.noise_std), "given (sigma)"
+    if s.snr_db is not None:
+        energy = float(np.sum(u[:, free] ** 2))
+        return (noise_std_from_energy(energy, [int(free.sum())] * d, s.snr_db, s.noise_ratio,
+                                      noisy=True), f"given ({s.snr_db:g} dB)")
+    sigma = estimate_noise_std(mesh, u, valid=valid)
+    if not all(v > 0 for v in sigma):
+        raise ValueError(f"the noise level estimated from the data is {sigma}: the displacement is "
+                         "noise-free or piecewise linear; give it with --snr or --noise-std")
+    return sigma, "estimated from the data (local linear fits, robust scale)"
+
+
+def _snr_db(u: np.ndarray, free: np.ndarray, sigma) -> float:
+    noise = sum(float(free.sum()) * v**2 for v in sigma)
+    signal = float(np.sum(u[:, free] ** 2)) - noise
+    return float(10 * np.log10(max(signal, 1e-3 * noise) / noise))
+
+
+def import_measurement(path: str | os.PathLike, out: str | os.PathLike, settings: ImportSettings,
+                       comm: MPI.Comm = MPI.COMM_WORLD, overwrite: bool = False) -> dict:
+    """Read the measurement ``path`` and write the data set ``out`` (format 2, no truth).
+
+    Rank 0 reads and writes (atomically: a failure leaves no output and an existing one intact);
+    every rank raises its error. Returns a summary (noise, force, index base, counts).
+    """
+    return _on_root(comm, lambda: _import(Path(path), Path(out), settings, overwrite))
+
+
+def _on_root(comm, fn):
+    from .parallel import on_root
+
+    return on_root(comm, fn)
+
+
+def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
+    import h5py
+
+    from . import __version__
+    from .data import FORMAT, FORMAT_VERSION, SimulationSettings, mesh_digest
+    from .raster import ImageGrid, mean_node_spacing
+
+    check_output_path(out, overwrite)
+    m = read_measurement(path, s)
+    mesh, u, valid = m.mesh, m.displacement.copy(), m.valid
+    d = mesh.dim
+    if d != 2:
+        raise ValueError("3-D measurements are read and checked, but 3-D data sets (and their "
+                         "reconstruction) are not supported yet")
+    support = _support_nodes(mesh)
+    held = _held(s.support, d)
+    offset = [0.0] * d
+    ok = support[valid[support]]
+    for c in held:  # the support holds these components: measure them relative to it
+        if len(ok):
+            offset[c] = float(u[c, ok].mean())
+            u[c] -= offset[c]
+    u_to_mm = LENGTH_UNITS[s.displacement_unit]
+    sigma, noise_how = _noise(s, mesh, u, valid, u_to_mm)
+    free = valid.copy()
+    free[support] = False
+    snr = _snr_db(u, free, sigma)
+    if s.known_force:
+        traction = s.traction * MODULUS_UNITS["Pa"] / KPA  # Pa -> the package's unit
+        force = "known"
+    else:
+        traction = _nominal_traction(mesh, u, valid)
+        force = "unknown"
+    spacing = mean_node_spacing(mesh.domain(MPI.COMM_SELF).mesh)
+    grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), spacing)
+    data = SimulationSettings(grid, s.forward_settings(traction), snr_db=snr,
+                              noise_ratio=float(sigma[0] / sigma[-1]), mesh=mesh)
+    measurement = {"settings": s.to_dict(), "source": m.layout, "force": force,
+                   "noise": noise_how, "support_offset_mm": offset,
+                   "output": describe_output(s)}
+    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION,
+             "fenics_red_version": __version__, "n_samples": 1, "source": "measurement",
+             **data.to_attrs(), "mesh_sha256": mesh_digest(mesh), "masks_dir": "", "n_masks": 0,
+             "masks_sha256": "", "measurement": to_json(measurement),
+             "image_convention": "(N,) nodal values in the node order of /mesh/points",
+             "units": "lengths and displacements in mm; modulus normalised (1 = 100 kPa); "
+                      "traction in the modulus unit"}
+    for key in ("seed", "phantoms"):
+        attrs.pop(key, None)
+    with atomic_output(out, overwrite) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f["ux_noisy"] = u[0][None]
+        f["uy_noisy"] = u[1][None]
+        f["noise_std"] = np.asarray([sigma], dtype=np.float64)
+        f["force_std"] = np.zeros(1)
+        f["valid"] = valid[None].astype(np.uint8)
+        if m.reference is not None:
+            f["reference"] = m.reference[None].astype(np.uint8)
+        f["done"] = np.ones(1, dtype=np.uint8)
+        group = f.create_group("mesh")
+        for name in ("points", "cells", "load", "support"):
+            group[name] = getattr(mesh, name)
+    return {"nodes": len(mesh.points), "valid": int(valid.sum()), "noise_std_mm": list(sigma),
+            "noise": noise_how, "snr_db": snr, "force": force, "layout": m.layout}
+
+
+# -- what the modulus is, and writing it back ----------------------------------------------------
+
+def describe_output(s: ImportSettings) -> dict:
+    """What the reported modulus is: its unit (for the file and the colour bar) and meaning."""
+    if s.known_force:
+        return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]",
+                "meaning": f"absolute Young's modulus in {s.modulus_unit} (known traction "
+                           f"{s.traction:g} Pa)"}
+    where = ("the median over the measured nodes (background)" if s.normalise == "background"
+             else "the median over the reference region")
+    if s.reference_modulus is None:
+        return {"unit": "1", "label": "E / E_ref",
+                "meaning": f"relative modulus: E divided by {where} (unknown force)"}
+    return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]",
+            "meaning": f"Young's modulus in {s.modulus_unit}, scaled so that {where} is "
+                       f"{s.reference_modulus:g} {s.modulus_unit} (unknown force)"}
+
+
+def output_modulus(estimate: np.ndarray, measurement: Mapping, valid: np.ndarray,
+                   reference: np.ndarray | None) -> np.ndarray:
+    """The user's modulus of an estimate in the package's unit (see :func:`describe_output`)."""
+    s = ImportSettings.from_dict(measurement["settings"])
+    estimate = np.asarray(estimate, dtype=np.float64)
+    if s.known_force:
+        return estimate * KPA / MODULUS_UNITS[s.modulus_unit]
+    region = valid if s.normalise == "background" else valid & reference
+    level = float(np.median(estimate[region]))
+    relative = estimate / level
+    return relative if s.reference_modulus is None else relative * s.reference_modulus
+
+
+def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.PathLike,
+                     comm: MPI.Comm, overwrite: bool = False, method: str = "") -> list[Path]:
+    """Write a reconstruction of an imported measurement in the user's layout and units.
+
+    Beside ``reconstruction`` (``OUT.h5``): ``OUT-modulus.<suffix of the measurement file>`` (the
+    same variable names, node order or image shape, and units as the input; the modulus as
+    ``E`` with ``E_unit`` and ``E_meaning``), ``OUT-modulus-mesh.xdmf`` (+ ``.h5``, the mesh in
+    the input's length unit) and ``OUT-modulus.png``. Collective (the XDMF is written by all
+    ranks). Returns the paths.
+    """
+    from .data import load_dataset
+    from .reconstruction import load_reconstructions
+    from .visualise import plot_comparison, write_xdmf
+
+    reconstruction = Path(reconstruction)
+
+    def prepare():
+        with load_dataset(data_path) as dataset:
+            measurement = dataset.measurement
+            if measurement is None:
+                raise ValueError(f"data set {str(data_path)!r} is not an imported measurement")
+            valid, reference = dataset.valid(0), dataset.reference(0)
+            mesh = dataset.mesh
+        result = load_reconstructions(reconstruction)
+        values = [output_modulus(e, measurement, valid, reference) for e in result.estimates]
+        return measurement, valid, mesh, values
+
+    measurement, valid, mesh, values = _on_root(comm, prepare)
+    source, s = measurement["source"], ImportSettings.from_dict(measurement["settings"])
+    info = measurement["output"]
+    layout_path, xdmf, png = export_paths(reconstruction, measurement)
+    to_mm = LENGTH_UNITS[s.length_unit]
+    user_mesh = MeshArrays(mesh.points / to_mm, mesh.cells, mesh.load, mesh.support)
+    _on_root(comm, lambda: [check_output_path(p, overwrite)
+                            for p in export_paths(reconstruction, measurement, heavy=True)])
+    _on_root(comm, lambda: _write_layout(layout_path, values, valid, source, info, user_mesh,
+                                         overwrite))
+    write_xdmf({"E": values[0]}, xdmf, user_mesh, comm, overwrite=overwrite)
+
+    def figure():
+        shown = np.where(valid, values[0], np.nan)
+        finite = shown[np.isfinite(shown)]
+        name = method or "estimate"
+        plot_comparison(None, {name: values[0]}, png, user_mesh, units=info["label"],
+                        clim=(0.0, float(np.percentile(finite, 99.5))),
+                        labels={name: info["meaning"].split(" (")[0]}, overwrite=overwrite)
+
+    _on_root(comm, figure)
+    return [layout_path, xdmf, png]
+
+
+def export_paths(reconstruction: str | os.PathLike, measurement: Mapping,
+                 heavy: bool = False) -> list[Path]:
+    """``[OUT-modulus.<suffix of the measurement>, OUT-modulus-mesh.xdmf, OUT-modulus.png]``
+    beside the reconstruction ``OUT.h5``; with ``heavy`` also the ``.h5`` files of the XDMFs."""
+    stem = Path(reconstruction).with_suffix("")
+    suffix = Path(measurement["source"]["file"]).suffix.lower()
+    paths = [stem.with_name(f"{stem.name}-modulus{suffix}"),
+             stem.with_name(f"{stem.name}-modulus-mesh.xdmf"),
+             stem.with_name(f"{stem.name}-modulus.png")]
+    if heavy:
+        paths += [p.with_suffix(".h5") for p in paths if p.suffix == ".xdmf"]
+    return paths
+
+
+def _write_layout(path: Path, values: list[np.ndarray], valid: np.ndarray, source: Mapping,
+                  info: Mapping, mesh: MeshArrays, overwrite: bool) -> None:
+    """One file in the user's format: the modulus in the node order / image shape of the input."""
+    if source["layout"] == "image" and "mesh_file" not in source:
+        rows, cols = source["shape"]
+        r0, r1, c0, c1 = source["window"]
+        arrays = []
+        for v in values:
+            image = np.full((rows, cols), np.nan)
+            image[r0:r1 + 1, c0:c1 + 1] = np.where(valid, v, np.nan).reshape(r1 - r0 + 1,
+                                                                                c1 - c0 + 1)
+            arrays.append(image)
+    else:
+        arrays = list(values)
+    E = arrays[0] if len(arrays) == 1 else np.stack(arrays)
+    variables = {"E": E, "E_unit": info["unit"], "E_meaning": info["meaning"]}
+    if source["layout"] == "nodal" and "nodes" in source:  # the user's mesh, under its names
+        base = int(source.get("index_base", 0))
+        variables[source["nodes"]] = mesh.points
+        variables[source["cells"]] = mesh.cells + base
+    elif source["layout"] == "nodal" or "mesh_file" in source:
+        variables["nodes"], variables["cells"] = mesh.points, mesh.cells
+    suffix = path.suffix.lower()
+    with atomic_output(path, overwrite) as tmp:
+        if suffix == ".mat":
+            import scipy.io
+
+            with open(tmp, "wb") as f:
+                scipy.io.savemat(f, variables)
+        elif suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **variables)
+        elif suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(E))
+        elif suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                for key, value in variables.items():
+                    f[key] = value
+        else:  # XDMF: meshio writes the .xdmf and its .h5 beside it
+            _write_meshio(path, tmp, mesh, variables, overwrite)
+
+
+def _write_meshio(path: Path, tmp: Path, mesh: MeshArrays, variables: Mapping,
+                  overwrite: bool) -> None:
+    import meshio
+
+    kind = "triangle" if mesh.dim == 2 else "tetra"
+    work = tmp.with_name(tmp.name + ".xdmf")
+    point_data = {"E": np.asarray(variables["E"], dtype=np.float64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meshio.write(work, meshio.Mesh(mesh.points, [(kind, mesh.cells)], point_data=point_data))
+    h5 = work.with_suffix(".h5")
+    final_h5 = path.with_suffix(".h5")
+    text = work.read_text().replace(h5.name, final_h5.name)
+    with atomic_output(final_h5, overwrite) as heavy:
+        os.replace(h5, heavy)
+    work.unlink()
+    tmp.write_text(text)
+
+
+def summary_line(summary: Mapping) -> str:
+    """One line about an import for the command line."""
+    source = summary["layout"]
+    base = (f", cells {source['index_base']}-based ({source['index_base_found']})"
+            if "index_base" in source else "")
+    sigma = ", ".join(f"{v:.3g}" for v in summary["noise_std_mm"])
+    return (f"{summary['nodes']} nodes ({summary['valid']} measured){base}; noise sigma {sigma} mm "
+            f"({summary['noise']}), SNR {summary['snr_db']:.1f} dB; force {summary['force']}")
+

@@ -1,0 +1,357 @@
+"""Specification of ``fenics-red import``: a user's measurement in physical units, reconstructed.
+
+A data set simulated on a mesh in mm (modulus in units of 100 kPa), written out in each supported
+layout and unit, imported and reconstructed, gives the internal path's estimate to round-off;
+without the force, the relative modulus is the known-force estimate over its median; bad files
+get one line and no output.
+"""
+
+import tempfile
+from pathlib import Path
+
+from mpi4py import MPI
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+from fenics_red.cli import main
+from fenics_red.data import SimulationSettings, load_dataset, mesh_settings, simulate_dataset
+from fenics_red.domain import Domain, MeshArrays
+from fenics_red.measured import ImportSettings, import_measurement
+from fenics_red.raster import ImageGrid
+from fenics_red.reconstruction import load_reconstructions, reconstruct_dataset
+
+MESHES = Path(__file__).resolve().parents[1] / "meshes"
+TRACTION_PA = 100.0  # the simulation's default traction, 1e-3 x 100 kPa
+
+
+@pytest.fixture(scope="module")
+def folder():
+    comm = MPI.COMM_WORLD
+    path = Path(comm.bcast(tempfile.mkdtemp(prefix="fenics-red-measured-") if comm.rank == 0
+                           else None))
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def simulated(folder):
+    """One sample on the ROI mesh (mm) at 35 dB and its ML estimate by the internal path."""
+    comm = MPI.COMM_WORLD
+    mesh = Domain.from_file(MESHES / "roi-2d.msh", comm).to_arrays()
+    data = simulate_dataset(folder / "sim.h5", 1, mesh_settings(mesh, snr_db=35.0, seed=4), comm,
+                            progress=False)
+    out = reconstruct_dataset(data, folder / "internal.h5", comm, "ml", progress=False)
+    with load_dataset(data) as d:
+        sample, mesh = d.sample(0), d.mesh
+    return {"sample": sample, "mesh": mesh, "estimate": load_reconstructions(out).estimates[0]}
+
+
+def _on_root(fn):
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:
+        fn()
+    comm.Barrier()
+
+
+def _write_mat_v73(path: Path, variables: dict) -> None:
+    """A MATLAB v7.3 file: HDF5 behind a 512-byte header, arrays stored column-major."""
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for name, value in variables.items():
+            f[name] = np.asarray(value).T
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: fenics-red tests".ljust(116)
+    with open(path, "r+b") as f:
+        f.write(header + b"\0" * 8 + b"\x00\x02IM")
+
+
+def _export(layout: str, path: Path, sample, mesh) -> list[str]:
+    """Write the measurement in ``layout``; returns the import flags it needs."""
+    p, c = mesh.points, mesh.cells
+    ux, uy = sample.ux_noisy, sample.uy_noisy
+    if layout == "mat-interleaved":  # metres, 1-based cells, MATLAB names
+        scipy.io.savemat(path, {"nodes": p / 1e3, "elements": c + 1,
+                                "u": np.column_stack([ux, uy]).ravel() / 1e3})
+        return ["--displacement", "u", "--interleaved", "--length-unit", "m",
+                "--displacement-unit", "m"]
+    if layout == "mat-separate":  # mm coordinates, µm displacements, columns
+        scipy.io.savemat(path, {"p": p, "t": c + 1, "ux": ux[:, None] * 1e3,
+                                "uy": uy[:, None] * 1e3})
+        return ["--nodes", "p", "--cells", "t", "--ux", "ux", "--uy", "uy",
+                "--displacement-unit", "um"]
+    if layout == "mat-v73":
+        _write_mat_v73(path, {"nodes": p / 1e3, "cells": c + 1,
+                              "displacement": np.column_stack([ux, uy]) / 1e3})
+        return ["--length-unit", "m", "--displacement-unit", "m"]
+    if layout == "npz":  # 0-based cells, (2, N) components
+        np.savez(path, points=p, cells=c, displacement=np.stack([ux, uy]))
+        return []
+    if layout == "h5":
+        with h5py.File(path, "w") as f:
+            f["mesh/nodes"], f["mesh/cells"] = p, c
+            f["data/ux"], f["data/uy"] = ux, uy
+        return ["--nodes", "mesh/nodes", "--cells", "mesh/cells", "--ux", "data/ux",
+                "--uy", "data/uy"]
+    if layout == "xdmf":
+        import meshio
+
+        meshio.write(path, meshio.Mesh(p, [("triangle", c)],
+                                       point_data={"displacement": np.column_stack([ux, uy])}))
+        return []
+    raise AssertionError(layout)
+
+
+SUFFIX = {"mat-interleaved": ".mat", "mat-separate": ".mat", "mat-v73": ".mat", "npz": ".npz",
+          "h5": ".h5", "xdmf": ".xdmf"}
+SIGMA_FLAG = {"m": 1e-3, "mm": 1.0, "um": 1e3}
+
+
+def _sigma_flags(flags: list[str], sample) -> list[str]:
+    unit = flags[flags.index("--displacement-unit") + 1] if "--displacement-unit" in flags else "mm"
+    return ["--noise-std", *(repr(s * SIGMA_FLAG[unit]) for s in sample.noise_std)]
+
+
+@pytest.mark.parametrize("layout", list(SUFFIX))
+def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulated, folder):
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source = folder / f"measured-{layout}{SUFFIX[layout]}"
+    flags = _export(layout, source, sample, mesh) if MPI.COMM_WORLD.rank == 0 else None
+    flags = MPI.COMM_WORLD.bcast(flags)
+    MPI.COMM_WORLD.Barrier()
+    data, out = folder / f"data-{layout}.h5", folder / f"est-{layout}.h5"
+    assert main(["import", str(source), "--out", str(data), "--traction", str(TRACTION_PA),
+                 "--modulus-unit", "Pa", *flags, *_sigma_flags(flags, sample)]) == 0
+    assert main(["reconstruct", str(data), "--sample", "0", "--method", "ml", "--out", str(out),
+                 "--quiet"]) == 0
+    estimate = load_reconstructions(out).estimates[0]
+    np.testing.assert_allclose(estimate, simulated["estimate"], rtol=1e-9)
+    # the user's layout: same names, node order and units, the modulus in Pa
+    written = out.with_name(f"est-{layout}-modulus{SUFFIX[layout]}")
+    if layout == "xdmf":
+        import meshio
+
+        E = meshio.read(written).point_data["E"]
+    elif layout == "npz":
+        with np.load(written) as archive:
+            E, names = archive["E"], set(archive.files)
+        assert {"points", "cells", "E_unit"} <= names
+    elif layout == "h5":
+        with h5py.File(written, "r") as f:
+            E = f["E"][...]
+            assert f["E_unit"][()] == b"Pa" and "mesh/nodes" in f
+    else:
+        contents = scipy.io.loadmat(written)
+        E = contents["E"].ravel()
+        assert str(contents["E_unit"][0]) == "Pa"
+        if layout == "mat-interleaved":  # the mesh comes back as it went in: m, 1-based
+            np.testing.assert_allclose(contents["nodes"], mesh.points / 1e3)
+            np.testing.assert_array_equal(contents["elements"], mesh.cells + 1)
+    np.testing.assert_allclose(np.ravel(E), simulated["estimate"] * 1e5, rtol=1e-9)
+    for name in (f"est-{layout}-modulus-mesh.xdmf", f"est-{layout}-modulus.png"):
+        assert (folder / name).exists()
+
+
+def test_displacement_images_round_trip_to_the_internal_estimate(folder):
+    comm = MPI.COMM_WORLD
+    grid = ImageGrid(24, 16, 24.0, 16.0)  # 1 mm pixels
+    # the internal path on the mesh whose nodes are the pixels (row-major): the imported mesh
+    settings = mesh_settings(MeshArrays.of_grid(grid), snr_db=35.0, seed=8)
+    data = simulate_dataset(folder / "pixels.h5", 1, settings, comm, progress=False)
+    internal = load_reconstructions(reconstruct_dataset(data, folder / "pixels-est.h5", comm, "ml",
+                                                        progress=False)).estimates[0]
+    with load_dataset(data) as d:
+        s = d.sample(0)
+    source = folder / "images.npz"
+    # depth down the rows (row 0 at the probe), axial displacement positive away from it
+    _on_root(lambda: np.savez(source, axial=-s.uy_noisy.reshape(grid.shape),
+                              lateral=s.ux_noisy.reshape(grid.shape)))
+    sigma = [repr(v) for v in s.noise_std]
+    out = folder / "images-est.h5"
+    assert main(["import", str(source), "--out", str(folder / "images.h5"), "--spacing", "1", "1",
+                 "--traction", str(TRACTION_PA), "--noise-std", *sigma]) == 0
+    assert main(["reconstruct", str(folder / "images.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0], internal, rtol=1e-9)
+    with np.load(folder / "images-est-modulus.npz") as archive:  # kPa, in the image's shape
+        np.testing.assert_allclose(archive["E"], internal.reshape(grid.shape) * 100.0, rtol=1e-9)
+
+
+def test_missing_pixels_carry_no_data_and_stay_empty_in_the_output(folder):
+    grid = ImageGrid(24, 16, 24.0, 16.0)
+    comm = MPI.COMM_WORLD
+    data = simulate_dataset(folder / "grid-holes.h5", 1, SimulationSettings(grid, seed=9), comm,
+                            progress=False)
+    with load_dataset(data) as d:
+        s = d.sample(0)
+    axial, lateral = -s.uy_noisy.copy(), s.ux_noisy.copy()
+    axial[5:8, 10:14] = np.nan  # no speckle estimate there
+    lateral[5:8, 10:14] = np.nan
+    source = folder / "holes.mat"
+    _on_root(lambda: scipy.io.savemat(source, {"axial": axial * 1e-3, "lateral": lateral * 1e-3}))
+    assert main(["import", str(source), "--out", str(folder / "holes.h5"), "--spacing", "1e-3",
+                 "1e-3", "--length-unit", "m", "--displacement-unit", "m",
+                 "--roi", "0", "0.016", "0.002", "0.024"]) == 0
+    with load_dataset(folder / "holes.h5") as d:
+        valid = d.valid(0)
+        assert valid.shape == (17 * 23,) and (~valid).sum() == 12
+        sample = d.sample(0)
+        assert np.isfinite(sample.ux_noisy).all()  # filled from the neighbours, not zeros
+        assert sample.ux is None and not d.has_truth
+    out = folder / "holes-est.h5"
+    assert main(["reconstruct", str(folder / "holes.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    E = scipy.io.loadmat(folder / "holes-est-modulus.mat")["E"]
+    assert E.shape == axial.shape
+    assert np.isnan(E[5:8, 10:14]).all() and np.isnan(E[:, :2]).all()  # no data, outside ROI
+    assert np.isfinite(E[:, 2:]).sum() == 17 * 23 - 12
+    # unknown force: relative to the background median (over the measured nodes)
+    assert np.nanmedian(E) == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ml", "red"])
+def test_an_unknown_force_gives_the_known_force_estimate_over_its_median(method, simulated,
+                                                                          folder):
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source = folder / "unknown.mat"
+    _on_root(lambda: scipy.io.savemat(source, {"nodes": mesh.points, "cells": mesh.cells,
+                                               "ux": sample.ux_noisy, "uy": sample.uy_noisy}))
+    sigma = ["--noise-std", *(repr(v) for v in sample.noise_std)]
+    base = ["--ux", "ux", "--uy", "uy", *sigma]
+    results = {}
+    for force in ("known", "unknown"):
+        data, out = folder / f"{force}-{method}.h5", folder / f"{force}-{method}-est.h5"
+        flags = ["--traction", str(TRACTION_PA)] if force == "known" else []
+        assert main(["import", str(source), "--out", str(data), *base, *flags]) == 0
+        assert main(["reconstruct", str(data), "--sample", "0", "--method", method, "--out",
+                     str(out), "--quiet"]) == 0
+        results[force] = scipy.io.loadmat(out.with_name(f"{out.stem}-modulus.mat"))
+    known = results["known"]["E"].ravel()
+    relative = results["unknown"]["E"].ravel()
+    np.testing.assert_allclose(relative, known / np.median(known), rtol=1e-6)
+    assert "relative modulus" in str(results["unknown"]["E_meaning"][0])
+    assert str(results["unknown"]["E_unit"][0]) == "1"
+
+
+def test_a_reference_modulus_recovers_the_true_moduli_as_the_known_force_does(simulated, folder):
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    truth_kpa = sample.E * 100.0
+    background = sample.mask == 0
+    level = float(np.median(truth_kpa[background]))  # e.g. a gel of known stiffness
+    source = folder / "reference.npz"
+    _on_root(lambda: np.savez(source, nodes=mesh.points, cells=mesh.cells,
+                              displacement=np.column_stack([sample.ux_noisy, sample.uy_noisy]),
+                              gel=background.astype(np.uint8)))
+    sigma = ["--noise-std", *(repr(v) for v in sample.noise_std)]
+    out = folder / "reference-est.h5"
+    assert main(["import", str(source), "--out", str(folder / "reference.h5"), *sigma,
+                 "--normalise", "reference", "--reference", "gel",
+                 "--reference-modulus", repr(level)]) == 0
+    assert main(["reconstruct", str(folder / "reference.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    with np.load(folder / "reference-est-modulus.npz") as archive:
+        E, meaning = archive["E"], str(archive["E_meaning"])
+    assert "reference region" in meaning and "kPa" in meaning
+
+    def error(estimate):
+        return np.linalg.norm(estimate - truth_kpa) / np.linalg.norm(truth_kpa)
+
+    known = simulated["estimate"] * 100.0
+    assert error(E) <= 1.05 * error(known) + 0.005
+    assert error(E) < 0.3
+
+
+def test_the_noise_level_is_estimated_from_the_data_when_not_given(simulated, folder):
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source = folder / "noise.npz"
+    _on_root(lambda: np.savez(source, nodes=mesh.points, cells=mesh.cells,
+                              ux=sample.ux_noisy, uy=sample.uy_noisy))
+    summary = import_measurement(source, folder / "noise.h5",
+                                 ImportSettings(ux="ux", uy="uy", traction=TRACTION_PA))
+    assert "estimated" in summary["noise"]
+    np.testing.assert_allclose(summary["noise_std_mm"], sample.noise_std, rtol=0.2)
+
+
+# -- bad input: one line, exit status 2, no output -----------------------------------------------
+
+def _bad_files(folder: Path, mesh, sample) -> dict:
+    p, c, n = mesh.points, mesh.cells, len(mesh.points)
+    ux, uy = sample.ux_noisy, sample.uy_noisy
+    other = MeshArrays.of_grid(ImageGrid(8, 6, 40.0, 30.0))
+    flipped = c.copy()
+    flipped[0, [0, 1]] = flipped[0, [1, 0]]
+    repeated = c.copy()
+    repeated[0, 2] = repeated[0, 1]
+    cases = {
+        "lengths": ({"nodes": p, "cells": c, "ux": ux, "uy": uy[:-1]}, ["--ux", "ux", "--uy", "uy"],
+                    "do not match"),
+        "nan-in-mask": ({"nodes": p, "cells": c, "ux": np.where(np.arange(n) == 5, np.nan, ux),
+                         "uy": uy, "ok": np.ones(n)},
+                        ["--ux", "ux", "--uy", "uy", "--valid", "ok"], "non-finite"),
+        "missing-node": ({"nodes": p, "cells": np.where(c == c.max(), n + 4, c), "ux": ux,
+                          "uy": uy}, ["--ux", "ux", "--uy", "uy"], "reference node"),
+        "zero-area": ({"nodes": p, "cells": repeated, "ux": ux, "uy": uy},
+                      ["--ux", "ux", "--uy", "uy"], "zero area"),
+        "inverted": ({"nodes": p, "cells": flipped, "ux": ux, "uy": uy},
+                     ["--ux", "ux", "--uy", "uy"], "inverted"),
+        "other-mesh": ({"nodes": other.points, "cells": other.cells, "ux": ux, "uy": uy},
+                       ["--ux", "ux", "--uy", "uy"], "do not match"),
+        "one-based-as-zero": ({"nodes": p, "cells": c + 1, "ux": ux, "uy": uy},
+                              ["--ux", "ux", "--uy", "uy", "--index-base", "0"], "1-based"),
+        "no-variable": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
+                        ["--ux", "ux", "--uy", "vy"], "no variable 'vy'"),
+    }
+    for name, (arrays, _, _) in cases.items():
+        np.savez(folder / f"bad-{name}.npz", **arrays)
+    return cases
+
+
+def test_bad_measurements_get_one_line_and_no_output(simulated, folder, capsys):
+    comm = MPI.COMM_WORLD
+    cases = comm.bcast(_bad_files(folder, simulated["mesh"], simulated["sample"])
+                       if comm.rank == 0 else None)
+    comm.Barrier()
+    for name, (_, flags, words) in cases.items():
+        out = folder / f"bad-{name}.h5"
+        status = main(["import", str(folder / f"bad-{name}.npz"), "--out", str(out),
+                       "--snr", "35", *flags], abort_on_error=False)
+        err = capsys.readouterr().err.strip()
+        assert status == 2, name
+        assert len(err.splitlines()) == 1 and words in err, (name, err)
+        assert not out.exists() and not list(folder.glob(f".bad-{name}.h5*")), name
+
+
+def test_missing_corrupt_and_unknown_files_are_refused(folder, capsys):
+    comm = MPI.COMM_WORLD
+    corrupt = folder / "corrupt.mat"
+    _on_root(lambda: corrupt.write_bytes(b"MATLAB 5.0 MAT-file" + b"\x01" * 40))
+    for path, words in ((folder / "absent.mat", "does not exist"),
+                        (corrupt, "cannot be read"),
+                        (folder / "sim.h5", "has none of the usual names")):
+        status = main(["import", str(path), "--out", str(folder / "x.h5")], abort_on_error=False)
+        assert status == 2 and words in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown length unit 'furlong'"):
+        ImportSettings(length_unit="furlong")
+    with pytest.raises(ValueError, match="known traction gives absolute moduli"):
+        ImportSettings(traction=100.0, reference_modulus=20.0)
+    assert not (folder / "x.h5").exists()
+    comm.Barrier()
+
+
+def test_an_existing_data_set_is_kept_when_the_import_fails(simulated, folder, capsys):
+    good, mesh = folder / "sim.h5", simulated["mesh"]
+    cells = mesh.cells.copy()
+    cells[3, [0, 1]] = cells[3, [1, 0]]
+    bad = folder / "inverted.npz"
+    _on_root(lambda: np.savez(bad, nodes=mesh.points, cells=cells, ux=simulated["sample"].ux_noisy,
+                              uy=simulated["sample"].uy_noisy))
+    before = good.read_bytes() if MPI.COMM_WORLD.rank == 0 else None
+    status = main(["import", str(bad), "--out", str(good), "--overwrite", "--ux", "ux", "--uy",
+                   "uy", "--snr", "35"], abort_on_error=False)
+    assert status == 2 and "inverted" in capsys.readouterr().err
+    if MPI.COMM_WORLD.rank == 0:
+        assert good.read_bytes() == before
