@@ -173,6 +173,8 @@ class ElasticityModel:
         self.b = fem_petsc.create_vector(self._L)
         self.ksp = self._create_solver()
         self._images = {}
+        #: pixel size of the raster of a mesh (:meth:`images`; ``None``: its mean node spacing)
+        self.raster_spacing: float | None = None
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -275,7 +277,8 @@ class ElasticityModel:
         """The raster of ``"V"`` (displacement) or ``"Q"`` (modulus): exact on grid domains,
         interpolating on any other 2-D mesh (:func:`fenics_red.raster.raster_for`)."""
         if space not in self._images:
-            self._images[space] = raster_for(self.V if space == "V" else self.Q, self.domain)
+            self._images[space] = raster_for(self.V if space == "V" else self.Q, self.domain,
+                                             self.raster_spacing)
         return self._images[space]
 
     def node_order(self, space: str) -> NodeOrder:

@@ -112,6 +112,9 @@ class ImportSettings:
         roi: image region ``(depth_from, depth_to, lateral_from, lateral_to)`` in ``length_unit``
             (depth from the first row, lateral from the first column).
         valid: variable of a validity mask (nonzero where the displacement was measured).
+        load_facets, support_facets: variables of the loaded and supported boundary facets as
+            node lists ``(F, d)`` in the cells' numbering (default: the facets at the largest and
+            smallest depth coordinate, the last one).
         reference: variable of a reference-region mask (``normalise = "reference"``).
         length_unit, displacement_unit: ``m``, ``mm`` or ``um``; modulus_unit: ``Pa`` or ``kPa``.
         traction: the known probe pressure on the loaded boundary in Pa (``None``: unknown force).
@@ -141,6 +144,8 @@ class ImportSettings:
     roi: tuple[float, float, float, float] | None = None
     valid: str | None = None
     reference: str | None = None
+    load_facets: str | None = None
+    support_facets: str | None = None
     length_unit: str = "mm"
     displacement_unit: str = "mm"
     modulus_unit: str = "kPa"
@@ -355,14 +360,16 @@ def _vector(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str) -> tuple[np.ndarray, int,
-                                                                                   str]:
-    """0-based integer cells, the index base and how it was found."""
+def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str,
+           width: int | None = None) -> tuple[np.ndarray, int, str]:
+    """0-based integer cells (or facets: ``width`` nodes each), the index base and how it was
+    found."""
     array = np.asarray(array)
+    widths = (3, 4) if width is None else (width,)
     if array.ndim != 2:
-        raise ValueError(f"cells {name!r} must be a 2-D array (M, 3) or (M, 4), got shape "
-                         f"{array.shape}")
-    if array.shape[1] not in (3, 4) and array.shape[0] in (3, 4):
+        raise ValueError(f"{name!r} must be a 2-D array of node numbers "
+                         f"({' or '.join(f'(M, {w})' for w in widths)}), got shape {array.shape}")
+    if array.shape[1] not in widths and array.shape[0] in widths:
         array = array.T  # (3, M) as MATLAB codes often store them
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or (array != np.round(array)).any():
@@ -396,7 +403,8 @@ def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str) -> tupl
 
 
 def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
-    """Refuse unused nodes, repeated nodes in a cell, zero-size cells and inverted cells."""
+    """Refuse unused nodes, repeated nodes in a cell, zero-size cells and inverted cells (a
+    fold: two cells on one side of the facet they share)."""
     n, d = points.shape
     if cells.shape[1] != d + 1:
         raise ValueError(f"{d}-D nodes need {'triangles (M, 3)' if d == 2 else 'tetrahedra (M, 4)'}"
@@ -415,13 +423,37 @@ def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
         raise ValueError(f"{int(tiny.sum())} cell(s) have zero {'area' if d == 2 else 'volume'} "
                          f"(first: cell {int(np.flatnonzero(tiny)[0])}, 0-based): repeated or "
                          "collinear nodes")
-    negative = size < 0
-    k = int(min(negative.sum(), (~negative).sum()))
-    if k:
-        which = np.flatnonzero(negative if negative.sum() <= (~negative).sum() else ~negative)
-        raise ValueError(f"{k} cell(s) are inverted (oriented against the other "
-                         f"{len(cells) - k}; first: cell {int(which[0])}, 0-based): the mesh is "
-                         "tangled or the cells do not match the nodes")
+    folded = _folded_facets(points, cells)
+    if len(folded):
+        raise ValueError(f"{len(folded)} interior facet(s) have both their cells on one side "
+                         f"(first: between cells {folded[0][0]} and {folded[0][1]}, 0-based): "
+                         "inverted cells, a tangled mesh or cells that do not match the nodes")
+
+
+def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs of cells that share a facet but lie on the same side of it (a fold: one of them is
+    inverted). The test does not depend on the cells' orientation, which meshers choose freely."""
+    d = points.shape[1]
+    k = d + 1
+    local = [[j for j in range(k) if j != i] for i in range(k)]  # facet i: all nodes but i
+    facets = np.concatenate([np.sort(cells[:, f], axis=1) for f in local])
+    opposite = np.concatenate([cells[:, i] for i in range(k)])
+    owner = np.tile(np.arange(len(cells)), k)
+    order = np.lexsort(facets.T[::-1])
+    facets, opposite, owner = facets[order], opposite[order], owner[order]
+    same = (facets[1:] == facets[:-1]).all(axis=1)
+    first = np.flatnonzero(same)
+    if not len(first):
+        return []
+    f, a, b = facets[first], opposite[first], opposite[first + 1]
+    base = points[f[:, 0]]
+    edges = np.stack([points[f[:, j]] - base for j in range(1, d)], axis=1)  # (n, d-1, d)
+
+    def side(node):
+        return np.linalg.det(np.concatenate([edges, (points[node] - base)[:, None]], axis=1))
+
+    bad = np.flatnonzero(side(a) * side(b) > 0)
+    return [(int(owner[first[i]]), int(owner[first[i] + 1])) for i in bad]
 
 
 def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[np.ndarray, dict]:
@@ -489,7 +521,15 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         base = getattr(file, "index_base", None) if s.index_base is None else s.index_base
         cells, base, how = _cells(file.get(name, "the cells"), len(points), base, name)
         check_cells(points, cells)
-        mesh = Domain.from_arrays(points, cells, comm_self, source=str(file.path)).to_arrays()
+        facets = {}
+        for key, given in (("load", s.load_facets), ("support", s.support_facets)):
+            if given is not None:
+                array = file.get(given, f"the {key} facets")
+                if array.ndim == 2 and array.shape[0] == points.shape[1] != array.shape[1]:
+                    array = array.T
+                facets[key], _, _ = _cells(array, len(points), base, given, width=points.shape[1])
+        mesh = Domain.from_arrays(points, cells, comm_self, source=str(file.path),
+                                  **facets).to_arrays()
         layout.update(nodes=nodes, cells=name, index_base=base, index_base_found=how)
     n, d = mesh.points.shape
     u, stored = _components(file, s, n, d)
@@ -792,15 +832,16 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
 def describe_output(s: ImportSettings) -> dict:
     """What the reported modulus is: its unit (for the file and the colour bar) and meaning."""
     if s.known_force:
-        return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]",
+        return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]", "short": "known force",
                 "meaning": f"absolute Young's modulus in {s.modulus_unit} (known traction "
                            f"{s.traction:g} Pa)"}
     where = ("the median over the measured nodes (background)" if s.normalise == "background"
              else "the median over the reference region")
     if s.reference_modulus is None:
-        return {"unit": "1", "label": "E / E_ref",
+        return {"unit": "1", "label": "E / E_ref", "short": f"relative to {s.normalise}",
                 "meaning": f"relative modulus: E divided by {where} (unknown force)"}
     return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]",
+            "short": f"{s.normalise} = {s.reference_modulus:g} {s.modulus_unit}",
             "meaning": f"Young's modulus in {s.modulus_unit}, scaled so that {where} is "
                        f"{s.reference_modulus:g} {s.modulus_unit} (unknown force)"}
 
@@ -863,7 +904,7 @@ def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.Path
         name = method or "estimate"
         plot_comparison(None, {name: values[0]}, png, user_mesh, units=info["label"],
                         clim=(0.0, float(np.percentile(finite, 99.5))),
-                        labels={name: info["meaning"].split(" (")[0]}, overwrite=overwrite)
+                        labels={name: info["short"]}, overwrite=overwrite)
 
     _on_root(comm, figure)
     return [layout_path, xdmf, png]

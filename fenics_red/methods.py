@@ -191,6 +191,9 @@ LAM = Flag("--lam", "lam", "RED weight: a number, paper:C (eq. 12), balance:C or
            "(default: the method's)", {"metavar": "RULE"})
 START = Flag("--start", "start", "RED's initial modulus (default denoised-ml)",
              {"choices": ["denoised-ml", "ml", "homogeneous"]})
+PIXEL = Flag("--pixel", "pixel", "pixel size of the image the denoiser sees on a mesh, in the "
+             "mesh's length unit (default: its mean node spacing)", {"type": float,
+                                                                     "metavar": "H"})
 MIN_MISFIT_DECREASE = Flag(
     "--min-misfit-decrease", "min_misfit_decrease", "RED stops at the first round that lowers "
     "the data misfit by less than C standard deviations sqrt(2n) and keeps the iterate before "
@@ -215,12 +218,12 @@ METHODS: dict[str, Method] = {
                  flags=(MAX_STEPS, STOP, SOLVER)),
     "denoised-ml": Method(_lazy("red", "setup_denoised_ml"), _lazy("red", "denoised_ml_options"),
                           "the denoiser applied once to the ML estimate (RED's yardstick)",
-                          flags=(DENOISER, NO_FLIP_AVERAGE)),
+                          flags=(DENOISER, NO_FLIP_AVERAGE, PIXEL)),
     "red": Method(_lazy("red", "setup_red"), _lazy("red", "red_options"),
                   "regularisation by denoising: the statistical likelihood with the learned "
                   "prior, started from denoised-ml",
                   flags=(MAX_STEPS, SOLVER, DENOISER, LAM, START, MIN_MISFIT_DECREASE,
-                         NO_FLIP_AVERAGE)),
+                         NO_FLIP_AVERAGE, PIXEL)),
 }
 
 #: The method of ``fenics-red reconstruct`` when none is named.

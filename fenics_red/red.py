@@ -40,6 +40,7 @@ from mpi4py import MPI
 
 import numpy as np
 
+from . import validation
 from .forward import ElasticityModel, ForwardSettings
 from .likelihood import StatisticalLikelihood
 from .measurements import Measurement
@@ -127,9 +128,11 @@ class REDSettings:
     step_scale: float = 1.0
     misfit_guard: bool = True
     min_misfit_decrease: float = 1.0
+    pixel: float | None = None
 
     def __post_init__(self):
         _check_denoiser(self, "REDSettings")
+        _check_pixel(self, "REDSettings")
         if self.start not in _STARTS:
             raise ValueError(f"REDSettings.start must be one of {_STARTS}, got {self.start!r}")
         if self.solver not in _SOLVERS:
@@ -172,13 +175,16 @@ class DenoisedMLSettings:
 
     denoiser: str | None = None
     flip_average: bool = True
+    pixel: float | None = None
 
     def __post_init__(self):
         _check_denoiser(self, "DenoisedMLSettings")
+        _check_pixel(self, "DenoisedMLSettings")
 
     def red_settings(self) -> REDSettings:
         """The :class:`REDSettings` whose first two stages are this method."""
-        return REDSettings(denoiser=self.denoiser, flip_average=self.flip_average)
+        return REDSettings(denoiser=self.denoiser, flip_average=self.flip_average,
+                           pixel=self.pixel)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,6 +232,7 @@ class REDReconstructor:
         self.denoiser = denoiser if denoiser is not None else load_denoiser(
             self.settings.denoiser, self.settings.flip_average)
         self.model = ElasticityModel.on_grid(grid, comm, forward or ForwardSettings())
+        self.model.raster_spacing = self.settings.pixel  # the denoiser's raster on a mesh
         self.ml_settings = MLSettings()
         self.likelihood = StatisticalLikelihood(self.model, settings=self.ml_settings.likelihood)
         self.ml = FixedPointSolver(self.likelihood, self.ml_settings)
@@ -301,6 +308,7 @@ class _Runner:
         out = {"ml": self.reconstructor.ml_settings.to_dict(),
                "denoiser": str(self.red_settings.denoiser or default_denoiser_path()),
                "flip_average": self.red_settings.flip_average,
+               "pixel": self.red_settings.pixel,
                "denoiser_card": _card_summary(self.reconstructor.denoiser)}
         if self.stages == "red":
             out["red"] = self.red_settings.to_dict()
@@ -311,9 +319,11 @@ class _Runner:
 
     def check_data(self, data_settings) -> list[str]:
         """Warnings about a data set this method was not validated on (see :func:`snr_warning`)."""
-        message = snr_warning(self.reconstructor.denoiser, getattr(data_settings, "snr_db", None),
-                              self.stages)
-        return [message] if message else []
+        messages = [snr_warning(self.reconstructor.denoiser,
+                                getattr(data_settings, "snr_db", None), self.stages),
+                    resolution_warning(self.reconstructor.denoiser, data_settings,
+                                       self.red_settings.pixel, self.stages)]
+        return [message for message in messages if message]
 
     def destroy(self) -> None:
         self.reconstructor.destroy()
@@ -349,6 +359,50 @@ def snr_warning(denoiser, snr_db: float | None, method: str = "red") -> str | No
             "did not improve 25 dB estimates, see docs/studies.md); train a denoiser at this SNR "
             "(scripts/train-denoiser with SNRS=...) and pass it with --denoiser, or compare with "
             "--method ml")
+
+
+#: How many times more (or fewer) raster pixels across than in training before a warning.
+RESOLUTION_FACTOR = 2.0
+
+
+def raster_shape(data_settings, pixel: float | None = None) -> tuple[int, int]:
+    """The shape of the image the denoiser sees for a data set: the grid's, or on a mesh that of
+    the raster of :func:`fenics_red.raster.raster_for` (pixels of ``pixel``, default the mean node
+    spacing ``sqrt(area / N)``). Serial."""
+    from .raster import ImageGrid
+
+    mesh = getattr(data_settings, "mesh", None)
+    if mesh is None:
+        return tuple(data_settings.grid.shape)
+    if pixel is None:
+        edges = mesh.points[mesh.cells[:, 1:]] - mesh.points[mesh.cells[:, :1]]
+        area = float(np.abs(np.linalg.det(edges)).sum() / 2)
+        pixel = math.sqrt(area / len(mesh.points))
+    return ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), pixel).shape
+
+
+def resolution_warning(denoiser, data_settings, pixel: float | None = None,
+                       method: str = "red") -> str | None:
+    """A warning when the denoiser sees images more than :data:`RESOLUTION_FACTOR` times larger
+    or smaller (in pixels across) than its training images: its structures then span other
+    numbers of pixels than any it learnt. ``None`` when close, or when either is unknown."""
+    trained = ((getattr(denoiser, "card", {}) or {}).get("data") or {}).get("image_shape")
+    if not trained or getattr(data_settings, "grid", None) is None:
+        return None
+    shape = raster_shape(data_settings, pixel)
+    ratio = max(shape) / max(trained)
+    if 1 / RESOLUTION_FACTOR <= ratio <= RESOLUTION_FACTOR:
+        return None
+    return (f"the denoiser sees the modulus as a {shape[1]} x {shape[0]} image, but it was "
+            f"trained on {trained[1]} x {trained[0]} images ({ratio:.2g} times the pixels "
+            f"across): {method!r} was not validated at this resolution; set the raster's pixel "
+            "size with --pixel (in the mesh's length unit) or train a denoiser at this "
+            "resolution")
+
+
+def _check_pixel(settings, name: str) -> None:
+    if settings.pixel is not None:
+        validation.positive(settings.pixel, f"{name}.pixel")
 
 
 def _card_summary(denoiser) -> dict:

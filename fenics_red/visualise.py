@@ -69,14 +69,21 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
     for column, (name, clean, noisy, s) in enumerate(
             [("lateral ux", sample.ux, sample.ux_noisy, sigma[0]),
              ("axial uy", sample.uy, sample.uy_noisy, sigma[1])], start=1):
-        lo = float(min(np.min(clean), np.min(noisy)))
-        hi = float(max(np.max(clean), np.max(noisy)))
+        both = [a for a in (clean, noisy) if a is not None]
+        lo = float(min(np.nanmin(a) for a in both))
+        hi = float(max(np.nanmax(a) for a in both))
         cmap = "viridis"
         if lo < 0 < hi:  # a signed field: diverging colours centred on zero
             cmap, hi = "RdBu_r", max(-lo, hi)
             lo = -hi
-        show(axes[0, column], clean, f"clean {name}", cmap, lo, hi)
-        show(axes[1, column], noisy, f"noisy {name} (σ = {s:.3g})", cmap, lo, hi)
+        if clean is None:  # a measurement: no clean displacement
+            axes[0, column].text(0.5, 0.5, f"no clean {name}\n(a measurement)", ha="center",
+                                 va="center", transform=axes[0, column].transAxes)
+            axes[0, column].set_axis_off()
+        else:
+            show(axes[0, column], clean, f"clean {name}", cmap, lo, hi)
+        label = "measured" if clean is None else "noisy"
+        show(axes[1, column], noisy, f"{label} {name} (σ = {s:.3g})", cmap, lo, hi)
     index = getattr(sample, "index", None)
     heading = title or (f"sample {index}" if index is not None else "sample")
     force = float(getattr(sample, "force_std", 0.0) or 0.0)

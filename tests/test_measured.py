@@ -181,6 +181,49 @@ def test_displacement_images_round_trip_to_the_internal_estimate(folder):
         np.testing.assert_allclose(archive["E"], internal.reshape(grid.shape) * 100.0, rtol=1e-9)
 
 
+def test_a_curved_probe_mesh_takes_its_load_and_support_facets_from_the_file(folder):
+    comm = MPI.COMM_WORLD
+    mesh = Domain.from_file(MESHES / "sector-2d.msh", comm).to_arrays()
+    data = simulate_dataset(folder / "sector.h5", 1, mesh_settings(mesh, snr_db=35.0, seed=3),
+                            comm, progress=False)
+    internal = load_reconstructions(reconstruct_dataset(data, folder / "sector-est.h5", comm,
+                                                        "ml", progress=False)).estimates[0]
+    with load_dataset(data) as d:
+        s = d.sample(0)
+    source = folder / "sector.mat"  # 1-based, as MATLAB would hold them
+    _on_root(lambda: scipy.io.savemat(source, {
+        "nodes": mesh.points, "cells": mesh.cells + 1, "top": mesh.load + 1,
+        "bottom": mesh.support + 1, "ux": s.ux_noisy, "uy": s.uy_noisy}))
+    flags = ["--ux", "ux", "--uy", "uy", "--noise-std", *(repr(v) for v in s.noise_std),
+             "--traction", str(TRACTION_PA)]
+    status = main(["import", str(source), "--out", str(folder / "sector-m.h5"), *flags],
+                  abort_on_error=False)
+    assert status == 2  # the arc at the top has no facet at the largest y: it must be named
+    assert main(["import", str(source), "--out", str(folder / "sector-m.h5"), *flags,
+                 "--load-facets", "top", "--support-facets", "bottom"]) == 0
+    out = folder / "sector-m-est.h5"
+    assert main(["reconstruct", str(folder / "sector-m.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0], internal, rtol=1e-9)
+
+
+def test_the_denoiser_warns_when_its_raster_is_far_from_its_training_resolution(simulated,
+                                                                                folder):
+    from fenics_red.red import load_denoiser, raster_shape, resolution_warning
+
+    with load_dataset(folder / "sim.h5") as d:
+        settings = d.settings
+    denoiser = load_denoiser(None)
+    assert raster_shape(settings) == settings.grid.shape  # the mesh's mean node spacing
+    assert resolution_warning(denoiser, settings) is None  # 57 x 43 pixels against 65 x 65
+    message = resolution_warning(denoiser, settings, pixel=0.1)  # 401 x 301
+    assert "401 x 301" in message and "--pixel" in message
+    out = folder / "coarse-raster.h5"
+    assert main(["reconstruct", str(folder / "sim.h5"), "--sample", "0", "--method",
+                 "denoised-ml", "--pixel", "2.0", "--out", str(out), "--quiet"]) == 0
+    assert load_reconstructions(out).attrs["settings"]["pixel"] == 2.0
+
+
 def test_missing_pixels_carry_no_data_and_stay_empty_in_the_output(folder):
     grid = ImageGrid(24, 16, 24.0, 16.0)
     comm = MPI.COMM_WORLD
@@ -278,12 +321,20 @@ def test_the_noise_level_is_estimated_from_the_data_when_not_given(simulated, fo
 
 # -- bad input: one line, exit status 2, no output -----------------------------------------------
 
+def _folded(mesh) -> np.ndarray:
+    """The mesh's points with one interior node moved past a neighbour: its cells fold over."""
+    counts = np.bincount(mesh.cells.ravel())
+    k = int(np.argmax(counts))  # a node inside, with the most cells around it
+    j = int(next(n for n in mesh.cells[np.any(mesh.cells == k, axis=1)][0] if n != k))
+    points = mesh.points.copy()
+    points[k] += 1.5 * (points[j] - points[k])
+    return points
+
+
 def _bad_files(folder: Path, mesh, sample) -> dict:
     p, c, n = mesh.points, mesh.cells, len(mesh.points)
     ux, uy = sample.ux_noisy, sample.uy_noisy
     other = MeshArrays.of_grid(ImageGrid(8, 6, 40.0, 30.0))
-    flipped = c.copy()
-    flipped[0, [0, 1]] = flipped[0, [1, 0]]
     repeated = c.copy()
     repeated[0, 2] = repeated[0, 1]
     cases = {
@@ -296,7 +347,7 @@ def _bad_files(folder: Path, mesh, sample) -> dict:
                           "uy": uy}, ["--ux", "ux", "--uy", "uy"], "reference node"),
         "zero-area": ({"nodes": p, "cells": repeated, "ux": ux, "uy": uy},
                       ["--ux", "ux", "--uy", "uy"], "zero area"),
-        "inverted": ({"nodes": p, "cells": flipped, "ux": ux, "uy": uy},
+        "inverted": ({"nodes": _folded(mesh), "cells": c, "ux": ux, "uy": uy},
                      ["--ux", "ux", "--uy", "uy"], "inverted"),
         "other-mesh": ({"nodes": other.points, "cells": other.cells, "ux": ux, "uy": uy},
                        ["--ux", "ux", "--uy", "uy"], "do not match"),
@@ -325,6 +376,17 @@ def test_bad_measurements_get_one_line_and_no_output(simulated, folder, capsys):
         assert not out.exists() and not list(folder.glob(f".bad-{name}.h5*")), name
 
 
+def test_cells_in_any_orientation_are_accepted_and_folds_refused():
+    from fenics_red.measured import check_cells
+
+    grid = MeshArrays.of_grid(ImageGrid(6, 4, 6.0, 4.0))  # DOLFINx orients cells both ways
+    cells = grid.cells.copy()
+    cells[::3, [0, 1]] = cells[::3, [1, 0]]
+    check_cells(grid.points, cells)
+    with pytest.raises(ValueError, match="inverted cells"):
+        check_cells(_folded(grid), grid.cells)
+
+
 def test_missing_corrupt_and_unknown_files_are_refused(folder, capsys):
     comm = MPI.COMM_WORLD
     corrupt = folder / "corrupt.mat"
@@ -344,11 +406,9 @@ def test_missing_corrupt_and_unknown_files_are_refused(folder, capsys):
 
 def test_an_existing_data_set_is_kept_when_the_import_fails(simulated, folder, capsys):
     good, mesh = folder / "sim.h5", simulated["mesh"]
-    cells = mesh.cells.copy()
-    cells[3, [0, 1]] = cells[3, [1, 0]]
     bad = folder / "inverted.npz"
-    _on_root(lambda: np.savez(bad, nodes=mesh.points, cells=cells, ux=simulated["sample"].ux_noisy,
-                              uy=simulated["sample"].uy_noisy))
+    _on_root(lambda: np.savez(bad, nodes=_folded(mesh), cells=mesh.cells,
+                              ux=simulated["sample"].ux_noisy, uy=simulated["sample"].uy_noisy))
     before = good.read_bytes() if MPI.COMM_WORLD.rank == 0 else None
     status = main(["import", str(bad), "--out", str(good), "--overwrite", "--ux", "ux", "--uy",
                    "uy", "--snr", "35"], abort_on_error=False)

@@ -34,7 +34,10 @@ def register(subparsers) -> None:
                        ("axial", "axial displacement image"),
                        ("lateral", "lateral displacement image"),
                        ("valid", "validity mask: nonzero where the displacement was measured"),
-                       ("reference", "reference-region mask (with --normalise reference)")):
+                       ("reference", "reference-region mask (with --normalise reference)"),
+                       ("load-facets", "loaded boundary facets: node lists (F, 2) or (F, 3), "
+                                       "numbered as the cells (default: the top, largest y/z)"),
+                       ("support-facets", "supported boundary facets (default: the bottom)")):
         names.add_argument(f"--{flag}", metavar="NAME", help=what)
     names.add_argument("--interleaved", action="store_true",
                        help="a 1-D --displacement is [ux0, uy0, ux1, uy1, ...]")
@@ -90,7 +93,8 @@ def settings_from_args(args) -> ImportSettings:
         index_base=args.index_base, mesh=args.mesh,
         spacing=None if args.spacing is None else tuple(args.spacing),
         roi=None if args.roi is None else tuple(args.roi), valid=args.valid,
-        reference=args.reference, length_unit=args.length_unit,
+        reference=args.reference, load_facets=args.load_facets,
+        support_facets=args.support_facets, length_unit=args.length_unit,
         displacement_unit=args.displacement_unit, modulus_unit=args.modulus_unit,
         traction=args.traction, normalise=args.normalise,
         reference_modulus=args.reference_modulus, support=args.support,
