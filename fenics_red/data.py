@@ -32,7 +32,10 @@ phantom settings ``phantoms`` (JSON); the masks ``masks_dir``, ``n_masks``, ``ma
 
 Every file holds its mesh in the group ``mesh``: ``points`` ``(N, gdim)`` in the file's node order,
 ``cells`` (0-based), and the ``load`` and ``support`` facets as node lists
-(:class:`~fenics_red.domain.MeshArrays`; fingerprint ``mesh_sha256``), so it is self-contained. On
+(:class:`~fenics_red.domain.MeshArrays`; fingerprint ``mesh_sha256``), so it is self-contained.
+An imported measurement (``source = "measurement"``, :mod:`fenics_red.measured`) may also hold
+``mesh/force``, nodal forces ``(N, gdim)`` that load the model instead of the traction, and
+per-node ``valid`` and ``reference`` flags; it has no truth and no clean ``ux``, ``uy``. On
 a grid the nodes are the pixels in row-major order, so the images above are the nodal values in
 that order. On a mesh (``simulate --mesh``, ``layout = "mesh"``) the same datasets hold one value
 per node, ``(n, N)`` instead of ``(n, ny+1, nx+1)``, and the grid attributes (with ``x0``, ``y0``)
@@ -203,7 +206,10 @@ def mesh_digest(mesh: MeshArrays) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for array in (mesh.points, mesh.cells, mesh.load, mesh.support):
+    arrays = [mesh.points, mesh.cells, mesh.load, mesh.support]
+    if mesh.force is not None:  # a measurement's nodal forces are part of its mesh
+        arrays.append(mesh.force)
+    for array in arrays:
         array = np.ascontiguousarray(array)
         digest.update(str((array.shape, array.dtype.str)).encode())
         digest.update(array.tobytes())
@@ -551,6 +557,8 @@ class Dataset:
             if key not in f or not hasattr(f[key], "shape"):
                 self._fail(f"format 2 needs the dataset {key!r} (the mesh)")
             arrays[name] = np.asarray(f[key][...])
+        if "mesh/force" in f:
+            arrays["force"] = np.asarray(f["mesh/force"][...])
         try:
             mesh = MeshArrays(**arrays)
         except ValueError as error:

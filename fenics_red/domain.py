@@ -40,13 +40,15 @@ class MeshArrays:
 
     ``points`` ``(N, gdim)``, 0-based ``cells`` ``(M, gdim + 1)``, and the ``load`` and
     ``support`` facets as node lists ``(F, gdim)``. Values on such a mesh are arrays of
-    :attr:`shape` ``(N,)``, node ``i`` at ``points[i]``.
+    :attr:`shape` ``(N,)``, node ``i`` at ``points[i]``. ``force``: optional nodal forces
+    ``(N, gdim)`` (a measurement's load, in place of the traction on the ``load`` facets).
     """
 
     points: np.ndarray
     cells: np.ndarray
     load: np.ndarray
     support: np.ndarray
+    force: np.ndarray | None = None
 
     def __post_init__(self):
         points = np.asarray(self.points)
@@ -73,6 +75,13 @@ class MeshArrays:
             arrays[name] = a.astype(np.int64)
         if len(arrays["cells"]) == 0:
             raise ValueError("the mesh has no cells")
+        if self.force is not None:
+            force = np.asarray(self.force)
+            if (force.shape != (n, gdim) or force.dtype.kind not in "fiu"
+                    or not np.isfinite(force).all()):
+                raise ValueError(f"nodal forces must be finite numbers of shape ({n}, {gdim}), "
+                                 f"got shape {force.shape}")
+            arrays["force"] = force.astype(np.float64)
         for name, value in arrays.items():
             object.__setattr__(self, name, value)
 
@@ -93,7 +102,7 @@ class MeshArrays:
     def domain(self, comm: MPI.Comm) -> Domain:
         """The distributed domain of these arrays. Collective."""
         return Domain.from_arrays(self.points, self.cells, comm, load=self.load,
-                                  support=self.support, source="data set")
+                                  support=self.support, source="data set", force=self.force)
 
 
 def make_domain(spec, comm: MPI.Comm) -> Domain:
@@ -119,6 +128,8 @@ class Domain:
             the image pixels (then images convert exactly), else ``None``.
         source: where the mesh came from (a file path, or ``"grid"``), for the record.
         num_file_nodes: number of nodes in the source's own order (see :meth:`node_indices`).
+        force: nodal forces ``(num_file_nodes, gdim)`` in file order on every rank, applied
+            instead of the traction (a measurement's load), or ``None``.
     """
 
     mesh: mesh.Mesh
@@ -126,6 +137,7 @@ class Domain:
     grid: object = None
     source: str = "mesh"
     num_file_nodes: int = 0
+    force: np.ndarray | None = None
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -173,7 +185,7 @@ class Domain:
 
     @classmethod
     def from_arrays(cls, points, cells, comm: MPI.Comm, load=None, support=None,
-                    source: str = "arrays") -> Domain:
+                    source: str = "arrays", force=None) -> Domain:
         """A domain from node coordinates ``(N, gdim)`` and 0-based cells ``(M, gdim + 1)``
         (triangles or tetrahedra), given on rank 0 (ignored elsewhere). ``load``/``support``:
         optional boundary facets as node lists ``(F, gdim)``; missing ones follow the depth
@@ -212,7 +224,9 @@ class Domain:
             tags = mesh.meshtags_from_entities(msh, fdim, adjacencylist(local.astype(np.int32)),
                                                local_values.astype(np.int32))
             names = {n: LOAD if n == "load" else SUPPORT for n in given}
-        return cls.from_mesh(msh, tags, names, source=source, num_file_nodes=n_nodes)
+        force = None if force is None else np.asarray(force, dtype=np.float64)
+        return cls.from_mesh(msh, tags, names, source=source, num_file_nodes=n_nodes,
+                             force=force)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, comm: MPI.Comm) -> Domain:
@@ -275,7 +289,7 @@ class Domain:
                    "cells": np.vstack([g[1] for g in gathered])[np.argsort(order, kind="stable")]}
             for name, parts in facets.items():
                 out[name] = np.unique(np.sort(np.vstack(parts), axis=1), axis=0)
-        return MeshArrays(**self.comm.bcast(out, root=0))
+        return MeshArrays(**self.comm.bcast(out, root=0), force=self.force)
 
     def node_indices(self, V: fem.FunctionSpace) -> np.ndarray:
         """File node index of each local (owned, then ghost) node of a P1 space ``V``.

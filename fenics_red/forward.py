@@ -173,6 +173,12 @@ class ElasticityModel:
         self.b = fem_petsc.create_vector(self._L)
         self.ksp = self._create_solver()
         self._images = {}
+        self._force = None
+        if domain.force is not None:  # nodal forces (file order) instead of the traction
+            force = fem.Function(self.V, name="nodal force")
+            self.from_values(np.asarray(domain.force).T, force.x.array, "V", "nodal force")
+            n_owned = self.V.dofmap.index_map.size_local * self.V.dofmap.index_map_bs
+            self._force = force.x.array[:n_owned].copy()
         #: pixel size of the raster of a mesh (:meth:`images`; ``None``: its mean node spacing)
         self.raster_spacing: float | None = None
 
@@ -383,12 +389,15 @@ class ElasticityModel:
         return D
 
     def assemble_load(self) -> PETSc.Vec:
-        """Reassemble the load vector ``f`` (Dirichlet rows hold the prescribed values)."""
+        """Reassemble the load vector ``f`` (Dirichlet rows hold the prescribed values): the
+        traction's, plus the domain's nodal forces when it has them."""
         with self.b.localForm() as local:
             local.set(0.0)
         fem_petsc.assemble_vector(self.b, self._L)
         fem_petsc.apply_lifting(self.b, [self._a], bcs=[self.bcs])
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        if self._force is not None:  # point loads: one value per owned dof
+            self.b.array[:] += self._force
         fem_petsc.set_bc(self.b, self.bcs)
         return self.b
 

@@ -118,6 +118,9 @@ class ImportSettings:
         reference: variable of a reference-region mask (``normalise = "reference"``).
         length_unit, displacement_unit: ``m``, ``mm`` or ``um``; modulus_unit: ``Pa`` or ``kPa``.
         traction: the known probe pressure on the loaded boundary in Pa (``None``: unknown force).
+        force: instead, a variable of known nodal forces (nodal data; shaped as the
+            displacement) in Pa times the length unit to the power ``d - 1`` (N/m per unit
+            thickness in 2-D with metres, N in 3-D).
         normalise: with an unknown force, ``"background"`` (median over the measured nodes) or
             ``"reference"`` (median over the ``reference`` mask).
         reference_modulus: the modulus of that background or region in ``modulus_unit``
@@ -150,6 +153,7 @@ class ImportSettings:
     displacement_unit: str = "mm"
     modulus_unit: str = "kPa"
     traction: float | None = None
+    force: str | None = None
     normalise: str = "background"
     reference_modulus: float | None = None
     support: str = "fixed"
@@ -177,8 +181,11 @@ class ImportSettings:
                 raise ValueError("the region of interest must be DEPTH_FROM DEPTH_TO LATERAL_FROM "
                                  f"LATERAL_TO with from < to, got {self.roi!r}")
             set_(self, "roi", roi)
+        if self.traction is not None and self.force is not None:
+            raise ValueError("give the load once: a traction or nodal forces, not both")
         if self.traction is not None:
             set_(self, "traction", validation.positive(self.traction, "the traction (Pa)"))
+        if self.known_force:
             if self.reference_modulus is not None:
                 raise ValueError("a known traction gives absolute moduli; the reference modulus "
                                  "is for an unknown force (leave out one of them)")
@@ -205,7 +212,7 @@ class ImportSettings:
 
     @property
     def known_force(self) -> bool:
-        return self.traction is not None
+        return self.traction is not None or self.force is not None
 
     def forward_settings(self, traction: float):
         from .forward import ForwardSettings
@@ -456,6 +463,27 @@ def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int
     return [(int(owner[first[i]]), int(owner[first[i] + 1])) for i in bad]
 
 
+def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, what: str
+           ) -> tuple[np.ndarray, dict]:
+    """A nodal vector field ``(d, N)`` stored as ``(N, d)``, ``(d, N)`` or interleaved."""
+    array = _vector(file.get(name, what))
+    if array.ndim == 1:
+        if array.size != d * n:
+            raise ValueError(f"{what} {name!r} has {array.size} values, but {n} nodes in "
+                             f"{d}-D need {d * n}: a mesh and a {what} that do not match")
+        if not interleaved:
+            raise ValueError(f"{what} {name!r} is a vector of {d} x {n} values: pass "
+                             "--interleaved if it is [x0, y0, x1, y1, ...]")
+        return array.reshape(n, d).T.astype(np.float64), {"vector": name, "interleaved": True}
+    if array.shape == (n, d):
+        return array.T.astype(np.float64), {"vector": name, "shape": "nodes x components"}
+    if array.shape == (d, n):
+        return array.astype(np.float64), {"vector": name, "shape": "components x nodes"}
+    raise ValueError(f"{what} {name!r} has shape {array.shape}; {n} nodes in {d}-D need "
+                     f"({n}, {d}), ({d}, {n}) or {d * n} interleaved values: a mesh and a "
+                     f"{what} that do not match")
+
+
 def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[np.ndarray, dict]:
     """Nodal displacement ``(d, N)`` in the file's unit and how it was stored."""
     if any(name is not None for name in (s.ux, s.uy, s.uz)):
@@ -470,21 +498,7 @@ def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[
                                  f"{n} nodes: a mesh and a displacement that do not match")
         return np.stack(arrays).astype(np.float64), {"components": names}
     name = file.find(s.displacement, "displacement", "the displacement")
-    array = _vector(file.get(name, "the displacement"))
-    if array.ndim == 1:
-        if array.size != d * n:
-            raise ValueError(f"displacement {name!r} has {array.size} values, but {n} nodes in "
-                             f"{d}-D need {d * n}: a mesh and a displacement that do not match")
-        if not s.interleaved:
-            raise ValueError(f"displacement {name!r} is a vector of {d} x {n} values: pass "
-                             "--interleaved if it is [ux0, uy0, ux1, uy1, ...]")
-        return array.reshape(n, d).T.astype(np.float64), {"vector": name, "interleaved": True}
-    if array.shape == (n, d):
-        return array.T.astype(np.float64), {"vector": name, "shape": "nodes x components"}
-    if array.shape == (d, n):
-        return array.astype(np.float64), {"vector": name, "shape": "components x nodes"}
-    raise ValueError(f"displacement {name!r} has shape {array.shape}; {n} nodes in {d}-D need "
-                     f"({n}, {d}), ({d}, {n}) or {d * n} interleaved values")
+    return _field(file, name, n, d, s.interleaved, "displacement")
 
 
 def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.ndarray | None:
@@ -536,6 +550,12 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
     layout.update(stored)
     valid = _mask(file, s.valid, (n,), "validity mask")
     reference = _mask(file, s.reference, (n,), "reference mask")
+    if s.force is not None:
+        force, stored = _field(file, s.force, n, d, s.interleaved, "nodal force")
+        if not np.isfinite(force).all():
+            raise ValueError(f"nodal force {s.force!r} has non-finite values")
+        mesh = dataclasses.replace(mesh, force=force.T)
+        layout["force"] = stored
     return mesh, u, valid, reference, layout
 
 
@@ -668,6 +688,9 @@ def read_measurement(path: str | os.PathLike, settings: ImportSettings) -> Measu
     if s.image:
         if s.spacing is None:
             raise ValueError("displacement images need the pixel spacing: --spacing AXIAL LATERAL")
+        if s.force is not None:
+            raise ValueError("nodal forces (--force) go with nodal data on a mesh; give images a "
+                             "--traction, or none")
         mesh, u, valid, reference, layout = _image(file, s)
     else:
         if s.spacing is not None or s.roi is not None:
@@ -675,7 +698,10 @@ def read_measurement(path: str | os.PathLike, settings: ImportSettings) -> Measu
                              "their mesh")
         mesh, u, valid, reference, layout = _nodal(file, s)
         valid = _check_values(u, valid)
-    mesh = MeshArrays(mesh.points * to_mm, mesh.cells, mesh.load, mesh.support)
+    force = None
+    if mesh.force is not None:  # Pa (length unit)^(d-1) -> the package's units, mm
+        force = mesh.force * (MODULUS_UNITS["Pa"] / KPA) * to_mm ** (mesh.dim - 1)
+    mesh = MeshArrays(mesh.points * to_mm, mesh.cells, mesh.load, mesh.support, force)
     if not valid.any():
         raise ValueError("no node has a measured displacement (all NaN or masked out)")
     if reference is not None and not (reference & valid).any():
@@ -787,7 +813,9 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
     free = valid.copy()
     free[support] = False
     snr = _snr_db(u, free, sigma)
-    if s.known_force:
+    if s.force is not None:
+        traction, force = 0.0, "known (nodal forces)"
+    elif s.known_force:
         traction = s.traction * MODULUS_UNITS["Pa"] / KPA  # Pa -> the package's unit
         force = "known"
     else:
@@ -821,8 +849,9 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
             f["reference"] = m.reference[None].astype(np.uint8)
         f["done"] = np.ones(1, dtype=np.uint8)
         group = f.create_group("mesh")
-        for name in ("points", "cells", "load", "support"):
-            group[name] = getattr(mesh, name)
+        for name in ("points", "cells", "load", "support", "force"):
+            if getattr(mesh, name) is not None:
+                group[name] = getattr(mesh, name)
     return {"nodes": len(mesh.points), "valid": int(valid.sum()), "noise_std_mm": list(sigma),
             "noise": noise_how, "snr_db": snr, "force": force, "layout": m.layout}
 
@@ -832,9 +861,10 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
 def describe_output(s: ImportSettings) -> dict:
     """What the reported modulus is: its unit (for the file and the colour bar) and meaning."""
     if s.known_force:
+        load = (f"known traction {s.traction:g} Pa" if s.force is None
+                else f"known nodal forces {s.force!r}")
         return {"unit": s.modulus_unit, "label": f"E [{s.modulus_unit}]", "short": "known force",
-                "meaning": f"absolute Young's modulus in {s.modulus_unit} (known traction "
-                           f"{s.traction:g} Pa)"}
+                "meaning": f"absolute Young's modulus in {s.modulus_unit} ({load})"}
     where = ("the median over the measured nodes (background)" if s.normalise == "background"
              else "the median over the reference region")
     if s.reference_modulus is None:

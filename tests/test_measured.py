@@ -181,6 +181,42 @@ def test_displacement_images_round_trip_to_the_internal_estimate(folder):
         np.testing.assert_allclose(archive["E"], internal.reshape(grid.shape) * 100.0, rtol=1e-9)
 
 
+def _nodal_force(mesh) -> np.ndarray:
+    """The simulation's load vector (traction 1e-3 on the load facets) as nodal forces (N, 2)."""
+    from dolfinx import fem
+
+    from fenics_red.forward import ElasticityModel
+
+    model = ElasticityModel(mesh.domain(MPI.COMM_SELF))
+    try:
+        b = model.assemble_load()
+        f = fem.Function(model.V)
+        f.x.petsc_vec.array[:] = b.array_r
+        f.x.scatter_forward()
+        return model.to_values(f.x.array, "V").T
+    finally:
+        model.destroy()
+
+
+def test_known_nodal_forces_load_the_model_as_the_traction_does(simulated, folder):
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source = folder / "forces.npz"
+    # metres: a nodal force in Pa m (N per metre of thickness); the package's is 100 kPa mm
+    _on_root(lambda: np.savez(source, nodes=mesh.points * 1e-3, cells=mesh.cells,
+                              u=np.column_stack([sample.ux_noisy, sample.uy_noisy]) * 1e-3,
+                              F=_nodal_force(mesh) * 1e5 * 1e-3))
+    out = folder / "forces-est.h5"
+    assert main(["import", str(source), "--out", str(folder / "forces.h5"), "--displacement", "u",
+                 "--force", "F", "--length-unit", "m", "--displacement-unit", "m",
+                 "--noise-std", *(repr(v * 1e-3) for v in sample.noise_std)]) == 0
+    assert main(["reconstruct", str(folder / "forces.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0], simulated["estimate"],
+                               rtol=1e-9)
+    with np.load(folder / "forces-est-modulus.npz") as archive:
+        assert "nodal forces 'F'" in str(archive["E_meaning"])
+
+
 def test_a_curved_probe_mesh_takes_its_load_and_support_facets_from_the_file(folder):
     comm = MPI.COMM_WORLD
     mesh = Domain.from_file(MESHES / "sector-2d.msh", comm).to_arrays()

@@ -69,6 +69,10 @@ def register(subparsers) -> None:
     load.add_argument("--plane-strain", action="store_true",
                       help="plane strain instead of plane stress")
     load.add_argument("--nu", type=float, default=0.495, help="Poisson ratio (default %(default)s)")
+    load.add_argument("--force", metavar="NAME",
+                      help="instead of --traction: known nodal forces, shaped as the "
+                           "displacement, in Pa x (length unit)^(d-1) (N/m per unit thickness "
+                           "in 2-D with --length-unit m)")
     scale = parser.add_argument_group("unknown force")
     scale.add_argument("--normalise", choices=["background", "reference"], default="background",
                        help="divide the modulus by its median over the measured nodes "
@@ -96,7 +100,7 @@ def settings_from_args(args) -> ImportSettings:
         reference=args.reference, load_facets=args.load_facets,
         support_facets=args.support_facets, length_unit=args.length_unit,
         displacement_unit=args.displacement_unit, modulus_unit=args.modulus_unit,
-        traction=args.traction, normalise=args.normalise,
+        traction=args.traction, force=args.force, normalise=args.normalise,
         reference_modulus=args.reference_modulus, support=args.support,
         plane="strain" if args.plane_strain else "stress", nu=args.nu, snr_db=args.snr,
         noise_std=None if args.noise_std is None else tuple(args.noise_std),
