@@ -254,13 +254,19 @@ class Denoiser:
 
     def _residual(self, x: np.ndarray) -> np.ndarray:
         """The network's residual on one checked image, averaged over the left-right flip when
-        :attr:`flip_average` is set."""
+        :attr:`flip_average` is set; ``ValueError`` when it is not finite (a diverged model)."""
         with torch.inference_mode():
             tensor = torch.from_numpy(x).to(self.device)[None, None]
             if not self.flip_average:
-                return self.network.residual(tensor)[0, 0].cpu().numpy()
-            both = self.network.residual(torch.cat([tensor, tensor.flip(-1)]))
-            return (0.5 * (both[0, 0] + both[1, 0].flip(-1))).cpu().numpy()
+                residual = self.network.residual(tensor)[0, 0].cpu().numpy()
+            else:
+                both = self.network.residual(torch.cat([tensor, tensor.flip(-1)]))
+                residual = (0.5 * (both[0, 0] + both[1, 0].flip(-1))).cpu().numpy()
+        if not np.isfinite(residual).all():
+            raise ValueError(f"the denoiser gave {int((~np.isfinite(residual)).sum())} "
+                             "non-finite value(s) (NaN or inf) on a finite image: the model is "
+                             "broken (a diverged training run?); retrain it")
+        return residual
 
     def save(self, path: str | os.PathLike, card: dict | None = None, *,
              overwrite: bool = True, half: bool = False) -> Path:
@@ -278,6 +284,10 @@ class Denoiser:
         except (TypeError, ValueError) as error:
             raise ValueError(f"the model card must be JSON-serialisable: {error}") from None
         state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        bad = _non_finite(state)
+        if bad:
+            raise ValueError(f"the denoiser's weights {bad} are not finite (a diverged training "
+                             "run?); nothing was written")
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         payload = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
@@ -326,8 +336,20 @@ class Denoiser:
             first = str(error).strip().splitlines()
             raise ValueError(f"{where}: the weights do not match its architecture {config}: "
                              f"{' '.join(line.strip() for line in first[:4])}") from None
+        bad = _non_finite(network.state_dict())
+        if bad:
+            raise ValueError(f"{where} has non-finite weights (NaN or inf) in {bad}: the model "
+                             "of a diverged training run; retrain it")
         card = payload["card"] if isinstance(payload["card"], dict) else {}
         return cls(network, card, device, flip_average)
+
+
+def _non_finite(state: dict) -> list[str]:
+    """The names of the floating-point tensors of a state dict holding NaN or inf (first 3)."""
+    names = [name for name, value in state.items()
+             if torch.is_tensor(value) and value.is_floating_point()
+             and not bool(torch.isfinite(value).all())]
+    return names[:3] + (["..."] if len(names) > 3 else [])
 
 
 def _read_torch_file(path: Path, what: str):

@@ -46,7 +46,7 @@ from mpi4py import MPI
 import numpy as np
 
 from .data import load_dataset
-from .io import atomic_output, plain, to_json
+from .io import OutputLock, atomic_output, hdf5_digest, plain, to_json
 from .jobs import ResumableOutput
 from .methods import get_method
 from .metrics import METRIC_NAMES, evaluate_metrics
@@ -161,34 +161,53 @@ class _RunFolder(ResumableOutput):
         return row.row
 
 
-def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Create the output folder or check that it belongs to this evaluation (rank 0)."""
+def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> OutputLock:
+    """Create the output folder or check that it belongs to this evaluation (rank 0); return
+    the lock of the folder (``evaluation.json.lock``), held until the evaluation ends.
+
+    Nothing is deleted before the folder is known to be an evaluation folder: ``--overwrite``
+    replaces an evaluation's own results, never a folder of other files."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the parent folder of {str(out)!r} does not exist")
     record = out / "evaluation.json"
-    if out.exists() and overwrite:
-        for name in ("estimates", "figures", "xdmf"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("evaluation.json", "metrics.csv", "metrics.json", "summary.md"):
-            (out / name).unlink(missing_ok=True)
+    old = None
     if record.exists():
         try:
             old = json.loads(record.read_text())
         except (OSError, ValueError):
             old = None
         if not isinstance(old, dict) or old.get("format") != _FORMAT:
-            raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass --overwrite "
-                             "to start again")
-        if old.get("data") != manifest["data"]:
-            raise ValueError(f"{str(out)!r} holds an evaluation of another data set "
-                             f"({old.get('data', {}).get('path')!r}); use another folder or "
-                             "--overwrite")
+            if not overwrite:
+                raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
+                                 "--overwrite to start again")
+            old = None
+    elif out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} is a file, not a folder")
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {str(out)!r} exists and is not an evaluation "
-                              "folder; choose a new folder or pass --overwrite")
+                              "folder (no evaluation.json); choose a new folder"
+                              + ("" if overwrite else " or an empty one")
+                              + ": --overwrite only replaces an evaluation's own results")
     out.mkdir(exist_ok=True)
-    with atomic_output(record, overwrite=True) as tmp:
-        Path(tmp).write_text(to_json(manifest, indent=2) + "\n")
+    lock = OutputLock(record)
+    try:
+        if overwrite:
+            for name in ("estimates", "figures", "xdmf"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("evaluation.json", "metrics.csv", "metrics.json", "summary.md"):
+                (out / name).unlink(missing_ok=True)
+        elif old is not None and old.get("data") != manifest["data"]:
+            changed = ("values changed since" if old.get("data", {}).get("path")
+                       == manifest["data"]["path"] else "another data set than")
+            raise ValueError(f"{str(out)!r} holds an evaluation of {changed} the data set "
+                             f"{manifest['data']['path']!r} (its fingerprint differs); use "
+                             "another folder or --overwrite")
+        with atomic_output(record, overwrite=True) as tmp:
+            Path(tmp).write_text(to_json(manifest, indent=2) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _no_truth(dataset, settings: EvaluationSettings) -> str | None:
@@ -210,6 +229,7 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
     truth: module docstring). Layout of ``out``: module docstring.
     """
     out = Path(out)
+    lock: OutputLock | None = None  # rank 0's lock of the folder
     dataset = check_all(comm, lambda: load_dataset(data_path))
     try:
         n = len(dataset)
@@ -218,10 +238,18 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
         if bad:
             raise ValueError(f"sample(s) {bad} do not exist: {str(data_path)!r} has {n} samples "
                              f"(0 to {n - 1})")
-        manifest = plain({"format": _FORMAT, "data": {"path": str(Path(data_path).resolve()),
-                                                      "n_samples": n, **dataset.attrs}},
-                         for_json=True)
-        on_root(comm, lambda: _prepare_folder(out, manifest, overwrite))
+        manifest = plain({"format": _FORMAT, "data": {
+            "path": str(Path(data_path).resolve()), "n_samples": n, **dataset.attrs,
+            "sha256": on_root(comm, lambda: hdf5_digest(data_path))}}, for_json=True)
+
+        def prepare():
+            nonlocal lock
+            lock = _prepare_folder(out, manifest, overwrite)
+        on_root(comm, prepare)
+    except BaseException:
+        dataset.close()
+        raise
+    try:
         no_truth = _no_truth(dataset, settings)
         if no_truth and comm.rank == 0:
             warnings.warn(f"metrics and truth figures skipped: {no_truth}; the estimates and "
@@ -235,10 +263,14 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
         return on_root(comm, lambda: _report(out, dataset, indices, settings, no_truth))
     finally:
         dataset.close()
+        if lock is not None:
+            lock.release()
 
 
 def summarise(rows: Sequence[Mapping], methods: Sequence[str]) -> dict:
-    """``{method: {metric: {"mean", "std", "count"}}}`` over the finite values of each metric."""
+    """``{method: {metric: {"mean", "std", "count", "non_finite"}}}`` over the finite values of
+    each metric; ``non_finite`` counts the values left out (NaN or inf, e.g. the CNR of a flat
+    image), which :func:`summary_table` marks."""
     summary = {}
     for method in methods:
         chosen = [r for r in rows if r["method"] == method]
@@ -249,7 +281,7 @@ def summarise(rows: Sequence[Mapping], methods: Sequence[str]) -> dict:
             summary[method][name] = {
                 "mean": float(finite.mean()) if finite.size else math.nan,
                 "std": float(finite.std()) if finite.size else math.nan,
-                "count": int(finite.size)}
+                "count": int(finite.size), "non_finite": int(values.size - finite.size)}
     return summary
 
 
@@ -267,12 +299,19 @@ def summary_table(summary: Mapping, methods: Sequence[str],
     """A Markdown table of mean ± std per method (one row per method)."""
     lines = ["| method | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
+    dropped = False
     for method in methods:
         cells = []
         for m in metrics:
             s = summary[method][m]
-            cells.append(f"{_format(s['mean'], m)} ± {_format(s['std'], m)}")
+            cell = f"{_format(s['mean'], m)} ± {_format(s['std'], m)}"
+            if s.get("non_finite"):
+                cell += f" ({s['count']} of {s['count'] + s['non_finite']})†"
+                dropped = True
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if dropped:
+        lines.append("\n† over the finite values only: the others (NaN or inf) are left out")
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +334,7 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     raster = ValueRaster(dataset.settings.space, dataset.grid)
     valid = None if dataset.mesh is None else raster.mask
     nodal = {}  # the estimates as stored (per node on a mesh), for the XDMF files
+    infos = {}  # the runs' info, {sample: {method: info}}
     for i in indices:
         sample = None if no_truth else dataset.sample(i)
         if sample is not None and dataset.mesh is not None:
@@ -304,6 +344,7 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
         estimates[i], nodal[i] = {}, {}
         for method in settings.methods:
             estimate, _, info = read_estimate(_run_path(out, method, i))
+            infos.setdefault(i, {})[method] = info
             if estimate.shape != tuple(dataset.value_shape):
                 raise ValueError(f"estimate file {str(_run_path(out, method, i))!r} has shape "
                                  f"{estimate.shape}, the data set {tuple(dataset.value_shape)}; "
@@ -339,6 +380,12 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
                                          sort_keys=False) + "\n")
         text = (f"{heading} Mean ± std over the samples (CNR over the finite values).\n\n"
                 + summary_table(summary, settings.methods))
+    missed = {method: [i for i in indices if infos[i][method].get("discrepancy_reached") is False]
+              for method in settings.methods}
+    for method, where in missed.items():
+        if where:
+            text += (f"\n{method} did not reach its discrepancy target (the noise level) on "
+                     f"sample(s) {where}: it stopped at its step limit.\n")
     with atomic_output(out / "summary.md", overwrite=True) as tmp:
         Path(tmp).write_text(text)
     if settings.figures or settings.xdmf:

@@ -5,6 +5,13 @@ complete, so an interrupted or failed run never leaves a half-written file over 
 (:func:`atomic_output`; the one exception is the resumable HDF5 file of :mod:`fenics_red.jobs`,
 which keeps its ``.partial`` name between runs on purpose). Values read from or written to files
 (HDF5 attributes, JSON records) go through :func:`plain` and :func:`to_json`.
+
+All or nothing: a finished output is flushed to the disk (:func:`sync_file`) before it is renamed
+into place, and the rename is checked (without ``overwrite`` it never replaces a file that
+appeared meanwhile). One run at a time: a run holds :class:`OutputLock` on ``OUT.lock`` while it
+writes ``OUT`` (``atomic_output`` and the resumable files do), and a second run is refused with a
+message naming the holder, instead of the two writing into one file. The lock is an ``flock``:
+the system drops it when its holder dies, however it dies.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import contextlib
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_output", "check_input_file", "check_output_path", "plain", "to_json"]
+__all__ = ["atomic_output", "check_input_file", "check_output_path", "plain", "to_json",
+           "OutputLock", "lock_path", "sync_file", "sync_folder", "replace_checked",
+           "content_digest", "hdf5_digest"]
 
 
 def plain(value, *, for_json: bool = False):
@@ -76,24 +87,176 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    """``OUT.lock``: the lock file of a run writing ``OUT`` (see :class:`OutputLock`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+class OutputLock:
+    """An exclusive lock on writing ``path``: ``flock`` of ``OUT.lock``, removed on release.
+
+    Raises ``FileExistsError`` naming the holder (process id, host, start time) when another run
+    holds it. The lock is re-entrant within a process (a run that holds the lock of its model
+    may write the model through :func:`atomic_output`). Use as a context manager or call
+    :meth:`release`; the system releases it when the process ends, even on ``SIGKILL``.
+    """
+
+    _held: dict[str, list] = {}  # resolved lock path -> [fd, count] held by this process
+
+    def __init__(self, path: str | os.PathLike):
+        self.target = Path(path)
+        self.path = lock_path(self.target)
+        self.key = str(self.path.resolve())
+        held = OutputLock._held.get(self.key)
+        if held is not None:
+            held[1] += 1
+            self._released = False
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 400).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise FileExistsError(
+                    f"output {str(self.target)!r} is being written by another run ({holder}); "
+                    f"wait for it to finish or stop it (its lock is {str(self.path)!r})") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # the previous holder may have removed the lock file between our open and flock
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        OutputLock._held[self.key] = [fd, 1]
+        self._released = False
+
+    def release(self) -> None:
+        """Release the lock (once; the last release of a re-entrant lock removes the file)."""
+        if self._released:
+            return
+        self._released = True
+        held = OutputLock._held[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            del OutputLock._held[self.key]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # while still holding it: a waiting run retries (above)
+            os.close(held[0])
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def sync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to the disk (``fsync``): a full disk is an error here, not later."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(path: str | os.PathLike) -> None:
+    """``fsync`` a folder, so that a rename in it survives a crash (ignored where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_checked(source: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished ``source`` to ``target``; without ``overwrite`` never replace a file
+    that another process created meanwhile (``FileExistsError``)."""
+    if overwrite:
+        os.replace(source, target)
+    else:
+        try:
+            os.link(source, target)  # atomic: fails if target exists
+        except FileExistsError:
+            raise FileExistsError(f"output {str(target)!r} appeared while this run was writing "
+                                  "it (another run?); it was left as it is") from None
+        except OSError:  # a file system without hard links: check, then rename
+            if target.exists():
+                raise FileExistsError(f"output {str(target)!r} appeared while this run was "
+                                      "writing it (another run?); it was left as it is") from None
+            os.replace(source, target)
+        else:
+            os.unlink(source)
+    sync_folder(target.parent)
+
+
+def hdf5_digest(path: str | os.PathLike) -> str:
+    """:func:`content_digest` of every dataset of an HDF5 file (by path inside the file): the
+    fingerprint of its values, unchanged by attributes or the file's byte layout."""
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item)
+                     if isinstance(item, h5py.Dataset) else None)
+        return content_digest(arrays)
+
+
+def content_digest(arrays) -> str:
+    """SHA-256 of named arrays' shapes, dtypes and values (``{name: array-like}``, in key order;
+    h5py datasets are read in blocks): the fingerprint of an input a resumed run must match."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        shape = tuple(getattr(array, "shape", np.shape(array)))
+        dtype = np.dtype(getattr(array, "dtype", np.asarray(array).dtype))
+        digest.update(f"{name}{shape}{dtype.str}".encode())
+        if len(shape) == 0:
+            digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+            continue
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        rows = max(1, 2**24 // max(1, row_bytes))
+        for start in range(0, shape[0], rows):
+            digest.update(np.ascontiguousarray(np.asarray(array[start:start + rows])).tobytes())
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it to ``path``, else delete it.
 
-    Serial: under MPI let one rank write (or give each rank its own file).
+    Holds :class:`OutputLock` of ``path`` meanwhile; the finished file is flushed to the disk
+    before the (checked: :func:`replace_checked`) rename, so a full disk fails the write, not a
+    later reader. Serial: under MPI let one rank write (or give each rank its own file).
     """
     path = check_output_path(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # mkstemp creates the file readable by its owner only; give the output the permissions
-        # of any new file (the umask's), so results can be shared with a group or a container
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with OutputLock(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            # mkstemp creates the file readable by its owner only; give the output the
+            # permissions of any new file (the umask's), so results can be shared with a group
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            sync_file(tmp)
+            replace_checked(tmp, path, overwrite)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

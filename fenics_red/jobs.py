@@ -23,6 +23,7 @@ share this pattern:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,11 +32,46 @@ from mpi4py import MPI
 
 import numpy as np
 
-from .io import plain
+from .io import OutputLock, plain, replace_checked
 from .parallel import on_root, raise_local_or_shared
 
 # ``plain`` lives in :mod:`fenics_red.io`; it is re-exported here for existing importers
-__all__ = ["ResumableOutput", "ResumableFile", "run_batches", "partial_path", "plain"]
+__all__ = ["ResumableOutput", "ResumableFile", "run_batches", "partial_path", "plain",
+           "write_error"]
+
+
+def write_error(error: BaseException) -> str:
+    """The reason of a failed write in a few words: the system's message inside HDF5's report
+    (``"No space left on device"``), else the error's text on one line."""
+    import re
+
+    text = str(error)
+    found = re.search(r"error message = '([^']*)'", text)
+    return found.group(1) if found else " ".join(text.split())
+
+
+def open_for_writing(path: Path, mode: str):
+    """An ``h5py.File`` (mode ``"w"`` or ``"r+"``) that writes only when told to: no chunk cache
+    and no sieve buffer (raw data is written by the call that writes it), and metadata kept in
+    memory until :meth:`ResumableFile._sync` flushes it. A failed write (a full disk) is then an
+    exception of that call, never an error that h5py can only print while it frees an object
+    (and after which HDF5 has crashed the process)."""
+    import h5py
+
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_cache(0, 0, 0, 0.75)
+    fapl.set_sieve_buf_size(0)
+    name = os.fsencode(path)
+    if mode == "w":
+        fid = h5py.h5f.create(name, h5py.h5f.ACC_TRUNC, fapl=fapl)
+    else:
+        fid = h5py.h5f.open(name, h5py.h5f.ACC_RDWR, fapl=fapl)
+    config = fid.get_mdc_config()
+    config.incr_mode = config.decr_mode = config.flash_incr_mode = 0  # off
+    config.evictions_enabled = False
+    fid.set_mdc_config(config)
+    return h5py.File(fid)
 
 
 def partial_path(path: Path) -> Path:
@@ -102,35 +138,43 @@ class ResumableFile(ResumableOutput):
     UNREADABLE = "not a readable HDF5 file ({error}); delete it or pass --overwrite"
 
     def __init__(self, path: Path, attrs: dict, n_rows: int, overwrite: bool):
-        import h5py
-
         self.path, self.partial, self.n_rows = path, partial_path(path), int(n_rows)
+        self.overwrite, self.created, self.file, self.lock = overwrite, False, None, None
         if not path.parent.is_dir():
             raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
         if path.exists() and not overwrite:
             raise FileExistsError(f"output {str(path)!r} already exists; remove it or pass "
                                   "--overwrite (overwrite=True) to replace it")
-        if self.partial.exists() and not overwrite:
-            try:
-                self.file = h5py.File(self.partial, "r+")
-            except OSError as error:
-                raise ValueError(f"cannot resume from {str(self.partial)!r}: "
-                                 + self.UNREADABLE.format(error=error)) from None
-            try:
+        self.lock = OutputLock(path)  # one run at a time on OUT and OUT.partial
+        try:
+            if self.partial.exists() and not overwrite:
+                try:
+                    self.file = open_for_writing(self.partial, "r+")
+                except OSError as error:
+                    raise ValueError(f"cannot resume from {str(self.partial)!r}: "
+                                     + self.UNREADABLE.format(error=error)) from None
                 self.check(attrs, f"the unfinished run {str(self.partial)!r}")
-            except Exception:
-                self.file.close()
-                raise
-        else:
-            if self.partial.exists():
-                self.partial.unlink()
-            self.file = h5py.File(self.partial, "w")
-            for key, value in attrs.items():
-                self.file.attrs[key] = value
-            self.create_datasets()
-            self.file.create_dataset("done", (self.n_rows,), dtype=np.uint8)
-            self.file.flush()
-        self.done = np.asarray(self.file["done"][...], dtype=bool)
+                damage = self.damage()
+                if damage is not None:
+                    raise ValueError(f"cannot resume from {str(self.partial)!r}: it is damaged "
+                                     f"({damage}); delete it or pass --overwrite")
+            else:
+                if self.partial.exists():
+                    self.partial.unlink()
+                self.file = open_for_writing(self.partial, "w")
+                self.created = True
+                for key, value in attrs.items():
+                    self.file.attrs[key] = value
+                self.create_datasets()
+                self.file.create_dataset("done", (self.n_rows,), dtype=np.uint8)
+                self._sync()
+            self.done = np.asarray(self.file["done"][...], dtype=bool)
+        except BaseException as error:
+            self.close()
+            if isinstance(error, RuntimeError | OSError) and not isinstance(
+                    error, FileNotFoundError | FileExistsError):
+                raise OSError(self._failed(error)) from None
+            raise
 
     # -- what subclasses define ----------------------------------------------------------------
 
@@ -157,22 +201,100 @@ class ResumableFile(ResumableOutput):
                 return name, shape
         return None
 
+    def _sync(self) -> None:
+        """Flush the file to the disk; a write error (a full disk) raises here."""
+        self.file.flush()
+        os.fsync(self.file.id.get_vfd_handle())
+
+    def _failed(self, error: BaseException) -> str:
+        return (f"writing {str(self.partial)!r} failed ({write_error(error)}); no row was "
+                "marked done that is not on the disk: free space (or remove the cause) and run "
+                "the same command again to resume (--overwrite to start again)")
+
+    def damage(self, file=None) -> str | None:
+        """Why ``file`` (default: the open one) cannot be resumed: a dataset that does not
+        read back (a write that failed, say on a full disk, can leave pointers past the end of
+        the file); ``None`` when every row of every dataset reads."""
+        file = self.file if file is None else file
+        for name in (*self.shapes(), "done"):
+            dataset = file[name]
+            row = int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize
+            step = max(1, 2**24 // max(row, 1))
+            try:
+                for start in range(0, dataset.shape[0], step):
+                    dataset[start:start + step]
+            except (OSError, RuntimeError) as error:
+                return f"dataset {name!r} does not read back ({write_error(error)})"
+        return None
+
+    def write(self, rows: Sequence) -> None:
+        """Write a batch of rows and flush them to the disk, then set their ``done`` flags and
+        flush again: a row is done only once all of it is on the disk. A write error (a full
+        disk) is an ``OSError`` saying so, and no flag of the batch is set; a partial file that
+        the failed write left unreadable is removed (a later run would only fail on it)."""
+        try:
+            indices = [self.write_row(row) for row in rows]
+            self._sync()
+            self.mark_done(indices)
+        except (OSError, RuntimeError) as error:
+            import h5py
+
+            message = self._failed(error)
+            with contextlib.suppress(OSError, RuntimeError):
+                self.file.close()
+            try:
+                with h5py.File(self.partial, "r") as f:
+                    damage = self.damage(f)
+            except (OSError, RuntimeError) as reopen:
+                damage = write_error(reopen)
+            if damage is not None:
+                self.partial.unlink(missing_ok=True)
+                message = (f"writing {str(self.partial)!r} failed ({write_error(error)}) and "
+                           f"left it unreadable ({damage}), so it was removed: free space (or "
+                           "remove the cause) and run the same command again")
+            raise OSError(message) from None
+
     def mark_done(self, rows: Sequence[int]) -> None:
         """Set the rows' ``done`` flags, then flush (flags last: a row is done only once all of
         it is written)."""
         for k in rows:
             self.file["done"][k] = 1
+        self._sync()
+        for k in rows:
             self.done[k] = True
-        self.file.flush()
 
     def finish(self) -> None:
-        """Close the complete file and rename it to its final name."""
-        self.file.close()
-        os.replace(self.partial, self.path)
+        """Close the complete file, check it reads back complete, and rename it to its final
+        name (without ``overwrite``, never over a file that appeared meanwhile)."""
+        import h5py
+
+        try:
+            self._sync()
+            self.file.close()
+            with h5py.File(self.partial, "r") as f:
+                done = np.asarray(f["done"][...])
+        except (OSError, RuntimeError) as error:
+            raise OSError(self._failed(error)) from None
+        if not (done == 1).all():
+            raise OSError(f"{str(self.partial)!r} reads back with {int((done != 1).sum())} "
+                          "unfinished row(s) after writing all of them; the disk or file "
+                          "system lost data: delete it and run again")
+        replace_checked(self.partial, self.path, self.overwrite)
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        """Close the file (if open) and release the lock. A file this run created in which no
+        row was finished is removed: a refused or failed run leaves nothing to resume."""
+        try:
+            if self.file is not None and self.file.id.valid:
+                try:
+                    self.file.close()
+                except (OSError, RuntimeError):
+                    pass  # a failed write: the flags on the disk say what is done
+            if self.created and self.partial.exists() and not np.any(getattr(self, "done", ())):
+                self.partial.unlink()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableOutput],

@@ -605,9 +605,10 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
                              f"{rows} x {cols} image (spacing {h_axial} x {h_lateral} "
                              f"{s.length_unit})")
     window = np.s_[r0:r1 + 1, c0:c1 + 1]
-    # the package's frame: x lateral, y up (the probe at the top), so y = -depth
+    # the package's frame: x lateral from the first column, y up from the deepest row (the
+    # probe at the top): pixel (i, j) is at x = j h_lateral, y = (rows - 1 - i) h_axial
     grid = ImageGrid(c1 - c0, r1 - r0, (c1 - c0) * h_lateral, (r1 - r0) * h_axial,
-                     c0 * h_lateral, -r1 * h_axial)
+                     c0 * h_lateral, (rows - 1 - r1) * h_axial)
     u = np.stack([lateral[window], -axial[window]]).astype(np.float64)
     ok = _check_values(u.reshape(2, -1), None if valid is None else valid[window].ravel())
     ok = ok.reshape(u.shape[1:])
@@ -627,7 +628,8 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
     tol = 1e-9 * max(grid.width, grid.height)
     if (points < lower - tol).any() or (points > upper + tol).any():
         raise ValueError("the mesh reaches outside the image (region of interest); mesh and image "
-                         "must share one frame: x lateral from the first column, y = -depth")
+                         "share one frame: x lateral from the first column, y up from the "
+                         "deepest row (y = (rows - 1) x spacing - depth)")
     image_mesh = MeshArrays.of_grid(grid)
     filled = _fill(image_mesh, np.where(ok.ravel(), u.reshape(2, -1), np.nan), ok.ravel())
     B = _bilinear_matrix(grid, points)

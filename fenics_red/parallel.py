@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
-__all__ = ["describe", "raise_shared", "on_root", "raise_local_or_shared", "check_all"]
+__all__ = ["describe", "raise_shared", "on_root", "raise_local_or_shared", "check_all",
+           "exit_with_launcher", "on_every_rank", "raised_on_every_rank", "failed_together"]
 
 _ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, FileExistsError, FileNotFoundError,
                                               PermissionError, OSError, RuntimeError, KeyError,
@@ -24,6 +25,18 @@ def describe(error: BaseException | None):
     return None if error is None else (type(error).__name__, str(error))
 
 
+def on_every_rank(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank at once (by the helpers here), so that the command
+    line reports it once (rank 0) and ends every rank cleanly instead of aborting the job."""
+    error.fenics_red_every_rank = True
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    """Whether ``error`` was raised on every rank at once (:func:`on_every_rank`)."""
+    return bool(getattr(error, "fenics_red_every_rank", False))
+
+
 def raise_shared(comm: MPI.Comm, description, collective: bool = True) -> None:
     """Raise the first error described by any rank (``collective``) or by ``description``."""
     descriptions = comm.allgather(description) if collective else [description]
@@ -32,8 +45,8 @@ def raise_shared(comm: MPI.Comm, description, collective: bool = True) -> None:
             name, message = item
             cls = _ERROR_TYPES.get(name)
             if cls is None:
-                raise RuntimeError(f"{name}: {message}")
-            raise cls(message)
+                raise on_every_rank(RuntimeError(f"{name}: {message}"))
+            raise on_every_rank(cls(message))
 
 
 def on_root(comm: MPI.Comm, fn: Callable[[], object]):
@@ -46,7 +59,7 @@ def on_root(comm: MPI.Comm, fn: Callable[[], object]):
             error = exc
     result, description = comm.bcast((result, describe(error)), root=0)
     if error is not None:
-        raise error
+        raise on_every_rank(error)
     raise_shared(comm, description, collective=False)
     return result
 
@@ -55,7 +68,7 @@ def raise_local_or_shared(comm: MPI.Comm, error: BaseException | None) -> None:
     """Collective: raise ``error`` where it happened and an equivalent one on every other rank."""
     descriptions = comm.allgather(describe(error))
     if error is not None:
-        raise error
+        raise on_every_rank(error)
     first = next((d for d in descriptions if d is not None), None)
     raise_shared(comm, first, collective=False)
 
@@ -69,3 +82,69 @@ def check_all(comm: MPI.Comm, fn: Callable[[], object]):
         error = exc
     raise_local_or_shared(comm, error)
     return result
+
+
+def exit_with_launcher(interval: float = 1.0) -> bool:
+    """End this process when its launcher (``mpirun``) is gone: a daemon thread checks every
+    ``interval`` seconds that the parent process is still the one this process started under,
+    and when it is not (the launcher was killed, ``SIGKILL`` included, and the rank was handed to
+    ``init``) prints one line and exits with status 3 at once, releasing the rank's files and
+    locks instead of running on alone. Returns ``False`` (and watches nothing) when the parent
+    is already ``init``, so there is no launcher to watch."""
+    import os
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+    if parent <= 1:
+        return False
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                try:  # the launcher held the other end of stderr: this may fail
+                    print(f"fenics-red: the launcher of this process (pid {parent}) is gone; "
+                          f"stopping (pid {os.getpid()})", file=sys.stderr, flush=True)
+                finally:
+                    os._exit(3)
+
+    threading.Thread(target=watch, name="fenics-red-launcher-watch", daemon=True).start()
+    return True
+
+
+#: Message tags of :func:`failed_together` (apart from those of the library's own messages).
+_TAG_ERROR, _TAG_VERDICT = 7301, 7302
+
+
+def failed_together(comm: MPI.Comm, error: BaseException, wait: float = 3.0) -> bool:
+    """Whether every rank of ``comm`` failed with the same error as this one (called by each
+    failing rank, outside any collective call): the ranks send their error to rank 0, which
+    answers once it has heard from all of them or after ``wait`` seconds. Point-to-point
+    messages with their own tags, so a rank still busy elsewhere is not disturbed; ``False``
+    when a rank does not report in time (it is then still running: abort)."""
+    import time
+
+    if comm.size == 1 or raised_on_every_rank(error):
+        return True
+    mine = describe(error)
+    deadline = time.monotonic() + wait
+    if comm.rank != 0:
+        comm.isend(mine, dest=0, tag=_TAG_ERROR)
+        while time.monotonic() < deadline + wait:
+            if comm.iprobe(source=0, tag=_TAG_VERDICT):
+                return bool(comm.recv(source=0, tag=_TAG_VERDICT))
+            time.sleep(0.01)
+        return False
+    heard = {}
+    while len(heard) < comm.size - 1 and time.monotonic() < deadline:
+        status = MPI.Status()
+        if comm.iprobe(source=MPI.ANY_SOURCE, tag=_TAG_ERROR, status=status):
+            heard[status.source] = comm.recv(source=status.source, tag=_TAG_ERROR)
+        else:
+            time.sleep(0.01)
+    verdict = len(heard) == comm.size - 1 and all(d == mine for d in heard.values())
+    for rank in heard:
+        comm.isend(verdict, dest=rank, tag=_TAG_VERDICT)
+    return verdict

@@ -46,7 +46,7 @@ from mpi4py import MPI
 import numpy as np
 
 from .data import load_dataset
-from .io import plain, to_json
+from .io import hdf5_digest, plain, to_json
 from .jobs import ResumableFile, ResumableOutput, partial_path, run_batches
 from .methods import get_method, warn_about_data
 from .parallel import check_all
@@ -104,8 +104,12 @@ class _RowFile(ResumableFile):
         if plain(f.attrs.get("format")) != FORMAT:
             raise ValueError(f"{where} is not a fenics-red reconstruction file; delete it or "
                              f"pass --overwrite")
-        differences = [key for key in ("format_version", "method", "settings", "data_attrs")
+        differences = [key for key in ("format_version", "method", "settings", "data_attrs",
+                                       "data_sha256")
                        if plain(f.attrs.get(key)) != attrs[key]]
+        if "data_sha256" in differences:
+            raise ValueError(f"{where} was made from different data (the values of "
+                             f"{attrs['data_path']!r} changed since); {advice}")
         if differences:
             raise ValueError(f"{where} was made with different {', '.join(differences)}; "
                              f"{advice}")
@@ -184,7 +188,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
                      "fenics_red_version": __version__, "method": method,
                      "settings": to_json(settings),
                      "data_path": str(Path(data_path).resolve()),
-                     "data_attrs": to_json(dataset.attrs)}
+                     "data_attrs": to_json(dataset.attrs),
+                     "data_sha256": hdf5_digest(data_path)}  # a resume reads the same values
             return _RowFile(out_path, attrs, indices, dataset.value_shape, overwrite, truth)
 
         run_method(dataset, comm, method, options, indices, open_output,

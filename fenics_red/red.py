@@ -305,8 +305,10 @@ class _Runner:
 
     @property
     def settings(self) -> dict:
+        path = Path(self.red_settings.denoiser or default_denoiser_path())
         out = {"ml": self.reconstructor.ml_settings.to_dict(),
-               "denoiser": str(self.red_settings.denoiser or default_denoiser_path()),
+               "denoiser": str(path),
+               "denoiser_sha256": _file_sha256(path),  # a resume must use the same weights
                "flip_average": self.red_settings.flip_average,
                "pixel": self.red_settings.pixel,
                "denoiser_card": _card_summary(self.reconstructor.denoiser)}
@@ -403,6 +405,12 @@ def resolution_warning(denoiser, data_settings, pixel: float | None = None,
 def _check_pixel(settings, name: str) -> None:
     if settings.pixel is not None:
         validation.positive(settings.pixel, f"{name}.pixel")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _card_summary(denoiser) -> dict:

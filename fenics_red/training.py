@@ -124,7 +124,7 @@ class TrainingSettings:
             return lambda v: (isinstance(v, int | float) and math.isfinite(v)
                               and (v > low if strict_low else v >= low) and v <= high)
 
-        check("epochs", integer(0), "an integer >= 0")
+        check("epochs", integer(1), "an integer >= 1")
         check("batch_size", integer(1), "an integer >= 1")
         check("lr", real(0, strict_low=True), "a positive number")
         check("lr_final_fraction", real(0, 1), "a number in [0, 1]")
@@ -294,6 +294,11 @@ def read_pairs_file(path: str | os.PathLike) -> PairsData:
             raise ValueError(f"{where}: dataset {name!r} has non-finite values")
     if (truth <= 0).any():
         raise ValueError(f"{where}: the truth must be strictly positive")
+    empty = np.flatnonzero(~(estimate > 0).reshape(len(estimate), -1).any(axis=1))
+    if empty.size:
+        raise ValueError(f"{where}: estimate(s) {empty[:5].tolist()} have no positive value "
+                         "(all zero: a failed reconstruction or a lost write); make the pairs "
+                         "file again")
     return PairsData(truth, estimate, recipe, _content_sha256(truth, estimate), str(path))
 
 
@@ -509,6 +514,7 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / len(train_idx)}
             record.update(_validate(network, val_inputs, val_truth, val_estimate, settings))
             record["seconds"] = time.perf_counter() - tic
+            _check_converging(record, settings)
             history.append(record)
             if record["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": record["val_loss"],
@@ -523,10 +529,16 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     finally:
         bar.close()
 
-    if best["state_dict"] is not None:
-        network.load_state_dict(best["state_dict"])
+    if best["state_dict"] is None:
+        raise ValueError("training found no epoch with a finite validation loss; no model was "
+                         "written")
+    network.load_state_dict(best["state_dict"])
     network.eval()
     metrics = validation_metrics(network, data.truth[val_idx], data.estimate[val_idx], device)
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"the trained model's validation metrics {bad} are not finite; no "
+                         "model was written")
     card = {
         "format": "fenics-red-model-card", "trained": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -556,6 +568,19 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     with atomic_output(card_path(out_path), overwrite=True) as tmp:
         tmp.write_text(json.dumps(card, indent=1) + "\n")
     return card
+
+
+def _check_converging(record: dict, settings: TrainingSettings) -> None:
+    """Stop a diverged run: a non-finite training or validation loss is an error (before the
+    epoch's checkpoint is written, so the model and checkpoint of the last good epoch stay)."""
+    bad = [k for k in ("train_loss", "val_loss", "val_rel_error") if not math.isfinite(record[k])]
+    if bad:
+        clip = ("" if settings.grad_clip is None else
+                f" (--grad-clip is {settings.grad_clip:g})")
+        raise ValueError(f"training diverged in epoch {record['epoch']}: {', '.join(bad)} "
+                         f"{'is' if len(bad) == 1 else 'are'} not finite; lower --lr "
+                         f"({settings.lr:g}) or clip the gradient with --grad-clip{clip}; no model "
+                         "was written")
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Every validator returns the checked value in a canonical type (``float``, ``int``, a tuple, a
 float64 array) and raises ``ValueError`` with a message of the form ``"{name} must be {what}, got
-{value!r}"``: ``name`` says where the value comes from (``"SimulationSettings.snr_db"``,
+{_shown(value)}"``: ``name`` says where the value comes from (``"SimulationSettings.snr_db"``,
 ``"attribute nx"``, ``"the lateral-to-axial noise ratio"``) and ``what`` what was expected
 (derived from the bounds, or given by the caller for a domain-specific wording such as ``"a
 finite number of dB"``).
@@ -19,7 +19,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = ["number", "finite", "positive", "non_negative", "integer", "interval",
-           "per_component", "one_of", "mapping", "check_finite"]
+           "per_component", "one_of", "mapping", "check_finite", "check_memory", "memory_limit"]
+
+
+def _shown(value) -> str:
+    """``value`` as the user wrote it: ``0.0``, not ``np.float64(0.0)`` (numpy scalars and arrays
+    as plain Python values)."""
+    if isinstance(value, np.generic | np.ndarray):
+        value = value.tolist()
+    return repr(value)
 
 
 def _describe(low, high, low_open: bool, high_open: bool) -> str:
@@ -43,7 +51,7 @@ def number(value, name: str, low: float | None = None, high: float | None = None
     try:
         result = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ValueError(f"{name} must be a number, got {_shown(value)}") from None
     ok = math.isfinite(result)
     if ok and low is not None:
         ok = result > low if low_open else result >= low
@@ -51,7 +59,7 @@ def number(value, name: str, low: float | None = None, high: float | None = None
         ok = result < high if high_open else result <= high
     if not ok:
         what = what or _describe(low, high, low_open, high_open)
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {_shown(value)}")
     return result
 
 
@@ -94,7 +102,7 @@ def integer(value, name: str, low: int | None = None, high: int | None = None,
                 what = f"an integer >= {low}"
             else:
                 what = "an integer"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {_shown(value)}")
     return int(value)
 
 
@@ -103,12 +111,12 @@ def interval(value, name: str, low: float = 0.0, integer: bool = False) -> tuple
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+        raise ValueError(f"{name} must be a pair (low, high), got {_shown(value)}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo <= hi):
-        raise ValueError(f"{name} must satisfy {low} <= low <= high (finite), got {value!r}")
+        raise ValueError(f"{name} must satisfy {low} <= low <= high (finite), got {_shown(value)}")
     if integer:
         if lo != int(lo) or hi != int(hi):
-            raise ValueError(f"{name} must be a pair of integers, got {value!r}")
+            raise ValueError(f"{name} must be a pair of integers, got {_shown(value)}")
         return (int(lo), int(hi))
     return (lo, hi)
 
@@ -125,7 +133,7 @@ def per_component(values, name: str, lengths: Sequence[int] = (2, 3), *,
     array = (np.asarray(values, dtype=object).ravel() if not isinstance(values, str | bytes)
              else np.array([]))
     if array.size not in tuple(lengths):
-        raise ValueError(f"{name} must be {shape_hint}, got {values!r}")
+        raise ValueError(f"{name} must be {shape_hint}, got {_shown(values)}")
     check = non_negative if allow_zero else positive
     kwargs = {} if what is None else {"what": what}
     return tuple(check(v, f"{name}[{i}]", **kwargs) for i, v in enumerate(array))
@@ -134,7 +142,7 @@ def per_component(values, name: str, lengths: Sequence[int] = (2, 3), *,
 def one_of(value, name: str, choices: Sequence):
     """``value`` if it is one of ``choices``."""
     if value not in tuple(choices):
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {_shown(value)}")
     return value
 
 
@@ -160,3 +168,53 @@ def check_finite(values, name: str, comm=None) -> np.ndarray:
     if bad:
         raise ValueError(f"{name} has non-finite values (NaN or inf)")
     return array
+
+
+#: Environment variable that sets the memory a job may plan to use (``16G``, ``500M``; ``none``:
+#: no limit). Default: the machine's physical memory.
+MEMORY_LIMIT_VARIABLE = "FENICS_RED_MEMORY_LIMIT"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(n: float) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.3g} {unit}B"
+    return f"{int(n)} B"
+
+
+def memory_limit() -> float:
+    """The memory a job may plan to use, in bytes (``inf``: none): :data:`MEMORY_LIMIT_VARIABLE`,
+    else the machine's physical memory."""
+    import os
+
+    text = os.environ.get(MEMORY_LIMIT_VARIABLE, "").strip().upper().removesuffix("B")
+    if text in ("NONE", "INF"):
+        return math.inf
+    if text:
+        unit = text[-1] if text[-1] in _UNITS else ""
+        try:
+            value = float(text[:len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{MEMORY_LIMIT_VARIABLE} must be a size such as 16G or 'none', "
+                             f"got {os.environ[MEMORY_LIMIT_VARIABLE]!r}")
+        return value
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not on Linux
+        return math.inf
+
+
+def check_memory(estimate: float, what: str) -> float:
+    """Refuse a job whose memory ``estimate`` (bytes) exceeds :func:`memory_limit`, before it
+    allocates anything: ``ValueError`` giving the estimate, the limit and how to raise it."""
+    limit = memory_limit()
+    if estimate > limit:
+        source = (f"{MEMORY_LIMIT_VARIABLE}" if MEMORY_LIMIT_VARIABLE in __import__("os").environ
+                  else "the machine's memory")
+        raise ValueError(f"{what} needs about {_bytes(estimate)} of memory, more than the limit "
+                         f"of {_bytes(limit)} ({source}); make it smaller, or set "
+                         f"{MEMORY_LIMIT_VARIABLE} (e.g. 64G, or none) to run it anyway")
+    return estimate

@@ -191,3 +191,44 @@ def test_the_demo_runs_every_method_end_to_end(mpi_tmp_path, comm):
     for name in ("figures/sample_0.png", "figures/profile_0.png", "xdmf/sample_0.xdmf",
                  "summary.md", "metrics.csv"):
         assert (results / name).exists(), name
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_an_evaluation(dataset, mpi_tmp_path,
+                                                                      comm):
+    out = mpi_tmp_path / "mine"
+    if comm.rank == 0:
+        (out / "figures").mkdir(parents=True)
+        (out / "figures" / "plot.png").write_bytes(b"precious")
+        (out / "summary.md").write_text("my notes")
+    comm.Barrier()
+    settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
+    with pytest.raises(FileExistsError, match="not an evaluation folder"):
+        evaluate(dataset, out, settings, comm, progress=False, overwrite=True)
+    assert (out / "figures" / "plot.png").read_bytes() == b"precious"
+    assert (out / "summary.md").read_text() == "my notes"
+
+
+def test_an_evaluation_is_not_resumed_on_data_changed_in_place(dataset, mpi_tmp_path, comm):
+    import h5py
+
+    out = mpi_tmp_path / "eval"
+    settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
+    evaluate(dataset, out, settings, comm, progress=False)
+    if comm.rank == 0:
+        with h5py.File(dataset, "r+") as f:  # same attributes, other values
+            f["uy_noisy"][0] *= 1.01
+    comm.Barrier()
+    with pytest.raises(ValueError, match="values changed since the data set"):
+        evaluate(dataset, out, settings, comm, progress=False)
+
+
+def test_the_summary_says_which_metric_values_were_left_out():
+    from fenics_red.evaluation import summarise, summary_table
+    from fenics_red.metrics import METRIC_NAMES
+
+    rows = [{"method": "ml", **dict.fromkeys(METRIC_NAMES, 1.0)} for _ in range(3)]
+    rows[1]["cnr_db"] = float("nan")
+    summary = summarise(rows, ["ml"])
+    assert summary["ml"]["cnr_db"] == {"mean": 1.0, "std": 0.0, "count": 2, "non_finite": 1}
+    table = summary_table(summary, ["ml"])
+    assert "(2 of 3)†" in table and "left out" in table

@@ -184,7 +184,6 @@ def test_displacement_images_round_trip_to_the_internal_estimate(folder):
 def _nodal_force(mesh) -> np.ndarray:
     """The simulation's load vector (traction 1e-3 on the load facets) as nodal forces (N, 2)."""
     from dolfinx import fem
-
     from fenics_red.forward import ElasticityModel
 
     model = ElasticityModel(mesh.domain(MPI.COMM_SELF))

@@ -77,3 +77,10 @@ def test_check_finite_raises_on_every_rank(comm):
         validation.check_finite(values, "u", comm)
     comm.Barrier()
     assert validation.check_finite(np.ones(2), "u", MPI.COMM_SELF) is not None
+
+
+def test_messages_show_numpy_values_as_the_user_wrote_them():
+    with pytest.raises(ValueError, match=r"got 0\.0$"):
+        validation.positive(np.float64(0.0), "the modulus")
+    with pytest.raises(ValueError, match=r"got -3$"):
+        validation.integer(np.int64(-3), "the seed", low=0)

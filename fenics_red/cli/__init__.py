@@ -27,10 +27,24 @@ _MODULES = {"import": "import_"}
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (on rank 0 under MPI), not with the usage text."""
+
+    def error(self, message):
+        if "expected one argument" in message:
+            message += " (write a value that starts with '-', such as -inf, as --option=-inf)"
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            self._print_message(f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+                                sys.stderr)
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fenics-red",
         description="Ultrasound elastography: forward model, synthetic data and reconstruction "
                     "of the Young's modulus by regularisation by denoising (RED).")
@@ -89,12 +103,22 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
     comm = MPI.COMM_WORLD
     if abort_on_error is None:
         abort_on_error = comm.size > 1 and argv is None
+    if comm.size > 1 and argv is None:  # a rank of mpirun: stop when mpirun is killed
+        from ..parallel import exit_with_launcher
+
+        exit_with_launcher()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
-        where = f"[rank {comm.rank}] " if comm.size > 1 else ""
-        print(f"fenics-red {args.command}: error: {where}{error}", file=sys.stderr, flush=True)
-        if abort_on_error:
+        from ..parallel import failed_together
+
+        # an error raised on every rank is reported once, and every rank ends cleanly
+        everywhere = abort_on_error and failed_together(comm, error)
+        where = f"[rank {comm.rank}] " if comm.size > 1 and not everywhere else ""
+        if comm.rank == 0 or not everywhere:
+            print(f"fenics-red {args.command}: error: {where}{error}", file=sys.stderr,
+                  flush=True)
+        if abort_on_error and not everywhere:
             comm.Abort(2)
         return 2
     except BaseException:

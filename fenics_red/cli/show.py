@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -27,6 +28,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     comm = MPI.COMM_WORLD
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file (show writes a PNG image), got "
+                         f"{args.out!r}")
     check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
     with load_dataset(args.dataset, check_data=False) as dataset:
         n = len(dataset)
@@ -50,6 +54,9 @@ def run(args) -> int:
         if values is not None and not np.isfinite(values).all():  # E is None without truth
             raise ValueError(f"sample {args.sample} of {args.dataset!r} has non-finite values in "
                              f"{name}: the file is damaged")
+    if sample.E is not None and not (sample.E > 0).all():
+        raise ValueError(f"sample {args.sample} of {args.dataset!r} has a modulus that is not "
+                         "strictly positive (all zero: a lost write?): the file is damaged")
 
     def plot():
         from ..visualise import plot_sample

@@ -1,0 +1,368 @@
+"""Nothing lost: full disks, two runs on one output, killed runs and refused runs.
+
+A full disk is made real in a child process by a file-size limit (``RLIMIT_FSIZE``: every write
+past the limit fails with ``EFBIG``, as one on a full disk fails with ``ENOSPC``), or injected
+in-process into the resumable file's flush. Every test runs serially and under ``mpirun -n 2``;
+the ones that start child processes do so on rank 0 only.
+"""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+from mpi4py import MPI
+
+import h5py
+import numpy as np
+import pytest
+
+from fenics_red.cli import main
+from fenics_red.data import (
+    SimulationSettings,
+    load_dataset,
+    simulate_dataset,
+    simulate_sample,
+)
+from fenics_red.io import OutputLock, atomic_output, lock_path
+from fenics_red.jobs import ResumableFile, partial_path
+from fenics_red.raster import ImageGrid
+from fenics_red.reconstruction import load_reconstructions
+
+SIMULATE = ["simulate", "--samples", "12", "--grid", "16", "--seed", "7", "--quiet"]
+
+
+#: Settings of scripts/env for mpirun (root, shared memory), kept for a child's own mpirun.
+_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "OMPI_MCA_btl",
+                 "OMPI_MCA_rmaps_base_oversubscribe", "OMPI_MCA_mpi_yield_when_idle",
+                 "PRTE_MCA_rmaps_default_mapping_policy")
+
+
+def _env():
+    """The environment of a child ``fenics-red`` (not a rank of this test's MPI job)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("OMPI_", "PMIX_", "PRTE_")) or k in _MPI_SETTINGS}
+
+
+def _cli(args, file_limit: int | None = None, timeout: float = 300):
+    """Run ``fenics-red ARGS`` in a child process, its files limited to ``file_limit`` bytes."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    code = "import sys; from fenics_red.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, env=_env(), timeout=timeout,
+                          preexec_fn=None if file_limit is None else limit)
+
+
+def _error_line(stderr: str) -> str:
+    """The command's error line; fails on a traceback or on more than one error line."""
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def on_rank_0(comm):
+    if comm.rank != 0:
+        pytest.skip("runs child processes on rank 0")
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+
+def test_a_full_disk_during_simulate_fails_in_one_line_keeps_the_old_output_and_resumes(
+        mpi_tmp_path, on_rank_0):
+    out = mpi_tmp_path / "set.h5"
+    good = _cli([*SIMULATE, "--out", out])
+    assert good.returncode == 0, good.stderr
+    before = out.read_bytes()
+    full = _cli([*SIMULATE, "--out", out, "--overwrite", "--batch-size", "2"],
+                file_limit=120_000)
+    assert full.returncode == 2, full.stderr
+    error = _error_line(full.stderr)
+    assert "File too large" in error and "wrote" not in full.stdout
+    assert out.read_bytes() == before  # the good file is still there, unchanged
+    _check_partial(partial_path(out), "E", error)
+    # with space again, the same command (the old output removed first, so no --overwrite)
+    # resumes (or starts again, the partial file removed) and gives what one run gives
+    out.unlink()
+    resumed = _cli([*SIMULATE, "--out", out])
+    assert resumed.returncode == 0, resumed.stderr
+    reference = _cli([*SIMULATE, "--out", mpi_tmp_path / "ref.h5"])
+    assert reference.returncode == 0
+    with load_dataset(out) as a, load_dataset(mpi_tmp_path / "ref.h5") as b:
+        for name in ("E", "ux_noisy", "uy_noisy", "mask"):
+            np.testing.assert_array_equal(a.read(name), b.read(name))
+
+
+def _check_partial(path, name, error):
+    """The partial file after a failed write: removed when the write left it unreadable (and
+    the error says so), else its rows marked done hold their (positive) values."""
+    if not path.exists():
+        assert "it was removed" in error
+        return
+    with h5py.File(path, "r") as f:
+        done = f["done"][...].astype(bool)
+        assert (f[name][np.flatnonzero(done)].reshape(done.sum(), -1) > 0).all()
+
+
+def test_a_full_disk_during_reconstruct_marks_no_row_done_that_is_not_written(
+        mpi_tmp_path, on_rank_0):
+    data, out = mpi_tmp_path / "set.h5", mpi_tmp_path / "ml.h5"
+    simulate_dataset(data, 6, SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=3),
+                     MPI.COMM_SELF, progress=False)
+    args = ["reconstruct", data, "--all", "--method", "ml", "--max-steps", "20", "--out", out,
+            "--quiet", "--batch-size", "1"]
+    full = _cli(args, file_limit=40_000)
+    assert full.returncode == 2, full.stderr
+    error = _error_line(full.stderr)
+    assert "File too large" in error and not out.exists()
+    _check_partial(partial_path(out), "estimate", error)
+    again = _cli([*args, "--overwrite"])
+    assert again.returncode == 0, again.stderr
+    estimates = load_reconstructions(out).estimates
+    assert (estimates > 0).all()
+
+
+def test_a_failed_write_in_the_run_is_an_error_and_marks_no_row_done(
+        mpi_tmp_path, comm, monkeypatch, capsys):
+    out = mpi_tmp_path / "set.h5"
+    calls = {"n": 0}
+    sync = ResumableFile._sync
+
+    def failing_sync(self):
+        calls["n"] += 1
+        if calls["n"] > 3:  # creation, then the first batch's data and flags
+            raise OSError(28, "No space left on device")
+        sync(self)
+
+    monkeypatch.setattr(ResumableFile, "_sync", failing_sync)
+    assert main([*SIMULATE, "--out", str(out), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    if comm.rank == 0:
+        assert "No space left on device" in err and "resume" in err
+        with h5py.File(partial_path(out)) as f:
+            assert f["done"][...].sum() == comm.size  # the first batch only
+    assert not out.exists()
+
+
+# -- refused and failed runs leave nothing behind ------------------------------------------------
+
+def test_a_refused_run_leaves_no_partial_file_that_would_block_the_corrected_command(
+        mpi_tmp_path, capsys):
+    out = mpi_tmp_path / "set.h5"
+    assert main(["simulate", "--samples", "2", "--grid", "1", "--out", str(out), "--quiet"]) == 2
+    assert "too small" in capsys.readouterr().err
+    MPI.COMM_WORLD.Barrier()
+    assert not partial_path(out).exists() and not lock_path(out).exists()
+    assert main(["simulate", "--samples", "2", "--grid", "8", "--out", str(out), "--quiet"]) == 0
+
+
+# -- one run at a time ---------------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from fenics_red.io import OutputLock
+with OutputLock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held(mpi_tmp_path, comm):
+    """A lock on ``set.h5`` held by another process (on rank 0) while the test runs."""
+    out = mpi_tmp_path / "set.h5"
+    holder = None
+    if comm.rank == 0:
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=_env(),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+    comm.Barrier()
+    yield out, holder
+    if holder is not None:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_run_that_holds_it(held, capsys):
+    out, holder = held
+    assert main([*SIMULATE, "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    if holder is not None:
+        assert "being written by another run" in err and f"pid {holder.pid}" in err
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_an_atomic_output_is_refused_while_another_run_writes_it(held, comm):
+    out, holder = held
+    if holder is not None:
+        with pytest.raises(FileExistsError, match="another run"):
+            with atomic_output(out, overwrite=True) as tmp:
+                tmp.write_text("x")
+        assert not out.exists()
+
+
+def test_a_lock_is_freed_when_its_holder_is_killed(mpi_tmp_path, on_rank_0):
+    out = mpi_tmp_path / "model.pt"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait(timeout=60)
+    with OutputLock(out):  # a stale lock file does not block
+        pass
+    assert not lock_path(out).exists()
+
+
+def test_an_atomic_output_never_replaces_a_file_that_appeared_while_it_was_written(tmp_path):
+    out = tmp_path / "result.txt"
+    with pytest.raises(FileExistsError, match="appeared while"):
+        with atomic_output(out) as tmp:
+            tmp.write_text("mine")
+            out.write_text("theirs")  # another program, meanwhile
+    assert out.read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
+
+
+def test_two_concurrent_simulate_runs_never_mix_their_data(mpi_tmp_path, on_rank_0):
+    out = mpi_tmp_path / "set.h5"
+    args = ["simulate", "--samples", "40", "--grid", "16", "--quiet", "--overwrite", "--out", out]
+    code = "import sys; from fenics_red.cli import main; sys.exit(main(sys.argv[1:]))"
+    runs = [subprocess.Popen([sys.executable, "-c", code, *map(str, args), "--seed", str(seed)],
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for seed in (1, 2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    winners = [seed for seed, (rc, _, _) in zip((1, 2), results, strict=True) if rc == 0]
+    assert winners, results
+    for rc, _, err in results:
+        assert rc == 0 or "another run" in err or "appeared while" in err, err
+    with load_dataset(out) as data:  # whole, and the data of a run that said it wrote it
+        assert data.settings.seed in winners
+        for i in (0, len(data) - 1):
+            np.testing.assert_array_equal(data.sample(i).E,
+                                          simulate_sample(i, data.settings).E)
+
+
+# -- a killed launcher ---------------------------------------------------------------------------
+
+_RANK = "import sys; from fenics_red.cli import console_main; sys.argv[0] = 'fenics-red'; " \
+        "console_main()"
+
+
+def test_ranks_stop_soon_after_their_launcher_is_killed(mpi_tmp_path, on_rank_0):
+    out = mpi_tmp_path / "set.h5"
+    launcher = subprocess.Popen(
+        ["mpirun", "-n", "2", sys.executable, "-c", _RANK, "simulate", "--samples", "5000",
+         "--grid", "16", "--batch-size", "1", "--quiet", "--out", str(out)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = time.monotonic()
+        holder = None
+        while holder is None:  # the lock file names its holder once it is written
+            assert launcher.poll() is None and time.monotonic() - started < 120
+            time.sleep(0.1)
+            words = (lock_path(out).read_text().split()
+                     if partial_path(out).exists() and lock_path(out).exists() else [])
+            if len(words) > 1 and words[0] == "pid" and words[1].isdigit():
+                holder = int(words[1])  # "pid N on HOST since ..."
+    finally:
+        launcher.kill()  # SIGKILL: mpirun cannot tell its ranks
+        launcher.wait(timeout=60)
+    killed = time.monotonic()
+    while os.path.exists(f"/proc/{holder}") and _state(holder) != "Z":
+        assert time.monotonic() - killed < 30, "rank 0 runs on without its launcher"
+        time.sleep(0.1)
+    with OutputLock(out):  # its lock went with it
+        pass
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"
+
+
+# -- a resume checks what it read ----------------------------------------------------------------
+
+def test_a_reconstruction_is_not_resumed_on_data_changed_in_place(mpi_tmp_path, comm, capsys):
+    data, out = mpi_tmp_path / "set.h5", mpi_tmp_path / "ml.h5"
+    simulate_dataset(data, 4, SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=3), comm,
+                     progress=False)
+    args = ["reconstruct", str(data), "--all", "--method", "ml", "--max-steps", "5", "--out",
+            str(out), "--quiet", "--batch-size", "1"]
+
+    def stop(n_done):
+        raise KeyboardInterrupt
+
+    from fenics_red.reconstruction import reconstruct_dataset
+
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_dataset(data, out, comm, "ml", {"max_steps": 5}, batch_size=1,
+                            progress=False, on_batch=stop)
+    if comm.rank == 0:
+        with h5py.File(data, "r+") as f:  # same attributes, other values
+            f["uy_noisy"][...] *= 1.01
+    comm.Barrier()
+    assert main(args) == 2
+    assert "different data" in capsys.readouterr().err
+
+
+# -- one clear line ------------------------------------------------------------------------------
+
+def test_an_error_of_every_rank_is_printed_once_without_an_abort_banner(mpi_tmp_path, on_rank_0):
+    run = subprocess.run(["mpirun", "-n", "2", sys.executable, "-c", _RANK, "simulate",
+                          "--samples", "2", "--snr", "nan", "--out", str(mpi_tmp_path / "x.h5")],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "snr_db must be a finite number of dB, got nan" in _error_line(run.stderr)
+    assert "MPI_ABORT" not in run.stderr and "[rank" not in run.stderr
+
+
+def test_a_bad_command_line_is_one_line_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "--samples", "2", "--snr", "-inf", "--out", "x.h5"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    if MPI.COMM_WORLD.rank == 0:
+        assert err.count("\n") == 1 and "--option=-inf" in err and "usage" not in err
+
+
+def test_show_refuses_an_output_that_is_not_a_png(mpi_tmp_path, capsys):
+    assert main(["show", str(mpi_tmp_path / "set.h5"), "--out", str(mpi_tmp_path / "x.txt")]) == 2
+    assert "must name a .png file" in capsys.readouterr().err
+    assert not (mpi_tmp_path / "x.txt").exists()
+
+
+def test_show_refuses_a_sample_whose_modulus_was_lost(mpi_tmp_path, comm, capsys):
+    data = simulate_dataset(mpi_tmp_path / "set.h5", 2,
+                            SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
+                            progress=False)
+    if comm.rank == 0:
+        with h5py.File(data, "r+") as f:
+            f["E"][1] = 0.0  # what a lost write leaves
+    comm.Barrier()
+    assert main(["show", str(data), "--sample", "1", "--out", str(mpi_tmp_path / "s.png")]) == 2
+    assert "not strictly positive" in capsys.readouterr().err
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+
+def test_a_grid_too_large_for_the_memory_is_refused_before_anything_is_allocated(
+        mpi_tmp_path, capsys, monkeypatch):
+    out = mpi_tmp_path / "big.h5"
+    started = time.monotonic()
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "64G")
+    assert main(["simulate", "--samples", "1", "--grid", "5000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs about 143 GB of memory, more than the limit of 64 GB" in err
+    assert time.monotonic() - started < 5 and not partial_path(out).exists()
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "100M")
+    assert main(["simulate", "--samples", "1", "--grid", "64", "--out", str(out)]) == 2
+    assert "limit of 100 MB (FENICS_RED_MEMORY_LIMIT)" in capsys.readouterr().err
