@@ -259,6 +259,35 @@ def test_the_denoiser_warns_when_its_raster_is_far_from_its_training_resolution(
     assert load_reconstructions(out).attrs["settings"]["pixel"] == 2.0
 
 
+def test_displacement_images_go_onto_a_users_mesh_of_the_region(folder):
+    comm = MPI.COMM_WORLD
+    grid = ImageGrid(40, 30, 40.0, 30.0)  # 1 mm pixels over the ROI mesh's 40 x 30 mm
+    data = simulate_dataset(folder / "fine.h5", 1, SimulationSettings(grid, snr_db=45.0, seed=5),
+                            comm, progress=False)
+    on_grid = load_reconstructions(reconstruct_dataset(data, folder / "fine-est.h5", comm, "ml",
+                                                       progress=False)).estimates[0]
+    with load_dataset(data) as d:
+        s = d.sample(0)
+    source = folder / "fine.npz"
+    _on_root(lambda: np.savez(source, axial=-s.uy_noisy, lateral=s.ux_noisy))
+    out = folder / "on-mesh-est.h5"
+    assert main(["import", str(source), "--out", str(folder / "on-mesh.h5"), "--spacing", "1",
+                 "1", "--mesh", str(MESHES / "roi-2d.msh"), "--traction", str(TRACTION_PA),
+                 "--noise-std", *(repr(v) for v in s.noise_std)]) == 0
+    assert main(["reconstruct", str(folder / "on-mesh.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    mesh = Domain.from_file(MESHES / "roi-2d.msh", comm).to_arrays()
+    with load_dataset(folder / "on-mesh.h5") as d:  # the mesh's nodes, sampled from the images
+        np.testing.assert_allclose(d.mesh.points, mesh.points)
+        corner = int(np.argmin(np.abs(mesh.points - [40.0, 30.0]).sum(axis=1)))
+        assert d.sample(0).uy_noisy[corner] == pytest.approx(s.uy_noisy[0, -1], rel=1e-9)
+    truth = s.E.ravel()[grid.pixel_index(mesh.points)]  # the phantom at the nodes (nearest pixel)
+    estimate = load_reconstructions(out).estimates[0]
+    error = np.linalg.norm(estimate - truth) / np.linalg.norm(truth)
+    grid_error = np.linalg.norm(on_grid - s.E) / np.linalg.norm(s.E)
+    assert error < 1.5 * grid_error  # as good as on the pixels, up to the resampling
+
+
 def test_missing_pixels_carry_no_data_and_stay_empty_in_the_output(folder):
     grid = ImageGrid(24, 16, 24.0, 16.0)
     comm = MPI.COMM_WORLD
