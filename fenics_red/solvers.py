@@ -50,7 +50,7 @@ __all__ = ["MLSettings", "History", "IterationState", "LoopState", "Prior", "Pro
            "CallbackStop", "Discrepancy", "StepBudget", "FixedPoint", "stopping_rules",
            "ml_options", "MLRunner", "setup_ml"]
 
-_METHODS = ("pgd", "fista")
+_METHODS = ("pgd", "fista", "cg")
 _STOPS = ("discrepancy", "budget")
 
 
@@ -59,8 +59,10 @@ class MLSettings:
     """Settings of the fixed-point projected-gradient loop; the defaults define the ML estimate.
 
     Attributes:
-        method: ``"fista"`` (default; monotone FISTA, Beck & Teboulle 2009) or ``"pgd"``
-            (projected gradient descent, equation 7).
+        method: ``"fista"`` (default; monotone FISTA, Beck & Teboulle 2009), ``"pgd"``
+            (projected gradient descent, equation 7) or ``"cg"`` (conjugate gradients on the
+            quadratic data term with ``Γ`` frozen, :class:`ConjugateGradient`; the ML estimate
+            only, no prior).
         stop: ``"discrepancy"`` (default: stop when the misfit reaches ``τ n``, or at the budget)
             or ``"budget"`` (run :attr:`max_steps` steps unless converged, see :attr:`rtol`).
         discrepancy: ``τ`` of the discrepancy rule.
@@ -569,7 +571,97 @@ class MonotoneFISTA:
             vec.destroy()
 
 
-_ITERATIONS = {"pgd": ProjectedGradient, "fista": MonotoneFISTA}
+class ConjugateGradient:
+    """Conjugate gradients on ``g(E) = ½‖f − DE‖²_{Γ⁻¹}`` with ``Γ`` frozen and ``E ≥ floor``
+    (a Newton-Krylov step of the fixed-point loop, equations 6-7, for the ML estimate).
+
+    With ``Γ`` frozen ``g`` is quadratic with Hessian ``H = Dᵀ Γ⁻¹ D`` (matrix-free, one ``Γ``
+    solve per product). CG on ``H δ = −∇g`` needs one product per step (the cost of a gradient)
+    and is slowed by ``H``'s conditioning as ``√κ``, not ``κ``; its early iterates are smooth, and
+    its semi-convergence under noise is the regularisation that the discrepancy rule stops
+    (Hanke 1995). ``g`` and ``−∇g`` are updated exactly from the step, so the misfit at every
+    iterate is known without another solve. The bound is kept by an active set (Moré & Toraldo
+    1991): a step that would cross the floor is cut where the first node reaches it, the nodes at
+    the floor are frozen, and CG restarts on the free ones; at each restart a frozen node whose
+    gradient points into the feasible side is freed again. Same protocol as
+    :class:`ProjectedGradient`; the step size it returns is CG's ``α``, and its "proximal
+    change" is the residual ``‖∇g‖`` on the free nodes relative to the round's first, so that
+    :attr:`MLSettings.rtol` ends a round when the frozen-``Γ`` problem is solved to it.
+    """
+
+    name = "cg"
+    needs_lipschitz = False
+
+    def __init__(self, template: PETSc.Vec):
+        self.r = template.duplicate()
+        self.p = template.duplicate()
+        self.Hp = template.duplicate()
+        self.free = template.duplicate()
+        self.restarts = 0
+
+    def reset(self, x: PETSc.Vec, restart: bool = True) -> None:
+        self._fresh = True
+        self.rr0 = None
+
+    def evaluate(self, x, objective: _Objective) -> tuple[float, float, float]:
+        if objective.prior is not None and objective.lam != 0.0:
+            raise ValueError("the 'cg' iteration solves the ML estimate's quadratic data term; "
+                             "a prior needs 'fista' or 'pgd'")
+        if self._fresh:
+            self.g = objective.value_and_gradient(x, self.r)
+            self.r.scale(-1.0)  # r = −∇g: the descent direction
+            # free: above the floor, or at it with −∇g pointing up (it may leave the bound)
+            floor = self.floor
+            self.free.array[:] = ((x.array_r > floor * (1 + 1e-12))
+                                  | (self.r.array_r > 0)).astype(float)
+            self.r.pointwiseMult(self.r, self.free)
+            self.r.copy(self.p)
+            self.rr = self.r.dot(self.r)
+            if self.rr0 is None:
+                self.rr0 = self.rr
+            self._fresh = False
+        return self.g, self.g, math.sqrt(self.rr)
+
+    def advance(self, x, objective: _Objective, project, eps: float, backtracking: bool
+                ) -> tuple[float, float]:
+        objective.fidelity.hessian_mult(self.p, self.Hp)
+        self.Hp.pointwiseMult(self.Hp, self.free)
+        curvature = self.p.dot(self.Hp)
+        if not (curvature > 0.0 and self.rr > 0.0):  # nothing left to fit on the free nodes
+            self._fresh = True
+            return eps, 0.0
+        alpha = self.rr / curvature
+        # the longest step that keeps every node at or above the floor
+        xs, ps = x.array_r, self.p.array_r
+        down = ps < 0
+        limit = np.min((self.floor - xs[down]) / ps[down], initial=math.inf)
+        limit = x.comm.tompi4py().allreduce(float(limit), op=MPI.MIN)
+        cut = limit < alpha
+        step = max(limit, 0.0) if cut else alpha
+        x.axpy(step, self.p)
+        self.g += -step * self.rr + 0.5 * step**2 * curvature
+        if cut:  # nodes reached the floor: put them on it exactly, restart on the free ones
+            project(x)
+            self.restarts += 1
+            self._fresh = True
+            return step, math.sqrt(self.rr / self.rr0) if self.rr0 else 0.0
+        self.r.axpy(-alpha, self.Hp)
+        rr = self.r.dot(self.r)
+        self.p.aypx(rr / self.rr, self.r)
+        self.rr = rr
+        # the round (Γ frozen) is solved when the residual has fallen by rtol: CG's own measure
+        return alpha, math.sqrt(rr / self.rr0) if self.rr0 > 0 else 0.0
+
+    @property
+    def floor(self) -> float:
+        return getattr(self, "_floor", 0.0)
+
+    def destroy(self):
+        for vec in (self.r, self.p, self.Hp, self.free):
+            vec.destroy()
+
+
+_ITERATIONS = {"pgd": ProjectedGradient, "fista": MonotoneFISTA, "cg": ConjugateGradient}
 
 
 class FixedPointSolver:
@@ -670,6 +762,7 @@ class FixedPointSolver:
         t0 = time.perf_counter()
         history = History(fid.n_equations)
         self.floor = s.floor * self._start_vector(E0)
+        self.iteration._floor = self.floor  # iterations that keep the bound themselves (cg)
         self._project(x)
         truth_norm = None
         if truth is not None:
@@ -693,9 +786,12 @@ class FixedPointSolver:
         while True:
             # -- refresh Γ(E) (equation 5): one factorisation, then L by power iteration ------
             fid.refresh(x)
-            iters = (s.power_iterations if self._power_vector is None
-                     else s.refresh_power_iterations)
-            L_g, self._power_vector = fid.lipschitz(iters, v=self._power_vector)
+            if getattr(it, "needs_lipschitz", True):
+                iters = (s.power_iterations if self._power_vector is None
+                         else s.refresh_power_iterations)
+                L_g, self._power_vector = fid.lipschitz(iters, v=self._power_vector)
+            else:  # CG takes its own steps
+                L_g = math.nan
             lam = 0.0
             if self.prior is not None:  # λ rules may look at ‖∇g(E)‖ (equation 12)
                 g_ref = fid.gradient(x, self._work)

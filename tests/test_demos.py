@@ -8,7 +8,8 @@ import pytest
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 
-@pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py"])
+@pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
+                                  "ml_solvers.py"])
 def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FENICS_RED_DEMO_SMALL", "1")
     monkeypatch.setenv("FENICS_RED_DEMO_OUT", str(mpi_tmp_path))
@@ -21,6 +22,8 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
         if MPI.COMM_WORLD.rank == 0:
             assert "| 35 dB |" in out and "| red |" in out
             assert (mpi_tmp_path / "paper-tables.md").exists()
+    elif name == "ml_solvers.py":
+        assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
     else:
         assert "red balance:1" in out
 
