@@ -3,10 +3,10 @@
     scripts/env python demos/ml_solvers.py          # the tables of docs/studies.md (a few minutes)
 
 Random sharp phantoms of the default generator (seeds 100-107: not the paper's test set), first
-with essentially exact data (200 dB) at 32² and 64² (5 phantoms each, a budget of 5000 steps for
+with essentially exact data (200 dB) at 32² and 64² (5 phantoms each, a budget of 3000 steps for
 both iterations), then at 25, 35 and 45 dB at 64² (8 phantoms, the default budget of 150 steps,
-discrepancy rule; CG refreshes Γ every 20 steps). Columns: mean relative error (min-max), mean
-steps, mean seconds per estimate (one process).
+discrepancy rule, Γ frozen at the initial modulus for both). Columns: mean relative error
+(min-max), mean steps, mean seconds per estimate (one process).
 """
 
 import os
@@ -45,13 +45,12 @@ print("|---|---|---|---|---|")
 sizes = (16,) if small else (32, 64)
 for n in sizes:
     for name in ("fista", "cg"):
-        settings = MLSettings(method=name, max_steps=300 if small else 5000)
+        settings = MLSettings(method=name, max_steps=300 if small else 3000)
         print(f"| {n}², 200 dB | {name} | "
               + run(ImageGrid(n, n), 200.0, range(100, 102 if small else 105), settings) + " |",
               flush=True)
 for snr in ((35.0,) if small else (25.0, 35.0, 45.0)):
-    for name, settings in (("fista", MLSettings()),
-                           ("cg", MLSettings(method="cg", steps_per_round=20))):
+    for name, settings in (("fista", MLSettings()), ("cg", MLSettings(method="cg"))):
         n = 16 if small else 64
         print(f"| {n}², {snr:g} dB | {name} | "
               + run(ImageGrid(n, n), snr, range(100, 102 if small else 108), settings) + " |",
