@@ -4,8 +4,18 @@ ENV := scripts/env
 # Tests under MPI: one thread per rank, and a hard limit so that a hang fails instead of blocking.
 MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
 DEMO_OUT ?= demo-output
+# make paper|denoiser|bench SIZE=small: the same pipeline at a tiny size, in seconds (the tests run
+# them so); outputs in $(RUNS)/ (created when missing; small benchmark tables in $(RUNS)/bench/).
+SIZE ?= full
+RUNS ?= runs
+ifeq ($(filter full small,$(SIZE)),)
+$(error SIZE must be full or small, got '$(SIZE)')
+endif
+SMALL := $(if $(filter small,$(SIZE)),1,0)
+BENCH_OUT ?= $(if $(filter small,$(SIZE)),$(RUNS)/bench,benchmarks/results)
 
-.PHONY: help setup lint test test-serial test-mpi demo bench paper denoiser meshes docker clean
+.PHONY: help setup lint test test-serial test-mpi demo bench paper denoiser meshes docker docker-offline \
+	docker-check clean
 
 help:
 	@echo "make setup   provision the DOLFINx/PETSc/torch stack and .venv (idempotent)"
@@ -14,8 +24,11 @@ help:
 	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
 	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
+	@echo "  paper, denoiser, bench: SIZE=small runs them at a tiny size (seconds), RUNS=DIR for runs/"
 	@echo "make meshes  remake meshes/*.msh from meshes/*.geo with gmsh (*-3d.geo in 3-D)"
-	@echo "make docker  build the Docker image fenics-red (needs a Docker engine)"
+	@echo "make docker  build the Docker image fenics-red from debian:trixie (needs a Docker engine)"
+	@echo "make docker-offline  the same FROM the root that make setup builds (no image registry)"
+	@echo "make docker-check  build the image, run make demo and make test in it, compare with the host"
 
 setup:
 	@scripts/setup
@@ -35,13 +48,14 @@ demo: setup
 	$(ENV) fenics-red demo --out $(DEMO_OUT)
 
 bench: setup
-	$(ENV) python benchmarks/run.py
+	FENICS_RED_BENCH_SIZE=$(SIZE) FENICS_RED_BENCH_OUT=$(BENCH_OUT) $(ENV) python benchmarks/run.py
 
 paper: setup
-	OMP_NUM_THREADS=1 $(ENV) mpirun -n 2 python demos/paper_comparison.py
+	OMP_NUM_THREADS=1 FENICS_RED_DEMO_SMALL=$(SMALL) FENICS_RED_DEMO_OUT=$(RUNS) \
+	    $(ENV) mpirun -n 2 python demos/paper_comparison.py
 
 denoiser: setup
-	scripts/train-denoiser runs
+	SIZE=$(SIZE) scripts/train-denoiser $(RUNS)
 
 # Each meshes/NAME.geo gives meshes/NAME.msh (gmsh -3 for NAME ending in -3d, else -2), written to
 # a temporary file first so that a failed run never leaves a half-written .msh.
@@ -60,6 +74,14 @@ meshes: setup
 
 docker:
 	docker build -f docker/Dockerfile -t fenics-red .
+
+# The setup's Debian 13 root imported as fenics-red-base:trixie, then the image FROM it.
+docker-offline:
+	scripts/docker-check --offline --build-only
+
+# Minutes: not part of make test; run before a release and after changing docker/.
+docker-check:
+	scripts/docker-check
 
 clean:
 	rm -rf .venv build *.egg-info $(DEMO_OUT)

@@ -14,7 +14,15 @@ import re
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: ``make bench SIZE=small`` (``FENICS_RED_BENCH_SIZE=small``): every benchmark at a tiny size, only
+#: to check that it runs; its tables go to ``FENICS_RED_BENCH_OUT`` (make: ``runs/bench/``), never
+#: over the real ones in ``benchmarks/results/``.
+SIZE = os.environ.get("FENICS_RED_BENCH_SIZE") or "full"
+if SIZE not in ("full", "small"):
+    raise SystemExit(f"FENICS_RED_BENCH_SIZE must be full or small, got {SIZE!r}")
+SMALL = SIZE == "small"
+RESULTS = Path(os.environ.get("FENICS_RED_BENCH_OUT")
+               or ("runs/bench" if SMALL else Path(__file__).resolve().parent / "results"))
 
 
 def best_of(fn, repeat: int = 3) -> float:
@@ -29,7 +37,7 @@ def best_of(fn, repeat: int = 3) -> float:
 
 def record(name: str, rows: list[dict], key: tuple[str, ...], title: str, notes: str = "") -> str:
     """Merge ``rows`` into the table ``name`` (rows with the same key replace older ones)."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{name}.json"
     old = json.loads(store.read_text()) if store.exists() else {"rows": []}
     merged = {tuple(r[k] for k in key): r for r in old["rows"]}

@@ -13,7 +13,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, record  # noqa: E402
+from common import SMALL, best_of, record  # noqa: E402
 
 from fenics_red import ElasticityModel, ForwardSettings, ImageGrid  # noqa: E402
 
@@ -51,4 +51,4 @@ def main(sizes=(64, 128, 256, 512)):
 
 
 if __name__ == "__main__":
-    main()
+    main(sizes=(8,)) if SMALL else main()  # make bench SIZE=small

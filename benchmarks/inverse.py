@@ -30,7 +30,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import SMALL, record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.likelihood import NoiseModel  # noqa: E402
@@ -188,4 +188,4 @@ if __name__ == "__main__":
     if "--stopping" in sys.argv:
         stopping_study()
     else:
-        main()
+        main(sizes=(8,)) if SMALL else main()

@@ -18,7 +18,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, record  # noqa: E402
+from common import SMALL, best_of, record  # noqa: E402
 
 from fenics_red.domain import Domain  # noqa: E402
 from fenics_red.forward import ElasticityModel  # noqa: E402
@@ -66,4 +66,4 @@ def main(names=("roi-2d", "sector-2d", "box-3d")):
 
 
 if __name__ == "__main__":
-    main()
+    main(names=("roi-2d",)) if SMALL else main()  # make bench SIZE=small

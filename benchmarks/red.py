@@ -16,7 +16,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import SMALL, record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.denoiser import Denoiser  # noqa: E402
@@ -85,4 +85,4 @@ def main(sizes=(64, 128), samples=3):
 
 
 if __name__ == "__main__":
-    main()
+    main(sizes=(8,), samples=1) if SMALL else main()  # make bench SIZE=small

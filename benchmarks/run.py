@@ -1,6 +1,7 @@
 """Run every benchmark serially and on 2 ranks; tables land in benchmarks/results/*.md.
 
     make bench                     # all of them
+    make bench SIZE=small          # all of them at a tiny size (seconds), tables in runs/bench/
     scripts/env python benchmarks/run.py forward inverse
 """
 
@@ -23,7 +24,10 @@ def main(names):
                         ["mpirun", "-n", "2", sys.executable, str(script)]):
             print(f"[bench] {' '.join(command[-3:])}", flush=True)
             subprocess.run(command, check=True, env=env)
-    print(f"[bench] tables in {HERE / 'results'}")
+    sys.path.insert(0, str(HERE))
+    from common import RESULTS
+
+    print(f"[bench] tables in {RESULTS}")
 
 
 if __name__ == "__main__":

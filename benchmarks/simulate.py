@@ -15,7 +15,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record  # noqa: E402
+from common import SMALL, record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_dataset  # noqa: E402
 from fenics_red.raster import ImageGrid  # noqa: E402
@@ -49,4 +49,4 @@ def main(cases=((64, 32), (128, 16))):
 
 
 if __name__ == "__main__":
-    main()
+    main(cases=((8, 2),)) if SMALL else main()  # make bench SIZE=small

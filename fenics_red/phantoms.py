@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ class PhantomSettings:
         inclusion: range of the uniform modulus of each inclusion (drawn independently per
             inclusion).
         n_inclusions: inclusive range of the number of inclusions of :func:`random_phantom`
-            (fewer are placed when the field has no room left for another one).
+            (between MIN and the drawn number are placed when the field has no room left for
+            more; a field without room for MIN is an error that says how many fit).
         shapes: shapes to draw from, uniformly (a subset of :data:`SHAPES`).
         min_size: smallest inclusion diameter, in cells ("a few cells").
         max_size: largest inclusion diameter as a fraction of the field's shorter side (a third).
@@ -237,8 +239,10 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
     The number of inclusions, their shapes, sizes, positions and moduli are drawn from ``rng``.
     Inclusions lie entirely inside the field, at least one cell from its edges, and (unless
     ``settings.overlap``) at least one cell plus the soft edge from each other; when no place is
-    found after a few hundred tries the phantom keeps the inclusions placed so far (always at least
-    one). Raises ``ValueError`` when the grid is too small for an inclusion of ``min_size`` cells.
+    found after a few hundred tries the phantom keeps the inclusions placed so far if they are at
+    least ``settings.n_inclusions[0]``. Raises ``ValueError`` when the grid is too small for an
+    inclusion of ``min_size`` cells, or has no room for that many inclusions (saying how many
+    were placed): never fewer inclusions than asked for.
     """
     settings = settings or PhantomSettings()
     hx, hy = grid.spacing
@@ -281,6 +285,13 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
                 raise ValueError("could not place a single inclusion on the "
                                  f"{grid.nx} x {grid.ny} grid; use a finer grid")
             break  # no room left for more inclusions
+    if len(regions) < settings.n_inclusions[0]:
+        raise ValueError(
+            f"only {len(regions)} of the at least {settings.n_inclusions[0]} inclusions asked for "
+            f"fit on the {grid.nx} x {grid.ny} grid (min_size {settings.min_size:g} cells, "
+            f"max_size {settings.max_size:g} of the field"
+            f"{'' if settings.overlap else ', kept apart'}); ask for fewer "
+            "(--inclusions MIN MAX), smaller ones (--max-size) or use a finer grid")
     return compose_phantom(regions, grid, rng, settings)
 
 
@@ -297,15 +308,29 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise ValueError(f"cannot read mask image {str(path)!r}: it is not a .npy "
+                                     "array file (no .npy header); write it with numpy.save")
+            header = np.load(path, mmap_mode="r", allow_pickle=False)  # reads no data
+            _check_mask_memory(path, header.shape, header.dtype.itemsize)
+            del header
             image = np.load(path, allow_pickle=False)
         elif suffix == ".png":
             from matplotlib import image as mpl_image
 
+            with open(path, "rb") as fh:  # the header only: the size before decoding
+                head = fh.read(24)
+            if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+                raise ValueError(f"cannot read mask image {str(path)!r}: it is not a PNG file "
+                                 "(no PNG header)")
+            width, height = struct.unpack(">II", head[16:24])
+            _check_mask_memory(path, (height, width, 4), 4)  # decoded as float32 RGBA
             image = mpl_image.imread(path)
         else:
             raise ValueError(f"mask {str(path)!r} is neither a .png nor a .npy file")
     except (OSError, ValueError, EOFError, SyntaxError) as error:
-        if isinstance(error, ValueError) and "neither" in str(error):
+        if isinstance(error, ValueError) and str(path) in str(error):
             raise
         raise ValueError(f"cannot read mask image {str(path)!r}: {error}") from None
     image = np.asarray(image)
@@ -325,6 +350,15 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if lo == hi:
         raise ValueError(f"mask image {str(path)!r} is constant ({lo}): it has no inclusion")
     return image > 0.5 * (lo + hi)
+
+
+def _check_mask_memory(path: Path, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a mask image whose reading would exceed the memory limit, from its header: the
+    decoded array, then about five float64 copies of its pixels (grey level, threshold, resize)."""
+    pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else int(np.prod(shape))
+    size = " x ".join(map(str, shape[:2]))
+    validation.check_memory(int(np.prod(shape)) * itemsize + 5 * 8 * pixels,
+                            f"reading the {size}-pixel mask image {str(path)!r}")
 
 
 def resize_mask(mask: np.ndarray, grid: ImageGrid) -> np.ndarray:

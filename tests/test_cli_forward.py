@@ -43,7 +43,10 @@ def test_forward_writes_displacement_images_and_settings(mpi_tmp_path, rng):
     (np.full((5, 6), np.nan), "non-finite"),
     (np.full((5, 6), -0.2), "strictly positive"),
     (np.ones(6), "2-D"),
-    (b"this is not a numpy file", "cannot read"),
+    (b"this is not a numpy file", "is not a .npy array file"),
+    (b"1.0 2.0\n3.0 4.0\n", "is not a .npy array file"),  # a text file named .npy
+    (np.full((5, 6), 1e-320), "smallest normal number"),  # subnormal: u would overflow to inf
+    (np.array([[0.2, 5e-324], [0.2, 0.2]]), "pixel (row 0, column 1) has 5e-324"),
 ])
 def test_forward_rejects_bad_input_with_a_clear_error(mpi_tmp_path, capsys, content, message):
     path = mpi_tmp_path / "bad.npy"
@@ -133,3 +136,58 @@ def test_forward_writes_uz_on_a_3d_mesh(mpi_tmp_path):
     with np.load(out) as saved:
         assert saved["uz"].shape == (856,) and saved["points"].shape == (856, 3)
         assert saved["uz"].min() < 0 and saved["uz"][saved["points"][:, 2] == 0].max() == 0
+
+
+def test_forward_says_an_npz_archive_or_pickled_objects_are_not_a_npy_array(mpi_tmp_path,
+                                                                            capsys):
+    archive, objects = mpi_tmp_path / "archive.npy", mpi_tmp_path / "objects.npy"
+    if MPI.COMM_WORLD.rank == 0:
+        with open(archive, "wb") as fh:
+            np.savez(fh, E=np.full((5, 6), 0.2))
+        np.save(objects, np.array([[0.2, "x"]], dtype=object), allow_pickle=True)
+    MPI.COMM_WORLD.Barrier()
+    for path, message in ((archive, "holds an archive (.npz)"), (objects, "Python objects")):
+        assert main(["forward", "--modulus", str(path), "--out",
+                     str(mpi_tmp_path / "u.npz")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "pickled data when allow_pickle" not in err
+
+
+def test_forward_refuses_an_image_too_large_for_the_memory_before_reading_it(
+        mpi_tmp_path, capsys, monkeypatch):
+    """A 5000² image needs far more than 8 GB in a direct solve: refused from the file's header
+    (the data are never read: here the file is sparse, 200 MB of which none is on the disk)."""
+    path = mpi_tmp_path / "huge.npy"
+    if MPI.COMM_WORLD.rank == 0:
+        with open(path, "wb") as fh:  # a (5001, 5001) float64 array of zeros, as a sparse file
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": "<f8", "fortran_order": False, "shape": (5001, 5001)})
+            fh.truncate(fh.tell() + 5001 * 5001 * 8)
+    MPI.COMM_WORLD.Barrier()
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "8G")
+    out = mpi_tmp_path / "u.npz"
+    assert main(["forward", "--modulus", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "5001 x 5001 modulus image needs about" in err and "limit of 8 GB" in err
+    assert not out.exists()
+    # the same limit lets an ordinary image through
+    _write(mpi_tmp_path / "E.npy", np.full((9, 9), 0.2))
+    assert main(["forward", "--modulus", str(mpi_tmp_path / "E.npy"), "--out", str(out)]) == 0
+
+
+def test_forward_on_a_mesh_refuses_a_mesh_too_large_for_the_memory(mpi_tmp_path, capsys,
+                                                                  monkeypatch):
+    _write(mpi_tmp_path / "E.npy", np.full(1105, 0.2))
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "100M")  # below the solver's base estimate
+    assert main(["forward", "--mesh", str(MESHES / "sector-2d.msh"), "--modulus",
+                 str(mpi_tmp_path / "E.npy"), "--out", str(mpi_tmp_path / "u.npz")]) == 2
+    assert "1105-node mesh needs about" in capsys.readouterr().err
+
+
+def test_forward_on_a_mesh_refuses_a_subnormal_modulus(mpi_tmp_path, capsys):
+    values = np.full(1105, 0.2)  # nodes of meshes/sector-2d.msh
+    values[7] = 1e-320
+    _write(mpi_tmp_path / "E.npy", values)
+    assert main(["forward", "--mesh", str(MESHES / "sector-2d.msh"), "--modulus",
+                 str(mpi_tmp_path / "E.npy"), "--out", str(mpi_tmp_path / "u.npz")]) == 2
+    assert "node 7 (0-based, file order) has 1e-320" in capsys.readouterr().err

@@ -145,6 +145,41 @@ def test_hessian_is_symmetric_positive_definite(comm, rng, regulariser):
     model.destroy()
 
 
+@pytest.mark.parametrize("regulariser", ["tikhonov", "tv"])
+def test_the_whole_dense_hessian_is_symmetric_with_non_negative_eigenvalues(comm, rng,
+                                                                            regulariser):
+    """Every column of the Gauss-Newton Hessian (``H e_j`` for each unit vector, gathered on every
+    rank): symmetric to round-off, and all its eigenvalues positive."""
+    E = rng.uniform(0.1, 0.6, _SMALL.shape)
+    model, ux, uy = _data(_SMALL, 1.3 * E, comm)
+    with GaussNewtonInversion(model, ux, uy, GaussNewtonSettings(regulariser=regulariser)) as inv:
+        inv.set_tv_smoothing(0.2)
+        inv.alpha = 1e-6
+        inv.set_parameter(np.log(E))
+        inv.objective()
+        inv.gradient()
+        H = inv.hessian()
+        e, He = H.createVecLeft(), H.createVecLeft()
+        lo, hi = e.getOwnershipRange()
+        columns = []
+        for j in range(e.getSize()):
+            e.set(0.0)
+            if lo <= j < hi:
+                e.array[j - lo] = 1.0
+            H.mult(e, He)
+            columns.append(np.concatenate(comm.allgather(He.array_r.copy())))
+        dense = np.array(columns).T
+        e.destroy()
+        He.destroy()
+    model.destroy()
+    scale = np.abs(dense).max()
+    assert scale > 0
+    np.testing.assert_allclose(dense, dense.T, rtol=0, atol=1e-12 * scale)
+    eigenvalues = np.linalg.eigvalsh(0.5 * (dense + dense.T))
+    # positive definite, well above round-off (here the ratio is about 1e-3)
+    assert eigenvalues.min() > 1e-8 * eigenvalues.max(), eigenvalues[:3]
+
+
 def test_recovers_a_smooth_phantom_from_noise_free_data(comm):
     E = _smooth_phantom(_GRID)
     model, ux, uy = _data(_GRID, E, comm)

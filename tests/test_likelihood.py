@@ -55,6 +55,26 @@ def _dense(fid, apply):
     return np.array(columns).T, free
 
 
+def _gamma_reference(fid, noise_std, force_std):
+    """``Γ_ff = Σw + K_ff Σn K_ffᵀ`` built densely from the forward model's own ``K(E)`` (not Γ's
+    copy of it), the noise's ``σ`` per component and ``σw``, over the free dofs; and the mask of
+    the free dofs (gathered on every rank)."""
+    comm = fid.comm
+    K = fid.model.assemble_K(apply_bcs=True)
+    lo, hi = K.getOwnershipRange()
+    n = K.getSize()[0]
+    rows = np.zeros((hi - lo, n))
+    for i in range(lo, hi):
+        cols, values = K.getRow(i)
+        rows[i - lo, cols] = values
+    K_dense = np.concatenate(comm.allgather(rows))
+    free = np.concatenate(comm.allgather(np.asarray(fid.model.free_dofs, dtype=bool)))
+    sigma = np.asarray(noise_std, dtype=float)[np.arange(n) % len(noise_std)]  # interleaved
+    K_ff = K_dense[np.ix_(free, free)]
+    reference = K_ff @ np.diag(sigma[free] ** 2) @ K_ff.T + force_std**2 * np.eye(free.sum())
+    return reference, free
+
+
 # -- Γ as an operator ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("force_std", [0.0, 3e-4])
@@ -92,7 +112,11 @@ def test_logdet_equals_dense_log_determinant_on_free_dofs(comm, force_std):
     fid.refresh(fid.from_image(sample.E))
     G, free = _dense(fid, fid.gamma.mult)
     G_ff = G[np.ix_(free, free)]
-    sign, expected = np.linalg.slogdet(G_ff)
+    # the reference is built independently of Γ's operator: from K, Σn and Σw
+    reference, free_ref = _gamma_reference(fid, sample.noise_std, force_std)
+    assert np.array_equal(free, free_ref)
+    np.testing.assert_allclose(G_ff, reference, rtol=0, atol=1e-10 * np.abs(reference).max())
+    sign, expected = np.linalg.slogdet(reference)
     assert sign == 1.0
     assert np.allclose(G_ff, G_ff.T, rtol=0, atol=1e-12 * np.abs(G_ff).max())
     assert fid.logdet() == pytest.approx(expected, rel=1e-9, abs=1e-7)
@@ -100,7 +124,8 @@ def test_logdet_equals_dense_log_determinant_on_free_dofs(comm, force_std):
     E = fid.from_image(np.full(grid.shape, 0.2))
     r = fid.residual(E, fid.f.duplicate())
     r_all = np.concatenate(comm.allgather(r.array_r.copy()))[free]
-    assert fid.value(E) == pytest.approx(0.5 * r_all @ np.linalg.solve(G_ff, r_all), rel=1e-8)
+    assert fid.value(E) == pytest.approx(0.5 * r_all @ np.linalg.solve(reference, r_all),
+                                         rel=1e-8)
     _destroy(fid)
 
 

@@ -209,3 +209,78 @@ def test_bad_masks_are_refused_with_the_file_named(mpi_tmp_path):
     np.save(folder / "tiny.npy", tiny)
     with pytest.raises(ValueError, match="tiny.npy.*smaller than a cell"):
         load_mask_folder(folder, GRID)
+
+
+# -- bad requests and inputs refused, never quietly changed ---------------------------------------
+
+def test_more_inclusions_than_fit_are_refused_saying_how_many_fit():
+    """--inclusions 100 100 on a 64² grid: an error naming how many fitted, not 8 quietly."""
+    with pytest.raises(ValueError, match=r"only \d+ of the at least 100 inclusions asked for fit "
+                                         r"on the 64 x 64 grid.*--inclusions MIN MAX"):
+        random_phantom(ImageGrid(64, 64), np.random.default_rng(0),
+                       PhantomSettings(n_inclusions=(100, 100)))
+
+
+def test_fewer_inclusions_than_drawn_but_at_least_min_are_kept_as_before():
+    """MIN 1, MAX 100: the phantom has between 1 and the drawn number (the draws of the default
+    settings, and so the data sets of a seed, are unchanged)."""
+    settings = PhantomSettings(n_inclusions=(1, 100))
+    for seed in range(3):
+        _, labels = random_phantom(ImageGrid(32, 32), np.random.default_rng(seed), settings)
+        assert 1 <= labels.max() < 100
+    E, labels = random_phantom(GRID, np.random.default_rng(7), PhantomSettings())
+    E_again, _ = random_phantom(GRID, np.random.default_rng(7), PhantomSettings())
+    assert np.array_equal(E, E_again) and 1 <= labels.max() <= 4
+
+
+def test_the_simulate_command_refuses_too_many_inclusions_in_one_line(mpi_tmp_path, capsys):
+    from fenics_red.cli import main
+
+    out = mpi_tmp_path / "set.h5"
+    assert main(["simulate", "--samples", "2", "--grid", "16", "--inclusions", "100", "100",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    if MPI.COMM_WORLD.rank == 0:
+        assert "of the at least 100 inclusions asked for fit" in err
+    assert not out.exists()
+
+
+def test_a_text_file_named_npy_is_said_not_to_be_a_npy_file(mpi_tmp_path):
+    folder = _rank_dir(mpi_tmp_path)
+    (folder / "mask.npy").write_text("0 1 1 0\n0 1 1 0\n")
+    with pytest.raises(ValueError, match="mask.npy'?: it is not a .npy array file") as error:
+        load_mask_folder(folder, GRID)
+    assert "pickled" not in str(error.value)
+    (folder / "mask.npy").unlink()
+    (folder / "mask.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="mask.png'?: it is not a PNG file"):
+        load_mask_folder(folder, GRID)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """The signature and IHDR chunk of a grey 8-bit PNG of that size (no image data)."""
+    import struct
+    import zlib
+
+    body = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + body
+            + struct.pack(">I", zlib.crc32(body)))
+
+
+def test_huge_mask_images_are_refused_from_their_header_before_decoding(mpi_tmp_path,
+                                                                        monkeypatch):
+    """A 20000² PNG (1.6 MB on disk) decodes to more than 6 GB: refused from the size in its
+    header, as is a 20000² .npy (a sparse file here), under FENICS_RED_MEMORY_LIMIT."""
+    folder = _rank_dir(mpi_tmp_path)
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "4G")
+    (folder / "huge.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(ValueError, match=r"20000 x 20000-pixel mask image .*huge.png.* needs "
+                                         r"about .* more than the limit of 4 GB"):
+        load_mask_folder(folder, GRID)
+    (folder / "huge.png").unlink()
+    with open(folder / "huge.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "|u1", "fortran_order": False, "shape": (20000, 20000)})
+        fh.truncate(fh.tell() + 20000 * 20000)
+    with pytest.raises(ValueError, match="20000 x 20000-pixel mask image .*huge.npy"):
+        load_mask_folder(folder, GRID)

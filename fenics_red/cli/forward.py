@@ -14,6 +14,11 @@ from ..domain import Domain
 from ..forward import ElasticityModel, ForwardSettings
 from ..io import atomic_output, check_input_file, check_output_path, to_json
 from ..raster import ImageGrid, validate_image
+from ..validation import check_memory
+
+#: Smallest modulus taken: the smallest normal float64 (2.2e-308). A subnormal modulus (1e-320)
+#: has lost its precision and its displacement overflows to inf.
+TINY = float(np.finfo(np.float64).tiny)
 
 
 def add_forward_arguments(parser) -> None:
@@ -41,9 +46,38 @@ def forward_settings(args) -> ForwardSettings:
                            traction=args.traction, support=args.support, solver=args.solver)
 
 
-def load_image(path, name: str) -> np.ndarray:
-    """Read a 2-D ``.npy`` image with a clear error for missing or unreadable files."""
+def npy_shape(path, name: str) -> tuple[int, ...]:
+    """The shape of the array in a ``.npy`` file, from its header alone (nothing else is read).
+
+    A file that does not start with the ``.npy`` header (a text file, a ``.npz`` archive, a
+    pickle) is refused as not a ``.npy`` array file.
+    """
     path = check_input_file(path, name)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+            if head[:4] == b"PK\x03\x04":
+                raise ValueError(f"{name} {str(path)!r} holds an archive (.npz), expected one "
+                                 ".npy array")
+            if head != b"\x93NUMPY":
+                raise ValueError(f"{name} {str(path)!r} is not a .npy array file (it does not "
+                                 "start with the .npy header); write it with numpy.save")
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # maps, reads no data
+    except (OSError, EOFError) as error:
+        raise ValueError(f"cannot read {name} {str(path)!r} as a .npy array: {error}") from None
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        if "Python objects" in str(error):
+            raise ValueError(f"{name} {str(path)!r} holds Python objects (pickled data), "
+                             "expected an array of numbers") from None
+        raise ValueError(f"cannot read {name} {str(path)!r} as a .npy array: {error}") from None
+    return tuple(int(n) for n in shape)
+
+
+def load_image(path, name: str) -> np.ndarray:
+    """Read a ``.npy`` array with a clear error for missing, unreadable and non-.npy files."""
+    npy_shape(path, name)
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -51,6 +85,24 @@ def load_image(path, name: str) -> np.ndarray:
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name} {str(path)!r} holds an archive, expected one .npy array")
     return array
+
+
+def check_solve_memory(nodes: int, dim: int, what: str) -> None:
+    """Refuse a forward solve on ``nodes`` nodes above the memory limit, before building it (the
+    estimate of ``fenics-red simulate``: a direct solver's factors; four times more in 3-D)."""
+    from .simulate import SOLVE_BASE_BYTES, SOLVE_BYTES_PER_NODE
+
+    check_memory(SOLVE_BASE_BYTES + SOLVE_BYTES_PER_NODE * nodes * (1 if dim == 2 else 4), what)
+
+
+def check_normal(values: np.ndarray, name: str, where) -> None:
+    """Refuse moduli below the smallest normal float (subnormal: the displacement overflows)."""
+    small = values < TINY
+    if small.any():
+        first = np.unravel_index(int(np.flatnonzero(small.ravel())[0]), values.shape)
+        at = where(tuple(int(i) for i in first))
+        raise ValueError(f"{name} must be at least {TINY:.3g} (the smallest normal number) at "
+                         f"every {at.split()[0]}; {at} has {float(values[first])!r}")
 
 
 def register(subparsers) -> None:
@@ -76,9 +128,16 @@ def run(args) -> int:
     comm = MPI.COMM_WORLD
     settings = forward_settings(args)
     check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
+    if args.mesh is None:  # the image's size from the file's header, before reading it
+        shape = npy_shape(args.modulus, "modulus")
+        if len(shape) == 2:
+            check_solve_memory(int(np.prod(shape)), 2,
+                               f"a forward solve on a {shape[0]} x {shape[1]} modulus image")
     modulus = load_image(args.modulus, "modulus")
     if args.mesh is None:
         modulus = validate_image(modulus, name="modulus image", positive=True)
+        check_normal(modulus, f"modulus image {str(args.modulus)!r}",
+                     lambda i: f"pixel (row {i[0]}, column {i[1]})")
         grid = ImageGrid.from_shape(modulus.shape, args.width, args.height)
         domain = Domain.rectangle(grid, comm)
         meta = {"grid": {"nx": grid.nx, "ny": grid.ny, "width": grid.width,
@@ -87,6 +146,8 @@ def run(args) -> int:
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
         domain = Domain.from_file(check_input_file(args.mesh, "mesh file"), comm)
+        check_solve_memory(domain.num_file_nodes, domain.dim,
+                           f"a forward solve on the {domain.num_file_nodes}-node mesh")
         modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
         meta = {"mesh": str(args.mesh), "num_nodes": domain.num_file_nodes, "dim": domain.dim}
     model = ElasticityModel(domain, settings)
@@ -94,6 +155,9 @@ def run(args) -> int:
         model.solve(model.from_values(modulus, np.empty_like(model.E.x.array), name="modulus"))
         names = ("ux", "uy", "uz")[:domain.dim]
         arrays = dict(zip(names, model.to_values(model.u.x.array, "V"), strict=True))
+        if not all(np.isfinite(a).all() for a in arrays.values()):
+            raise ValueError("the displacement is not finite (it overflowed): the moduli are too "
+                             "small or span too wide a range for the traction; rescale them")
         if args.mesh is not None:  # the node coordinates, in the same order
             coordinates = model.Q.tabulate_dof_coordinates()[:, :domain.dim]
             arrays["points"] = model.node_order("Q").gather_rows(coordinates).T
@@ -122,4 +186,6 @@ def _nodal_modulus(values: np.ndarray, n_nodes: int, path) -> np.ndarray:
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"modulus {str(path)!r} must be finite and strictly positive at every "
                          f"node; node {i} (0-based, file order) has {values[i]!r}")
-    return values.astype(np.float64)
+    values = values.astype(np.float64)
+    check_normal(values, f"modulus {str(path)!r}", lambda i: f"node {i[0]} (0-based, file order)")
+    return values

@@ -59,7 +59,9 @@ def register(subparsers) -> None:
     defaults = PhantomSettings()
     group.add_argument("--inclusions", type=int, nargs=2, metavar=("MIN", "MAX"),
                        default=defaults.n_inclusions,
-                       help="number of inclusions of random phantoms (default %(default)s)")
+                       help="number of inclusions of random phantoms (default %(default)s); "
+                            "fewer than MAX when no more fit, and an error saying how many fit "
+                            "when fewer than MIN do")
     group.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(defaults.shapes),
                        help="inclusion shapes to draw from (default: all)")
     group.add_argument("--min-size", type=float, default=defaults.min_size,
