@@ -232,3 +232,14 @@ def test_the_summary_says_which_metric_values_were_left_out():
     assert summary["ml"]["cnr_db"] == {"mean": 1.0, "std": 0.0, "count": 2, "non_finite": 1}
     table = summary_table(summary, ["ml"])
     assert "(2 of 3)†" in table and "left out" in table
+
+
+def test_a_baseline_that_missed_its_discrepancy_target_is_named_in_the_summary(dataset,
+                                                                              mpi_tmp_path, comm):
+    out = mpi_tmp_path / "missed"
+    settings = EvaluationSettings(("gn-tikhonov",), options={"gn-tikhonov": {
+        "max_alpha_trials": 1, "alpha_initial": 1e6}}, samples=(0,), figures=False)
+    evaluate(dataset, out, settings, comm, progress=False)
+    if comm.rank == 0:
+        text = (out / "summary.md").read_text()
+        assert "gn-tikhonov did not reach its discrepancy target" in text and "[0]" in text
