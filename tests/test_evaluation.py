@@ -214,6 +214,7 @@ def test_an_evaluation_is_not_resumed_on_data_changed_in_place(dataset, mpi_tmp_
     out = mpi_tmp_path / "eval"
     settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
     evaluate(dataset, out, settings, comm, progress=False)
+    comm.Barrier()  # every rank has closed the data set (HDF5 refuses a writer beside readers)
     if comm.rank == 0:
         with h5py.File(dataset, "r+") as f:  # same attributes, other values
             f["uy_noisy"][0] *= 1.01

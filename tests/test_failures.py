@@ -306,6 +306,7 @@ def test_a_reconstruction_is_not_resumed_on_data_changed_in_place(mpi_tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         reconstruct_dataset(data, out, comm, "ml", {"max_steps": 5}, batch_size=1,
                             progress=False, on_batch=stop)
+    comm.Barrier()  # every rank has closed the data set (HDF5 refuses a writer beside readers)
     if comm.rank == 0:
         with h5py.File(data, "r+") as f:  # same attributes, other values
             f["uy_noisy"][...] *= 1.01
@@ -344,6 +345,7 @@ def test_show_refuses_a_sample_whose_modulus_was_lost(mpi_tmp_path, comm, capsys
     data = simulate_dataset(mpi_tmp_path / "set.h5", 2,
                             SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
                             progress=False)
+    comm.Barrier()
     if comm.rank == 0:
         with h5py.File(data, "r+") as f:
             f["E"][1] = 0.0  # what a lost write leaves
