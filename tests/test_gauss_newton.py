@@ -115,37 +115,6 @@ def test_gauss_newton_hessian_is_the_exact_hessian_at_zero_residual(comm, rng):
 
 
 @pytest.mark.parametrize("regulariser", ["tikhonov", "tv"])
-def test_hessian_is_symmetric_positive_definite(comm, rng, regulariser):
-    E = rng.uniform(0.1, 0.6, _SMALL.shape)
-    model, ux, uy = _data(_SMALL, 1.3 * E, comm)
-    with GaussNewtonInversion(model, ux, uy, GaussNewtonSettings(regulariser=regulariser)) as inv:
-        inv.set_tv_smoothing(0.2)
-        inv.alpha = 1e-6
-        inv.set_parameter(np.log(E))
-        inv.objective()
-        inv.gradient()
-        H = inv.hessian()
-        vectors = []
-        for _ in range(2):
-            inv.set_parameter(rng.normal(size=_SMALL.shape))  # only to map an image to a Vec
-            v = H.createVecLeft()
-            v.array[:] = inv.parameter()
-            vectors.append(v)
-        inv.set_parameter(np.log(E))
-        inv.objective()
-        inv.gradient()
-        x, y = vectors
-        Hx, Hy = H.createVecLeft(), H.createVecLeft()
-        H.mult(x, Hx)
-        H.mult(y, Hy)
-        assert abs(Hx.dot(y) - x.dot(Hy)) < 1e-10 * abs(Hx.dot(y))
-        assert x.dot(Hx) > 0 and y.dot(Hy) > 0
-        for v in (x, y, Hx, Hy):
-            v.destroy()
-    model.destroy()
-
-
-@pytest.mark.parametrize("regulariser", ["tikhonov", "tv"])
 def test_the_whole_dense_hessian_is_symmetric_with_non_negative_eigenvalues(comm, rng,
                                                                             regulariser):
     """Every column of the Gauss-Newton Hessian (``H e_j`` for each unit vector, gathered on every
