@@ -580,9 +580,10 @@ class ConjugateGradient:
     solve per product). CG on ``H δ = −∇g`` needs one product per step (the cost of a gradient)
     and is slowed by ``H``'s conditioning as ``√κ``, not ``κ``; its early iterates are smooth, and
     its semi-convergence under noise is the regularisation that the discrepancy rule stops
-    (Hanke 1995). The preconditioner is the diagonal of ``Dᵀ Σn⁻¹ D`` (``Γ`` without ``K``: the
-    local sensitivity of the equations to each node's modulus, one sparse product), which
-    evens out the nodes that the strain field barely loads. ``g`` and ``−∇g`` are updated exactly
+    (Hanke 1995). The preconditioner is the diagonal of ``Dᵀ Σn⁻¹ D`` over ``E²`` (``Γ`` with
+    ``K`` replaced by its scale ``E``: the local sensitivity of the equations to each node's
+    modulus, one sparse product per refresh), which evens out the nodes that the strain field
+    barely loads. ``g`` and ``−∇g`` are updated exactly
     from the step, so the misfit at every iterate is known without another solve.
 
     Within a round the iterates are not projected (:attr:`projects` is false): the loop puts
@@ -602,15 +603,15 @@ class ConjugateGradient:
     projects = False
 
     def __init__(self, template: PETSc.Vec):
-        self.r, self.z, self.p, self.Hp, self.m_inv, self.m_round = (template.duplicate()
-                                                                     for _ in range(6))
-        self._fidelity = None
+        self.r, self.z, self.p, self.Hp, self.m_inv = (template.duplicate() for _ in range(5))
 
     def reset(self, x: PETSc.Vec, restart: bool = True) -> None:
         self._fresh = True
 
-    def _preconditioner(self, fidelity) -> None:
-        """``m_inv = 1 / diag(Dᵀ Σn⁻¹ D)`` over the free rows (once per data set)."""
+    def _preconditioner(self, fidelity, x: PETSc.Vec) -> None:
+        """``m_inv = x² / diag(Dᵀ Σn⁻¹ D)`` over the free rows, at every refresh of ``Γ``:
+        ``Γ⁻¹ = K⁻ᵀ Σn⁻¹ K⁻¹`` and ``K`` scales with the round's ``E`` (and ``D`` changes with
+        each data set, in place)."""
         D2 = fidelity.D.copy()
         indptr, indices, values = D2.getValuesCSR()
         D2.setValuesCSR(indptr, indices, values**2)
@@ -619,7 +620,7 @@ class ConjugateGradient:
         weights.pointwiseMult(weights, fidelity.gamma.free)
         D2.multTranspose(weights, self.m_inv)
         largest = self.m_inv.max()[1]
-        self.m_inv.array[:] = 1.0 / np.maximum(self.m_inv.array_r, 1e-12 * largest)
+        self.m_inv.array[:] = x.array_r**2 / np.maximum(self.m_inv.array_r, 1e-12 * largest)
         weights.destroy()
         D2.destroy()
 
@@ -628,16 +629,10 @@ class ConjugateGradient:
             raise ValueError("the 'cg' iteration solves the ML estimate's quadratic data term; "
                              "a prior needs 'fista' or 'pgd'")
         if self._fresh:
-            fidelity = objective.fidelity
-            if self._fidelity is not fidelity or self._data is not fidelity.D:
-                self._preconditioner(fidelity)
-                self._fidelity, self._data = fidelity, fidelity.D
-            # Γ⁻¹ = K⁻ᵀ Σn⁻¹ K⁻¹ and K scales with E: the diagonal scales with 1/E² of the round
-            self.m_round.pointwiseMult(x, x)
-            self.m_round.pointwiseMult(self.m_round, self.m_inv)
+            self._preconditioner(objective.fidelity, x)
             self.g = objective.value_and_gradient(x, self.r)
             self.r.scale(-1.0)  # r = −∇g: the descent direction
-            self.z.pointwiseMult(self.m_round, self.r)
+            self.z.pointwiseMult(self.m_inv, self.r)
             self.z.copy(self.p)
             self.rz = self.r.dot(self.z)
             self._fresh = False
@@ -653,7 +648,7 @@ class ConjugateGradient:
         x.axpy(alpha, self.p)
         self.g -= 0.5 * alpha * self.rz  # g(x + αp) = g − α rᵀp + ½α² pᵀHp, rᵀp = rᵀz
         self.r.axpy(-alpha, self.Hp)
-        self.z.pointwiseMult(self.m_round, self.r)
+        self.z.pointwiseMult(self.m_inv, self.r)
         rz = self.r.dot(self.z)
         self.p.aypx(rz / self.rz, self.z)
         self.rz = rz
@@ -662,7 +657,7 @@ class ConjugateGradient:
         return alpha, math.inf if rz > 0.0 else 0.0
 
     def destroy(self):
-        for vec in (self.r, self.z, self.p, self.Hp, self.m_inv, self.m_round):
+        for vec in (self.r, self.z, self.p, self.Hp, self.m_inv):
             vec.destroy()
 
 

@@ -72,3 +72,17 @@ def test_cg_refuses_a_prior():
 
     with pytest.raises(ValueError, match="REDSettings.solver"):
         REDSettings(solver="cg")
+
+
+def test_an_estimate_does_not_depend_on_the_samples_solved_before_it(comm):
+    """The preconditioner belongs to each data set: a reused solver gives what a fresh one does."""
+    first, second = (simulate_sample(i, SimulationSettings(GRID, snr_db=45.0, seed=8))
+                     for i in range(2))
+    ml = MLReconstructor(GRID, settings=MLSettings(method="cg"), comm=comm)
+    try:
+        ml.run_sample(first)
+        after, _ = ml.run_sample(second)
+    finally:
+        ml.destroy()
+    alone, _ = _run(second, comm, method="cg")
+    np.testing.assert_allclose(after, alone, rtol=1e-10)
