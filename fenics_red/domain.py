@@ -93,6 +93,27 @@ class MeshArrays:
     def shape(self) -> tuple[int]:
         return (int(self.points.shape[0]),)
 
+    def adjacency(self):
+        """``(N, N)`` sparse matrix (CSR) with a one where two nodes share a cell (no diagonal)."""
+        from scipy import sparse
+
+        k = self.cells.shape[1]
+        pairs = np.concatenate([self.cells[:, [a, b]] for a in range(k) for b in range(k)
+                                if a != b])
+        n = len(self.points)
+        A = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                              shape=(n, n)).tocsr()
+        A.data[:] = 1.0  # a pair shared by several cells counts once
+        return A
+
+    def mean_spacing(self) -> float:
+        """``(size / N)^(1/d)``, ``size`` the area (2-D) or volume (3-D): the pixel size of a
+        raster with as many pixels as nodes (in 2-D :func:`fenics_red.raster.mean_node_spacing`
+        of the distributed mesh, to round-off). Serial."""
+        edges = self.points[self.cells[:, 1:]] - self.points[self.cells[:, :1]]
+        size = float(np.abs(np.linalg.det(edges)).sum()) / (2 if self.dim == 2 else 6)
+        return (size / len(self.points)) ** (1.0 / self.dim)
+
     @classmethod
     def of_grid(cls, grid) -> MeshArrays:
         """The triangle mesh of an :class:`~fenics_red.raster.ImageGrid` as arrays, its nodes in

@@ -202,6 +202,17 @@ def replace_checked(source: Path, target: Path, overwrite: bool) -> None:
     sync_folder(target.parent)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks (the fingerprint of a source file or model)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def hdf5_digest(path: str | os.PathLike) -> str:
     """:func:`content_digest` of every dataset of an HDF5 file (by path inside the file): the
     fingerprint of its values, unchanged by attributes or the file's byte layout."""

@@ -44,7 +44,6 @@ measured relative to their mean over the support nodes (a rigid translation, inv
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import warnings
@@ -60,7 +59,8 @@ from scipy.sparse import linalg as sparse_linalg
 
 from . import validation
 from .domain import Domain, MeshArrays
-from .io import atomic_output, check_input_file, check_output_path, plain, to_json
+from .io import atomic_output, check_input_file, check_output_path, file_sha256, plain, to_json
+from .parallel import on_root
 
 __all__ = ["ImportSettings", "Measured", "VariableFile", "import_measurement", "read_measurement",
            "export_estimates", "output_modulus", "LENGTH_UNITS", "MODULUS_UNITS", "KPA"]
@@ -332,14 +332,6 @@ class VariableFile:
             arrays[name] = values
         self.index_base = 0
         return arrays
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- the measurement on a mesh -------------------------------------------------------------------
@@ -645,10 +637,7 @@ def _fill(mesh: MeshArrays, u: np.ndarray, valid: np.ndarray) -> np.ndarray:
     missing = ~valid
     if not missing.any():
         return u
-    n, k = len(mesh.points), mesh.cells.shape[1]
-    pairs = np.concatenate([mesh.cells[:, [a, b]] for a in range(k) for b in range(k) if a != b])
-    A = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n)).tocsr()
-    A.data[:] = 1.0
+    A = mesh.adjacency()
     L = sparse.diags(np.asarray(A.sum(axis=1)).ravel()) - A
     Luu = L[missing][:, missing].tocsc()
     Auk = A[missing][:, valid]
@@ -709,7 +698,7 @@ def read_measurement(path: str | os.PathLike, settings: ImportSettings) -> Measu
     if reference is not None and not (reference & valid).any():
         raise ValueError("the reference region holds no measured node")
     u = _fill(mesh, np.where(valid, u, np.nan), valid)
-    layout.update(file=str(file.path.resolve()), format=file.version, sha256=_sha256(file.path),
+    layout.update(file=str(file.path.resolve()), format=file.version, sha256=file_sha256(file.path),
                   n_nodes=int(len(mesh.points)), n_valid=int(valid.sum()))
     return Measured(mesh, u * u_to_mm, valid, reference, layout)
 
@@ -779,13 +768,7 @@ def import_measurement(path: str | os.PathLike, out: str | os.PathLike, settings
     Rank 0 reads and writes (atomically: a failure leaves no output and an existing one intact);
     every rank raises its error. Returns a summary (noise, force, index base, counts).
     """
-    return _on_root(comm, lambda: _import(Path(path), Path(out), settings, overwrite))
-
-
-def _on_root(comm, fn):
-    from .parallel import on_root
-
-    return on_root(comm, fn)
+    return on_root(comm, lambda: _import(Path(path), Path(out), settings, overwrite))
 
 
 def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
@@ -793,7 +776,7 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
 
     from . import __version__
     from .data import FORMAT, FORMAT_VERSION, SimulationSettings, mesh_digest
-    from .raster import ImageGrid, mean_node_spacing
+    from .raster import ImageGrid
 
     check_output_path(out, overwrite)
     m = read_measurement(path, s)
@@ -823,8 +806,8 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
     else:
         traction = _nominal_traction(mesh, u, valid)
         force = "unknown"
-    spacing = mean_node_spacing(mesh.domain(MPI.COMM_SELF).mesh)
-    grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), spacing)
+    grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0),
+                              mesh.mean_spacing())
     data = SimulationSettings(grid, s.forward_settings(traction), snr_db=snr,
                               noise_ratio=float(sigma[0] / sigma[-1]), mesh=mesh)
     measurement = {"settings": s.to_dict(), "source": m.layout, "force": force,
@@ -918,15 +901,15 @@ def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.Path
         values = [output_modulus(e, measurement, valid, reference) for e in result.estimates]
         return measurement, valid, mesh, values
 
-    measurement, valid, mesh, values = _on_root(comm, prepare)
+    measurement, valid, mesh, values = on_root(comm, prepare)
     source, s = measurement["source"], ImportSettings.from_dict(measurement["settings"])
     info = measurement["output"]
     layout_path, xdmf, png = export_paths(reconstruction, measurement)
     to_mm = LENGTH_UNITS[s.length_unit]
     user_mesh = MeshArrays(mesh.points / to_mm, mesh.cells, mesh.load, mesh.support)
-    _on_root(comm, lambda: [check_output_path(p, overwrite)
+    on_root(comm, lambda: [check_output_path(p, overwrite)
                             for p in export_paths(reconstruction, measurement, heavy=True)])
-    _on_root(comm, lambda: _write_layout(layout_path, values, valid, source, info, user_mesh,
+    on_root(comm, lambda: _write_layout(layout_path, values, valid, source, info, user_mesh,
                                          overwrite))
     write_xdmf({"E": values[0]}, xdmf, user_mesh, comm, overwrite=overwrite)
 
@@ -938,7 +921,7 @@ def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.Path
                         clim=(0.0, float(np.percentile(finite, 99.5))),
                         labels={name: info["short"]}, overwrite=overwrite)
 
-    _on_root(comm, figure)
+    on_root(comm, figure)
     return [layout_path, xdmf, png]
 
 

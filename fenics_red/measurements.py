@@ -372,10 +372,7 @@ def estimate_noise_std(space, displacement, support_free: bool = True,
 def _local_fit_residual(mesh, support_free: bool, valid=None) -> sparse.csr_matrix:
     """Rows ``(I − H)[i] / sqrt(1 − h_ii)`` of each node's local linear fit (nodes kept only)."""
     n, d = mesh.points.shape
-    k = mesh.cells.shape[1]
-    pairs = np.concatenate([mesh.cells[:, [a, b]] for a in range(k) for b in range(k) if a != b])
-    adjacency = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
-                                  shape=(n, n)).tocsr()
+    adjacency = mesh.adjacency()
     keep = np.ones(n, dtype=bool)
     if support_free and mesh.support.size:
         held = np.zeros(n, dtype=bool)

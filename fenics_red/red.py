@@ -42,6 +42,7 @@ import numpy as np
 
 from . import validation
 from .forward import ElasticityModel, ForwardSettings
+from .io import file_sha256
 from .likelihood import StatisticalLikelihood
 from .measurements import Measurement
 from .parallel import on_root
@@ -302,13 +303,15 @@ class _Runner:
         else:
             self.options = self.red_settings = red_options(options)
         self.reconstructor = REDReconstructor(grid, forward, self.red_settings, comm)
+        self.denoiser_path = Path(self.red_settings.denoiser or default_denoiser_path())
+        # the weights just loaded: a resume must use the same ones (hashed once, not per call)
+        self.denoiser_sha256 = file_sha256(self.denoiser_path)
 
     @property
     def settings(self) -> dict:
-        path = Path(self.red_settings.denoiser or default_denoiser_path())
         out = {"ml": self.reconstructor.ml_settings.to_dict(),
-               "denoiser": str(path),
-               "denoiser_sha256": _file_sha256(path),  # a resume must use the same weights
+               "denoiser": str(self.denoiser_path),
+               "denoiser_sha256": self.denoiser_sha256,
                "flip_average": self.red_settings.flip_average,
                "pixel": self.red_settings.pixel,
                "denoiser_card": _card_summary(self.reconstructor.denoiser)}
@@ -377,9 +380,7 @@ def raster_shape(data_settings, pixel: float | None = None) -> tuple[int, int]:
     if mesh is None:
         return tuple(data_settings.grid.shape)
     if pixel is None:
-        edges = mesh.points[mesh.cells[:, 1:]] - mesh.points[mesh.cells[:, :1]]
-        area = float(np.abs(np.linalg.det(edges)).sum() / 2)
-        pixel = math.sqrt(area / len(mesh.points))
+        pixel = mesh.mean_spacing()
     return ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), pixel).shape
 
 
@@ -405,12 +406,6 @@ def resolution_warning(denoiser, data_settings, pixel: float | None = None,
 def _check_pixel(settings, name: str) -> None:
     if settings.pixel is not None:
         validation.positive(settings.pixel, f"{name}.pixel")
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _card_summary(denoiser) -> dict:
