@@ -75,14 +75,22 @@ def test_cg_refuses_a_prior():
 
 
 def test_an_estimate_does_not_depend_on_the_samples_solved_before_it(comm):
-    """The preconditioner belongs to each data set: a reused solver gives what a fresh one does."""
+    """The preconditioner belongs to each data set: a reused solver gives what a fresh one does.
+
+    A few steps, not the discrepancy stop: under MPI two solvers differ at round-off (their
+    meshes' partitions), and CG's late steps under noise amplify it (measured at 45 dB: 1e-15 in
+    the step size at step 6, 1e-3 at step 9, where the directions are the noise's). Its early
+    steps are stable, and a preconditioner left over from the first sample changes them by
+    percents.
+    """
     first, second = (simulate_sample(i, SimulationSettings(GRID, snr_db=45.0, seed=8))
                      for i in range(2))
-    ml = MLReconstructor(GRID, settings=MLSettings(method="cg"), comm=comm)
+    settings = MLSettings(method="cg", stop="budget", max_steps=6)
+    ml = MLReconstructor(GRID, settings=settings, comm=comm)
     try:
         ml.run_sample(first)
         after, _ = ml.run_sample(second)
     finally:
         ml.destroy()
-    alone, _ = _run(second, comm, method="cg")
-    np.testing.assert_allclose(after, alone, rtol=1e-10)
+    alone, _ = _run(second, comm, method="cg", stop="budget", max_steps=6)
+    np.testing.assert_allclose(after, alone, rtol=1e-8)
