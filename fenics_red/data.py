@@ -43,6 +43,11 @@ describe the raster on which the phantoms were drawn in physical coordinates (ea
 value of its nearest pixel; inclusions lie inside the mesh). Files of format version 1 (grids,
 without the mesh group) still read.
 
+In 3-D (a box grid, ``nz > 0``, depth along ``z``) every image is a volume ``(nz+1, ny+1, nx+1)``
+(axis 0 the depth from the transducer face, :mod:`fenics_red.raster`), the displacement has a
+third component ``uz``/``uz_noisy`` (axial), ``noise_std`` is ``(n, 3)`` and the attributes add
+``nz``, ``depth`` and ``z0``.
+
 Reproducibility: sample ``i`` is drawn from ``SeedSequence(seed).spawn(n)[i]`` (two children of
 it: phantom, then noise), so it is the same whatever the number of samples, the MPI rank count or
 the resumption history. Each rank solves its samples on ``MPI.COMM_SELF``; rank 0 writes.
@@ -75,14 +80,15 @@ from .phantoms import PhantomSettings, load_mask_folder, mask_phantom, random_ph
 from .raster import ImageGrid
 
 __all__ = ["SimulationSettings", "Sample", "Dataset", "load_dataset", "simulate_dataset",
-           "simulate_sample", "sample_generators", "FORMAT", "FORMAT_VERSION", "IMAGE_DATASETS"]
+           "simulate_sample", "sample_generators", "FORMAT", "FORMAT_VERSION", "IMAGE_DATASETS",
+           "image_datasets"]
 
 #: Value of the ``format`` attribute of every data set file.
 FORMAT = "fenics-red synthetic elastography"
 #: Version of the layout written (module docstring); version 1 (grids, no mesh group) still reads.
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
-#: Float64 image stacks of a data set, ``(n, ny+1, nx+1)``.
+#: Float64 image stacks of a 2-D data set, ``(n, ny+1, nx+1)``; :func:`image_datasets` in 3-D.
 IMAGE_DATASETS = ("E", "ux", "uy", "ux_noisy", "uy_noisy")
 #: Datasets a data set without truth (a real measurement) lacks: both or neither.
 TRUTH_DATASETS = ("E", "mask")
@@ -91,6 +97,12 @@ CLEAN_DATASETS = ("ux", "uy")
 #: Per-node flags of an imported measurement (:mod:`fenics_red.measured`), optional.
 FLAG_DATASETS = ("valid", "reference")
 MASK_DTYPE = np.uint16
+
+
+def image_datasets(dim: int) -> tuple[str, ...]:
+    """The float64 stacks of a ``dim``-D data set: :data:`IMAGE_DATASETS`, plus ``uz`` and
+    ``uz_noisy`` in 3-D."""
+    return IMAGE_DATASETS + (("uz", "uz_noisy") if dim == 3 else ())
 
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
 #: Attributes that describe, but do not determine, the data (ignored when resuming).
@@ -153,6 +165,11 @@ class SimulationSettings:
         """Shape of one sample's nodal arrays: the image shape, or ``(N,)`` on a mesh."""
         return self.grid.shape if self.mesh is None else self.mesh.shape
 
+    @property
+    def dim(self) -> int:
+        """Spatial dimension: that of the mesh, or of the grid."""
+        return self.grid.dim if self.mesh is None else self.mesh.dim
+
     def to_attrs(self) -> dict:
         """Flat HDF5 attributes (strings, numbers, JSON for nested values)."""
         g, f = self.grid, self.forward
@@ -161,6 +178,8 @@ class SimulationSettings:
         attrs["layout"] = "grid" if self.mesh is None else "mesh"
         if self.mesh is not None:
             attrs.update(x0=float(g.x0), y0=float(g.y0))
+        if g.nz:
+            attrs.update(nz=int(g.nz), depth=float(g.depth), z0=float(g.z0))
         attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
         attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
         attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
@@ -183,7 +202,10 @@ class SimulationSettings:
         try:
             grid = ImageGrid(_int(a["nx"], "nx"), _int(a["ny"], "ny"), float(a["width"]),
                              float(a["height"]), float(_plain(attrs.get("x0", 0.0))),
-                             float(_plain(attrs.get("y0", 0.0))))
+                             float(_plain(attrs.get("y0", 0.0))),
+                             _int(_plain(attrs.get("nz", 0)), "nz"),
+                             float(_plain(attrs.get("depth", 1.0))),
+                             float(_plain(attrs.get("z0", 0.0))))
             forward = ForwardSettings(
                 nu=float(a["nu"]), plane=str(a["plane"]), traction=float(a["traction"]),
                 shear_traction=float(a["shear_traction"]), support=str(a["support"]),
@@ -222,8 +244,8 @@ def _int(value, name: str) -> int:
 
 @dataclass
 class Sample:
-    """One sample of a data set: nodal arrays (images ``(ny+1, nx+1)`` on grids, ``(N,)`` on
-    meshes) and its noise levels.
+    """One sample of a data set: nodal arrays (images ``(ny+1, nx+1)`` on grids, volumes in 3-D,
+    ``(N,)`` on meshes) and its noise levels.
 
     ``mask`` holds integer labels (0 background, ``k > 0`` inclusion ``k``); ``noise_std`` is
     ``(σx, σy[, σz])`` (``Σn``) and ``force_std`` is ``σw`` (``Σw = σw² I``) of the measurement.
@@ -239,6 +261,8 @@ class Sample:
     mask: np.ndarray | None
     noise_std: tuple[float, ...]
     force_std: float
+    uz: np.ndarray | None = None  # the third (axial) component in 3-D
+    uz_noisy: np.ndarray | None = None
 
 
 def sample_generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -291,7 +315,7 @@ def simulate_sample(index: int, settings: SimulationSettings,
             model.destroy()
     return Sample(int(index), E, m.ux, m.uy, m.ux_noisy, m.uy_noisy,
                   labels.astype(MASK_DTYPE), tuple(float(s) for s in m.noise_std),
-                  float(m.force_std))
+                  float(m.force_std), m.uz, m.uz_noisy)
 
 
 def phantom_region(settings: SimulationSettings) -> np.ndarray:
@@ -357,20 +381,21 @@ class _SampleFile(ResumableFile):
 
     def __init__(self, path: Path, attrs: dict, settings: SimulationSettings, overwrite: bool):
         self.shape = tuple(settings.value_shape)
+        self.dim = settings.dim
         self.mesh = settings.mesh or _grid_mesh(settings.grid)
         super().__init__(path, attrs, attrs["n_samples"], overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         n, images = self.n_rows, (self.n_rows, *self.shape)
-        return {**{name: images for name in (*IMAGE_DATASETS, "mask")},
-                "noise_std": (n, 2), "force_std": (n,)}
+        return {**{name: images for name in (*image_datasets(self.dim), "mask")},
+                "noise_std": (n, self.dim), "force_std": (n,)}
 
     def create_datasets(self) -> None:
         n, chunk = self.n_rows, (1, *self.shape)
-        for name in IMAGE_DATASETS:
+        for name in image_datasets(self.dim):
             self.file.create_dataset(name, (n, *self.shape), dtype=np.float64, chunks=chunk)
         self.file.create_dataset("mask", (n, *self.shape), dtype=MASK_DTYPE, chunks=chunk)
-        self.file.create_dataset("noise_std", (n, 2), dtype=np.float64)
+        self.file.create_dataset("noise_std", (n, self.dim), dtype=np.float64)
         self.file.create_dataset("force_std", (n,), dtype=np.float64)
         group = self.file.create_group("mesh")
         for name in ("points", "cells", "load", "support"):
@@ -392,7 +417,7 @@ class _SampleFile(ResumableFile):
 
     def write_row(self, s: Sample) -> int:
         f, i = self.file, s.index
-        for name in IMAGE_DATASETS:
+        for name in image_datasets(self.dim):
             f[name][i] = getattr(s, name)
         f["mask"][i] = s.mask
         f["noise_std"][i] = s.noise_std
@@ -518,8 +543,10 @@ class Dataset:
                        "(the truth) or neither (a real measurement)")
         self.has_truth = bool(present)
         shape = self.settings.value_shape
-        expected = {name: ((n, *shape), "f") for name in IMAGE_DATASETS}
-        expected.update(mask=((n, *shape), "iu"), noise_std=((n, 2), "f"), force_std=((n,), "f"),
+        self.dim = self.settings.dim
+        expected = {name: ((n, *shape), "f") for name in image_datasets(self.dim)}
+        expected.update(mask=((n, *shape), "iu"), noise_std=((n, self.dim), "f"),
+                        force_std=((n,), "f"),
                         done=((n,), "iub"))
         if not self.has_truth:
             for name in TRUTH_DATASETS:
@@ -571,7 +598,7 @@ class Dataset:
     def _check_values(self) -> None:
         f = self._file
         per_block = max(1, int(2**25 // (8 * np.prod(self.settings.value_shape))))
-        for name in (*IMAGE_DATASETS, "mask"):
+        for name in (*image_datasets(self.dim), "mask"):
             if name not in f:  # no truth (or no clean displacement)
                 continue
             d = f[name]
@@ -585,7 +612,8 @@ class Dataset:
                 if not finite.all():
                     i, *where = np.argwhere(~finite)[0]
                     at = (f"row {where[0]}, column {where[1]}" if len(where) == 2
-                          else f"node {where[0]}")
+                          else f"node {where[0]}" if len(where) == 1
+                          else f"voxel {tuple(int(w) for w in where)}")
                     self._fail(f"dataset {name!r} has {int((~finite).sum())} non-finite value(s) "
                                f"(NaN or inf), first in sample {start + i} at {at}")
                 if name == "E" and not (block > 0).all():
@@ -660,7 +688,7 @@ class Dataset:
                              f"{self.n_samples} samples (0 to {self.n_samples - 1})")
         f, i = self._file, int(index)
         images = {name: np.asarray(f[name][i], dtype=np.float64) if name in f else None
-                  for name in IMAGE_DATASETS}
+                  for name in image_datasets(self.dim)}
         sigma = f["noise_std"][i]
         return Sample(i, mask=np.asarray(f["mask"][i]) if "mask" in f else None,
                       noise_std=tuple(float(v) for v in sigma),
@@ -672,9 +700,9 @@ class Dataset:
 
     def read(self, name: str, index=slice(None)) -> np.ndarray:
         """A whole dataset (or ``index`` of it) as a numpy array, e.g. ``read("E")``."""
-        if name not in (*IMAGE_DATASETS, "mask", "noise_std", "force_std"):
-            raise KeyError(f"no dataset {name!r}; choose from "
-                           f"{[*IMAGE_DATASETS, 'mask', 'noise_std', 'force_std']}")
+        names = [*image_datasets(self.dim), "mask", "noise_std", "force_std"]
+        if name not in names:
+            raise KeyError(f"no dataset {name!r}; choose from {names}")
         if name not in self._file:
             raise KeyError(f"data set {str(self.path)!r} has no truth ({name!r}): a real "
                            "measurement")
@@ -692,7 +720,8 @@ class Dataset:
 
     def __repr__(self) -> str:
         g = self.grid
-        return (f"Dataset({str(self.path)!r}, n_samples={self.n_samples}, grid={g.nx}x{g.ny}, "
+        cells = g.label().replace(" ", "")
+        return (f"Dataset({str(self.path)!r}, n_samples={self.n_samples}, grid={cells}, "
                 f"snr_db={self.settings.snr_db})")
 
 

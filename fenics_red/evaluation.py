@@ -51,7 +51,7 @@ from .jobs import ResumableOutput
 from .methods import get_method
 from .metrics import METRIC_NAMES, evaluate_metrics
 from .parallel import check_all, on_root
-from .raster import ValueRaster
+from .raster import ValueRaster, central_slice
 from .reconstruction import Result, has_truth, run_method
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "METRIC_LABELS"]
@@ -122,7 +122,7 @@ def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
     except (OSError, ValueError, KeyError, EOFError) as error:
         raise ValueError(f"estimate file {str(path)!r} is damaged ({error}); delete it to "
                          "recompute it") from None
-    if estimate.ndim not in (1, 2) or not np.isfinite(estimate).all():
+    if estimate.ndim not in (1, 2, 3) or not np.isfinite(estimate).all():
         raise ValueError(f"estimate file {str(path)!r} holds no finite image or nodal values; "
                          "delete it")
     return estimate, settings, info
@@ -317,7 +317,7 @@ def summary_table(summary: Mapping, methods: Sequence[str],
 
 def _describe(attrs: Mapping) -> str:
     """``Grid 64 x 64, SNR 35 dB, seed 1.``: the data set line of ``summary.md``."""
-    parts = [f"Grid {attrs['nx']} x {attrs['ny']}"]
+    parts = [f"Grid {attrs['nx']} x {attrs['ny']}" + (f" x {attrs['nz']}" if "nz" in attrs else "")]
     if "snr_db" in attrs:
         parts.append(f"SNR {attrs['snr_db']:g} dB")
     if "seed" in attrs:
@@ -405,7 +405,19 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal) -> None:
     chosen = list(samples.items())[:settings.figure_limit]
     for i, sample in chosen:
         truth = None if sample is None else sample.E
-        if settings.figures:
+        if settings.figures and grid.dim == 3:  # the axial-lateral slice through the inclusions
+            j = central_slice(None if sample is None else sample.mask, grid.shape)
+            plane = grid.axial_plane()
+            truth = None if truth is None else truth[:, j, :]
+            shown = {m: e[:, j, :] for m, e in estimates[i].items()}
+            labels = {m: f"rel. RMSE {error[(i, m)]:.3f}, slice y[{j}]" for m in shown
+                      if (i, m) in error}
+            (out / "figures").mkdir(exist_ok=True)
+            plot_comparison(truth, shown, out / "figures" / f"sample_{i}.png", plane,
+                            labels=labels)
+            plot_profiles(truth, shown, out / "figures" / f"profile_{i}.png", plane,
+                          mask=None if sample is None else sample.mask[:, j, :])
+        elif settings.figures:
             (out / "figures").mkdir(exist_ok=True)
             labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]
                       if (i, m) in error}

@@ -416,7 +416,7 @@ class GaussNewtonInversion:
             self.m.x.array[: self._nq] = m.array_r
         else:
             values = np.asarray(m, dtype=np.float64)
-            if values.ndim == 2:
+            if values.ndim >= 2:
                 self.model.from_values(values, self.m.x.array, name="parameter image")
             elif values.shape == (self._nq,):
                 self.m.x.array[: self._nq] = values

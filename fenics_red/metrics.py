@@ -1,8 +1,8 @@
 """Image-quality metrics between an estimated modulus image and the ground truth.
 
-All metrics take images (NumPy arrays of the same 2-D shape, in the image convention of
-:mod:`fenics_red.raster`) and return plain floats, so that the evaluation can store them in
-CSV/JSON.
+All metrics take images (NumPy arrays of the same 2-D shape, or 3-D volumes, in the image
+convention of :mod:`fenics_red.raster`) and return plain floats, so that the evaluation can store
+them in CSV/JSON.
 The truth is always the second argument; wherever a metric needs a scale (PSNR's peak, SSIM's data
 range) it is taken from the truth, never from the estimate, so that every method is measured with
 the same yardstick.
@@ -19,7 +19,8 @@ phantom, ``I``/``B`` inclusion/background, ``m``/``s`` mean/standard deviation o
   covariances, data range ``L = max(y) - min(y)``, averaged over the pixels whose window lies
   inside the image (a 5-pixel border is left out). It equals scikit-image's
   ``structural_similarity(x, y, data_range=L, gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False)``.
+  use_sample_covariance=False)``. On volumes the window is the 3-D Gaussian (11³ voxels), as
+  scikit-image does for 3-D arrays.
 * ``cnr_db = 10 log10(2 (m_I - m_B)^2 / (s_I^2 + s_B^2))``, i.e.
   ``20 log10(sqrt(2 (m_I - m_B)^2 / (s_I^2 + s_B^2)))``, the contrast-to-noise ratio of
   elastography (Varghese & Ophir 1998; Bilgen 1999), computed on the *estimate* with the regions
@@ -59,15 +60,17 @@ def _image(array, name: str) -> np.ndarray:
     image = np.asarray(array)
     if image.dtype.kind not in "fiub":
         raise ValueError(f"{name} must hold real numbers, got dtype {image.dtype}")
-    if image.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D image, got an array of shape {image.shape}")
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a 2-D image or a 3-D volume, got an array of shape "
+                         f"{image.shape}")
     if image.size == 0:
         raise ValueError(f"{name} is empty (shape {image.shape})")
     bad = ~np.isfinite(image)
     if bad.any():
-        i, j = np.argwhere(bad)[0]
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        at = f"row {where[0]}, column {where[1]}" if len(where) == 2 else f"voxel {where}"
         raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), first at "
-                         f"row {i}, column {j}")
+                         f"{at}")
     return image.astype(np.float64, copy=False)
 
 
@@ -150,8 +153,9 @@ def ssim(estimate, truth, *, data_range: float | None = None, full: bool = False
     radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # as in scipy.ndimage: 5
     window = 2 * radius + 1
     if min(x.shape) < window:
-        raise ValueError(f"SSIM needs images of at least {window} x {window} pixels (the Gaussian "
-                         f"window), got shape {x.shape}")
+        size = " x ".join([str(window)] * x.ndim)
+        raise ValueError(f"SSIM needs images of at least {size} pixels (the Gaussian window), "
+                         f"got shape {x.shape}")
     if data_range is None:
         data_range = float(np.max(y) - np.min(y))
         if data_range <= 0.0:
@@ -170,7 +174,7 @@ def ssim(estimate, truth, *, data_range: float | None = None, full: bool = False
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     s_map = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    s_map = s_map[radius:-radius, radius:-radius]
+    s_map = s_map[(slice(radius, -radius),) * s_map.ndim]
     value = float(s_map.mean(dtype=np.float64))
     return (value, s_map) if full else value
 
@@ -258,7 +262,7 @@ def evaluate_metrics(estimate, truth, mask, valid=None) -> dict[str, float]:
     xv, yv, mv = x[v][None, :], y[v][None, :], m[v][None, :]
     _, s_map = ssim(x, y, data_range=float(np.ptp(yv)) or None, full=True)
     radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
-    inside = v[radius:-radius, radius:-radius]
+    inside = v[(slice(radius, -radius),) * v.ndim]
     ratio, true_ratio = contrast_ratio(xv, mv), contrast_ratio(yv, mv)
     return {
         "rmse": rmse(xv, yv),

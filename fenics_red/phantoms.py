@@ -8,6 +8,9 @@ module makes such phantoms in two ways:
 * :func:`random_phantom`: one to several inclusions of random shape (circles, axis-aligned
   ellipses, rotated ellipses, smooth random blobs, polygons) with sizes from a few cells to a third
   of the field;
+* on a 3-D grid (:attr:`~fenics_red.raster.ImageGrid.nz` > 0) the same names draw solids in
+  physical coordinates: spheres, axis-aligned and rotated ellipsoids, smooth star-shaped blobs and
+  convex polyhedra (``"polygon"``), with the same size law, margins, gaps and soft edges;
 * :func:`mask_phantom`: the inclusions of a user's mask image (PNG or ``.npy``, any resolution),
   resized to the grid, each connected component an inclusion (:func:`load_mask_folder` reads a
   folder of them).
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from . import validation
 from .raster import ImageGrid
@@ -131,12 +135,59 @@ class PhantomSettings:
 
 # -- geometry ------------------------------------------------------------------------------------
 
-def _coordinates(grid: ImageGrid) -> tuple[np.ndarray, np.ndarray]:
-    """Physical coordinates ``(x, y)`` of every pixel (image convention: row 0 at ``y = H``)."""
+def _coordinates(grid: ImageGrid) -> tuple[np.ndarray, ...]:
+    """Coordinates ``(x, y[, z])`` of every pixel relative to the grid's lower corner, as images
+    (image convention: row 0 at ``y = H``, in 3-D at ``z = D``)."""
+    if grid.dim == 3:
+        points = grid.pixel_points() - np.array(grid.origin)
+        return tuple(points[:, k].reshape(grid.shape) for k in range(3))
     hx, hy = grid.spacing
     x = np.arange(grid.nx + 1) * hx
     y = grid.height - np.arange(grid.ny + 1) * hy
     return np.meshgrid(x, y)
+
+
+def _solid_mask(shape: str, points: tuple[np.ndarray, ...], centre, diameter: float,
+                rng: np.random.Generator, settings: PhantomSettings) -> np.ndarray:
+    """Voxels inside one 3-D inclusion of ``shape`` (the solid of the 2-D shape of that name)
+    whose largest extent is ``diameter``."""
+    d = np.stack([p - c for p, c in zip(points, centre, strict=True)], axis=-1)
+    radius = diameter / 2.0
+    if shape == "circle":  # a sphere
+        return (d**2).sum(axis=-1) <= radius**2
+    if shape in ("ellipse", "rotated_ellipse"):
+        # semi-axes radius >= b >= c with radius / c <= max_aspect
+        shorter = np.sort(rng.uniform(1.0, settings.max_aspect, 2))
+        axes = radius / np.array([1.0, shorter[0], shorter[1]])
+        if shape == "ellipse":  # long axis along x, y or z
+            rotation = np.eye(3)[np.roll(np.arange(3), int(rng.integers(3)))]
+        else:
+            rotation = Rotation.random(random_state=rng).as_matrix()
+        u = d @ rotation.T
+        return ((u / axes) ** 2).sum(axis=-1) <= 1.0
+    if shape == "blob":
+        # star-shaped: r(n) = 1 + sum_k a_k cos(k acos(n . d_k) + p_k), smooth on the sphere
+        orders = np.arange(2, 6)
+        amplitudes = rng.uniform(0.0, 0.3, len(orders)) / orders
+        phases = rng.uniform(0.0, 2.0 * math.pi, len(orders))
+        directions = Rotation.random(len(orders), random_state=rng).apply([0.0, 0.0, 1.0])
+
+        def profile(unit):
+            angle = np.arccos(np.clip(unit @ directions.T, -1.0, 1.0))
+            return 1.0 + np.cos(angle * orders + phases) @ amplitudes
+
+        sphere = Rotation.random(2000, random_state=np.random.default_rng(0)).apply([0, 0, 1.0])
+        scale = radius / profile(sphere).max()
+        r = np.sqrt((d**2).sum(axis=-1))
+        unit = d / np.maximum(r, 1e-300)[..., None]
+        return r <= scale * profile(unit)
+    if shape == "polygon":  # a convex polyhedron: random faces around the centre
+        n = int(rng.integers(6, 13))
+        normals = Rotation.random(n, random_state=rng).apply([0.0, 0.0, 1.0])
+        offsets = rng.uniform(0.6, 1.0, n) * radius
+        return ((d @ normals.T <= offsets).all(axis=-1)
+                & ((d**2).sum(axis=-1) <= radius**2))
+    raise ValueError(f"unknown inclusion shape {shape!r}; choose from {SHAPES}")
 
 
 def _polygon_inside(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -200,10 +251,10 @@ def inclusion_weight(inside: np.ndarray, grid: ImageGrid, soft_edge: float = 0.0
     inside = np.asarray(inside, dtype=bool)
     if soft_edge <= 0 or inside.all() or not inside.any():
         return inside.astype(np.float64)
-    hx, hy = grid.spacing
-    h = min(hx, hy)
-    depth = ndimage.distance_transform_edt(inside, sampling=(hy, hx))
-    gap = ndimage.distance_transform_edt(~inside, sampling=(hy, hx))
+    sampling = grid.spacing[::-1]  # image axes run (z,) y, x
+    h = min(sampling)
+    depth = ndimage.distance_transform_edt(inside, sampling=sampling)
+    gap = ndimage.distance_transform_edt(~inside, sampling=sampling)
     signed = np.where(inside, 0.5 * h - depth, gap - 0.5 * h)
     t = np.clip(0.5 - signed / (soft_edge * h), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -245,17 +296,16 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
     were placed): never fewer inclusions than asked for.
     """
     settings = settings or PhantomSettings()
-    hx, hy = grid.spacing
-    h = min(hx, hy)
-    shorter = min(grid.width, grid.height)
+    h = min(grid.spacing)
+    shorter = min(grid.extent)
     d_min = settings.min_size * h
     d_max = max(settings.max_size * shorter, d_min)
     if d_min + 2 * h > shorter:
         raise ValueError(
-            f"the {grid.nx} x {grid.ny} grid is too small for inclusions of min_size = "
+            f"the {grid.label()} grid is too small for inclusions of min_size = "
             f"{settings.min_size} cells plus a one-cell margin; use a finer grid or a smaller "
             "min_size")
-    x, y = _coordinates(grid)
+    points = _coordinates(grid)
     n_wanted = int(rng.integers(settings.n_inclusions[0], settings.n_inclusions[1] + 1))
     gap = int(math.ceil(settings.soft_edge)) + 1
     occupied = np.zeros(grid.shape, dtype=bool)
@@ -267,11 +317,12 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
             shape = settings.shapes[int(rng.integers(len(settings.shapes)))]
             diameter = math.exp(rng.uniform(math.log(d_min), math.log(d_max)))
             half = 0.5 * diameter + h  # keep a one-cell margin to the field's edges
-            centre = (rng.uniform(half, grid.width - half) if grid.width > 2 * half
-                      else 0.5 * grid.width,
-                      rng.uniform(half, grid.height - half) if grid.height > 2 * half
-                      else 0.5 * grid.height)
-            inside = _shape_mask(shape, x, y, centre, diameter, rng, settings)
+            centre = tuple(rng.uniform(half, size - half) if size > 2 * half else 0.5 * size
+                           for size in grid.extent)
+            if grid.dim == 3:
+                inside = _solid_mask(shape, points, centre, diameter, rng, settings)
+            else:
+                inside = _shape_mask(shape, *points, centre, diameter, rng, settings)
             if not inside.any() or (outside is not None and (inside & outside).any()):
                 continue
             if not settings.overlap and (
@@ -282,13 +333,13 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
             break
         else:
             if not regions:
-                raise ValueError("could not place a single inclusion on the "
-                                 f"{grid.nx} x {grid.ny} grid; use a finer grid")
+                raise ValueError(f"could not place a single inclusion on the {grid.label()} "
+                                 "grid; use a finer grid")
             break  # no room left for more inclusions
     if len(regions) < settings.n_inclusions[0]:
         raise ValueError(
             f"only {len(regions)} of the at least {settings.n_inclusions[0]} inclusions asked for "
-            f"fit on the {grid.nx} x {grid.ny} grid (min_size {settings.min_size:g} cells, "
+            f"fit on the {grid.label()} grid (min_size {settings.min_size:g} cells, "
             f"max_size {settings.max_size:g} of the field"
             f"{'' if settings.overlap else ', kept apart'}); ask for fewer "
             "(--inclusions MIN MAX), smaller ones (--max-size) or use a finer grid")
@@ -401,7 +452,7 @@ def mask_phantom(mask: np.ndarray, grid: ImageGrid, rng: np.random.Generator,
     settings = settings or PhantomSettings()
     on_grid = resize_mask(mask, grid)
     if not on_grid.any():
-        raise ValueError(f"the mask has no inclusion left on the {grid.nx} x {grid.ny} grid (its "
+        raise ValueError(f"the mask has no inclusion left on the {grid.label()} grid (its "
                          "inclusions are smaller than a cell); use a finer grid")
     if on_grid.all():
         raise ValueError("the mask covers the whole field: there is no background")

@@ -18,6 +18,11 @@ Image convention (documented in the README):
 * row 0 is the transducer edge (the top of the field, ``y = y0 + H``) and depth grows with the row
   index, so row ``i`` lies at ``y = y0 + H - i * H / ny``;
 * column 0 is the left edge (``x = x0``), column ``j`` lies at ``x = x0 + j * W / nx``.
+
+A 3-D grid (``nz > 0``, depth along ``z``) has volumes of shape ``(nz + 1, ny + 1, nx + 1)``: axis 0
+is depth from the transducer face (``z = z0 + D`` at index 0), axis 1 is ``y`` (elevation, from
+``y0``) and axis 2 is ``x`` (lateral, from ``x0``); slice ``volume[:, j, :]`` is an axial-lateral
+plane, the 2-D image of that elevation.
 """
 
 from __future__ import annotations
@@ -32,15 +37,16 @@ from scipy import sparse
 from dolfinx import fem, geometry, mesh
 
 __all__ = ["ImageGrid", "NodalImage", "NodeOrder", "PointRaster", "ValueRaster",
-           "validate_image", "raster_for"]
+           "validate_image", "raster_for", "central_slice"]
 
 
 @dataclass(frozen=True)
 class ImageGrid:
-    """A rectangle ``[x0, x0 + width] x [y0, y0 + height]`` split into ``nx x ny`` cells.
+    """A rectangle ``[x0, x0 + width] x [y0, y0 + height]`` split into ``nx x ny`` cells, or with
+    ``nz > 0`` a box that adds ``[z0, z0 + depth]`` in ``nz`` cells (depth along ``z``).
 
-    Its pixels are the cell corners; :meth:`create_mesh` cuts each cell into two P1 triangles,
-    so that the mesh vertices coincide with the pixels.
+    Its pixels (voxels) are the cell corners; :meth:`create_mesh` cuts each cell into P1
+    triangles (tetrahedra), so that the mesh vertices coincide with the pixels.
     """
 
     nx: int
@@ -49,43 +55,56 @@ class ImageGrid:
     height: float = 1.0
     x0: float = 0.0
     y0: float = 0.0
+    nz: int = 0
+    depth: float = 1.0
+    z0: float = 0.0
 
     def __post_init__(self):
-        for name in ("nx", "ny"):
+        for name in ("nx", "ny", "nz"):
             value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or value < 1:
+            if not isinstance(value, int | np.integer) or value < (0 if name == "nz" else 1):
                 raise ValueError(f"ImageGrid.{name} must be a positive integer, got {value!r}")
-        for name in ("width", "height"):
+        for name in ("width", "height", "depth"):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"ImageGrid.{name} must be a positive number, got {value!r}")
-        for name in ("x0", "y0"):
+        for name in ("x0", "y0", "z0"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"ImageGrid.{name} must be finite, got {getattr(self, name)!r}")
+
+    @property
+    def dim(self) -> int:
+        """2 for a rectangle, 3 for a box."""
+        return 3 if self.nz else 2
 
     @classmethod
     def from_shape(cls, shape: tuple[int, ...], width: float | None = None,
                    height: float | None = None) -> ImageGrid:
-        """The grid whose nodal images have ``shape == (ny + 1, nx + 1)``.
+        """The grid whose nodal images have ``shape == (ny + 1, nx + 1)`` (2-D) or volumes
+        ``(nz + 1, ny + 1, nx + 1)`` (3-D, cubic cells of width ``width / nx``).
 
         Missing sizes give square cells: ``width`` defaults to 1 and ``height`` to
         ``width * ny / nx``.
         """
-        if len(shape) != 2 or shape[0] < 2 or shape[1] < 2:
-            raise ValueError(
-                f"a nodal image must be 2-D with at least 2 x 2 pixels, got shape {tuple(shape)}")
-        ny, nx = int(shape[0]) - 1, int(shape[1]) - 1
+        if len(shape) not in (2, 3) or min(shape) < 2:
+            raise ValueError(f"a nodal image must be 2-D (or a 3-D volume) with at least 2 "
+                             f"pixels per axis, got shape {tuple(shape)}")
+        ny, nx = int(shape[-2]) - 1, int(shape[-1]) - 1
         if width is None and height is None:
             width = 1.0
         if height is None:
             height = width * ny / nx
         if width is None:
             width = height * nx / ny
+        if len(shape) == 3:
+            nz = int(shape[0]) - 1
+            return cls(nx, ny, float(width), float(height), nz=nz, depth=float(width) * nz / nx)
         return cls(nx, ny, float(width), float(height))
 
     @classmethod
     def covering(cls, lower, upper, spacing: float) -> ImageGrid:
-        """The grid over the box ``[lower, upper]`` with square pixels of about ``spacing``."""
+        """The 2-D grid over the box ``[lower, upper]`` (first two axes) with square pixels of
+        about ``spacing``."""
         lower, upper = np.asarray(lower, float)[:2], np.asarray(upper, float)[:2]
         size = upper - lower
         if not (np.isfinite(spacing) and spacing > 0):
@@ -94,72 +113,124 @@ class ImageGrid:
         return cls(nx, ny, float(size[0]), float(size[1]), float(lower[0]), float(lower[1]))
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """Shape of an image of nodal values: ``(ny + 1, nx + 1)``."""
+    def shape(self) -> tuple[int, ...]:
+        """Shape of an image of nodal values: ``(ny + 1, nx + 1)``, in 3-D
+        ``(nz + 1, ny + 1, nx + 1)``."""
+        if self.nz:
+            return (self.nz + 1, self.ny + 1, self.nx + 1)
         return (self.ny + 1, self.nx + 1)
 
     @property
-    def spacing(self) -> tuple[float, float]:
-        """Cell size ``(hx, hy)``."""
-        return (self.width / self.nx, self.height / self.ny)
+    def divisions(self) -> tuple[int, ...]:
+        """Cells per axis ``(nx, ny[, nz])``."""
+        return (self.nx, self.ny, self.nz) if self.nz else (self.nx, self.ny)
+
+    @property
+    def extent(self) -> tuple[float, ...]:
+        """Sizes ``(width, height[, depth])`` along ``x, y[, z]``."""
+        return (self.width, self.height, self.depth) if self.nz else (self.width, self.height)
+
+    @property
+    def origin(self) -> tuple[float, ...]:
+        """The lower corner ``(x0, y0[, z0])``."""
+        return (self.x0, self.y0, self.z0) if self.nz else (self.x0, self.y0)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Cell size ``(hx, hy[, hz])``."""
+        return tuple(e / n for e, n in zip(self.extent, self.divisions, strict=True))
+
+    def axial_plane(self) -> ImageGrid:
+        """The 2-D grid of an axial-lateral slice ``volume[:, j, :]`` of a 3-D grid (x lateral,
+        depth along the image's rows): the image a 2-D denoiser or figure sees."""
+        if not self.nz:
+            return self
+        return ImageGrid(self.nx, self.nz, self.width, self.depth, self.x0, self.z0)
+
+    def label(self) -> str:
+        """``"NX x NY"`` or ``"NX x NY x NZ"`` (cells), for messages."""
+        return " x ".join(str(n) for n in self.divisions)
 
     def pixel_points(self) -> np.ndarray:
-        """Coordinates ``(n_pixels, 2)`` of the pixels in row-major image order."""
-        rows, cols = np.meshgrid(np.arange(self.ny + 1), np.arange(self.nx + 1), indexing="ij")
-        hx, hy = self.spacing
-        return np.column_stack([self.x0 + cols.ravel() * hx,
-                                self.y0 + self.height - rows.ravel() * hy])
+        """Coordinates ``(n_pixels, dim)`` of the pixels in row-major image order."""
+        index = np.indices(self.shape).reshape(len(self.shape), -1)
+        h = self.spacing
+        if self.nz:  # axes (z from the top, y, x)
+            return np.column_stack([self.x0 + index[2] * h[0], self.y0 + index[1] * h[1],
+                                    self.z0 + self.depth - index[0] * h[2]])
+        return np.column_stack([self.x0 + index[1] * h[0],
+                                self.y0 + self.height - index[0] * h[1]])
 
     def create_mesh(self, comm: MPI.Comm) -> mesh.Mesh:
-        """A distributed triangle mesh of the rectangle whose vertices are the image pixels."""
-        return mesh.create_rectangle(
-            comm,
-            [np.array([self.x0, self.y0]), np.array([self.x0 + self.width, self.y0 + self.height])],
-            [self.nx, self.ny],
-            mesh.CellType.triangle,
-            diagonal=mesh.DiagonalType.right,
-        )
+        """A distributed triangle (tetrahedron) mesh whose vertices are the image pixels."""
+        lower, upper = np.array(self.origin), np.array(self.origin) + np.array(self.extent)
+        if self.nz:
+            return mesh.create_box(comm, [lower, upper], list(self.divisions),
+                                   mesh.CellType.tetrahedron)
+        return mesh.create_rectangle(comm, [lower, upper], list(self.divisions),
+                                     mesh.CellType.triangle, diagonal=mesh.DiagonalType.right)
 
     def pixel_index(self, points: np.ndarray) -> np.ndarray:
         """Flat image index (row-major) of each point (rows of ``points``) on the grid's nodes."""
-        hx, hy = self.spacing
-        cols = np.rint((points[:, 0] - self.x0) / hx).astype(np.int64)
-        rows = np.rint((self.y0 + self.height - points[:, 1]) / hy).astype(np.int64)
-        if (cols.min(initial=0) < 0 or cols.max(initial=0) > self.nx
-                or rows.min(initial=0) < 0 or rows.max(initial=0) > self.ny):
-            raise ValueError("points lie outside the image grid")
-        return rows * (self.nx + 1) + cols
+        h = self.spacing
+        cols = np.rint((points[:, 0] - self.x0) / h[0]).astype(np.int64)
+        if self.nz:
+            mids = np.rint((points[:, 1] - self.y0) / h[1]).astype(np.int64)
+            rows = np.rint((self.z0 + self.depth - points[:, 2]) / h[2]).astype(np.int64)
+            index, bounds = (rows, mids, cols), (self.nz, self.ny, self.nx)
+        else:
+            rows = np.rint((self.y0 + self.height - points[:, 1]) / h[1]).astype(np.int64)
+            index, bounds = (rows, cols), (self.ny, self.nx)
+        for i, n in zip(index, bounds, strict=True):
+            if i.min(initial=0) < 0 or i.max(initial=0) > n:
+                raise ValueError("points lie outside the image grid")
+        return np.ravel_multi_index(index, self.shape) if len(cols) else cols
 
 
-def validate_image(image, shape: tuple[int, int] | None = None, name: str = "image",
+def central_slice(mask: np.ndarray | None, shape: tuple[int, ...]) -> int:
+    """The elevation index ``j`` of the axial-lateral slice ``volume[:, j, :]`` to show: the one
+    with the most inclusion voxels of ``mask``, else the middle one."""
+    if mask is not None and np.any(mask):
+        return int(np.argmax((np.asarray(mask) > 0).sum(axis=(0, 2))))
+    return shape[1] // 2
+
+
+def validate_image(image, shape: tuple[int, ...] | None = None, name: str = "image",
                    positive: bool = False) -> np.ndarray:
-    """Check that ``image`` is a finite 2-D float array (of ``shape``, if given).
+    """Check that ``image`` is a finite 2-D float array, or a 3-D volume when ``shape`` is 3-D
+    (of ``shape``, if given).
 
     Raises ``ValueError`` with a message that says what is wrong and what was expected.
     """
     array = np.asarray(image)
+    ndim = 2 if shape is None else len(shape)
+    layout = "(ny+1, nx+1)" if ndim == 2 else "(nz+1, ny+1, nx+1)"
     if array.dtype.kind not in "fiu":
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise ValueError(
-            f"{name} must be a 2-D image of shape (ny+1, nx+1), got {array.ndim}-D shape "
-            f"{array.shape}")
+    if array.ndim != ndim:
+        what = "a 2-D image" if ndim == 2 else "a 3-D volume"
+        raise ValueError(f"{name} must be {what} of shape {layout}, got {array.ndim}-D shape "
+                         f"{array.shape}")
     if shape is not None and array.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {array.shape}, expected {tuple(shape)} (ny+1, nx+1)")
+        raise ValueError(f"{name} has shape {array.shape}, expected {tuple(shape)} {layout}")
     bad = ~np.isfinite(array)
     if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise ValueError(
-            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), first at row {i}, "
-            f"column {j}")
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), first "
+                         f"at {_position(np.argwhere(bad)[0])}")
     if positive and not (array > 0).all():
-        i, j = np.argwhere(array <= 0)[0]
+        where = tuple(np.argwhere(array <= 0)[0])
         raise ValueError(
-            f"{name} must be strictly positive everywhere; found {array[i, j]!r} at row {i}, "
-            f"column {j} (minimum {array.min()!r})")
+            f"{name} must be strictly positive everywhere; found {array[where]!r} at "
+            f"{_position(where)} (minimum {array.min()!r})")
     return np.ascontiguousarray(array, dtype=np.float64)
 
 
+def _position(index) -> str:
+    """``row i, column j`` of an image, ``voxel (k, i, j)`` of a volume."""
+    index = tuple(int(i) for i in index)
+    if len(index) == 2:
+        return f"row {index[0]}, column {index[1]}"
+    return f"voxel {index}"
 
 
 class NodeOrder:
@@ -216,7 +287,7 @@ class NodalImage(NodeOrder):
         self.grid = grid
         if not self.one_to_one:
             raise ValueError(
-                f"the function space's nodes do not match the {grid.nx} x {grid.ny} image grid "
+                f"the function space's nodes do not match the {grid.label()} image grid "
                 "one to one; use a P1 space on grid.create_mesh()")
 
     @property

@@ -335,9 +335,9 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
             if name not in f or not hasattr(f[name], "shape"):
                 fail(f"dataset {name!r} is missing")
         estimates = f["estimate"]
-        if estimates.ndim not in (2, 3):
-            fail(f"dataset 'estimate' has shape {estimates.shape}, expected (n, ny+1, nx+1) or "
-                 "(n, N) on a mesh")
+        if estimates.ndim not in (2, 3, 4):
+            fail(f"dataset 'estimate' has shape {estimates.shape}, expected (n, ny+1, nx+1), "
+                 "(n, nz+1, ny+1, nx+1) in 3-D or (n, N) on a mesh")
         n = estimates.shape[0]
         for name, want, kinds in (("truth", estimates.shape, "f"), ("index", (n,), "iu"),
                                   ("done", (n,), "iub"), ("estimate", estimates.shape, "f")):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
+import numpy as np
+
 from ..data import SimulationSettings, mesh_settings, simulate_dataset
 from ..domain import Domain, MeshArrays
 from ..io import check_input_file
@@ -37,6 +39,10 @@ def register(subparsers) -> None:
                         help="cells along x (default 64)")
     parser.add_argument("--grid-y", type=int, default=None,
                         help="cells along y (default: square cells, i.e. --grid for a square)")
+    parser.add_argument("--grid-z", type=int, default=None,
+                        help="cells along z: a 3-D box of tetrahedra with depth along z (load on "
+                             "the top face, support on the bottom) and cubic cells; images are "
+                             "volumes (nz+1, ny+1, nx+1); --height is then the y extent")
     parser.add_argument("--snr", type=float, default=35.0,
                         help="SNR of the displacement noise in dB (default %(default)s)")
     parser.add_argument("--noise-ratio", type=float, default=1.0,
@@ -77,7 +83,7 @@ def register(subparsers) -> None:
 
 def grid_from_args(args) -> ImageGrid:
     """The grid of ``--grid``, ``--grid-y``, ``--width`` and ``--height`` (square cells by
-    default)."""
+    default); with ``--grid-z`` a box whose z extent keeps the cells of ``--grid`` cubic."""
     nx = 64 if args.grid is None else args.grid
     if nx < 1:
         raise ValueError(f"--grid must be a positive number of cells, got {nx}")
@@ -88,7 +94,12 @@ def grid_from_args(args) -> ImageGrid:
     if ny < 1:
         raise ValueError(f"--grid-y must be a positive number of cells, got {ny}")
     height = width * ny / nx if args.height is None else args.height
-    return ImageGrid(nx, ny, width, height)
+    nz = getattr(args, "grid_z", None)
+    if nz is None:
+        return ImageGrid(nx, ny, width, height)
+    if nz < 1:
+        raise ValueError(f"--grid-z must be a positive number of cells, got {nz}")
+    return ImageGrid(nx, ny, width, height, nz=nz, depth=width * nz / nx)
 
 
 def run(args) -> int:
@@ -104,23 +115,24 @@ def run(args) -> int:
         settings = SimulationSettings(grid_from_args(args), **common)
     else:
         for flag, value in (("--grid", args.grid), ("--grid-y", args.grid_y),
-                            ("--width", args.width), ("--height", args.height)):
+                            ("--grid-z", args.grid_z), ("--width", args.width),
+                            ("--height", args.height)):
             if value is not None:
                 raise ValueError(f"{flag} sizes a grid; a mesh (--mesh) has its own size")
         settings = mesh_settings(read_mesh_arrays(args.mesh, comm), args.pixel, **common)
-    nodes = (settings.grid.nx + 1) * (settings.grid.ny + 1)
+    nodes = int(np.prod(settings.grid.shape))
     if settings.mesh is not None:
         nodes = max(nodes // 4, settings.mesh.shape[0])
     check_memory(SOLVE_BASE_BYTES + SOLVE_BYTES_PER_NODE * nodes,
-                 f"simulating on {settings.grid.nx} x {settings.grid.ny} cells")
+                 f"simulating on {settings.grid.label()} cells")
     path = simulate_dataset(args.out, args.samples, settings, comm, masks_dir=args.masks,
                             overwrite=args.overwrite, progress=not args.quiet,
                             batch_size=args.batch_size)
     if comm.rank == 0:
         g = settings.grid
-        where = (f"a {g.nx} x {g.ny} grid" if settings.mesh is None else
+        where = (f"a {g.label()} grid" if settings.mesh is None else
                  f"the {settings.mesh.shape[0]}-node mesh {args.mesh} (phantom raster "
-                 f"{g.nx} x {g.ny})")
+                 f"{g.label()})")
         print(f"wrote {path}: {args.samples} samples on {where} at {settings.snr_db:g} dB")
     return 0
 
