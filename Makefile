@@ -8,6 +8,7 @@ DEMO_OUT ?= demo-output
 # them so); outputs in $(RUNS)/ (created when missing; small benchmark tables in $(RUNS)/bench/).
 SIZE ?= full
 RUNS ?= runs
+DIM ?= 2
 ifeq ($(filter full small,$(SIZE)),)
 $(error SIZE must be full or small, got '$(SIZE)')
 endif
@@ -25,6 +26,7 @@ help:
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
 	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
 	@echo "  paper, denoiser, bench: SIZE=small runs them at a tiny size (seconds), RUNS=DIR for runs/"
+	@echo "  denoiser DIM=3: the 3-D denoiser (fenics_red/data/denoiser-3d.pt) on 24^3 volumes"
 	@echo "make meshes  remake meshes/*.msh from meshes/*.geo with gmsh (*-3d.geo in 3-D)"
 	@echo "make docker  build the Docker image fenics-red from debian:trixie (needs a Docker engine)"
 	@echo "make docker-offline  the same FROM the root that make setup builds (no image registry)"
@@ -55,7 +57,7 @@ paper: setup
 	    $(ENV) mpirun -n 2 python demos/paper_comparison.py
 
 denoiser: setup
-	SIZE=$(SIZE) scripts/train-denoiser $(RUNS)
+	SIZE=$(SIZE) DIM=$(DIM) scripts/train-denoiser $(RUNS)
 
 # Each meshes/NAME.geo gives meshes/NAME.msh (gmsh -3 for NAME ending in -3d, else -2), written to
 # a temporary file first so that a failed run never leaves a half-written .msh.

@@ -71,21 +71,33 @@ def _check_denoiser(settings, name: str) -> None:
                          f"{settings.flip_average!r}")
 
 
-def default_denoiser_path() -> Path:
-    """The shipped denoiser model (part of the package data)."""
-    return Path(__file__).resolve().parent / "data" / "denoiser.pt"
+def default_denoiser_path(dims: int = 2) -> Path:
+    """The shipped denoiser model of ``dims``-D data (part of the package data): ``denoiser.pt``
+    (2-D images), ``denoiser-3d.pt`` (volumes)."""
+    name = "denoiser-3d.pt" if dims == 3 else "denoiser.pt"
+    return Path(__file__).resolve().parent / "data" / name
 
 
-def load_denoiser(path: str | Path | None = None, flip_average: bool = True):
-    """A :class:`fenics_red.denoiser.Denoiser` from ``path`` (default: the shipped model),
-    averaged over left-right flips unless ``flip_average`` is false."""
+def load_denoiser(path: str | Path | None = None, flip_average: bool = True, dims: int = 2):
+    """A :class:`fenics_red.denoiser.Denoiser` from ``path`` (default: the shipped model of
+    ``dims``-D data), averaged over the allowed flips unless ``flip_average`` is false. A 2-D
+    model for 3-D data (``dims=3``) denoises every axial-lateral slice
+    (:class:`~fenics_red.denoiser.SliceWiseDenoiser`, one scale per volume); a 3-D model for 2-D
+    data is an error."""
     from .denoiser import Denoiser  # torch: imported only when a denoiser is needed
 
-    path = default_denoiser_path() if path is None else Path(path)
-    if not path.exists() and path == default_denoiser_path():
+    path = default_denoiser_path(dims) if path is None else Path(path)
+    if not path.exists() and path == default_denoiser_path(dims):
         raise FileNotFoundError(f"the shipped denoiser {str(path)!r} is missing from this "
-                                "installation; train one with `make denoiser` or pass --denoiser")
-    return Denoiser.load(path, flip_average=flip_average)
+                                "installation; train one with `make denoiser"
+                                f"{' DIM=3' if dims == 3 else ''}` or pass --denoiser")
+    denoiser = Denoiser.load(path, flip_average=flip_average)
+    if denoiser.dims == 2 and dims == 3:
+        return denoiser.slicewise()
+    if denoiser.dims != dims:
+        raise ValueError(f"{str(path)!r} is a {denoiser.dims}-D denoiser but the data are "
+                         f"{dims}-D; pass a 2-D model (--denoiser)")
+    return denoiser
 
 
 @dataclass(frozen=True)
@@ -230,9 +242,9 @@ class REDReconstructor:
 
         self.settings = settings or REDSettings()
         self.comm = comm
-        self.denoiser = denoiser if denoiser is not None else load_denoiser(
-            self.settings.denoiser, self.settings.flip_average)
         self.model = ElasticityModel.on_grid(grid, comm, forward or ForwardSettings())
+        self.denoiser = denoiser if denoiser is not None else load_denoiser(
+            self.settings.denoiser, self.settings.flip_average, self.model.dim)
         self.model.raster_spacing = self.settings.pixel  # the denoiser's raster on a mesh
         self.ml_settings = MLSettings()
         self.likelihood = StatisticalLikelihood(self.model, settings=self.ml_settings.likelihood)
@@ -303,7 +315,8 @@ class _Runner:
         else:
             self.options = self.red_settings = red_options(options)
         self.reconstructor = REDReconstructor(grid, forward, self.red_settings, comm)
-        self.denoiser_path = Path(self.red_settings.denoiser or default_denoiser_path())
+        self.denoiser_path = Path(self.red_settings.denoiser
+                                  or default_denoiser_path(self.reconstructor.model.dim))
         # the weights just loaded: a resume must use the same ones (hashed once, not per call)
         self.denoiser_sha256 = file_sha256(self.denoiser_path)
 
@@ -314,7 +327,8 @@ class _Runner:
                "denoiser_sha256": self.denoiser_sha256,
                "flip_average": self.red_settings.flip_average,
                "pixel": self.red_settings.pixel,
-               "denoiser_card": _card_summary(self.reconstructor.denoiser)}
+               "denoiser_card": _card_summary(self.reconstructor.denoiser),
+               "slice_wise": type(self.reconstructor.denoiser).__name__ == "SliceWiseDenoiser"}
         if self.stages == "red":
             out["red"] = self.red_settings.to_dict()
         return out
@@ -396,8 +410,12 @@ def resolution_warning(denoiser, data_settings, pixel: float | None = None,
     ratio = max(shape) / max(trained)
     if 1 / RESOLUTION_FACTOR <= ratio <= RESOLUTION_FACTOR:
         return None
-    return (f"the denoiser sees the modulus as a {shape[1]} x {shape[0]} image, but it was "
-            f"trained on {trained[1]} x {trained[0]} images ({ratio:.2g} times the pixels "
+    def size(image_shape):  # "nx x ny" of an image, "nx x ny x nz" of a volume
+        return " x ".join(str(n) for n in reversed(image_shape))
+
+    what = "image" if len(shape) == 2 else "volume"
+    return (f"the denoiser sees the modulus as a {size(shape)} {what}, but it was "
+            f"trained on {size(trained)} images ({ratio:.2g} times the pixels "
             f"across): {method!r} was not validated at this resolution; set the raster's pixel "
             "size with --pixel (in the mesh's length unit) or train a denoiser at this "
             "resolution")

@@ -18,7 +18,14 @@ recipe here, beyond the paper's:
   ``fixed_point_weight`` adds ``‖C(E) − E‖² / ‖E‖²`` on every clean map of the batch.
 * **Physical augmentation only.** Left-right flips (the load is vertical and the bottom edge is
   supported, so up-down flips or rotations would produce estimates whose error pattern is not
-  physical).
+  physical). For volumes ``(nz+1, ny+1, nx+1)`` (axis 0 the depth, along the load) the flips of
+  ``x`` and of ``y``, each with probability ½ (so uniformly over the group of four that the 3-D
+  :class:`~fenics_red.denoiser.Denoiser` averages over).
+* **Images or volumes.** The network follows the pairs: pairs of images ``(n, ny+1, nx+1)``
+  train a 2-D UNet, pairs of volumes ``(n, nz+1, ny+1, nx+1)`` a 3-D one (``dims`` of
+  :class:`~fenics_red.denoiser.UNetConfig`; a 2-D architecture in the settings becomes 3-D with
+  the same channels and depth, see :func:`train_denoiser`). Whole images or volumes are used, no
+  patches.
 * **Loss** ``‖C(x) − E‖² / ‖E‖²`` per image (scale-free, the square of the relative RMSE of
   :mod:`fenics_red.metrics`), averaged over the batch.
 
@@ -62,7 +69,7 @@ from .denoiser import (
 from .io import atomic_output, check_input_file, check_output_path
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",
-           "PairsData", "validation_metrics", "PAIRS_FORMAT"]
+           "PairsData", "validation_metrics", "settings_for_data", "PAIRS_FORMAT"]
 
 CHECKPOINT_VERSION = 1
 #: Settings that may change when a run is resumed (everything else must match the checkpoint).
@@ -88,8 +95,10 @@ class TrainingSettings:
         1 extrapolate beyond the estimate (noisier inputs than the data's SNR).
     idempotence_weight, fixed_point_weight: weights of the penalties ``‖C(C(x)) − C(x)‖²`` (inner
         output detached) and ``‖C(E) − E‖²`` (both relative); 0 turns them off.
-    flip: left-right flips with probability ½ (the only augmentation that respects the physics).
-    architecture: the UNet (see :class:`fenics_red.denoiser.UNetConfig`).
+    flip: left-right flips with probability ½ (the only augmentation that respects the physics;
+        for volumes the ``x`` and the ``y`` flip, each with probability ½).
+    architecture: the UNet (see :class:`fenics_red.denoiser.UNetConfig`); its ``dims`` follows
+        the pairs (:func:`train_denoiser`).
     device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"`` or ``"cuda"``.
     num_threads: torch CPU threads during training (``None``: leave torch's setting).
     """
@@ -177,7 +186,8 @@ class TrainingSettings:
 
 @dataclass(frozen=True)
 class PairsData:
-    """The pairs of a training file: ``truth`` E and ``estimate`` Ẽ, float64 ``(n, H, W)``.
+    """The pairs of a training file: ``truth`` E and ``estimate`` Ẽ, float64 ``(n, H, W)``
+    (images) or ``(n, D, H, W)`` (volumes).
 
     ``sha256`` is the checksum of the pairs' values (not of the file's bytes).
     """
@@ -191,6 +201,11 @@ class PairsData:
     @property
     def n(self) -> int:
         return self.truth.shape[0]
+
+    @property
+    def dims(self) -> int:
+        """2 for pairs of images, 3 for pairs of volumes."""
+        return self.truth.ndim - 1
 
 
 #: ``format`` attribute of the reconstruction files of ``fenics-red reconstruct`` (the pairs).
@@ -238,7 +253,8 @@ def read_pairs_file(path: str | os.PathLike) -> PairsData:
     """Read the training pairs: the output of ``fenics-red reconstruct DATA.h5 --method ml --all``.
 
     Layout (format ``"fenics-red reconstructions"``, version 1): datasets ``truth`` (E) and
-    ``estimate`` (the ML estimate Ẽ), float64 ``(n, ny+1, nx+1)``, ``index`` (n,) and ``done``
+    ``estimate`` (the ML estimate Ẽ), float64 ``(n, ny+1, nx+1)`` (or ``(n, nz+1, ny+1, nx+1)``
+    for volumes, axis 1 the depth), ``index`` (n,) and ``done``
     (n,); attributes ``method`` (must be ``"ml"``: the denoiser learns the ML estimate's errors),
     ``settings`` (JSON: the estimator, i.e. the data recipe), ``data_path`` and ``data_attrs``
     (JSON: the simulated data set's attributes, SNR, grid and seed). All attributes, JSON parsed,
@@ -280,9 +296,10 @@ def read_pairs_file(path: str | os.PathLike) -> PairsData:
             estimate = np.asarray(f["estimate"][...], dtype=np.float64)
     except OSError as error:
         raise ValueError(f"{where} is not a readable HDF5 file: {error}") from None
-    if truth.ndim != 3 or truth.shape != estimate.shape:
-        raise ValueError(f"{where}: 'truth' and 'estimate' must both have shape (n, ny+1, nx+1); "
-                         f"got {truth.shape} and {estimate.shape}")
+    if truth.ndim not in (3, 4) or truth.shape != estimate.shape:
+        raise ValueError(f"{where}: 'truth' and 'estimate' must both have shape (n, ny+1, nx+1) "
+                         f"(images) or (n, nz+1, ny+1, nx+1) (volumes); got {truth.shape} and "
+                         f"{estimate.shape}")
     if done.shape != truth.shape[:1] or not done.all():
         n_done = int(np.count_nonzero(done))
         raise ValueError(f"{where} is unfinished: {n_done} of {truth.shape[0]} estimates done; "
@@ -356,7 +373,8 @@ def card_path(out_path: str | os.PathLike) -> Path:
 # -- the loop -------------------------------------------------------------------------------------
 
 def _relative_sq(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``‖output − target‖² / ‖target‖²`` per image of a ``(B, 1, H, W)`` batch."""
+    """``‖output − target‖² / ‖target‖²`` per image of a ``(B, 1, H, W)`` batch (or volume of a
+    ``(B, 1, D, H, W)`` one)."""
     return ((output - target) ** 2).flatten(1).sum(1) / (target ** 2).flatten(1).sum(1)
 
 
@@ -372,11 +390,12 @@ class _Batches:
         estimate = self.data.estimate[indices]
         t = rng.uniform(0.0, s.t_max, len(indices))
         t[rng.random(len(indices)) < s.clean_fraction] = 0.0
-        if flip:
-            flips = rng.random(len(indices)) < 0.5
-            truth[flips] = truth[flips, :, ::-1]
-            estimate[flips] = estimate[flips, :, ::-1]
-        inputs = truth + t[:, None, None] * (estimate - truth)
+        if flip:  # x (the last axis); for volumes then y (the one before)
+            for axis in (-1,) if truth.ndim == 3 else (-1, -2):
+                flips = rng.random(len(indices)) < 0.5
+                truth[flips] = np.flip(truth[flips], axis)
+                estimate[flips] = np.flip(estimate[flips], axis)
+        inputs = truth + t.reshape(-1, *[1] * (truth.ndim - 1)) * (estimate - truth)
         return self.tensor(inputs), self.tensor(truth)
 
     def tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -415,6 +434,12 @@ def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
 
     ``pairs_path``: one pairs file or a list of them (concatenated, see :func:`read_pairs`).
 
+    The network's ``dims`` follows the pairs: on volumes a 2-D ``settings.architecture`` (the
+    default) is trained as the 3-D UNet of the same channels and depth (a 3-D one stays), and
+    the card and checkpoint record the 3-D architecture; a 3-D architecture on images is an
+    error. A 3-D convolution has 3 times the weights of a 2-D one: choose a narrower network
+    for volumes (:data:`fenics_red.denoiser.DEFAULT_3D_CONFIG`).
+
     ``resume``: continue from ``MODEL.last.pt`` when it exists (its settings must equal
     ``settings`` apart from epochs, device and threads; more epochs extend the run, which changes
     the rest of the cosine schedule), otherwise start afresh. ``overwrite``: replace an existing
@@ -441,10 +466,11 @@ def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
     # A resumed run replaces the model that the same run wrote (e.g. when extending epochs).
     out_path = check_output_path(out_path, overwrite or resuming)
     data = read_pairs(pairs_path)
-    device = _resolve_device(settings.device)
-    train_idx, val_idx = split_indices(data.n, settings)
     if command is None:
         command = f"train_denoiser({str(pairs_path)!r}, {str(out_path)!r}, {settings!r})"
+    settings = settings_for_data(settings, data)
+    device = _resolve_device(settings.device)
+    train_idx, val_idx = split_indices(data.n, settings)
 
     saved_threads = torch.get_num_threads()
     saved_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -460,6 +486,22 @@ def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
     finally:
         torch.use_deterministic_algorithms(saved_deterministic, warn_only=saved_warn_only)
         torch.set_num_threads(saved_threads)
+
+
+def settings_for_data(settings: TrainingSettings, data: PairsData) -> TrainingSettings:
+    """``settings`` with the architecture's ``dims`` of the pairs (2: images, 3: volumes).
+
+    A 2-D architecture on volumes becomes 3-D with the same channels and depth; a 3-D one on
+    images is a ``ValueError``.
+    """
+    architecture = settings.architecture
+    if architecture.dims == data.dims:
+        return settings
+    if architecture.dims == 3:
+        raise ValueError(f"a 3-D architecture cannot be trained on images: the pairs hold "
+                         f"images of shape {data.truth.shape[1:]}; use a 2-D architecture "
+                         "(dims 2) or pairs of volumes")
+    return settings.replace(architecture=dataclasses.replace(architecture, dims=data.dims))
 
 
 def _train(data, out_path, last_path, settings, device, train_idx, val_idx, progress, resuming,
@@ -602,7 +644,8 @@ def validation_metrics(network, truth: np.ndarray, estimate: np.ndarray, device=
     iteration started at the truth would be pushed by the prior alone). Also
     ``denoised_twice_rel_error`` of ``C(C(Ẽ))``. ``C`` is the network itself, without the
     left-right flip average that :class:`~fenics_red.denoiser.Denoiser` applies at inference
-    (which did better on every validation set measured).
+    (which did better on every validation set measured). ``truth`` and ``estimate``: ``(n, H,
+    W)`` images for a 2-D network, ``(n, D, H, W)`` volumes for a 3-D one; all in one batch.
     """
     network = network.eval().to(device)
     E = torch.from_numpy(np.asarray(truth, np.float64))[:, None].to(device)

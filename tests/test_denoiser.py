@@ -3,11 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from fenics_red.denoiser import (
+    DEFAULT_3D_CONFIG,
     MODEL_FORMAT,
     Denoiser,
     DenoiserNet,
+    SliceWiseDenoiser,
     UNet,
     UNetConfig,
     count_parameters,
@@ -85,6 +88,8 @@ def test_bad_images_are_refused_with_a_message():
     denoiser = Denoiser.untrained(TINY)
     with pytest.raises(ValueError, match="2-D"):
         denoiser(np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="2-D"):
+        denoiser(np.ones(5))
     with pytest.raises(ValueError, match="non-finite"):
         denoiser(np.array([[1.0, np.nan], [1.0, 1.0]]))
 
@@ -243,3 +248,264 @@ def test_the_shipped_denoiser_improves_ml_estimates_of_phantoms_it_never_saw():
     assert np.isfinite(after).all()
     assert np.mean(after) < 0.75 * np.mean(before)
     assert sum(a < b for a, b in zip(after, before, strict=True)) >= 3
+
+
+# -- 3-D: volumes (nz+1, ny+1, nx+1), axis 0 the depth (the load), 1 the elevation y, 2 lateral x --
+
+TINY_3D = UNetConfig(channels=4, depth=2, dims=3)
+#: The physically allowed flips of a volume: x (axis 2), y (axis 1) and both.
+ALLOWED_FLIPS = {"x": (2,), "y": (1,), "x and y": (1, 2)}
+
+
+def phantom_3d(shape, rng):
+    """A piecewise-constant modulus volume: background 0.1-0.15 with a stiffer ball."""
+    z, y, x = np.mgrid[tuple(slice(0, n) for n in shape)]
+    volume = np.full(shape, rng.uniform(0.1, 0.15))
+    centre = [rng.uniform(0.3, 0.7) * n for n in shape]
+    r = 0.3 * min(shape)
+    volume[(z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 < r**2] = \
+        rng.uniform(0.3, 0.8)
+    return volume
+
+
+def noisy_phantom_3d(shape, rng):
+    return phantom_3d(shape, rng) * (1 + 0.1 * rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 13), (2, 3, 5), (17, 9, 9)])
+def test_the_3d_denoiser_keeps_the_shape_of_volumes_of_odd_sizes(shape, rng):
+    denoiser = perturbed(TINY_3D)
+    assert denoiser.dims == 3
+    volume = rng.uniform(0.1, 0.8, shape)
+    out = denoiser(volume)
+    assert out.shape == shape and out.dtype == np.float64
+    assert np.isfinite(out).all()
+    assert not np.allclose(out, volume)  # it does something
+
+
+def test_the_3d_unet_maps_batches_of_volumes_and_refuses_images():
+    net = UNet(UNetConfig(channels=2, depth=2, dims=3))
+    assert net(torch.ones(2, 1, 9, 11, 13)).shape == (2, 1, 9, 11, 13)
+    with pytest.raises(ValueError, match=r"\(batch, 1, depth, height, width\)"):
+        net(torch.ones(2, 1, 11, 13))
+
+
+@pytest.mark.parametrize("a", [1e3, 2.5, 1e-3, 7.3])
+def test_the_3d_denoiser_is_scale_equivariant_to_round_off(a, rng):
+    denoiser = perturbed(TINY_3D)
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    reference = denoiser(volume)
+    assert not np.allclose(reference, volume)
+    np.testing.assert_allclose(denoiser(a * volume), a * reference,
+                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
+    np.testing.assert_allclose(denoiser.residual(a * volume), a * (volume - reference),
+                               rtol=1e-9, atol=1e-12 * a * np.abs(reference).max())
+
+
+def test_an_untrained_3d_denoiser_is_the_identity(rng):
+    denoiser = Denoiser.untrained(TINY_3D)
+    volume = rng.uniform(0.1, 0.8, (9, 11, 13))
+    np.testing.assert_array_equal(denoiser(volume), volume)
+    np.testing.assert_array_equal(denoiser.residual(volume), np.zeros_like(volume))
+
+
+@pytest.mark.parametrize("flip", ALLOWED_FLIPS)
+def test_the_3d_flip_average_is_exactly_equivariant_under_the_x_and_y_flips(flip, rng):
+    """The load is along the depth: x → −x and y → −y (and both) are symmetries, depth is not."""
+    axes = ALLOWED_FLIPS[flip]
+    averaged = perturbed(TINY_3D)
+    plain = Denoiser(averaged.network, flip_average=False)
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    flipped = np.flip(volume, axes)
+    reference = averaged(volume)
+    np.testing.assert_allclose(averaged(flipped), np.flip(reference, axes), rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(averaged.residual(flipped), np.flip(volume - reference, axes),
+                               rtol=1e-9, atol=1e-15)
+    # the average over the group of four flips, computed as one batch in float32
+    group = [(), (2,), (1,), (1, 2)]
+    mean = sum(np.flip(plain(np.flip(volume, g)), g) if g else plain(volume) for g in group) / 4
+    np.testing.assert_allclose(reference, mean, rtol=1e-6)
+    # the network alone is not equivariant: the average is what makes it so
+    assert np.abs(plain(flipped) - np.flip(plain(volume), axes)).max() > 1e-6
+
+
+def test_the_3d_denoiser_does_not_average_over_the_depth_flip(rng):
+    """Flipping the depth turns the loaded face over: not a symmetry, not imposed."""
+    denoiser = perturbed(TINY_3D)
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    assert np.abs(denoiser(volume[::-1]) - denoiser(volume)[::-1]).max() > 1e-6
+
+
+def test_a_3d_model_saves_and_loads_exactly(tmp_path, rng):
+    denoiser = perturbed(TINY_3D)
+    path = denoiser.save(tmp_path / "model3d.pt", {"note": "3-D"})
+    payload = torch.load(path, weights_only=True)
+    assert payload["architecture"] == {"name": "unet", "channels": 4, "depth": 2, "dims": 3}
+    loaded = Denoiser.load(path)
+    assert loaded.config == TINY_3D and loaded.dims == 3 and loaded.card == {"note": "3-D"}
+    volume = rng.uniform(0.1, 0.8, (9, 11, 13))
+    np.testing.assert_array_equal(loaded(volume), denoiser(volume))
+    half = Denoiser.load(denoiser.save(tmp_path / "half.pt", half=True))
+    change = np.linalg.norm(half(volume) - denoiser(volume)) / np.linalg.norm(volume)
+    assert 0 < change < 1e-3
+
+
+def test_an_input_of_the_other_dimension_is_refused_in_one_line(rng):
+    volume_model, image_model = Denoiser.untrained(TINY_3D), Denoiser.untrained(TINY)
+    for bad in (np.ones((9, 11)), np.ones((2, 9, 11, 13)), np.ones((0, 3, 4))):
+        with pytest.raises(ValueError, match=r"^a 3-D denoiser takes non-empty volumes of shape "
+                                             r"\(nz\+1, ny\+1, nx\+1\), got shape") as error:
+            volume_model(bad)
+        assert "\n" not in str(error.value)
+        with pytest.raises(ValueError, match="3-D denoiser takes"):
+            volume_model.residual(bad)
+    with pytest.raises(ValueError, match=r"^a 2-D denoiser takes .*\(ny\+1, nx\+1\), got shape "
+                                         r"\(9, 11, 13\).*slicewise"):
+        image_model(np.ones((9, 11, 13)))
+
+
+def test_the_dims_of_an_architecture_are_2_or_3_and_2_when_absent():
+    assert UNetConfig().dims == 2 and UNetConfig.from_dict({"channels": 4, "depth": 2}) == TINY
+    assert "dims" not in TINY.to_dict()  # 2-D files are written as before 3-D networks existed
+    assert UNetConfig.from_dict(TINY_3D.to_dict()) == TINY_3D
+    for bad in (1, 4, True, 3.0, "3"):
+        with pytest.raises(ValueError, match="dims must be 2"):
+            UNetConfig(dims=bad)
+
+
+def test_a_model_file_written_before_3d_networks_loads_as_2d(tmp_path, rng):
+    """The shipped model's file has no ``dims``; an older file like it loads as a 2-D model."""
+    from fenics_red.red import default_denoiser_path
+
+    shipped = torch.load(default_denoiser_path(), weights_only=True)
+    assert "dims" not in shipped["architecture"]
+    path = perturbed(TINY).save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["architecture"] == {"name": "unet", "channels": 4, "depth": 2}
+    loaded = Denoiser.load(path)
+    assert loaded.dims == 2
+    image = rng.uniform(0.1, 0.8, (9, 13))
+    np.testing.assert_array_equal(loaded(image), perturbed(TINY)(image))
+
+
+def reference_2d_denoiser(network: DenoiserNet, image: np.ndarray) -> np.ndarray:
+    """The 2-D flip-averaged denoiser as it was computed before 3-D networks existed, written
+    out in ``torch.nn.functional`` calls on the network's weights (a positive image)."""
+    state, depth = network.state_dict(), network.config.depth
+
+    def conv(h, name, padding=1):
+        return F.conv2d(h, state[f"unet.{name}.weight"], state[f"unet.{name}.bias"],
+                        padding=padding)
+
+    def block(h, name):
+        return F.silu(conv(F.silu(conv(h, f"{name}.0")), f"{name}.2"))
+
+    x = torch.from_numpy(image)[None, None]
+    batch = torch.cat([x, x.flip(-1)])
+    scale = batch.abs().flatten(1).median(dim=1).values.reshape(-1, 1, 1, 1)
+    h = (batch / scale).to(torch.float32)
+    height, width = h.shape[-2:]
+    pad_h, pad_w = (-height) % 2**depth, (-width) % 2**depth
+    top, left = pad_h // 2, pad_w // 2
+    h = F.pad(h, (left, pad_w - left, top, pad_h - top), mode="reflect")
+    h, skips = block(h, "inc"), []
+    for i in range(depth):
+        skips.append(h)
+        h = block(F.avg_pool2d(h, 2), f"down.{i}")
+    for i in reversed(range(depth)):
+        up = F.conv_transpose2d(h, state[f"unet.upsample.{i}.weight"],
+                                state[f"unet.upsample.{i}.bias"], stride=2)
+        h = block(torch.cat([skips.pop(), up], dim=1), f"up.{i}")
+    h = conv(h, "out", padding=0)[..., top:top + height, left:left + width]
+    residual = h.to(torch.float64) * scale
+    return image - (0.5 * (residual[0, 0] + residual[1, 0].flip(-1))).numpy()
+
+
+@pytest.mark.parametrize("shape", [(65, 65), (17, 21)])
+def test_the_shipped_model_gives_bit_for_bit_what_the_2d_denoiser_gave(shape, rng):
+    from fenics_red.red import load_denoiser
+
+    denoiser = load_denoiser()
+    assert denoiser.dims == 2
+    image = phantom(shape, rng) * (1 + 0.1 * rng.standard_normal(shape))
+    with torch.inference_mode():
+        expected = reference_2d_denoiser(denoiser.network, image)
+    np.testing.assert_array_equal(denoiser(image), expected)
+
+
+def test_the_small_default_3d_network_has_85_017_parameters():
+    assert DEFAULT_3D_CONFIG == UNetConfig(channels=8, depth=2, dims=3)
+    assert count_parameters(DEFAULT_3D_CONFIG) == 85_017
+    assert count_parameters(TINY_3D) == sum(p.numel() for p in DenoiserNet(TINY_3D).parameters())
+    # a 3 x 3 x 3 convolution has 3 times the weights of a 3 x 3 one (the 2 x 2 x 2 transposed
+    # convolutions twice, biases and the 1 x 1 x 1 output layer the same)
+    assert 2.8 < count_parameters(TINY_3D) / count_parameters(TINY) < 3
+
+
+# -- a 2-D model on volumes, slice by slice --------------------------------------------------------
+
+@pytest.mark.parametrize("scale", ["volume", "slice"])
+@pytest.mark.parametrize("a", [1e3, 7.3])
+def test_the_slicewise_denoiser_is_scale_equivariant_to_round_off(scale, a, rng):
+    denoiser = perturbed().slicewise(scale)
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    reference = denoiser(volume)
+    assert not np.allclose(reference, volume)
+    np.testing.assert_allclose(denoiser(a * volume), a * reference,
+                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("scale", ["volume", "slice"])
+@pytest.mark.parametrize("flip", ALLOWED_FLIPS)
+def test_the_slicewise_denoiser_is_exactly_equivariant_under_the_x_and_y_flips(scale, flip, rng):
+    """x: the 2-D model's left-right average on each slice; y: it reverses the slices' order."""
+    axes = ALLOWED_FLIPS[flip]
+    denoiser = perturbed().slicewise(scale)
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    np.testing.assert_allclose(denoiser(np.flip(volume, axes)), np.flip(denoiser(volume), axes),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_the_slicewise_denoiser_with_slice_scales_is_the_2d_denoiser_on_each_slice(rng):
+    """Each axial-lateral plane volume[:, j, :] is denoised as a 2-D image."""
+    image_model = perturbed()
+    volume = noisy_phantom_3d((9, 11, 13), rng)
+    expected = np.stack([image_model(volume[:, j, :]) for j in range(11)], axis=1)
+    slicewise = SliceWiseDenoiser(image_model, scale="slice")
+    np.testing.assert_allclose(slicewise(volume), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(slicewise.residual(volume), volume - expected, rtol=1e-9,
+                               atol=1e-15)
+
+
+def test_the_slicewise_denoiser_divides_every_slice_by_the_volume_median(rng):
+    """With one scale for the volume, a slice is denoised as the 2-D model would denoise it if
+    its median were the volume's: equal when every slice has the volume's median..."""
+    image_model = perturbed()
+    slicewise = image_model.slicewise()
+    volume = np.full((9, 11, 13), 0.12)  # background: over half of every slice
+    volume[2:6, 3:8, 4:9] = rng.uniform(0.3, 0.8, (4, 5, 5))
+    expected = np.stack([image_model(volume[:, j, :]) for j in range(11)], axis=1)
+    np.testing.assert_allclose(slicewise(volume), expected, rtol=1e-12, atol=1e-15)
+    # ...and different for a slice through a large inclusion, whose own median is the inclusion
+    volume = np.full((9, 11, 13), 0.12)
+    volume[:, 5, :] = 0.5
+    volume[0, 5, 0] = 0.12
+    by_slice = SliceWiseDenoiser(image_model, scale="slice")(volume)
+    assert np.abs(slicewise(volume)[:, 5] - by_slice[:, 5]).max() > 1e-6
+    np.testing.assert_allclose(slicewise(volume)[:, 4], by_slice[:, 4], rtol=1e-12)
+
+
+def test_the_slicewise_denoiser_takes_volumes_and_a_2d_model(rng):
+    image_model = Denoiser.untrained(TINY, seed=3)
+    slicewise = image_model.slicewise()
+    assert slicewise.dims == 3 and slicewise.card is image_model.card
+    assert slicewise.config == TINY and slicewise.flip_average
+    volume = rng.uniform(0.1, 0.8, (9, 11, 13))
+    np.testing.assert_array_equal(slicewise(volume), volume)  # untrained: the identity
+    with pytest.raises(ValueError, match=r"3-D denoiser takes .*\(nz\+1, ny\+1, nx\+1\)"):
+        slicewise(np.ones((9, 11)))
+    with pytest.raises(ValueError, match="needs a 2-D Denoiser"):
+        SliceWiseDenoiser(Denoiser.untrained(TINY_3D))
+    with pytest.raises(ValueError, match="'volume' or 'slice'"):
+        image_model.slicewise("pixel")

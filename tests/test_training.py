@@ -17,7 +17,9 @@ from fenics_red.training import (
     card_path,
     checkpoint_path,
     read_pairs,
+    settings_for_data,
     train_denoiser,
+    validation_metrics,
 )
 
 TINY = UNetConfig(channels=6, depth=2)
@@ -55,9 +57,26 @@ def write_pairs(path, truth, estimate, *, method="ml", done=None, snr_db=35.0, f
         f.attrs.update(format=fmt, format_version=1, fenics_red_version="test", method=method,
                        settings=json.dumps({"method": "fista", "max_steps": 150}),
                        data_path="/data/DATA.h5",
-                       data_attrs=json.dumps({"snr_db": snr_db, "nx": truth.shape[2] - 1,
-                                              "ny": truth.shape[1] - 1, "seed": 7}))
+                       data_attrs=json.dumps({"snr_db": snr_db, "nx": truth.shape[-1] - 1,
+                                              "ny": truth.shape[-2] - 1, "seed": 7}))
     return path
+
+
+def make_volume_pairs(n=8, shape=(9, 11, 13), seed=0, noise=0.25):
+    """Volumes (nz+1, ny+1, nx+1): a ball or a box in a background, and a noisy version."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[tuple(slice(0, m) for m in shape)]
+    truth = np.empty((n, *shape))
+    for k in range(n):
+        volume = np.full(shape, rng.uniform(0.1, 0.15))
+        c = [rng.uniform(0.3, 0.7) * m for m in shape]
+        r = rng.uniform(0.2, 0.35) * min(shape)
+        inside = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < r**2 if k % 2
+                  else (abs(z - c[0]) < r) & (abs(y - c[1]) < r) & (abs(x - c[2]) < r))
+        volume[inside] = rng.uniform(0.3, 0.8)
+        truth[k] = volume
+    estimate = truth * (1 + noise * rng.standard_normal(truth.shape))
+    return truth, np.maximum(estimate, 0.01)
 
 
 @pytest.fixture
@@ -350,3 +369,103 @@ def test_training_runs_on_a_machine_without_fenicsx_or_mpi(pairs, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2
     assert "missing.h5" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- volumes: pairs (n, nz+1, ny+1, nx+1) train a 3-D network --------------------------------------
+
+def test_read_pairs_reads_pairs_of_volumes(tmp_path):
+    truth, estimate = make_volume_pairs(4)
+    data = read_pairs(write_pairs(tmp_path / "volumes.h5", truth, estimate))
+    assert data.dims == 3 and data.n == 4
+    np.testing.assert_array_equal(data.estimate, estimate)
+    assert read_pairs(write_pairs(tmp_path / "images.h5", *make_pairs(4))).dims == 2
+    with pytest.raises(ValueError, match=r"\(n, nz\+1, ny\+1, nx\+1\)"):
+        read_pairs(write_pairs(tmp_path / "5d.h5", truth[:, None], estimate[:, None]))
+
+
+def test_training_on_volumes_lowers_the_loss_and_writes_a_loadable_3d_model(tmp_path):
+    """The network follows the pairs: the (2-D) settings' channels and depth, as a 3-D UNet."""
+    truth, estimate = make_volume_pairs(24)
+    pairs = write_pairs(tmp_path / "volumes.h5", truth, estimate)
+    out = tmp_path / "model3d.pt"
+    # 2 epochs of 18 steps, without the penalties that hold the network at the identity
+    settings = FAST.replace(epochs=2, lr=3e-3, batch_size=1, clean_fraction=0.0,
+                            idempotence_weight=0.0, fixed_point_weight=0.0)
+    card = train_denoiser(pairs, out, settings, progress=False)
+    assert card["architecture"] == {"name": "unet", "channels": 6, "depth": 2, "dims": 3}
+    assert card["settings"]["architecture"]["dims"] == 3
+    assert card["data"]["image_shape"] == [9, 11, 13]
+    denoiser = Denoiser.load(out)
+    assert denoiser.config == UNetConfig(6, 2, dims=3) and denoiser.card == card
+    # the loss on the training pairs is below the untrained network's (the identity's)
+    train = np.setdiff1d(np.arange(24), card["split"]["validation_indices"])
+    metrics = validation_metrics(denoiser.network, truth[train], estimate[train])
+    assert metrics["denoised_rel_error"] < metrics["input_rel_error"], metrics
+    denoised = denoiser(estimate[0])
+    assert denoised.shape == (9, 11, 13) and np.isfinite(denoised).all()
+    # resumed with the same (2-D) settings: the checkpoint's 3-D architecture is theirs
+    card = train_denoiser(pairs, out, settings.replace(epochs=3), progress=False, resume=True)
+    assert [r["epoch"] for r in card["history"]] == [1, 2, 3]
+
+
+def test_a_3d_architecture_is_not_trained_on_images(pairs, tmp_path):
+    settings = FAST.replace(epochs=1, architecture=UNetConfig(4, 1, dims=3))
+    with pytest.raises(ValueError, match="3-D architecture cannot be trained on images"):
+        train_denoiser(pairs, tmp_path / "model.pt", settings, progress=False)
+    assert settings_for_data(FAST, read_pairs(pairs)) == FAST
+
+
+def _mixed_as_before_volumes(truth, estimate, indices, rng, settings):
+    """The augmentation of 2-D training as it was written before volumes existed."""
+    truth, estimate = truth[indices], estimate[indices]
+    t = rng.uniform(0.0, settings.t_max, len(indices))
+    t[rng.random(len(indices)) < settings.clean_fraction] = 0.0
+    flips = rng.random(len(indices)) < 0.5
+    truth[flips] = truth[flips, :, ::-1]
+    estimate[flips] = estimate[flips, :, ::-1]
+    return truth + t[:, None, None] * (estimate - truth), truth
+
+
+def test_2d_training_draws_the_same_mixing_and_flips_as_before_volumes(pairs):
+    """2-D training is unchanged for a seed: the same random draws, in the same order."""
+    from fenics_red.training import _Batches
+
+    data = read_pairs(pairs)
+    indices = np.arange(3, 19)
+    inputs, truth = _Batches(data, FAST, "cpu").mixed(indices, np.random.default_rng(7), True)
+    expected = _mixed_as_before_volumes(data.truth, data.estimate, indices,
+                                        np.random.default_rng(7), FAST)
+    np.testing.assert_array_equal(inputs[:, 0].numpy(), expected[0].astype(np.float32))
+    np.testing.assert_array_equal(truth[:, 0].numpy(), expected[1].astype(np.float32))
+
+
+def test_volumes_are_augmented_by_the_x_and_y_flips_only(tmp_path):
+    """Each training volume is one of its four allowed flips (never flipped in depth); over many
+    draws all four occur."""
+    from fenics_red.training import _Batches
+
+    truth, estimate = make_volume_pairs(8)
+    data = read_pairs(write_pairs(tmp_path / "volumes.h5", truth, estimate))
+    settings = FAST.replace(clean_fraction=1.0)  # inputs = truth: compare the flips alone
+    batches = _Batches(data, settings, "cpu")
+    rng = np.random.default_rng(0)
+    group = {(): "none", (2,): "x", (1,): "y", (1, 2): "x and y"}
+    seen = set()
+    for _ in range(6):
+        inputs, target = batches.mixed(np.arange(8), rng, flip=True)
+        np.testing.assert_array_equal(inputs.numpy(), target.numpy())
+        for k in range(8):
+            matches = [name for axes, name in group.items()
+                       if np.array_equal(target[k, 0].numpy(),
+                                         np.flip(truth[k], axes).astype(np.float32))]
+            assert matches, f"volume {k} is not an allowed flip of its truth"
+            seen.update(matches)
+    assert seen == set(group.values())
+
+
+def test_the_command_s_volume_architecture_is_the_library_s_3d_default():
+    from fenics_red.cli.train import DEFAULTS_3D
+    from fenics_red.denoiser import DEFAULT_3D_CONFIG
+
+    assert DEFAULTS_3D == {"channels": DEFAULT_3D_CONFIG.channels,
+                           "depth": DEFAULT_3D_CONFIG.depth}

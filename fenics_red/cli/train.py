@@ -20,6 +20,8 @@ DEFAULTS = {"epochs": 60, "batch_size": 32, "lr": 1e-3, "seed": 0, "val_fraction
             "clean_fraction": 0.25, "t_max": 1.0, "idempotence_weight": 0.5,
             "fixed_point_weight": 0.5, "weight_decay": 0.0, "lr_final_fraction": 0.05,
             "grad_clip": 1.0, "channels": 32, "depth": 3}
+#: The architecture of volumes (``fenics_red.denoiser.DEFAULT_3D_CONFIG``, checked by a test).
+DEFAULTS_3D = {"channels": 8, "depth": 2}
 
 
 def register(subparsers) -> None:
@@ -78,18 +80,39 @@ def register(subparsers) -> None:
     group.add_argument("--fixed-point-weight", type=float, default=d["fixed_point_weight"],
                        help="weight of ||C(E) - E||^2 on clean maps (default %(default)s; 0: off)")
     group.add_argument("--no-flip", action="store_true",
-                       help="no left-right flips (the only augmentation used)")
-    group.add_argument("--channels", type=int, default=d["channels"],
-                       help="UNet width: feature maps at full resolution (default %(default)s)")
-    group.add_argument("--depth", type=int, default=d["depth"],
-                       help="UNet depth: number of halvings (default %(default)s)")
+                       help="no flips (the only augmentation used: left-right on images, x and "
+                            "y on volumes)")
+    group.add_argument("--channels", type=int, default=None,
+                       help=f"UNet width: feature maps at full resolution (default "
+                            f"{d['channels']} on images, {DEFAULTS_3D['channels']} on volumes: "
+                            "pairs of 3-D data sets train a 3-D UNet)")
+    group.add_argument("--depth", type=int, default=None,
+                       help=f"UNet depth: number of halvings (default {d['depth']} on images, "
+                            f"{DEFAULTS_3D['depth']} on volumes)")
     parser.set_defaults(func=run)
 
 
+def _pairs_dims(path) -> int:
+    """3 when the first pairs file holds volumes, else 2 (a bad file is reported by training)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return 3 if f["truth"].ndim == 4 else 2
+    except (OSError, KeyError, TypeError, ValueError):
+        return 2
+
+
 def settings_from_args(args):
-    """The :class:`~fenics_red.training.TrainingSettings` of the parsed options."""
+    """The :class:`~fenics_red.training.TrainingSettings` of the parsed options (the
+    architecture's defaults follow the data: images or volumes)."""
     from ..denoiser import UNetConfig
     from ..training import TrainingSettings
+
+    defaults = DEFAULTS_3D if _pairs_dims(args.data[0]) == 3 else DEFAULTS
+    for name in ("channels", "depth"):  # resolved here, so the recorded command spells them out
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
 
     return TrainingSettings(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
