@@ -23,9 +23,11 @@
 # Every step is a package command; by hand:
 #
 # ```bash
-# scripts/env fenics-red simulate --samples 8 --grid 24 --grid-z 24 --seed 41 --out runs/test-24-3d-35db.h5
-# scripts/env mpirun -n 2 fenics-red evaluate runs/test-24-3d-35db.h5 --methods ml,gn-tv,denoised-ml,red \
-#     --denoiser fenics_red/data/denoiser-3d.pt --out runs/eval-3d
+# scripts/env fenics-red simulate --samples 8 --grid 24 --grid-z 24 --seed 41 \
+#     --out runs/test-24-3d-35db.h5
+# scripts/env mpirun -n 2 fenics-red evaluate runs/test-24-3d-35db.h5 \
+#     --methods ml,gn-tv,denoised-ml,red --denoiser fenics_red/data/denoiser-3d.pt \
+#     --out runs/eval-3d
 # ```
 #
 # The whole walk-through: `scripts/env mpirun -n 2 python demos/red_3d.py` (writes
