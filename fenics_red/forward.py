@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from mpi4py import MPI
 from petsc4py import PETSc
@@ -35,6 +35,16 @@ _SOLVER_OPTIONS = {
              "ksp_max_it": 2000, "pc_gamg_coarse_eq_limit": 1000,
              "mg_levels_ksp_type": "chebyshev", "mg_levels_pc_type": "jacobi"},
 }
+_SOLVERS = ("auto", *_SOLVER_OPTIONS)
+
+#: ``solver="auto"``: the largest 3-D problem (global displacement dofs) still solved by MUMPS LU.
+#: MUMPS's 3-D fill-in grows fast. A solve with a new ``K``, LU / GAMG, on tetrahedral unit cubes
+#: (nu = 0.495, 1 rank; 2 ranks alike): 0.08 / 0.11 s at 8^3 cells (2.2k dofs), 0.57 / 0.34 s at
+#: 12^3 (6.6k), 2.9 / 1.1 s at 16^3 (15k), 25 / 4.6 s at 24^3 (47k), 189 / 12 s at 32^3 (108k):
+#: they break even near 10^3 cells (4k dofs). Many solves with one ``K`` (Gauss-Newton's CG)
+#: favour LU far longer (a back-substitution costs 1/30 to 1/60 of a GAMG solve): pass
+#: ``solver="lu"`` there while the factors fit in memory.
+AUTO_LU_MAX_DOFS = 8000
 _instance_counter = itertools.count()
 
 
@@ -51,8 +61,10 @@ class ForwardSettings:
         support: ``"fixed"`` clamps the supported boundary; ``"sliding"`` holds it along the depth
             axis only and pins the fewest lateral components that remove the rigid motions (free
             lateral expansion; see :meth:`ElasticityModel._supports`).
-        solver: ``"lu"`` (MUMPS) or ``"gamg"`` (CG + smoothed aggregation with the rigid-body
-            near-nullspace, for large meshes).
+        solver: ``"auto"`` (default: MUMPS LU in 2-D and for 3-D problems up to
+            :data:`AUTO_LU_MAX_DOFS` displacement dofs, GAMG above), ``"lu"`` (MUMPS) or
+            ``"gamg"`` (CG + smoothed aggregation with the rigid-body near-nullspace, for large
+            meshes). :meth:`resolve_solver` tells which one a mesh gets.
         petsc_options: extra PETSc options for the forward KSP (without prefix); they override the
             defaults of ``solver``.
     """
@@ -62,7 +74,7 @@ class ForwardSettings:
     traction: float = 1e-3
     shear_traction: float = 0.0
     support: str = "fixed"
-    solver: str = "lu"
+    solver: str = "auto"
     petsc_options: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -72,9 +84,8 @@ class ForwardSettings:
             raise ValueError(f"plane must be 'stress' or 'strain', got {self.plane!r}")
         if self.support not in ("fixed", "sliding"):
             raise ValueError(f"support must be 'fixed' or 'sliding', got {self.support!r}")
-        if self.solver not in _SOLVER_OPTIONS:
-            raise ValueError(f"solver must be one of {sorted(_SOLVER_OPTIONS)}, got "
-                             f"{self.solver!r}")
+        if self.solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {list(_SOLVERS)}, got {self.solver!r}")
         for name in ("traction", "shear_traction"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
@@ -84,6 +95,13 @@ class ForwardSettings:
         out = asdict(self)
         out["petsc_options"] = dict(self.petsc_options)
         return out
+
+    def resolve_solver(self, dim: int, n_dofs: int) -> str:
+        """``"lu"`` or ``"gamg"``: the solver for a mesh of dimension ``dim`` with ``n_dofs``
+        global displacement dofs (``"auto"``: GAMG only in 3-D above :data:`AUTO_LU_MAX_DOFS`)."""
+        if self.solver != "auto":
+            return self.solver
+        return "gamg" if dim == 3 and n_dofs > AUTO_LU_MAX_DOFS else "lu"
 
 
 def lame_parameters(E, nu: float, plane: str, dim: int = 2):
@@ -123,7 +141,8 @@ class ElasticityModel:
     Args:
         domain: a :class:`~fenics_red.domain.Domain` (mesh with tagged load and support facets),
             or a bare mesh, tagged by the depth-axis convention of :mod:`fenics_red.domain`.
-        settings: material law, loads, supports, solver.
+        settings: material law, loads, supports, solver; kept as :attr:`settings` with
+            ``solver="auto"`` resolved to the solver used (:attr:`solver`).
         grid: for a bare mesh made by :meth:`ImageGrid.create_mesh`, its grid (exact images).
         body_force: optional UFL vector expression added to the load (used by verification tests).
         bcs: optional callable ``bcs(V) -> list[DirichletBC]`` building Dirichlet conditions on
@@ -134,13 +153,16 @@ class ElasticityModel:
                  grid: ImageGrid | None = None, *, body_force=None, bcs=None):
         if not isinstance(domain, Domain):
             domain = Domain.from_mesh(domain, grid=grid, source="grid" if grid else "mesh")
-        self.settings = settings = settings or ForwardSettings()
+        settings = settings or ForwardSettings()
         self.domain = domain
         self.mesh = msh = domain.mesh
         self.comm = msh.comm
         self.grid = domain.grid
         self.dim = msh.geometry.dim
         self.V, self.Q = self.function_spaces(msh)
+        self.n_dofs = self.V.dofmap.index_map.size_global * self.V.dofmap.index_map_bs
+        solver = settings.resolve_solver(self.dim, self.n_dofs)  # the same on every rank
+        self.settings = settings = replace(settings, solver=solver)
         self.E = fem.Function(self.Q, name="E")
         self.E.x.array[:] = 1.0
         self.u = fem.Function(self.V, name="u")
@@ -169,6 +191,7 @@ class ElasticityModel:
         self.bcs = self._supports() if bcs is None else list(bcs(self.V))
 
         self._matrices: dict[tuple[str, bool], PETSc.Mat] = {}
+        self._rigid_body_modes: PETSc.NullSpace | None = None
         self._modulus_changed = True
         self.b = fem_petsc.create_vector(self._L)
         self.ksp = self._create_solver()
@@ -249,9 +272,19 @@ class ElasticityModel:
             K.setNearNullSpace(self.rigid_body_modes())
         return ksp
 
+    @property
+    def solver(self) -> str:
+        """The forward solver in use, ``"lu"`` or ``"gamg"`` (``"auto"`` resolved)."""
+        return self.settings.solver
+
     def rigid_body_modes(self) -> PETSc.NullSpace:
         """The rigid-body modes of the displacement space (3 in 2-D, 6 in 3-D), orthonormalised,
-        as a PETSc near-nullspace: translations along each axis and rotations in each plane."""
+        as a PETSc near-nullspace: translations along each axis and rotations in each plane.
+
+        Made once per model and shared (the forward KSP, ``Γ``'s ``K`` solver): its vectors
+        borrow arrays that the model keeps alive. Collective on the first call."""
+        if self._rigid_body_modes is not None:
+            return self._rigid_body_modes
         n_owned = self.V.dofmap.index_map.size_local
         gdim = self.dim
         x = self.V.tabulate_dof_coordinates()[:n_owned, :gdim]
@@ -269,7 +302,8 @@ class ElasticityModel:
         self._rigid_body_arrays = modes  # PETSc borrows this memory: keep it alive
         vectors = [PETSc.Vec().createWithArray(mode, bsize=gdim, comm=self.comm)
                    for mode in modes]
-        return PETSc.NullSpace().create(vectors=vectors, comm=self.comm)
+        self._rigid_body_modes = PETSc.NullSpace().create(vectors=vectors, comm=self.comm)
+        return self._rigid_body_modes
 
     def _matrix(self, name: str, apply_bcs: bool) -> PETSc.Mat:
         key = (name, apply_bcs)
@@ -330,14 +364,14 @@ class ElasticityModel:
             values = E.x.array
         else:
             values = np.asarray(E, dtype=np.float64)
-            if values.ndim == 2:
+            if values.ndim >= 2:  # an image (a volume in 3-D)
                 values = validate_image(values, self.grid.shape if self.grid else None,
                                         "modulus image", positive=True)
                 self.images("Q").from_image(values, self.E)
                 values = None
         if values is not None:
             if values.shape != self.E.x.array.shape:
-                expected = f"a 2-D image of shape {self.grid.shape} or " if self.grid else ""
+                expected = f"an image of shape {self.grid.shape} or " if self.grid else ""
                 raise ValueError(f"modulus must be {expected}{self.E.x.array.size} local nodal "
                                  f"values, got an array of shape {values.shape}")
             self.E.x.array[:] = values
@@ -438,6 +472,9 @@ class ElasticityModel:
         """Free the PETSc objects (collective)."""
         self.ksp.destroy()
         self.b.destroy()
+        if self._rigid_body_modes is not None:
+            self._rigid_body_modes.destroy()
+            self._rigid_body_modes = None
         for matrix in self._matrices.values():
             matrix.destroy()
         self._matrices.clear()

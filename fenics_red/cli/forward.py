@@ -37,8 +37,9 @@ def add_forward_arguments(parser) -> None:
     group.add_argument("--support", choices=["fixed", "sliding"], default="fixed",
                        help="supported boundary clamped (fixed) or held along depth only "
                             "(sliding)")
-    group.add_argument("--solver", choices=["lu", "gamg"], default="lu",
-                       help="MUMPS LU (default) or CG + GAMG for large meshes")
+    group.add_argument("--solver", choices=["auto", "lu", "gamg"], default="auto",
+                       help="auto (default): MUMPS LU in 2-D and for 3-D meshes up to 8000 "
+                            "dofs, CG + GAMG with the rigid-body modes above; or force lu/gamg")
 
 
 def forward_settings(args) -> ForwardSettings:
