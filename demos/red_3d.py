@@ -40,9 +40,9 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from fenics_red.data import SimulationSettings, simulate_dataset
 import numpy as np
 
+from fenics_red.data import SimulationSettings, simulate_dataset
 from fenics_red.evaluation import EvaluationSettings, evaluate, read_estimate
 from fenics_red.raster import ImageGrid
 from fenics_red.red import default_denoiser_path
