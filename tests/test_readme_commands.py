@@ -89,6 +89,19 @@ SHOWN = {
     "--denoiser model.pt":
         "scripts/env fenics-red reconstruct {tmp}/test.h5 --method red --all --out {tmp}/red.h5 "
         "--denoiser {tmp}/model.pt --max-steps 5 --quiet",
+    # 3-D volumes
+    "scripts/env mpirun -n 2 fenics-red simulate --samples 4 --grid 24 --grid-z 24 --seed 41 "
+    "--out box.h5":
+        "scripts/env mpirun -n 2 fenics-red simulate --samples 2 --grid 10 --grid-z 10 --seed 41 "
+        "--out {tmp}/box.h5 --quiet",
+    "scripts/env mpirun -n 2 fenics-red evaluate box.h5 --methods ml,gn-tv,red --out "
+    "box-evaluation":
+        "scripts/env mpirun -n 2 fenics-red evaluate {tmp}/box.h5 --methods ml,gn-tv,red --out "
+        "{tmp}/box-evaluation --max-steps 5 --quiet",
+    "scripts/env mpirun -n 2 fenics-red reconstruct box.h5 --method red --all --out "
+    "red-slices.h5 --denoiser fenics_red/data/denoiser.pt":
+        "scripts/env mpirun -n 2 fenics-red reconstruct {tmp}/box.h5 --method red --all --out "
+        "{tmp}/red-slices.h5 --denoiser fenics_red/data/denoiser.pt --max-steps 5 --quiet",
     # Your own measurements
     "scripts/env fenics-red import measurement.mat --out data.h5 --displacement u --interleaved "
     "--length-unit m --displacement-unit m --traction 100 --modulus-unit kPa":
@@ -221,8 +234,9 @@ def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(t
         pytest.skip("no make")
     runs = tmp / "new" / "runs"  # a fresh clone has no runs/ folder: the targets make it
     shipped = REPO / "fenics_red" / "data" / "denoiser.pt"
+    shipped_3d = REPO / "fenics_red" / "data" / "denoiser-3d.pt"
     tables = sorted((REPO / "benchmarks" / "results").glob("*"))
-    before = {p: _digest(p) for p in [shipped, *tables]}
+    before = {p: _digest(p) for p in [shipped, shipped_3d, *tables]}
     out = run(f"make -o setup paper SIZE=small RUNS={runs}", tmp)
     assert "| 35 dB |" in out and (runs / "paper-tables.md").exists()
     run(f"make -o setup denoiser SIZE=small RUNS={runs}", tmp)
@@ -230,6 +244,9 @@ def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(t
 
     model = Denoiser.load(runs / "installed" / "denoiser.pt")  # a toy: never into the package
     assert model.card["epochs"] == 1
+    run(f"make -o setup denoiser SIZE=small DIM=3 RUNS={runs}", tmp)
+    model = Denoiser.load(runs / "installed" / "denoiser-3d.pt")
+    assert model.dims == 3 and model.card["epochs"] == 1
     out = run(f"make -o setup bench SIZE=small RUNS={runs}", tmp)
     for name in ("forward", "inverse", "mesh", "red", "simulate"):
         assert (runs / "bench" / f"{name}.md").exists(), out
@@ -278,7 +295,8 @@ def test_the_python_example(tmp):
 def test_simulate_show_reconstruct_evaluate_and_train(tmp):
     pytest.importorskip("torch")
     for command in SHOWN:
-        if re.search(r"fenics-red (simulate|show) ", command) and "--mesh" not in command:
+        if (re.search(r"fenics-red (simulate|show) ", command) and "--mesh" not in command
+                and "box.h5" not in command):
             shown(command, tmp)
     assert (tmp / "sample0.png").stat().st_size > 1000
     for command in SHOWN:
@@ -289,10 +307,19 @@ def test_simulate_show_reconstruct_evaluate_and_train(tmp):
     run("scripts/env fenics-red reconstruct {tmp}/test.h5 --method ml --all --out "
         "{tmp}/pairs-25db.h5 --quiet", tmp)
     for command in SHOWN:
-        if "fenics-red train" in command or "--denoiser" in command:
+        if ("fenics-red train" in command or "--denoiser" in command) and "box" not in command:
             shown(command, tmp)
     assert {p.name for p in tmp.glob("*.pt")} >= {"model.pt", "mixed.pt"}
     assert (tmp / "red.h5").exists()
+
+
+def test_3d_volumes(tmp):
+    pytest.importorskip("torch")
+    for command in SHOWN:  # simulate, evaluate with the 3-D model, RED slice by slice
+        if "box.h5" in command:
+            shown(command, tmp)
+    assert "x 10" in (tmp / "box-evaluation" / "summary.md").read_text()
+    assert (tmp / "red-slices.h5").exists()
 
 
 def test_on_a_mesh(tmp):
