@@ -467,15 +467,23 @@ def test_the_slicewise_denoiser_is_exactly_equivariant_under_the_x_and_y_flips(s
                                rtol=1e-12, atol=1e-15)
 
 
+#: A batch against single images through the float32 network: round-off of the outputs.
+BATCH_ATOL = 1e-8
+
+
 def test_the_slicewise_denoiser_with_slice_scales_is_the_2d_denoiser_on_each_slice(rng):
-    """Each axial-lateral plane volume[:, j, :] is denoised as a 2-D image."""
+    """Each axial-lateral plane volume[:, j, :] is denoised as a 2-D image.
+
+    To float32 round-off (``BATCH_ATOL``): one batch of slices and single images may take other
+    convolution kernels (thread counts differ under ``mpirun``); a wrong slice axis is 1e-2 off.
+    """
     image_model = perturbed()
     volume = noisy_phantom_3d((9, 11, 13), rng)
     expected = np.stack([image_model(volume[:, j, :]) for j in range(11)], axis=1)
     slicewise = SliceWiseDenoiser(image_model, scale="slice")
-    np.testing.assert_allclose(slicewise(volume), expected, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(slicewise.residual(volume), volume - expected, rtol=1e-9,
-                               atol=1e-15)
+    np.testing.assert_allclose(slicewise(volume), expected, rtol=0, atol=BATCH_ATOL)
+    np.testing.assert_allclose(slicewise.residual(volume), volume - expected, rtol=0,
+                               atol=BATCH_ATOL)
 
 
 def test_the_slicewise_denoiser_divides_every_slice_by_the_volume_median(rng):
@@ -486,14 +494,14 @@ def test_the_slicewise_denoiser_divides_every_slice_by_the_volume_median(rng):
     volume = np.full((9, 11, 13), 0.12)  # background: over half of every slice
     volume[2:6, 3:8, 4:9] = rng.uniform(0.3, 0.8, (4, 5, 5))
     expected = np.stack([image_model(volume[:, j, :]) for j in range(11)], axis=1)
-    np.testing.assert_allclose(slicewise(volume), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(slicewise(volume), expected, rtol=0, atol=BATCH_ATOL)
     # ...and different for a slice through a large inclusion, whose own median is the inclusion
     volume = np.full((9, 11, 13), 0.12)
     volume[:, 5, :] = 0.5
     volume[0, 5, 0] = 0.12
     by_slice = SliceWiseDenoiser(image_model, scale="slice")(volume)
     assert np.abs(slicewise(volume)[:, 5] - by_slice[:, 5]).max() > 1e-6
-    np.testing.assert_allclose(slicewise(volume)[:, 4], by_slice[:, 4], rtol=1e-12)
+    np.testing.assert_allclose(slicewise(volume)[:, 4], by_slice[:, 4], rtol=0, atol=BATCH_ATOL)
 
 
 def test_the_slicewise_denoiser_takes_volumes_and_a_2d_model(rng):
