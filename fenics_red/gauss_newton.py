@@ -851,8 +851,8 @@ def _direct_up_to_cholesky_limit(space, forward: ForwardSettings) -> ForwardSett
     """``solver="auto"`` for Gauss-Newton: MUMPS LU up to the likelihood's Cholesky limit.
 
     A GN iteration solves many times with one ``K`` (two per CG step on the GN system), so a
-    factorisation pays off far beyond the forward model's one-solve limit (at 24³ cells: LU 25 s
-    once and 0.5 s per solve, GAMG 4.6 s per solve; ``tests/test_forward_3d.py``'s timings)."""
+    factorisation pays off far beyond the forward model's one-solve limit (measured at 24³ cells:
+    LU 25 s once and 0.5 s per solve, GAMG 4.6 s per solve; see ``forward.AUTO_LU_MAX_DOFS``)."""
     from dataclasses import replace
 
     from .likelihood import AUTO_CHOLESKY_MAX_DOFS
