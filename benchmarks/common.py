@@ -38,22 +38,41 @@ def best_of(fn, repeat: int = 3) -> float:
 def record(name: str, rows: list[dict], key: tuple[str, ...], title: str, notes: str = "") -> str:
     """Merge ``rows`` into the table ``name`` (rows with the same key replace older ones)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = RESULTS / f"{name}.json"
-    old = json.loads(store.read_text()) if store.exists() else {"rows": []}
-    merged = {tuple(r[k] for k in key): r for r in old["rows"]}
-    merged.update({tuple(r[k] for k in key): r for r in rows})
-    ordered = [merged[k] for k in sorted(merged, key=_natural)]
-    store.write_text(json.dumps({"rows": ordered}, indent=1))
-    columns = list(ordered[0])
-    lines = [f"# {title}", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores; "
-             f"updated {time.strftime('%Y-%m-%d %H:%M')}. {notes}".strip(), "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in ordered:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
-    table = "\n".join(lines) + "\n"
+    ordered = merge_rows(name, rows, key)
+    table = header(title, notes) + markdown_table(ordered)
     (RESULTS / f"{name}.md").write_text(table)
     return table
+
+
+def header(title: str, notes: str = "") -> str:
+    """The title and machine line of a results table."""
+    return (f"# {title}\n\nMachine: {platform.machine()}, {os.cpu_count()} cores; "
+            f"updated {time.strftime('%Y-%m-%d %H:%M')}. {notes}".strip() + "\n\n")
+
+
+def merge_rows(name: str, rows: list[dict], key: tuple[str, ...], section: str = "rows"
+               ) -> list[dict]:
+    """Merge ``rows`` into ``section`` of ``benchmarks/results/NAME.json`` (rows with the same
+    key replace older ones; other sections are kept) and return that section, sorted."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / f"{name}.json"
+    old = json.loads(store.read_text()) if store.exists() else {}
+    merged = {tuple(r[k] for k in key): r for r in old.get(section, [])}
+    merged.update({tuple(r[k] for k in key): r for r in rows})
+    ordered = [merged[k] for k in sorted(merged, key=_natural)]
+    old[section] = ordered
+    store.write_text(json.dumps({"rows": [], **old}, indent=1))
+    return ordered
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (columns: every key of the rows, in order of appearance,
+    unless given)."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _natural(key: tuple) -> tuple:
