@@ -41,10 +41,14 @@ _SOLVERS = ("auto", *_SOLVER_OPTIONS)
 #: MUMPS's 3-D fill-in grows fast. A solve with a new ``K``, LU / GAMG, on tetrahedral unit cubes
 #: (nu = 0.495, 1 rank; 2 ranks alike): 0.08 / 0.11 s at 8^3 cells (2.2k dofs), 0.57 / 0.34 s at
 #: 12^3 (6.6k), 2.9 / 1.1 s at 16^3 (15k), 25 / 4.6 s at 24^3 (47k), 189 / 12 s at 32^3 (108k):
-#: they break even near 10^3 cells (4k dofs). Many solves with one ``K`` (Gauss-Newton's CG)
-#: favour LU far longer (a back-substitution costs 1/30 to 1/60 of a GAMG solve): pass
-#: ``solver="lu"`` there while the factors fit in memory.
+#: they break even near 10^3 cells (4k dofs).
 AUTO_LU_MAX_DOFS = 8000
+#: ``solver="auto"`` for a solver that solves *many* times with one ``K`` (Gauss-Newton's CG, the
+#: likelihood's ``Γ`` within a round): the largest 3-D problem still factorised. A
+#: back-substitution costs 1/15 to 1/60 of a GAMG solve, so the factorisation pays off far beyond
+#: :data:`AUTO_LU_MAX_DOFS`; its time (~ N^2) and memory (~ N^(4/3)) set the limit (measurements:
+#: :data:`fenics_red.likelihood.AUTO_CHOLESKY_MAX_DOFS`).
+AUTO_FACTOR_MAX_DOFS = 150000
 _instance_counter = itertools.count()
 
 
@@ -96,12 +100,15 @@ class ForwardSettings:
         out["petsc_options"] = dict(self.petsc_options)
         return out
 
-    def resolve_solver(self, dim: int, n_dofs: int) -> str:
+    def resolve_solver(self, dim: int, n_dofs: int, many_solves: bool = False) -> str:
         """``"lu"`` or ``"gamg"``: the solver for a mesh of dimension ``dim`` with ``n_dofs``
-        global displacement dofs (``"auto"``: GAMG only in 3-D above :data:`AUTO_LU_MAX_DOFS`)."""
+        global displacement dofs (``"auto"``: GAMG only in 3-D above :data:`AUTO_LU_MAX_DOFS`, or
+        above :data:`AUTO_FACTOR_MAX_DOFS` for a caller that solves ``many_solves`` times with
+        one ``K``)."""
         if self.solver != "auto":
             return self.solver
-        return "gamg" if dim == 3 and n_dofs > AUTO_LU_MAX_DOFS else "lu"
+        limit = AUTO_FACTOR_MAX_DOFS if many_solves else AUTO_LU_MAX_DOFS
+        return "gamg" if dim == 3 and n_dofs > limit else "lu"
 
 
 def lame_parameters(E, nu: float, plane: str, dim: int = 2):

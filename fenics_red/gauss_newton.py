@@ -847,21 +847,14 @@ def reconstruct_gauss_newton(model_or_grid: ElasticityModel | ImageGrid, ux_nois
             model.destroy()
 
 
-def _direct_up_to_cholesky_limit(space, forward: ForwardSettings) -> ForwardSettings:
-    """``solver="auto"`` for Gauss-Newton: MUMPS LU up to the likelihood's Cholesky limit.
-
-    A GN iteration solves many times with one ``K`` (two per CG step on the GN system), so a
-    factorisation pays off far beyond the forward model's one-solve limit (measured at 24³ cells:
-    LU 25 s once and 0.5 s per solve, GAMG 4.6 s per solve; see ``forward.AUTO_LU_MAX_DOFS``)."""
+def _factorised_up_to_many_solves_limit(space, forward: ForwardSettings) -> ForwardSettings:
+    """``solver="auto"`` resolved for Gauss-Newton, which solves many times with one ``K`` (two
+    per CG step on the GN system): MUMPS LU up to ``forward.AUTO_FACTOR_MAX_DOFS``."""
     from dataclasses import replace
 
-    from .likelihood import AUTO_CHOLESKY_MAX_DOFS
-
-    if forward.solver != "auto":
-        return forward
     nodes = int(np.prod(space.shape)) if hasattr(space, "create_mesh") else len(space.points)
-    dim = space.dim
-    return replace(forward, solver="lu") if nodes * dim <= AUTO_CHOLESKY_MAX_DOFS else forward
+    return replace(forward, solver=forward.resolve_solver(space.dim, nodes * space.dim,
+                                                          many_solves=True))
 
 
 class GaussNewtonRunner:
@@ -877,7 +870,7 @@ class GaussNewtonRunner:
     def __init__(self, regulariser: str, grid, forward: ForwardSettings,
                  comm: MPI.Comm, options: Mapping | GaussNewtonSettings | None = None):
         self.options = self.gn_settings = gn_options(regulariser, options)
-        self.model = ElasticityModel.on_grid(grid, comm, _direct_up_to_cholesky_limit(
+        self.model = ElasticityModel.on_grid(grid, comm, _factorised_up_to_many_solves_limit(
             grid, forward))
 
     @property

@@ -64,7 +64,7 @@ import numpy as np
 from dolfinx import fem
 
 from . import validation
-from .forward import _SOLVER_OPTIONS, ElasticityModel
+from .forward import _SOLVER_OPTIONS, AUTO_FACTOR_MAX_DOFS, ElasticityModel
 from .linalg import power_iteration
 from .measurements import noise_std_from_energy, set_displacement
 from .petsc_options import set_options
@@ -90,8 +90,9 @@ _K_SOLVERS = ("auto", *_K_OPTIONS)
 #: unit cubes (nu = 0.495, 1 rank), Cholesky against GAMG: 2.0 / 0.13 s against 0.3 / 2.0 s at
 #: 16^3 cells (15k dofs), 21 / 0.5 s against 0.9 / 9.5 s at 24^3 (47k), 148 / 1.1 s (1.5 GB)
 #: against 3.9 / 44 s at 32^3 (108k). The factorisation's time (~ N^2) and memory (~ N^(4/3))
-#: set the limit: extrapolated, several minutes and about 2.5 GB at 150k dofs.
-AUTO_CHOLESKY_MAX_DOFS = 150000
+#: set the limit: extrapolated, several minutes and about 2.5 GB at 150k dofs. The same limit as
+#: any solver of many solves per ``K`` (:data:`fenics_red.forward.AUTO_FACTOR_MAX_DOFS`).
+AUTO_CHOLESKY_MAX_DOFS = AUTO_FACTOR_MAX_DOFS
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ import pytest
 
 import ufl
 from dolfinx import fem, mesh
-from fenics_red.forward import AUTO_LU_MAX_DOFS, ElasticityModel, ForwardSettings, stress
+from fenics_red.forward import (
+    AUTO_FACTOR_MAX_DOFS,
+    AUTO_LU_MAX_DOFS,
+    ElasticityModel,
+    ForwardSettings,
+    stress,
+)
 from fenics_red.likelihood import (
     AUTO_CHOLESKY_MAX_DOFS,
     LikelihoodSettings,
@@ -140,6 +146,10 @@ def test_auto_solver_is_lu_in_2d_and_for_small_3d_problems_and_gamg_above_the_th
     assert auto.resolve_solver(2, 10**8) == "lu"
     assert ForwardSettings(solver="lu").resolve_solver(3, 10**8) == "lu"
     assert ForwardSettings(solver="gamg").resolve_solver(2, 10) == "gamg"
+    # many solves with one K (Gauss-Newton, Γ): factorised up to the likelihood's Cholesky limit
+    assert AUTO_LU_MAX_DOFS < AUTO_FACTOR_MAX_DOFS == AUTO_CHOLESKY_MAX_DOFS
+    assert auto.resolve_solver(3, AUTO_FACTOR_MAX_DOFS, many_solves=True) == "lu"
+    assert auto.resolve_solver(3, AUTO_FACTOR_MAX_DOFS + 1, many_solves=True) == "gamg"
     k_auto = LikelihoodSettings()
     assert k_auto.resolve_k_solver(3, AUTO_CHOLESKY_MAX_DOFS) == "cholesky"
     assert k_auto.resolve_k_solver(3, AUTO_CHOLESKY_MAX_DOFS + 1) == "gamg"
