@@ -57,16 +57,22 @@ def test_the_unet_maps_batches_of_odd_sizes(depth):
         net(torch.ones(1, 19, 23))
 
 
+def assert_scale_equivariant(denoiser, x, a: float) -> None:
+    """``C(a x) = a C(x)`` and ``R(a x) = a R(x)`` to round-off, for a ``C`` that changes ``x``."""
+    reference = denoiser(x)
+    assert not np.allclose(reference, x)
+    np.testing.assert_allclose(denoiser(a * x), a * reference,
+                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
+    np.testing.assert_allclose(denoiser.residual(a * x), a * (x - reference),
+                               rtol=1e-9, atol=1e-12 * a * np.abs(reference).max())
+
+
 @pytest.mark.parametrize("a", [1e3, 2.5, 1e-3, 7.3])
 def test_the_denoiser_is_scale_equivariant_to_round_off(a, rng):
     """C(aE) = a C(E): maps in kPa and in normalised units go through the same network."""
     denoiser = perturbed()
     image = phantom((17, 21), rng) + 0.02 * rng.standard_normal((17, 21))
-    reference = denoiser(image)
-    np.testing.assert_allclose(denoiser(a * image), a * reference,
-                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
-    np.testing.assert_allclose(denoiser.residual(a * image), a * (image - reference),
-                               rtol=1e-9, atol=1e-12 * a * np.abs(reference).max())
+    assert_scale_equivariant(denoiser, image, a)
 
 
 def test_an_untrained_denoiser_is_the_identity(rng):
@@ -294,12 +300,7 @@ def test_the_3d_unet_maps_batches_of_volumes_and_refuses_images():
 def test_the_3d_denoiser_is_scale_equivariant_to_round_off(a, rng):
     denoiser = perturbed(TINY_3D)
     volume = noisy_phantom_3d((9, 11, 13), rng)
-    reference = denoiser(volume)
-    assert not np.allclose(reference, volume)
-    np.testing.assert_allclose(denoiser(a * volume), a * reference,
-                               rtol=1e-12, atol=1e-12 * a * np.abs(reference).max())
-    np.testing.assert_allclose(denoiser.residual(a * volume), a * (volume - reference),
-                               rtol=1e-9, atol=1e-12 * a * np.abs(reference).max())
+    assert_scale_equivariant(denoiser, volume, a)
 
 
 def test_an_untrained_3d_denoiser_is_the_identity(rng):

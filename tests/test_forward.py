@@ -7,9 +7,10 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from manufactured import manufactured_l2_error
 
 import ufl
-from dolfinx import fem, mesh
+from dolfinx import fem
 from fenics_red import (
     ElasticityModel,
     ForwardSettings,
@@ -89,25 +90,7 @@ def _manufactured_error(n: int, comm) -> float:
     u_exact = ufl.as_vector([0.1 * ufl.sin(pi * x[0]) * ufl.sin(2 * pi * x[1]),
                              0.1 * ufl.cos(pi * x[0]) * x[1] ** 2])
     settings = ForwardSettings(nu=0.3, plane="stress", traction=0.0)
-
-    from fenics_red.forward import stress
-
-    body_force = -ufl.div(stress(E_exact, u_exact, settings.nu, settings.plane))
-
-    def boundary(V):
-        msh.topology.create_connectivity(1, 2)
-        facets = mesh.exterior_facet_indices(msh.topology)
-        g = fem.Function(V)
-        g.interpolate(fem.Expression(u_exact, V.element.interpolation_points()))
-        return [fem.dirichletbc(g, fem.locate_dofs_topological(V, 1, facets))]
-
-    model = ElasticityModel(msh, settings, grid, body_force=body_force, bcs=boundary)
-    model.E.interpolate(fem.Expression(E_exact, model.Q.element.interpolation_points()))
-    model.modulus_changed()
-    u = model.solve()
-    dx = ufl.dx(metadata={"quadrature_degree": 8})
-    error = fem.form(ufl.inner(u - u_exact, u - u_exact) * dx)
-    return np.sqrt(comm.allreduce(fem.assemble_scalar(error), op=MPI.SUM))
+    return manufactured_l2_error(msh, E_exact, u_exact, settings, grid, quadrature_degree=8)
 
 
 def test_manufactured_solution_converges_at_second_order_in_L2(comm):

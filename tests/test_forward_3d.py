@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from manufactured import manufactured_l2_error
 
 import ufl
 from dolfinx import fem, mesh
@@ -17,7 +18,6 @@ from fenics_red.forward import (
     AUTO_LU_MAX_DOFS,
     ElasticityModel,
     ForwardSettings,
-    stress,
 )
 from fenics_red.likelihood import (
     AUTO_CHOLESKY_MAX_DOFS,
@@ -107,25 +107,7 @@ def _manufactured_error(n: int, comm) -> float:
     u_exact = 0.1 * ufl.as_vector([s(x[0]) * s(x[1]) * x[2],
                                    c(x[1]) * x[0] ** 2 * s(x[2]),
                                    s(x[2]) * c(x[0]) + x[1] ** 2])
-    settings = ForwardSettings(nu=0.3, traction=0.0)
-    body_force = -ufl.div(stress(E_exact, u_exact, settings.nu))
-
-    def boundary(V):
-        msh.topology.create_connectivity(2, 3)
-        facets = mesh.exterior_facet_indices(msh.topology)
-        g = fem.Function(V)
-        g.interpolate(fem.Expression(u_exact, V.element.interpolation_points()))
-        return [fem.dirichletbc(g, fem.locate_dofs_topological(V, 2, facets))]
-
-    model = ElasticityModel(msh, settings, body_force=body_force, bcs=boundary)
-    model.E.interpolate(fem.Expression(E_exact, model.Q.element.interpolation_points()))
-    model.modulus_changed()
-    u = model.solve()
-    error = fem.form(ufl.inner(u - u_exact, u - u_exact)
-                     * ufl.dx(metadata={"quadrature_degree": 6}))
-    result = np.sqrt(comm.allreduce(fem.assemble_scalar(error), op=MPI.SUM))
-    model.destroy()
-    return result
+    return manufactured_l2_error(msh, E_exact, u_exact, ForwardSettings(nu=0.3, traction=0.0))
 
 
 def test_manufactured_solution_converges_at_second_order_in_L2_in_3d(comm):
