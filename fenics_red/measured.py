@@ -8,8 +8,9 @@ the user's layout and units.
 
 Two layouts (:class:`ImportSettings`):
 
-* **nodal**: node coordinates ``(N, 2)`` (or ``(N, 3)``, read and checked; 3-D data sets are not
-  supported yet), cells ``(M, 3)`` 0- or 1-based (detected, or ``index_base``), and the
+* **nodal**: node coordinates ``(N, 2)`` or ``(N, 3)`` (3-D: depth along ``z``, ``uz`` the
+  axial component), cells ``(M, 3)`` or ``(M, 4)`` 0- or 1-based (detected, or
+  ``index_base``), and the
   displacement as component arrays or one vector ``(N, d)``, ``(d, N)`` or interleaved
   ``[ux0, uy0, ux1, ...]``. Or the mesh from a gmsh/XDMF file (``mesh``), in its node order.
 * **image**: axial and lateral displacement images with the depth along the first axis (row 0
@@ -576,7 +577,7 @@ def _images(file: VariableFile, s: ImportSettings) -> tuple[np.ndarray, np.ndarr
 
 def _image(file: VariableFile, s: ImportSettings) -> tuple:
     """Images onto a mesh: the ROI's pixels as nodes, or bilinear samples at a mesh's nodes."""
-    from .raster import ImageGrid, _bilinear_matrix
+    from .raster import ImageGrid, _multilinear_matrix
 
     axial, lateral, stored = _images(file, s)
     if min(axial.shape) < 2:
@@ -624,7 +625,7 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
                          "deepest row (y = (rows - 1) x spacing - depth)")
     image_mesh = MeshArrays.of_grid(grid)
     filled = _fill(image_mesh, np.where(ok.ravel(), u.reshape(2, -1), np.nan), ok.ravel())
-    B = _bilinear_matrix(grid, points)
+    B = _multilinear_matrix(grid, points)
     node_ok = (B @ (~ok.ravel()).astype(float)) < 1e-12
     node_ref = None if ref is None else (B @ ref.ravel().astype(float)) > 0.5
     layout["mesh_file"] = str(Path(s.mesh).resolve())
@@ -782,9 +783,6 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
     m = read_measurement(path, s)
     mesh, u, valid = m.mesh, m.displacement.copy(), m.valid
     d = mesh.dim
-    if d != 2:
-        raise ValueError("3-D measurements are read and checked, but 3-D data sets (and their "
-                         "reconstruction) are not supported yet")
     support = _support_nodes(mesh)
     held = _held(s.support, d)
     offset = [0.0] * d
@@ -827,6 +825,8 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
             f.attrs[key] = value
         f["ux_noisy"] = u[0][None]
         f["uy_noisy"] = u[1][None]
+        if d == 3:
+            f["uz_noisy"] = u[2][None]
         f["noise_std"] = np.asarray([sigma], dtype=np.float64)
         f["force_std"] = np.zeros(1)
         f["valid"] = valid[None].astype(np.uint8)

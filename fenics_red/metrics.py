@@ -39,12 +39,16 @@ from scipy import ndimage
 
 __all__ = ["rmse", "relative_rmse", "psnr", "ssim", "cnr_db", "contrast_ratio",
            "contrast_ratio_error", "evaluate_metrics", "METRIC_NAMES", "SSIM_SIGMA",
-           "SSIM_TRUNCATE", "SSIM_K1", "SSIM_K2"]
+           "SSIM_TRUNCATE", "SSIM_RADIUS", "SSIM_WINDOW", "SSIM_K1", "SSIM_K2"]
 
 #: Standard deviation (pixels) of the SSIM Gaussian window (Wang et al. 2004).
 SSIM_SIGMA = 1.5
 #: Truncation of the SSIM window in standard deviations: an 11-tap window with sigma 1.5.
 SSIM_TRUNCATE = 3.5
+#: Half-width of the SSIM window in pixels (as in scipy.ndimage: 5) and its width (11): images
+#: must be at least this wide along every axis.
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+SSIM_WINDOW = 2 * SSIM_RADIUS + 1
 #: SSIM stabilising constants, ``C1 = (K1 L)^2`` and ``C2 = (K2 L)^2``.
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -150,8 +154,7 @@ def ssim(estimate, truth, *, data_range: float | None = None, full: bool = False
     ``structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
     """
     x, y = _pair(estimate, truth)
-    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # as in scipy.ndimage: 5
-    window = 2 * radius + 1
+    radius, window = SSIM_RADIUS, SSIM_WINDOW
     if min(x.shape) < window:
         size = " x ".join([str(window)] * x.ndim)
         raise ValueError(f"SSIM needs images of at least {size} pixels (the Gaussian window), "
@@ -261,7 +264,7 @@ def evaluate_metrics(estimate, truth, mask, valid=None) -> dict[str, float]:
     # the pixel-wise metrics on the inside pixels, as a 1 x n image
     xv, yv, mv = x[v][None, :], y[v][None, :], m[v][None, :]
     _, s_map = ssim(x, y, data_range=float(np.ptp(yv)) or None, full=True)
-    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+    radius = SSIM_RADIUS
     inside = v[(slice(radius, -radius),) * v.ndim]
     ratio, true_ratio = contrast_ratio(xv, mv), contrast_ratio(yv, mv)
     return {

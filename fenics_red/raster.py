@@ -27,7 +27,7 @@ plane, the 2-D image of that elevation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpi4py import MPI
 
@@ -103,14 +103,17 @@ class ImageGrid:
 
     @classmethod
     def covering(cls, lower, upper, spacing: float) -> ImageGrid:
-        """The 2-D grid over the box ``[lower, upper]`` (first two axes) with square pixels of
-        about ``spacing``."""
-        lower, upper = np.asarray(lower, float)[:2], np.asarray(upper, float)[:2]
+        """The grid over the box ``[lower, upper]`` (2-D, or 3-D for 3-D corners, depth along
+        ``z``) with square (cubic) pixels of about ``spacing``."""
+        lower, upper = np.asarray(lower, float).ravel(), np.asarray(upper, float).ravel()
         size = upper - lower
         if not (np.isfinite(spacing) and spacing > 0):
             raise ValueError(f"pixel spacing must be a positive number, got {spacing!r}")
-        nx, ny = (max(1, int(np.ceil(n - 1e-9))) for n in size / spacing)
-        return cls(nx, ny, float(size[0]), float(size[1]), float(lower[0]), float(lower[1]))
+        n = [max(1, int(np.ceil(k - 1e-9))) for k in size / spacing]
+        grid = cls(n[0], n[1], float(size[0]), float(size[1]), float(lower[0]), float(lower[1]))
+        if len(size) == 3:
+            return replace(grid, nz=n[2], depth=float(size[2]), z0=float(lower[2]))
+        return grid
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -170,21 +173,23 @@ class ImageGrid:
         return mesh.create_rectangle(comm, [lower, upper], list(self.divisions),
                                      mesh.CellType.triangle, diagonal=mesh.DiagonalType.right)
 
+    def image_coordinates(self, points: np.ndarray) -> np.ndarray:
+        """Fractional image indices ``(n, dim)`` of ``points`` (rows ``(x, y[, z])``), in the
+        image's axis order: axis 0 counts pixels down from the probe face (the last coordinate,
+        flipped), the others follow ``y`` (3-D) and ``x``."""
+        points = np.asarray(points, dtype=np.float64)
+        d = self.dim
+        index = [(points[:, d - 1 - axis] - self.origin[d - 1 - axis]) / self.spacing[d - 1 - axis]
+                 for axis in range(d)]
+        index[0] = self.divisions[d - 1] - index[0]
+        return np.column_stack(index)
+
     def pixel_index(self, points: np.ndarray) -> np.ndarray:
         """Flat image index (row-major) of each point (rows of ``points``) on the grid's nodes."""
-        h = self.spacing
-        cols = np.rint((points[:, 0] - self.x0) / h[0]).astype(np.int64)
-        if self.nz:
-            mids = np.rint((points[:, 1] - self.y0) / h[1]).astype(np.int64)
-            rows = np.rint((self.z0 + self.depth - points[:, 2]) / h[2]).astype(np.int64)
-            index, bounds = (rows, mids, cols), (self.nz, self.ny, self.nx)
-        else:
-            rows = np.rint((self.y0 + self.height - points[:, 1]) / h[1]).astype(np.int64)
-            index, bounds = (rows, cols), (self.ny, self.nx)
-        for i, n in zip(index, bounds, strict=True):
-            if i.min(initial=0) < 0 or i.max(initial=0) > n:
-                raise ValueError("points lie outside the image grid")
-        return np.ravel_multi_index(index, self.shape) if len(cols) else cols
+        index = np.rint(self.image_coordinates(points)).astype(np.int64)
+        if len(index) and (index.min() < 0 or np.any(index.max(axis=0) >= self.shape)):
+            raise ValueError("points lie outside the image grid")
+        return np.ravel_multi_index(tuple(index.T), self.shape)
 
 
 def central_slice(mask: np.ndarray | None, shape: tuple[int, ...]) -> int:
@@ -331,12 +336,13 @@ class NodalImage(NodeOrder):
 
 
 class PointRaster(NodalImage):
-    """Raster of a P1 space on any 2-D mesh: sampling at the pixels and bilinear way back.
+    """Raster of a P1 space on any 2-D or 3-D mesh: sampling at the pixels (voxels) and a
+    bilinear (trilinear) way back.
 
     ``to_images`` samples the field at each pixel inside the domain (the P1 interpolant in the
     cell holding it) and fills the pixels outside (:attr:`mask` False) from the nearest pixel
-    inside, so a denoiser sees a complete image. ``from_images`` interpolates an image bilinearly
-    at the mesh nodes from the pixels inside (weights renormalised near the boundary);
+    inside, so a denoiser sees a complete image. ``from_images`` interpolates an image
+    multilinearly at the mesh nodes from the pixels inside (weights renormalised near the boundary);
     ``adjoint_images`` applies the transpose of the sampling (for gradients of image-space
     functionals). Both sparse operators are built once, on every rank, in the file
     order of the domain's nodes (:meth:`fenics_red.domain.Domain.node_indices`).
@@ -346,14 +352,16 @@ class PointRaster(NodalImage):
                  num_nodes: int):
         NodeOrder.__init__(self, V, node_index, num_nodes)
         self.grid = grid
-        if V.mesh.geometry.dim != 2:
-            raise ValueError("images of 3-D domains are not supported: rasters are 2-D")
-        points = self.gather_rows(V.tabulate_dof_coordinates()[:, :2]).T
+        gdim = V.mesh.geometry.dim
+        if grid.dim != gdim:
+            raise ValueError(f"a {grid.dim}-D image grid cannot raster a {gdim}-D mesh")
+        points = self.gather_rows(V.tabulate_dof_coordinates()[:, :gdim]).T
         self.sample = _sampling_matrix(V.mesh, grid, num_nodes)
         inside = np.asarray(self.sample.sum(axis=1)).ravel() > 0.5
         self._mask = inside.reshape(grid.shape)
         self.fill = _nearest_fill(self._mask)
-        self.back = _inside_weights(_bilinear_matrix(grid, points), self._mask.ravel(), self.fill)
+        self.back = _inside_weights(_multilinear_matrix(grid, points), self._mask.ravel(),
+                                    self.fill)
 
     @property
     def mask(self) -> np.ndarray:
@@ -385,14 +393,14 @@ def _sampling_matrix(msh: mesh.Mesh, grid: ImageGrid, num_nodes: int) -> sparse.
     facet) is kept by the lowest. Columns are file node indices.
     """
     comm = msh.comm
-    tdim = msh.topology.dim
+    tdim, gdim = msh.topology.dim, msh.geometry.dim
     n_cells = msh.topology.index_map(tdim).size_local
     points = np.zeros((int(np.prod(grid.shape)), 3))
-    points[:, :2] = grid.pixel_points()
+    points[:, :gdim] = grid.pixel_points()
     tree = geometry.bb_tree(msh, tdim, np.arange(n_cells, dtype=np.int32))
     candidates = geometry.compute_collisions_points(tree, points)
     colliding = geometry.compute_colliding_cells(msh, candidates, points)
-    x = msh.geometry.x[:, :2]
+    x = msh.geometry.x[:, :gdim]
     nodes = msh.geometry.dofmap
     file_index = np.asarray(msh.geometry.input_global_indices, dtype=np.int64)
     rows, cols, vals = [], [], []
@@ -400,7 +408,7 @@ def _sampling_matrix(msh: mesh.Mesh, grid: ImageGrid, num_nodes: int) -> sparse.
         cell = colliding.links(pixel)[0]
         vertices = x[nodes[cell]]
         T = (vertices[1:] - vertices[0]).T
-        lam = np.linalg.solve(T, points[pixel, :2] - vertices[0])
+        lam = np.linalg.solve(T, points[pixel, :gdim] - vertices[0])
         weights = np.concatenate([[1.0 - lam.sum()], lam]).clip(0.0, 1.0)
         rows.extend([pixel] * len(weights))
         cols.extend(file_index[nodes[cell]])
@@ -422,31 +430,32 @@ def _nearest_fill(mask: np.ndarray) -> sparse.csr_matrix:
 
     if not mask.any():
         raise ValueError("no pixel of the image grid lies inside the mesh")
-    _, (ri, ci) = ndimage.distance_transform_edt(~mask, return_indices=True)
-    source = (ri * mask.shape[1] + ci).ravel()
+    _, nearest = ndimage.distance_transform_edt(~mask, return_indices=True)
+    source = np.ravel_multi_index(tuple(nearest), mask.shape).ravel()
     n = mask.size
     return sparse.csr_matrix((np.ones(n), (np.arange(n), source)), shape=(n, n))
 
 
-def _bilinear_matrix(grid: ImageGrid, points: np.ndarray) -> sparse.csr_matrix:
-    """``B`` (n_points x n_pixels): bilinear interpolation of an image at ``points``."""
-    hx, hy = grid.spacing
-    u = np.clip((points[:, 0] - grid.x0) / hx, 0.0, grid.nx)
-    v = np.clip((grid.y0 + grid.height - points[:, 1]) / hy, 0.0, grid.ny)
-    j0 = np.minimum(np.floor(u).astype(np.int64), grid.nx - 1)
-    i0 = np.minimum(np.floor(v).astype(np.int64), grid.ny - 1)
-    fu, fv = u - j0, v - i0
-    width = grid.nx + 1
-    rows = np.repeat(np.arange(len(points)), 4)
-    cols = np.column_stack([i0 * width + j0, i0 * width + j0 + 1,
-                            (i0 + 1) * width + j0, (i0 + 1) * width + j0 + 1]).ravel()
-    vals = np.column_stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv]).ravel()
-    return sparse.csr_matrix((vals, (rows, cols)), shape=(len(points), int(np.prod(grid.shape))))
+def _multilinear_matrix(grid: ImageGrid, points: np.ndarray) -> sparse.csr_matrix:
+    """``B`` (n_points x n_pixels): bilinear (2-D) or trilinear (3-D) interpolation of an image
+    at ``points``: each point takes the 2^d pixels around it."""
+    shape = np.array(grid.shape)
+    index = np.clip(grid.image_coordinates(points), 0.0, shape - 1)
+    lower = np.minimum(np.floor(index).astype(np.int64), shape - 2)
+    frac = index - lower
+    rows, cols, vals = [], [], []
+    for corner in np.ndindex(*(2,) * grid.dim):
+        offset = np.array(corner)
+        rows.append(np.arange(len(points)))
+        cols.append(np.ravel_multi_index(tuple((lower + offset).T), grid.shape))
+        vals.append(np.prod(np.where(offset == 1, frac, 1.0 - frac), axis=1))
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                             shape=(len(points), int(np.prod(grid.shape))))
 
 
 def _inside_weights(B: sparse.csr_matrix, inside: np.ndarray, fill: sparse.csr_matrix
                     ) -> sparse.csr_matrix:
-    """Bilinear weights on pixels inside only, renormalised; nodes whose four pixels all lie
+    """Multilinear weights on pixels inside only, renormalised; nodes whose 2^d pixels all lie
     outside take the filled image (nearest pixel inside)."""
     Bin = (B @ sparse.diags(inside.astype(float))).tocsr()
     total = np.asarray(Bin.sum(axis=1)).ravel()
@@ -460,8 +469,8 @@ def raster_for(V: fem.FunctionSpace, domain, spacing: float | None = None) -> No
     """The raster of a P1 space on a :class:`~fenics_red.domain.Domain`. Collective.
 
     Exact (:class:`NodalImage`) on grid domains; otherwise a :class:`PointRaster` over the
-    mesh's bounding box with square pixels of ``spacing`` (default: the mesh's mean node
-    spacing, ``sqrt(area / number of nodes)``).
+    mesh's bounding box with square (cubic) pixels of ``spacing`` (default: the mesh's mean
+    node spacing, :func:`mean_node_spacing`).
     """
     if domain.grid is not None:
         return NodalImage(V, domain.grid)
@@ -473,10 +482,11 @@ def raster_for(V: fem.FunctionSpace, domain, spacing: float | None = None) -> No
 
 
 def mean_node_spacing(msh: mesh.Mesh) -> float:
-    """``sqrt(area / number of nodes)`` (2-D): the pixel size that keeps as many pixels as nodes."""
+    """``(size / number of nodes)^(1/d)``, ``size`` the area (2-D) or volume (3-D): the pixel
+    size that keeps as many pixels as nodes. Collective."""
     one = fem.form(fem.Constant(msh, 1.0) * _dx(msh))
-    area = msh.comm.allreduce(fem.assemble_scalar(one), op=MPI.SUM)
-    return float(np.sqrt(area / msh.geometry.index_map().size_global))
+    size = msh.comm.allreduce(fem.assemble_scalar(one), op=MPI.SUM)
+    return float((size / msh.geometry.index_map().size_global) ** (1.0 / msh.geometry.dim))
 
 
 def _dx(msh):

@@ -156,6 +156,34 @@ def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulat
         assert (folder / name).exists()
 
 
+def test_a_3d_nodal_measurement_round_trips_to_the_internal_estimate(folder):
+    """Points (N, 3) and tetrahedra in mm, ``(3, N)`` displacements in µm: the data set gets
+    ``uz_noisy`` and the ML estimate equals the internal path's; the modulus goes back in Pa."""
+    comm = MPI.COMM_WORLD
+    mesh = Domain.from_file(MESHES / "box-3d.msh", comm).to_arrays()
+    data = simulate_dataset(folder / "sim-3d.h5", 1, mesh_settings(mesh, snr_db=35.0, seed=4),
+                            comm, progress=False)
+    internal = reconstruct_dataset(data, folder / "internal-3d.h5", comm, "ml", progress=False)
+    with load_dataset(data) as d:
+        sample, mesh = d.sample(0), d.mesh
+    u = np.stack([sample.ux_noisy, sample.uy_noisy, sample.uz_noisy])
+    source = folder / "measured-3d.npz"
+    _on_root(lambda: np.savez(source, points=mesh.points, cells=mesh.cells, displacement=u * 1e3))
+    sigma = [repr(v * 1e3) for v in sample.noise_std]
+    imported, out = folder / "data-3d.h5", folder / "est-3d.h5"
+    assert main(["import", str(source), "--out", str(imported), "--traction", str(TRACTION_PA),
+                 "--modulus-unit", "Pa", "--displacement-unit", "um", "--noise-std", *sigma]) == 0
+    with load_dataset(imported) as d:
+        assert d.grid.dim == 3
+        np.testing.assert_allclose(d.read("uz_noisy")[0], sample.uz_noisy, rtol=1e-12)
+    assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
+                 str(out), "--quiet"]) == 0
+    expected = load_reconstructions(internal).estimates[0]
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0], expected, rtol=1e-9)
+    with np.load(folder / "est-3d-modulus.npz") as archive:
+        np.testing.assert_allclose(archive["E"], expected * 1e5, rtol=1e-9)
+
+
 def test_displacement_images_round_trip_to_the_internal_estimate(folder):
     comm = MPI.COMM_WORLD
     grid = ImageGrid(24, 16, 24.0, 16.0)  # 1 mm pixels

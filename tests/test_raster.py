@@ -1,8 +1,8 @@
 """Specification of the raster: the one conversion between nodal fields and images.
 
-Exact copies on grid meshes (see also ``test_forward.py``); on any other 2-D mesh, sampling at the
-pixels with a mask of pixels outside, a bilinear way back and an exact adjoint. The same images on
-1 and 2 ranks.
+Exact copies on grid meshes (see also ``test_forward.py``); on any other 2-D or 3-D mesh, sampling
+at the pixels (voxels) with a mask of pixels outside, a bilinear (trilinear) way back and an exact
+adjoint. The same images on 1 and 2 ranks.
 """
 
 from pathlib import Path
@@ -113,8 +113,55 @@ def test_rasters_agree_on_one_and_on_all_ranks(comm):
     assert np.array_equal(raster.mask, serial.mask)
 
 
-def test_three_dimensional_domains_have_no_image_raster(comm):
-    domain = Domain.from_file(MESHES / "box-3d.msh", comm)
-    Q = fem.functionspace(domain.mesh, ("Lagrange", 1))
-    with pytest.raises(ValueError, match="3-D"):
-        raster_for(Q, domain)
+def test_a_3d_mesh_gets_a_voxel_raster_that_reproduces_linear_fields_exactly(comm):
+    domain, Q, raster = _raster("box-3d", comm)
+    assert isinstance(raster, PointRaster) and raster.grid.dim == 3
+    assert raster.grid.extent == pytest.approx((30.0, 30.0, 20.0))
+    f = fem.Function(Q)
+    f.interpolate(lambda p: 2.0 + 0.3 * p[0] - 0.1 * p[1] + 0.05 * p[2])
+    volume = raster.to_image(f)
+    assert volume.shape == raster.grid.shape and raster.mask.all()  # the box fills its box
+    x, y, z = raster.grid.pixel_points().T
+    np.testing.assert_allclose(volume.ravel(), 2.0 + 0.3 * x - 0.1 * y + 0.05 * z, atol=1e-10)
+    # voxel 0 is the top face's corner x = y = 0, z = 20 (axis 0 counts down from the probe)
+    assert volume[0, 0, 0] == pytest.approx(2.0 + 0.05 * 20.0)
+    # the trilinear way back is exact for linear fields too
+    back = raster.from_images(volume, np.empty_like(f.x.array))
+    np.testing.assert_allclose(back, f.x.array, rtol=0, atol=1e-10)
+
+
+def test_the_3d_adjoint_is_the_transpose_and_the_raster_is_the_same_on_all_ranks(comm, rng):
+    _, Q, raster = _raster("box-3d", comm, spacing=4.0)
+    n_owned = Q.dofmap.index_map.size_local
+    v = fem.Function(Q)
+    raster.from_images(rng.uniform(size=raster.grid.shape), v.x.array)  # same on every rank
+    w = rng.uniform(size=raster.grid.shape)
+    lhs = float(np.sum(raster.to_images(v.x.array) * w))
+    adjoint = raster.adjoint_images(w, np.zeros_like(v.x.array))
+    rhs = comm.allreduce(float(adjoint[:n_owned] @ v.x.array[:n_owned]), op=MPI.SUM)
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)
+    f = fem.Function(Q)
+    f.interpolate(lambda p: _smooth(p[0], p[1]) * (1.0 + 0.01 * p[2]))
+    _, Q1, serial = _raster("box-3d", MPI.COMM_SELF, spacing=4.0)
+    g = fem.Function(Q1)
+    g.interpolate(lambda p: _smooth(p[0], p[1]) * (1.0 + 0.01 * p[2]))
+    np.testing.assert_allclose(raster.to_image(f), serial.to_image(g), rtol=1e-13, atol=1e-13)
+
+
+def test_pixel_indices_and_image_coordinates_agree_in_2d_and_3d():
+    for grid in (ImageGrid(4, 3, 2.0, 1.5, 1.0, -1.0),
+                 ImageGrid(4, 3, 2.0, 1.5, 1.0, -1.0, nz=5, depth=2.5, z0=3.0)):
+        points = grid.pixel_points()
+        np.testing.assert_allclose(
+            grid.image_coordinates(points),
+            np.column_stack(np.unravel_index(np.arange(len(points)), grid.shape)), atol=1e-12)
+        assert np.array_equal(grid.pixel_index(points), np.arange(len(points)))
+        with pytest.raises(ValueError, match="outside"):
+            grid.pixel_index(points[:1] - 1.0)
+
+
+def test_a_grid_covering_a_3d_box_is_3d_with_cubic_voxels():
+    grid = ImageGrid.covering([0.0, 0.0, -2.0], [30.0, 20.0, 8.0], 2.5)
+    assert (grid.nx, grid.ny, grid.nz) == (12, 8, 4)
+    assert grid.origin == (0.0, 0.0, -2.0) and grid.extent == (30.0, 20.0, 10.0)
+    assert ImageGrid.covering([0.0, 0.0], [3.0, 2.0], 1.0).dim == 2

@@ -102,6 +102,14 @@ SHOWN = {
     "red-slices.h5 --denoiser fenics_red/data/denoiser.pt":
         "scripts/env mpirun -n 2 fenics-red reconstruct {tmp}/box.h5 --method red --all --out "
         "{tmp}/red-slices.h5 --denoiser fenics_red/data/denoiser.pt --max-steps 5 --quiet",
+    "scripts/env fenics-red simulate --mesh meshes/box-3d.msh --samples 2 --seed 4 --out "
+    "box-mesh.h5":
+        "scripts/env fenics-red simulate --mesh meshes/box-3d.msh --samples 1 --seed 4 --out "
+        "{tmp}/box-mesh.h5 --quiet",
+    "scripts/env mpirun -n 2 fenics-red evaluate box-mesh.h5 --methods ml,red --out "
+    "box-mesh-evaluation":
+        "scripts/env mpirun -n 2 fenics-red evaluate {tmp}/box-mesh.h5 --methods ml,red --out "
+        "{tmp}/box-mesh-evaluation --max-steps 5 --quiet",
     # Your own measurements
     "scripts/env fenics-red import measurement.mat --out data.h5 --displacement u --interleaved "
     "--length-unit m --displacement-unit m --traction 100 --modulus-unit kPa":
@@ -320,6 +328,10 @@ def test_3d_volumes(tmp):
             shown(command, tmp)
     assert "x 10" in (tmp / "box-evaluation" / "summary.md").read_text()
     assert (tmp / "red-slices.h5").exists()
+    for command in SHOWN:  # the same on a 3-D gmsh mesh
+        if "box-mesh.h5" in command:
+            shown(command, tmp)
+    assert (tmp / "box-mesh-evaluation" / "summary.md").exists()
 
 
 def test_on_a_mesh(tmp):
