@@ -9,10 +9,16 @@ defaults and the caller's overrides into PETSc's global options database under t
   defaults, but lose to explicit ``overrides`` (settings of the caller);
 * no temporary entry is left behind (PETSc would report it as an unused option, and it would leak
   into the next object created with the same prefix).
+
+MUMPS reads its ``mat_mumps_icntl_N``/``mat_mumps_cntl_N`` options only at the first
+factorisation, long after the database is restored: for a KSP with a MUMPS factorisation those
+entries of ``defaults``/``overrides`` are set on its factor matrix directly instead (command-line
+entries stay in the database, where MUMPS reads them, and then win).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from petsc4py import PETSc
@@ -33,19 +39,47 @@ def set_options(obj, prefix: str, defaults: Mapping | None = None,
     obj.setOptionsPrefix(prefix)
     db = PETSc.Options(prefix)
     saved: dict[str, str | None] = {}
+    mumps: dict[str, object] = {}
     try:
         for key, value in (defaults or {}).items():
             if not db.hasName(key):
                 saved[key] = None
                 db[key] = value
+                if _MUMPS.fullmatch(key):
+                    mumps[key] = value
         for key, value in (overrides or {}).items():
             if key not in saved:
                 saved[key] = db.getString(key) if db.hasName(key) else None
             db[key] = value
+            if _MUMPS.fullmatch(key):
+                mumps[key] = value
         obj.setFromOptions()
+        if mumps:
+            _set_mumps_options(obj, mumps)
     finally:
         for key, old in saved.items():
             if old is None:
                 db.delValue(key)
             else:
                 db[key] = old
+
+
+_MUMPS = re.compile(r"mat_mumps_(icntl|cntl)_(\d+)")
+
+
+def _set_mumps_options(obj, options: Mapping) -> None:
+    """Set ``mat_mumps_icntl_N``/``mat_mumps_cntl_N`` on the MUMPS factor matrix of the KSP
+    ``obj`` (created here, before the first factorisation; a no-op without MUMPS)."""
+    if not isinstance(obj, PETSc.KSP):
+        return
+    pc = obj.getPC()
+    if pc.getType() not in ("lu", "cholesky") or pc.getFactorSolverType() != "mumps":
+        return
+    pc.setFactorSetUpSolverType()
+    factor = pc.getFactorMatrix()
+    for key, value in options.items():
+        kind, number = _MUMPS.fullmatch(key).groups()
+        if kind == "icntl":
+            factor.setMumpsIcntl(int(number), int(value))
+        else:
+            factor.setMumpsCntl(int(number), float(value))

@@ -36,3 +36,18 @@ def test_command_line_options_beat_defaults_and_lose_to_overrides(comm):
     finally:
         db.delValue("fenics_red_test_b_ksp_type")
         db.delValue("fenics_red_test_b_ksp_max_it")
+
+
+def test_mumps_options_given_in_code_reach_the_factorisation(comm):
+    """MUMPS reads ``mat_mumps_*`` at its first factorisation, after the database is restored:
+    they are set on the factor matrix, and the database stays clean."""
+    from fenics_red import ElasticityModel, ForwardSettings, ImageGrid
+
+    model = ElasticityModel.on_grid(ImageGrid(6, 5), comm, ForwardSettings(
+        solver="lu", petsc_options={"mat_mumps_icntl_14": 77, "mat_mumps_cntl_1": 0.02}))
+    model.solve()
+    factor = model.ksp.getPC().getFactorMatrix()
+    assert factor.getMumpsIcntl(14) == 77
+    assert abs(factor.getMumpsCntl(1) - 0.02) < 1e-15
+    assert not any("mat_mumps" in key for key in PETSc.Options().getAll())
+    model.destroy()
