@@ -49,6 +49,14 @@ AUTO_LU_MAX_DOFS = 8000
 #: :data:`AUTO_LU_MAX_DOFS`; its time (~ N^2) and memory (~ N^(4/3)) set the limit (measurements:
 #: :data:`fenics_red.likelihood.AUTO_CHOLESKY_MAX_DOFS`).
 AUTO_FACTOR_MAX_DOFS = 150000
+#: Memory of one process's Python, DOLFINx and PETSc (bytes), before any mesh.
+SOLVE_BASE_BYTES = 200 * 2**20
+#: Memory of a forward model and its solver per mesh node, all ranks together (bytes), measured
+#: (``benchmarks/results/forward.md``, ``forward3d.md``): MUMPS LU about 6 kB per node in 2-D and
+#: up to 64 kB in 3-D (0.45 GB at 20³ cells, 2.3 GB at 32³); CG + GAMG about 4 kB per dof
+#: on 2 ranks (the parallel set-up's share included).
+SOLVE_BYTES_PER_NODE = {("lu", 2): 6 * 2**10, ("lu", 3): 64 * 2**10,
+                        ("gamg", 2): 8 * 2**10, ("gamg", 3): 12 * 2**10}
 _instance_counter = itertools.count()
 
 
@@ -109,6 +117,16 @@ class ForwardSettings:
             return self.solver
         limit = AUTO_FACTOR_MAX_DOFS if many_solves else AUTO_LU_MAX_DOFS
         return "gamg" if dim == 3 and n_dofs > limit else "lu"
+
+
+def solve_memory(nodes: int, dim: int, settings: ForwardSettings | None = None,
+                 share: float = 1.0, processes: int = 1) -> float:
+    """Bytes a forward solve on a mesh of ``nodes`` nodes needs on one machine: ``share`` of the
+    model and solver of :data:`SOLVE_BYTES_PER_NODE` (the solver that ``settings`` resolves to;
+    the machine's ranks over all ranks for a distributed mesh) and :data:`SOLVE_BASE_BYTES` per
+    process on it."""
+    solver = (settings or ForwardSettings()).resolve_solver(dim, nodes * dim)
+    return processes * SOLVE_BASE_BYTES + share * SOLVE_BYTES_PER_NODE[solver, dim] * nodes
 
 
 def lame_parameters(E, nu: float, plane: str, dim: int = 2):

@@ -285,3 +285,21 @@ def test_displacement_and_gradient_are_the_same_on_one_and_all_ranks_in_3d(comm,
     assert np.abs(u - u1).max() < tol * np.abs(u1).max()
     assert g == pytest.approx(g1, rel=tol)
     assert np.abs(grad - grad1).max() < tol * np.abs(grad1).max()
+
+
+def test_the_memory_pre_check_covers_the_benchmarked_peaks_per_rank():
+    """``solve_memory`` (the pre-check of ``forward``/``simulate``) against the peak memory per
+    rank measured by ``benchmarks/forward3d.py``: never below it, at most twice it."""
+    import json
+    from pathlib import Path
+
+    from fenics_red.forward import solve_memory
+
+    table = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "forward3d.json"
+    rows = [r for r in json.loads(table.read_text())["rows"] if r["what"] in ("gamg", "lu")]
+    assert len(rows) >= 6
+    for row in rows:
+        nodes, ranks = row["dofs"] // 3, row["ranks"]
+        estimate = solve_memory(nodes, 3, ForwardSettings(solver=row["what"]), 1 / ranks, 1)
+        measured = row["peak memory/rank [MB]"] * 2**20
+        assert measured <= estimate <= 2 * measured, (row["cells"], ranks, estimate / measured)

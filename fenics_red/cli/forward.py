@@ -88,12 +88,15 @@ def load_image(path, name: str) -> np.ndarray:
     return array
 
 
-def check_solve_memory(nodes: int, dim: int, what: str) -> None:
-    """Refuse a forward solve on ``nodes`` nodes above the memory limit, before building it (the
-    estimate of ``fenics-red simulate``: a direct solver's factors; four times more in 3-D)."""
-    from .simulate import SOLVE_BASE_BYTES, SOLVE_BYTES_PER_NODE
+def check_solve_memory(nodes: int, dim: int, settings: ForwardSettings, comm, what: str
+                       ) -> None:
+    """Refuse a forward solve on ``nodes`` nodes above this machine's memory limit, before
+    building it: the mesh is spread over ``comm``, this machine holds its ranks' share."""
+    from ..forward import solve_memory
+    from ..threads import ranks_on_node
 
-    check_memory(SOLVE_BASE_BYTES + SOLVE_BYTES_PER_NODE * nodes * (1 if dim == 2 else 4), what)
+    here = min(ranks_on_node(), comm.size)
+    check_memory(solve_memory(nodes, dim, settings, here / comm.size, here), what)
 
 
 def check_normal(values: np.ndarray, name: str, where) -> None:
@@ -132,7 +135,7 @@ def run(args) -> int:
     if args.mesh is None:  # the image's size from the file's header, before reading it
         shape = npy_shape(args.modulus, "modulus")
         if len(shape) == 2:
-            check_solve_memory(int(np.prod(shape)), 2,
+            check_solve_memory(int(np.prod(shape)), 2, settings, comm,
                                f"a forward solve on a {shape[0]} x {shape[1]} modulus image")
     modulus = load_image(args.modulus, "modulus")
     if args.mesh is None:
@@ -147,7 +150,7 @@ def run(args) -> int:
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
         domain = Domain.from_file(check_input_file(args.mesh, "mesh file"), comm)
-        check_solve_memory(domain.num_file_nodes, domain.dim,
+        check_solve_memory(domain.num_file_nodes, domain.dim, settings, comm,
                            f"a forward solve on the {domain.num_file_nodes}-node mesh")
         modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
         meta = {"mesh": str(args.mesh), "num_nodes": domain.num_file_nodes, "dim": domain.dim}

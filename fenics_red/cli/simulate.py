@@ -8,15 +8,16 @@ import numpy as np
 
 from ..data import SimulationSettings, mesh_settings, simulate_dataset
 from ..domain import Domain, MeshArrays
+from ..forward import solve_memory
 from ..io import check_input_file
 from ..phantoms import SHAPES, PhantomSettings
 from ..raster import ImageGrid
+from ..threads import ranks_on_node
 from ..validation import check_memory
 from .forward import add_forward_arguments, forward_settings
 
 #: Memory of one rank's forward solves: measured 150 MB on a 64² grid and 430 MB on 256² (about
 #: 4.4 kB per node with a direct solver; 6 kB allows for the fill-in of larger grids).
-SOLVE_BASE_BYTES, SOLVE_BYTES_PER_NODE = 200 * 2**20, 6 * 2**10
 
 
 def register(subparsers) -> None:
@@ -123,7 +124,8 @@ def run(args) -> int:
     nodes = int(np.prod(settings.grid.shape))
     if settings.mesh is not None:
         nodes = max(nodes // 4, settings.mesh.shape[0])
-    check_memory(SOLVE_BASE_BYTES + SOLVE_BYTES_PER_NODE * nodes,
+    here = min(ranks_on_node(), comm.size)  # each rank solves whole samples
+    check_memory(solve_memory(nodes, settings.dim, settings.forward, here, here),
                  f"simulating on {settings.grid.label()} cells")
     path = simulate_dataset(args.out, args.samples, settings, comm, masks_dir=args.masks,
                             overwrite=args.overwrite, progress=not args.quiet,
