@@ -1,10 +1,11 @@
-"""Round-trip error of the raster (nodes -> image -> nodes) on the 2-D meshes of ``meshes/``.
+"""Round-trip error of the raster (nodes -> image -> nodes) on the meshes of ``meshes/``.
 
     scripts/env python demos/raster_roundtrip.py            # the table of docs/raster.md
 
 Two fields per mesh: a smooth one, ``1 + 0.5 sin(x/6) cos(y/9)`` (x, y in mm), and a piecewise
-constant inclusion (0.5 in a disc of radius 5 mm (ROI) or 8 mm (sector), 0.12 outside, as a P1
-interpolant). Pixel sizes: the default (the mesh's mean node spacing) and 2, 1, 0.5, 0.25 mm.
+constant inclusion (0.5 in a disc of radius 5 mm (ROI) or 8 mm (sector), in a ball of radius 6 mm
+(box), 0.12 outside, as a P1 interpolant). Pixel sizes: the default (the mesh's mean node
+spacing) and 2, 1, 0.5, 0.25 mm (voxels down to 0.5 mm in 3-D).
 """
 
 from pathlib import Path
@@ -18,7 +19,8 @@ from fenics_red.domain import Domain
 from fenics_red.raster import raster_for
 
 MESHES = Path(__file__).resolve().parents[1] / "meshes"
-DISCS = {"roi-2d": ((20.0, 15.0), 5.0), "sector-2d": ((30.0, 20.0), 8.0)}
+DISCS = {"roi-2d": ((20.0, 15.0), 5.0), "sector-2d": ((30.0, 20.0), 8.0),
+         "box-3d": ((15.0, 15.0, 10.0), 6.0)}
 
 
 def main() -> None:
@@ -30,9 +32,9 @@ def main() -> None:
         smooth, disc = fem.Function(Q), fem.Function(Q)
         smooth.interpolate(lambda p: 1.0 + 0.5 * np.sin(p[0] / 6.0) * np.cos(p[1] / 9.0))
         disc.interpolate(lambda p, c=centre, r=radius: np.where(
-            (p[0] - c[0]) ** 2 + (p[1] - c[1]) ** 2 < r**2, 0.5, 0.12))
+            sum((p[k] - c[k]) ** 2 for k in range(len(c))) < r**2, 0.5, 0.12))
         n = Q.dofmap.index_map.size_local
-        for spacing in (None, 2.0, 1.0, 0.5, 0.25):
+        for spacing in (None, 2.0, 1.0, 0.5) + ((0.25,) if domain.dim == 2 else ()):
             raster = raster_for(Q, domain, spacing)
             cells = []
             for f in (smooth, disc):
@@ -49,7 +51,7 @@ def main() -> None:
               "inclusion max | inclusion rel. RMS |")
         print("|---|---|---|---|---|---|---|---|")
         for name, label, hx, shape, *errors in rows:
-            print(f"| {name} | {label} | {hx} | {shape[0]}x{shape[1]} | "
+            print(f"| {name} | {label} | {hx} | {'x'.join(map(str, shape))} | "
                   + " | ".join(f"{e:.2e}" for e in errors) + " |")
 
 
