@@ -13,7 +13,11 @@ from its mask) and writes, into one output folder:
 * ``figures/sample_<i>.png`` (truth and every estimate on one colour scale, pyvista) and
   ``figures/profile_<i>.png`` (a lateral cross-section through the largest inclusion,
   matplotlib);
-* optionally ``xdmf/sample_<i>.xdmf``: truth and estimates as P1 functions for ParaView.
+* optionally ``xdmf/sample_<i>.xdmf``: truth and estimates as P1 functions for ParaView;
+* with the option ``uncertainty`` (``--uncertainty``; ``ml`` and ``gn-tikhonov``): the posterior
+  standard deviation ``std`` in the run files, ``figures/uncertainty_<i>.png`` (estimate, ``σ``
+  and ``|error|/σ`` per method, 2-D data sets) and the share of nodes within ±2σ of the truth in
+  ``summary.md`` (:mod:`fenics_red.uncertainty`).
 
 The truth is optional: for a data set without one (a real measurement; or with
 ``EvaluationSettings(truth=False)``) the methods run as on a real measurement (no ``E``, no mask),
@@ -49,12 +53,13 @@ from .data import load_dataset
 from .io import OutputLock, atomic_output, hdf5_digest, plain, to_json
 from .jobs import ResumableOutput
 from .methods import get_method
-from .metrics import METRIC_NAMES, evaluate_metrics
+from .metrics import METRIC_NAMES, SSIM_WINDOW, evaluate_metrics
 from .parallel import check_all, on_root
-from .raster import ValueRaster, central_slice
+from .raster import ImageGrid, ValueRaster, central_slice
 from .reconstruction import Result, has_truth, run_method
 
-__all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "METRIC_LABELS"]
+__all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "read_std",
+           "METRIC_LABELS"]
 
 #: Column headers of the summary table.
 METRIC_LABELS = {"rmse": "RMSE", "relative_rmse": "rel. RMSE", "psnr": "PSNR [dB]",
@@ -128,9 +133,23 @@ def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
     return estimate, settings, info
 
 
-def _write_run(path: Path, estimate, history: Mapping, settings: dict, info: dict) -> None:
+def read_std(path: str | os.PathLike) -> np.ndarray | None:
+    """The posterior standard deviation of one run file (``None`` when it was run without the
+    option ``uncertainty``)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["std"], dtype=np.float64) if "std" in data.files else None
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"estimate file {str(path)!r} is damaged ({error}); delete it to "
+                         "recompute it") from None
+
+
+def _write_run(path: Path, estimate, history: Mapping, settings: dict, info: dict,
+               std=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"history_{k}": np.asarray(v) for k, v in history.items()}
+    if std is not None:
+        arrays["std"] = np.asarray(std, dtype=np.float64)
     with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as stream:
         np.savez_compressed(stream, estimate=np.asarray(estimate, dtype=np.float64),
                             settings=to_json(settings), info=to_json(info), **arrays)
@@ -157,7 +176,8 @@ class _RunFolder(ResumableOutput):
                 self.done[k] = True
 
     def write_row(self, row: Result) -> int:
-        _write_run(self.paths[row.row], row.estimate, row.history, self.settings, row.info)
+        _write_run(self.paths[row.row], row.estimate, row.history, self.settings, row.info,
+                   row.std)
         return row.row
 
 
@@ -325,16 +345,31 @@ def _describe(attrs: Mapping) -> str:
     return ", ".join(parts) + "."
 
 
+def metric_grid(dataset) -> ImageGrid:
+    """The image grid of metrics and figures: the data set's own, or on a mesh whose phantom
+    raster is narrower than SSIM's window along some axis (a coarse 3-D mesh) a finer one, with
+    :data:`~fenics_red.metrics.SSIM_WINDOW` pixels across the narrowest axis (the P1 fields
+    then sampled at more points)."""
+    grid = dataset.grid
+    if dataset.mesh is None or min(grid.shape) >= SSIM_WINDOW:
+        return grid
+    spacing = min(grid.extent) / (SSIM_WINDOW - 1)
+    lower = np.array(grid.origin)
+    return ImageGrid.covering(lower, lower + np.array(grid.extent), spacing)
+
+
 def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSettings,
             no_truth: str | None = None) -> dict:
     """Rank 0: metrics of every run, the tables and the figures (``no_truth``: why there is no
     truth to compare with; then no metrics and figures of the estimates only)."""
     rows, samples, estimates = [], {}, {}
     # metrics and figures compare images: exact copies on grids, the raster of a mesh otherwise
-    raster = ValueRaster(dataset.settings.space, dataset.grid)
+    raster = ValueRaster(dataset.settings.space, metric_grid(dataset))
     valid = None if dataset.mesh is None else raster.mask
     nodal = {}  # the estimates as stored (per node on a mesh), for the XDMF files
     infos = {}  # the runs' info, {sample: {method: info}}
+    stds = {}  # posterior standard deviations (runs with the option uncertainty), as images
+    coverages = {}  # {method: [share of nodes with |truth - estimate| <= 2 sigma, per sample]}
     for i in indices:
         sample = None if no_truth else dataset.sample(i)
         if sample is not None and dataset.mesh is not None:
@@ -351,6 +386,13 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
                                  "delete it to recompute it")
             estimates[i][method] = raster.image(estimate)
             nodal[i][method] = estimate
+            std = read_std(_run_path(out, method, i))
+            if std is not None:
+                stds.setdefault(i, {})[method] = raster.image(std)
+                if sample is not None:
+                    inside = np.abs(raster.image(estimate) - sample.E) <= 2 * stds[i][method]
+                    coverages.setdefault(method, []).append(
+                        float(inside[valid].mean() if valid is not None else inside.mean()))
             if sample is None:
                 continue
             row = {"sample": i, "method": method,
@@ -380,6 +422,10 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
                                          sort_keys=False) + "\n")
         text = (f"{heading} Mean ± std over the samples (CNR over the finite values).\n\n"
                 + summary_table(summary, settings.methods))
+    for method, values in coverages.items():
+        text += (f"\n{method}: the truth lies within ±2σ of the estimate (posterior standard "
+                 f"deviation, docs/uncertainty.md) at {100 * np.mean(values):.1f} % of the nodes "
+                 f"(mean over {len(values)} sample(s)).\n")
     missed = {method: [i for i in indices if infos[i][method].get("discrepancy_reached") is False]
               for method in settings.methods}
     for method, where in missed.items():
@@ -391,15 +437,15 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     if settings.figures or settings.xdmf:
         truths = {i: None if no_truth else dataset.sample(i).E for i in samples}
         _figures(out, raster.grid, samples, estimates, rows, settings,
-                 (dataset.settings.space, truths, nodal))
+                 (dataset.settings.space, truths, nodal), stds)
     return summary
 
 
-def _figures(out, grid, samples, estimates, rows, settings, nodal) -> None:
+def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) -> None:
     """Per sample: the comparison and the profile figure (images), the XDMF file (on the data
     set's grid or mesh: ``nodal = (space, truths, estimates)`` as stored); a sample of ``None``:
     no truth, figures of the estimates only."""
-    from .visualise import plot_comparison, plot_profiles, write_xdmf
+    from .visualise import plot_comparison, plot_profiles, plot_uncertainty, write_xdmf
 
     error = {(r["sample"], r["method"]): r["relative_rmse"] for r in rows}
     chosen = list(samples.items())[:settings.figure_limit]
@@ -430,9 +476,15 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal) -> None:
                                 labels=labels)
             plot_profiles(truth, estimates[i], out / "figures" / f"profile_{i}.png", grid,
                           mask=None if sample is None else sample.mask)
+            if stds and stds.get(i):
+                plot_uncertainty(truth, {m: estimates[i][m] for m in stds[i]}, stds[i],
+                                 out / "figures" / f"uncertainty_{i}.png", grid)
         if settings.xdmf:
             (out / "xdmf").mkdir(exist_ok=True)
             space, truths, values = nodal
             fields = {} if truths[i] is None else {"truth": truths[i]}
             fields.update({m.replace("-", "_"): e for m, e in values[i].items()})
+            if stds and stds.get(i):  # as stored: the nodal values of the run files
+                fields.update({f"{m.replace('-', '_')}_std": read_std(_run_path(out, m, i))
+                               for m in stds[i]})
             write_xdmf(fields, out / "xdmf" / f"sample_{i}.xdmf", space, MPI.COMM_SELF)

@@ -27,7 +27,12 @@ A :class:`Method` entry declares, and the command line only loops over the entri
 
 Option names are the settings' field names plus, by convention, the generic ``max_steps``,
 ``stop`` and ``solver`` (the iteration: ``"fista"``/``"pgd"``), which a method maps to its own
-fields (``ml``: ``solver`` → ``method``; ``gn-*``: ``max_steps`` → ``max_iterations``).
+fields (``ml``: ``solver`` → ``method``; ``gn-*``: ``max_steps`` → ``max_iterations``). The
+options ``uncertainty`` and ``uncertainty_rank`` (flags ``--uncertainty``,
+``--uncertainty-rank``) are not the method's: :func:`split_uncertainty` takes them off before
+``options()``/``setup()`` see the rest, and the driver (:func:`fenics_red.reconstruction.
+run_method`) wraps the runner in :class:`fenics_red.uncertainty.UncertaintyRunner` (``ml`` and
+``gn-tikhonov`` only).
 
 The runner contract (see :class:`Runner`):
 
@@ -76,7 +81,8 @@ from .forward import ForwardSettings
 from .raster import ImageGrid
 
 __all__ = ["Flag", "Method", "Runner", "METHODS", "DEFAULT_METHOD", "get_method", "method_names",
-           "flag_users", "argument_groups", "name_methods", "warn_about_data"]
+           "flag_users", "argument_groups", "name_methods", "warn_about_data",
+           "split_uncertainty"]
 
 
 def warn_about_data(runner, data_settings, comm: MPI.Comm) -> None:
@@ -201,6 +207,18 @@ MIN_MISFIT_DECREASE = Flag(
     "it (default 1; 0 turns it off)", {"type": float, "metavar": "C"})
 
 
+UNCERTAINTY = Flag(
+    "--uncertainty", "uncertainty", "also write the posterior standard deviation map 'std' "
+    "beside the estimate (low-rank Laplace approximation; docs/uncertainty.md)",
+    {"action": "store_true"}, lambda given: True if given else None)
+UNCERTAINTY_RANK = Flag(
+    "--uncertainty-rank", "uncertainty_rank", "eigenpairs of the data-misfit Hessian kept for "
+    "--uncertainty (default 200; too few over-state the standard deviation)",
+    {"type": int, "metavar": "K"},
+    lambda value: None if value is None else validation.integer(value, "--uncertainty-rank",
+                                                                low=1))
+
+
 #: The registered methods, by name, in the order of the paper's comparison (tables, figures, the
 #: demo). Iterating over it is how the command line learns about methods.
 METHODS: dict[str, Method] = {
@@ -208,7 +226,7 @@ METHODS: dict[str, Method] = {
                           _lazy("gauss_newton", "gn_tikhonov_options"),
                           "Gauss-Newton-CG, output error, Tikhonov (gradient) regulariser, alpha "
                           "by the discrepancy principle (classical baseline)",
-                          flags=(MAX_STEPS,)),
+                          flags=(MAX_STEPS, UNCERTAINTY, UNCERTAINTY_RANK)),
     "gn-tv": Method(_lazy("gauss_newton", "setup_gn_tv"), _lazy("gauss_newton", "gn_tv_options"),
                     "Gauss-Newton-CG, output error, smoothed total variation, alpha by the "
                     "discrepancy principle (classical baseline)",
@@ -216,7 +234,7 @@ METHODS: dict[str, Method] = {
     "ml": Method(_lazy("solvers", "setup_ml"), _lazy("solvers", "ml_options"),
                  "maximum-likelihood estimate (statistical model, no prior, early stopped; the "
                  "denoiser's training input)",
-                 flags=(MAX_STEPS, STOP, SOLVER)),
+                 flags=(MAX_STEPS, STOP, SOLVER, UNCERTAINTY, UNCERTAINTY_RANK)),
     "denoised-ml": Method(_lazy("red", "setup_denoised_ml"), _lazy("red", "denoised_ml_options"),
                           "the denoiser applied once to the ML estimate (RED's yardstick)",
                           flags=(DENOISER, NO_FLIP_AVERAGE, PIXEL)),
@@ -277,3 +295,17 @@ def get_method(name: str) -> Method:
     except (KeyError, TypeError):
         raise ValueError(f"unknown reconstruction method {name!r}; choose from "
                          f"{method_names()}") from None
+
+
+def split_uncertainty(name: str, options: Mapping | Any | None):
+    """``(the method's own options, UncertaintySettings or None)``: the options ``uncertainty``
+    and ``uncertainty_rank`` taken off a mapping of overrides (a settings dataclass passes as it
+    is, without a map). ``ValueError`` (one line) for a method without an uncertainty map or bad
+    uncertainty settings. See :func:`fenics_red.uncertainty.uncertainty_options`."""
+    if options is not None and not isinstance(options, Mapping):
+        return options, None
+    if not options or not ({"uncertainty", "uncertainty_rank"} & set(options)):
+        return options, None
+    from .uncertainty import uncertainty_options
+
+    return uncertainty_options(name, options)

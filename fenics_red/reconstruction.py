@@ -10,6 +10,9 @@ estimate         (n, ny+1, nx+1)    float64  the reconstructed modulus of output
                                              per node on a mesh data set)
 truth            (n, ny+1, nx+1)    float64  the data set's ``E`` of that sample (absent when the
                                              data set has no truth, e.g. a real measurement)
+std              (n, ny+1, nx+1)    float64  the posterior standard deviation of the estimate
+                                             (only with ``--uncertainty``, option
+                                             ``uncertainty``; :mod:`fenics_red.uncertainty`)
 index            (n,)               int64    the sample's index in the data set
 done             (n,)               uint8    1 once row k is written (all 1 when complete)
 history/<k>/<c>  (m,)               float64  column ``c`` of row k's solver history (group
@@ -19,7 +22,9 @@ history/<k>/<c>  (m,)               float64  column ``c`` of row k's solver hist
 Attributes: ``format``, ``format_version``, ``fenics_red_version``, ``method``, ``settings``
 (JSON of the method's full settings, e.g. :meth:`MLSettings.to_dict`), ``data_path`` (absolute
 path of the data set), ``data_attrs`` (JSON of the data set's attributes: grid, forward model,
-``snr_db``, ``seed``, ...).
+``snr_db``, ``seed``, ...). With ``--uncertainty`` the settings hold ``"uncertainty"`` (the
+:class:`~fenics_red.uncertainty.UncertaintySettings`), and each row's history attributes the
+``uncertainty_*`` entries (rank, prior weight, time, ...); :func:`load_std` reads ``std``.
 
 Parallelism: :func:`reconstruct_dataset` either spreads the samples over the ranks (each solves
 its own on ``MPI.COMM_SELF``; the default for several samples) or solves each sample with the
@@ -48,11 +53,11 @@ import numpy as np
 from .data import load_dataset
 from .io import hdf5_digest, plain, to_json
 from .jobs import ResumableFile, ResumableOutput, partial_path, run_batches
-from .methods import get_method, warn_about_data
+from .methods import get_method, split_uncertainty, warn_about_data
 from .parallel import check_all
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "Result", "reconstruct_dataset",
-           "run_method", "has_truth", "load_reconstructions", "load_history"]
+           "run_method", "has_truth", "load_reconstructions", "load_history", "load_std"]
 
 #: Value of the ``format`` attribute of every reconstruction file.
 FORMAT = "fenics-red reconstructions"
@@ -70,6 +75,7 @@ class Result(NamedTuple):
     truth: np.ndarray | None  # the data set's E (None without truth)
     history: dict
     info: dict
+    std: np.ndarray | None = None  # the posterior standard deviation (with uncertainty only)
 
 
 def has_truth(dataset) -> bool:
@@ -81,9 +87,10 @@ class _RowFile(ResumableFile):
     """Rank 0's handle on ``OUT.h5.partial`` (layout: module docstring)."""
 
     def __init__(self, path: Path, attrs: dict, index: np.ndarray, shape: tuple[int, int],
-                 overwrite: bool, truth: bool = True):
+                 overwrite: bool, truth: bool = True, std: bool = False):
         self.index, self.shape = np.asarray(index, dtype=np.int64), tuple(shape)
-        self.images = ("estimate", "truth") if truth else ("estimate",)
+        self.images = (("estimate", "truth") if truth else ("estimate",)) + (
+            ("std",) if std else ())
         super().__init__(path, attrs, len(index), overwrite)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -124,10 +131,12 @@ class _RowFile(ResumableFile):
 
     def write_row(self, row: Result) -> int:
         f = self.file
-        k, estimate, truth, history, info = row
+        k, estimate, truth, history, info, std = row
         f["estimate"][k] = estimate
         if "truth" in self.images:
             f["truth"][k] = truth
+        if "std" in self.images:
+            f["std"][k] = std
         name = f"history/{k}"
         if name in f:
             del f[name]
@@ -151,7 +160,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
         out_path: the output HDF5 file (written via ``out_path + ".partial"``).
         comm: the communicator of the run (collective on it).
         method: a name registered in :data:`fenics_red.methods.METHODS`.
-        options: overrides of the method's settings (see :mod:`fenics_red.methods`).
+        options: overrides of the method's settings (see :mod:`fenics_red.methods`); with
+            ``uncertainty`` (and ``uncertainty_rank``) the output also holds ``std``.
         indices: the samples to reconstruct, in output order (default: all).
         distribute: ``"samples"`` (each rank solves its own on ``COMM_SELF``) or ``"mesh"``
             (every sample on all ranks); default ``"mesh"`` for one sample, else ``"samples"``.
@@ -190,7 +200,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
                      "data_path": str(Path(data_path).resolve()),
                      "data_attrs": to_json(dataset.attrs),
                      "data_sha256": hdf5_digest(data_path)}  # a resume reads the same values
-            return _RowFile(out_path, attrs, indices, dataset.value_shape, overwrite, truth)
+            return _RowFile(out_path, attrs, indices, dataset.value_shape, overwrite, truth,
+                            std="uncertainty" in settings)
 
         run_method(dataset, comm, method, options, indices, open_output,
                    distribute=distribute or ("mesh" if len(indices) == 1 else "samples"),
@@ -227,7 +238,10 @@ def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
     Args:
         dataset: an open :class:`fenics_red.data.Dataset` (read on every rank).
         comm: the communicator of the run.
-        method, options: a registered method and overrides of its settings.
+        method, options: a registered method and overrides of its settings; ``uncertainty``
+            and ``uncertainty_rank`` among them wrap the runner in
+            :class:`fenics_red.uncertainty.UncertaintyRunner` (its :class:`Result` rows then
+            carry ``std``, and its settings ``"uncertainty"``).
         indices: the samples to run, in output order (row ``k`` is sample ``indices[k]``).
         open_output: ``open_output(settings, truth)``, called on rank 0 with the method's full
             settings and whether the truth is used: creates or resumes the output (a
@@ -245,12 +259,17 @@ def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
     if distribute not in ("samples", "mesh"):
         raise ValueError(f"distribute must be 'samples' or 'mesh', got {distribute!r}")
     entry = get_method(method)
+    options, uncertainty = split_uncertainty(method, options)
     indices = np.asarray(indices, dtype=np.int64)
     truth = has_truth(dataset) if truth is None else bool(truth and has_truth(dataset))
     data_settings = dataset.settings
     solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
     runner = check_all(comm, lambda: entry.setup(data_settings.space, data_settings.forward,
                                                  solve_comm, dict(options or {})))
+    if uncertainty is not None:
+        from .uncertainty import UncertaintyRunner
+
+        runner = UncertaintyRunner(method, runner, uncertainty)
     try:
         def open_and_warn() -> ResumableOutput:
             output = open_output(runner.settings, truth)
@@ -266,8 +285,12 @@ def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
             sample = dataset.sample(int(indices[k]))
             if not truth:
                 sample = _without_truth(sample)
-            estimate, history, info = runner.run(sample)
-            return Result(k, estimate, sample.E if truth else None, history, info)
+            std = None
+            if uncertainty is not None:
+                estimate, history, info, std = runner.run_with_std(sample)
+            else:
+                estimate, history, info = runner.run(sample)
+            return Result(k, estimate, sample.E if truth else None, history, info, std)
 
         run_batches(comm, open_and_warn, solve, batch_size=batch_size,
                     spread=distribute == "samples", progress=progress, on_batch=on_batch)
@@ -370,3 +393,20 @@ def load_history(path: str | os.PathLike, row: int) -> tuple[dict[str, np.ndarra
         group = f[name]
         return ({key: np.asarray(group[key][...]) for key in group},
                 {key: plain(value) for key, value in group.attrs.items()})
+
+
+def load_std(path: str | os.PathLike) -> np.ndarray:
+    """The posterior standard deviations ``std`` of a reconstruction file (shape of its
+    estimates); ``ValueError`` when the file was made without ``--uncertainty`` or is damaged."""
+    with _open(path) as f:
+        if "std" not in f:
+            raise ValueError(f"reconstruction file {str(path)!r} has no dataset 'std': it was "
+                             "made without --uncertainty")
+        std = np.asarray(f["std"][...])
+        if std.shape != f["estimate"].shape:
+            raise ValueError(f"reconstruction file {str(path)!r}: dataset 'std' has shape "
+                             f"{std.shape}, the estimates {f['estimate'].shape}")
+    if not (np.isfinite(std).all() and (std >= 0).all()):
+        raise ValueError(f"reconstruction file {str(path)!r}: dataset 'std' has non-finite or "
+                         "negative values")
+    return std

@@ -15,10 +15,10 @@ from io import BytesIO
 import numpy as np
 
 from .io import atomic_output, check_output_path
-from .raster import ImageGrid, validate_image
+from .raster import ImageGrid, ValueRaster, central_slice, validate_image
 
 __all__ = ["plot_sample", "plot_forward", "plot_comparison", "plot_profiles",
-           "profile_row", "write_xdmf"]
+           "plot_uncertainty", "profile_row", "write_xdmf"]
 
 
 def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
@@ -175,7 +175,8 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
 
     ``estimates`` maps a method name to its modulus image (or, with ``grid`` the
     :class:`~fenics_red.domain.MeshArrays` of a 2-D mesh, its nodal values, drawn on the mesh
-    itself); ``labels`` (optional) gives each panel
+    itself; of a 3-D mesh, the axial-lateral slice through the middle of its voxel raster);
+    ``labels`` (optional) gives each panel
     a subtitle (e.g. its relative RMSE). The colour scale is ``clim`` (default: 0 to the largest
     value of the truth, or of the estimates without truth) and one colour bar with ``units``
     serves every panel. Rendered by pyvista off-screen, written atomically as PNG.
@@ -183,8 +184,14 @@ def plot_comparison(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     panels = ([("truth", truth)] if truth is not None else []) + list(estimates.items())
     if not panels:
         raise ValueError("nothing to plot: give a truth or at least one estimate")
-    first = np.asarray(panels[0][1])
     on_mesh = grid is not None and hasattr(grid, "cells")
+    if on_mesh and grid.dim == 3:
+        raster = ValueRaster(grid)
+        j = central_slice(None, raster.grid.shape)
+        panels = [(name, raster.image(values)[:, j, :]) for name, values in panels]
+        truth = None if truth is None else panels[0][1]
+        grid, on_mesh = raster.grid.axial_plane(), False
+    first = np.asarray(panels[0][1])
     grid = grid or ImageGrid.from_shape(first.shape)
     if clim is None:
         reference = truth if truth is not None else np.stack([e for _, e in panels])
@@ -281,6 +288,57 @@ def plot_profiles(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
     finally:
         plt.close(fig)
     return row
+
+
+def plot_uncertainty(truth: np.ndarray | None, estimates: dict[str, np.ndarray],
+                     stds: dict[str, np.ndarray], path: str | os.PathLike,
+                     grid: ImageGrid | None = None, *, units: str = "E [100 kPa]",
+                     overwrite: bool = True) -> None:
+    """Where an estimate can be trusted: per method (one row each) the estimate, its posterior
+    standard deviation ``σ`` (:mod:`fenics_red.uncertainty`) and, with a truth, the standardised
+    error ``|E_true − E_est| / σ`` on ``[0, 4]`` with the ±2σ contour and the share of nodes
+    inside it in the title. Images ``(ny+1, nx+1)``; matplotlib, off-screen, atomic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in estimates if m in stds]
+    if not methods:
+        raise ValueError("nothing to plot: give at least one estimate with its standard deviation")
+    shape = np.shape(estimates[methods[0]])
+    grid = grid or ImageGrid.from_shape(shape)
+    extent = (grid.x0, grid.x0 + grid.width, grid.y0, grid.y0 + grid.height)
+    columns = 3 if truth is not None else 2
+    fig, axes = plt.subplots(len(methods), columns, figsize=(4.3 * columns, 3.6 * len(methods)),
+                             constrained_layout=True, squeeze=False)
+
+    def show(ax, image, title, cmap, vmin=None, vmax=None):
+        shown = ax.imshow(image, cmap=cmap, origin="upper", extent=extent, vmin=vmin, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("x (lateral)")
+        ax.set_ylabel("y (transducer at top)")
+        fig.colorbar(shown, ax=ax, shrink=0.85)
+
+    for row, method in enumerate(methods):
+        estimate = validate_image(estimates[method], grid.shape, f"estimate {method!r}")
+        std = validate_image(stds[method], grid.shape, f"standard deviation {method!r}")
+        show(axes[row, 0], estimate, f"{method}: estimate {units}", "viridis")
+        show(axes[row, 1], std, f"{method}: posterior σ {units}", "magma")
+        if truth is not None:
+            truth = validate_image(truth, grid.shape, "truth")
+            z = np.abs(truth - estimate) / np.maximum(std, np.finfo(float).tiny)
+            inside = 100.0 * float(np.mean(z <= 2.0))
+            show(axes[row, 2], np.minimum(z, 4.0), f"{method}: |error| / σ ({inside:.0f} % ≤ 2)",
+                 "coolwarm", 0.0, 4.0)
+            axes[row, 2].contour(np.flipud(z), [2.0], colors="black", linewidths=0.6,
+                                 extent=extent)
+    try:
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid, comm,

@@ -9,7 +9,7 @@ DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 
 @pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
-                                  "ml_solvers.py", "red_3d.py"])
+                                  "ml_solvers.py", "red_3d.py", "uncertainty.py"])
 def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FENICS_RED_DEMO_SMALL", "1")
     monkeypatch.setenv("FENICS_RED_DEMO_OUT", str(mpi_tmp_path))
@@ -28,6 +28,12 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
         if MPI.COMM_WORLD.rank == 0:
             assert "| red | slice-wise |" in out and "| gn-tv | - |" in out
             assert (mpi_tmp_path / "red-3d-table.md").exists()
+    elif name == "uncertainty.py":
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:
+            assert "| gn-tikhonov |" in out and "| ml |" in out
+            assert (mpi_tmp_path / "calibration.md").exists()
     elif name == "ml_solvers.py":
         assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
     else:

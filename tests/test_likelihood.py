@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from dense import dense_matrix, gather
 
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.forward import ElasticityModel
@@ -38,21 +39,7 @@ def _random_vector(fid, rng, low=-1.0, high=1.0):
 
 def _dense(fid, apply):
     """The dense matrix of ``apply(x, y)`` on the displacement space (gathered on every rank)."""
-    comm = fid.comm
-    x, y = fid.f.duplicate(), fid.f.duplicate()
-    lo, hi = x.getOwnershipRange()
-    n = x.getSize()
-    columns = []
-    for j in range(n):
-        x.set(0.0)
-        if lo <= j < hi:
-            x.array[j - lo] = 1.0
-        apply(x, y)
-        columns.append(np.concatenate(comm.allgather(y.array_r.copy())))
-    free = np.concatenate(comm.allgather(fid.gamma.free.array_r.astype(bool)))
-    x.destroy()
-    y.destroy()
-    return np.array(columns).T, free
+    return dense_matrix(apply, fid.f), gather(fid.comm, fid.gamma.free.array_r.astype(bool))
 
 
 def _gamma_reference(fid, noise_std, force_std):

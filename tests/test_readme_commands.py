@@ -89,6 +89,11 @@ SHOWN = {
     "--denoiser model.pt":
         "scripts/env fenics-red reconstruct {tmp}/test.h5 --method red --all --out {tmp}/red.h5 "
         "--denoiser {tmp}/model.pt --max-steps 5 --quiet",
+    # uncertainty maps
+    "scripts/env fenics-red reconstruct test.h5 --method gn-tikhonov --sample 0 --uncertainty "
+    "--out gn-std.h5":
+        "scripts/env fenics-red reconstruct {tmp}/test.h5 --method gn-tikhonov --sample 0 "
+        "--uncertainty --uncertainty-rank 20 --out {tmp}/gn-std.h5 --quiet",
     # 3-D volumes
     "scripts/env mpirun -n 2 fenics-red simulate --samples 4 --grid 24 --grid-z 24 --seed 41 "
     "--out box.h5":
@@ -319,6 +324,11 @@ def test_simulate_show_reconstruct_evaluate_and_train(tmp):
             shown(command, tmp)
     assert {p.name for p in tmp.glob("*.pt")} >= {"model.pt", "mixed.pt"}
     assert (tmp / "red.h5").exists()
+    shown("scripts/env fenics-red reconstruct test.h5 --method gn-tikhonov --sample 0 "
+          "--uncertainty --out gn-std.h5", tmp)
+    from fenics_red.reconstruction import load_std
+
+    assert load_std(tmp / "gn-std.h5").shape[0] == 1
 
 
 def test_3d_volumes(tmp):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
-from ..methods import DEFAULT_METHOD, METHODS, get_method, method_names
+import numpy as np
+
+from ..methods import DEFAULT_METHOD, METHODS, get_method, method_names, split_uncertainty
 from ..reconstruction import reconstruct_dataset
 from . import add_method_arguments, method_options
 
@@ -19,7 +21,9 @@ def register(subparsers) -> None:
                     "estimates, truths, solver histories and the method's settings to an HDF5 "
                     "file; for a measurement (fenics-red import) also the modulus in its layout "
                     "and units, XDMF and a figure (OUT-modulus.*). An "
-                    "interrupted --all run resumes from OUT.partial. A method's options are "
+                    "interrupted --all run resumes from OUT.partial. With --uncertainty (ml, "
+                    "gn-tikhonov) the file also holds the posterior standard deviation map "
+                    "'std' (docs/uncertainty.md). A method's options are "
                     f"in the groups that name it. Methods: {methods}.")
     parser.add_argument("data", metavar="DATA.h5",
                         help="data set (from fenics-red simulate or fenics-red import)")
@@ -43,7 +47,8 @@ def options_from_args(args) -> dict:
     """The options of ``--method`` the user gave, validated (see :mod:`fenics_red.methods`); a
     flag of other methods only is an error."""
     options = method_options(args, [args.method], named_by="--method").get(args.method, {})
-    get_method(args.method).options(options)  # bad values are reported before any work
+    own, _ = split_uncertainty(args.method, options)  # --uncertainty: supported, valid
+    get_method(args.method).options(own)  # bad values are reported before any work
     return options
 
 
@@ -94,4 +99,13 @@ def run(args) -> int:
                       for e, t in zip(result.estimates, result.truth, strict=True)]
             print(f"wrote {path}: {n} estimate(s) by {args.method}, mean relative error "
                   f"{sum(errors) / n:.3f}")
+        if result.attrs["settings"].get("uncertainty") is not None:
+            from ..reconstruction import load_std
+
+            std = load_std(path)
+            line = f"posterior standard deviation 'std': median {float(np.median(std)):.3g}"
+            if result.truth is not None:
+                inside = np.abs(result.truth - result.estimates) <= 2 * std
+                line += f", truth within ±2σ at {100 * float(inside.mean()):.1f} % of the nodes"
+            print(line)
     return 0
