@@ -186,9 +186,10 @@ MAX_STEPS = Flag("--max-steps", "max_steps", "budget of iterations (default: the
 STOP = Flag("--stop", "stop", "stopping rule: the discrepancy principle (misfit reaches the "
             "number of free equations, or the budget) or the budget alone (default: the "
             "method's)", {"choices": ["discrepancy", "budget"]})
-SOLVER = Flag("--solver", "solver", "iteration: monotone FISTA, projected gradient descent, or "
-              "(ml only) conjugate gradients with Γ frozen (default: the method's)",
-              {"choices": ["fista", "pgd", "cg"]})
+SOLVER = Flag("--solver", "solver", "iteration: monotone FISTA, projected gradient descent, "
+              "(red only) the fixed-point form with inner conjugate gradients, or (ml only) "
+              "conjugate gradients with Γ frozen (default: the method's)",
+              {"choices": ["fista", "pgd", "cg", "fixed-point"]})
 DENOISER = Flag("--denoiser", "denoiser", "denoiser model from 'fenics-red train' (default: the "
                 "shipped one)", {"metavar": "MODEL.pt"})
 NO_FLIP_AVERAGE = Flag("--no-flip-average", "flip_average", "apply the denoiser as it is, not "

@@ -1,7 +1,7 @@
 """RED reconstruction and the one-shot ``denoised-ml`` yardstick (paper, equations 6-12, Fig. 1).
 
-RED runs the fixed-point loop of :class:`fenics_red.solvers.FixedPointSolver` with the learned
-prior of :class:`fenics_red.priors.RedPrior`::
+RED finds a fixed point of the paper's iteration with the learned prior of
+:class:`fenics_red.priors.RedPrior`, i.e. an ``E`` with ``∇g(E) + λ (E − C(E)) = 0``::
 
     E ← [E − ε (∇g(E) + λ (E − C(E)))]₊,   Γ refreshed from E every few steps   (6)-(7), (10)
 
@@ -11,11 +11,18 @@ A run on one data set has three stages:
    default :class:`~fenics_red.solvers.MLSettings`: the denoiser was trained on exactly this
    estimator, so it must see the same kind of input);
 2. ``C(Ẽ)``: the denoiser applied once. This is the ``denoised-ml`` method, and RED's start;
-3. the RED loop from ``C(Ẽ)``, with ``Γ`` refreshed from the (now smooth) iterate every
-   :attr:`REDSettings.steps_per_round` steps and λ set at each refresh by a rule of
-   :mod:`fenics_red.priors` (:attr:`REDSettings.lam`), until one of the loop's stopping rules
-   (:func:`fenics_red.solvers.stopping_rules`) ends it: a fixed point (:attr:`REDSettings.rtol`),
-   a round without a significant decrease of the misfit, the misfit guard or the step budget.
+3. the RED loop from ``C(Ẽ)``. By default (``solver="fixed-point"``, :class:`REDFixedPoint`) each
+   outer step refreshes ``Γ`` and λ (a rule of :mod:`fenics_red.priors`,
+   :attr:`REDSettings.lam`), applies the denoiser once and solves the stationarity condition with
+   ``Γ`` frozen, ``(H + λI) E = Dᵀ Γ⁻¹ f + λ C(E_k)``, by a few CG steps (the fixed-point form of
+   Romano, Elad & Milanfar 2017). ``solver="pgd"``/``"fista"`` run the gradient iteration above in
+   :class:`fenics_red.solvers.FixedPointSolver` instead, ``Γ`` and λ refreshed every
+   :attr:`REDSettings.steps_per_round` steps. Either loop ends by the stopping rules of
+   :func:`fenics_red.solvers.stopping_rules`: a fixed point (:attr:`REDSettings.rtol`), a round
+   without a significant decrease of the misfit, the misfit guard or the step budget. On the
+   validation sets the fixed-point form ends after one to three denoiser calls where the gradient
+   loop makes 13-50, with the same errors (``docs/studies.md``, "RED by a fixed point with inner
+   CG").
 
 ``denoised-ml`` is the honest yardstick for RED: where RED does not beat it, the physics loop adds
 nothing to one pass of the network. The defaults (λ = 0.001 L_g, the significance stop and the
@@ -32,11 +39,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mpi4py import MPI
+from petsc4py import PETSc
 
 import numpy as np
 
@@ -47,14 +56,25 @@ from .likelihood import StatisticalLikelihood
 from .measurements import Measurement
 from .parallel import on_root
 from .raster import ImageGrid
-from .solvers import FixedPointSolver, MLSettings
+from .solvers import (
+    AT_REFRESH,
+    KEEP_LAST_REFRESH,
+    FixedPointSolver,
+    History,
+    IterationState,
+    LoopState,
+    MLSettings,
+    stopping_rules,
+)
 
-__all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "default_denoiser_path",
+__all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "REDFixedPoint",
+           "default_denoiser_path",
            "load_denoiser", "red_options", "denoised_ml_options", "setup_red",
            "setup_denoised_ml", "snr_warning", "training_snrs"]
 
 _STARTS = ("denoised-ml", "ml", "homogeneous")
-_SOLVERS = ("pgd", "fista")
+_SOLVERS = ("pgd", "fista", "fixed-point")
+_ACCELERATIONS = ("none", "anderson")
 
 
 def _check_denoiser(settings, name: str) -> None:
@@ -115,8 +135,17 @@ class REDSettings:
         start: ``"denoised-ml"`` (default), ``"ml"`` or ``"homogeneous"`` (the uniform fit).
         max_steps: budget of RED gradient steps.
         steps_per_round: steps with ``Γ`` frozen between two refreshes of ``Γ(E)`` and λ.
-        rtol: stop when a refresh of ``Γ`` moves ``E`` by less than this (relative).
-        solver: ``"pgd"`` (equation 7) or ``"fista"``.
+        rtol: stop when a refresh of ``Γ`` moves ``E`` by less than this (relative); with
+            ``"fixed-point"``, when an outer step does.
+        solver: ``"pgd"`` (equation 7), ``"fista"``, or ``"fixed-point"``: the denoiser held
+            fixed for an outer step while :attr:`inner_steps` preconditioned CG steps solve the
+            stationarity condition of (10)-(11) with ``Γ`` frozen, ``(H + λI) E = Dᵀ Γ⁻¹ f +
+            λ C(E_k)`` (Romano, Elad & Milanfar 2017, their fixed-point strategy;
+            :class:`REDFixedPoint`): one denoiser call per outer step instead of one per
+            gradient step, for the same fixed point ``∇g(E) + λ(E − C(E)) = 0``. There
+            :attr:`max_steps` counts outer steps (denoiser calls, as for the others) and ``Γ``
+            and λ are refreshed at every outer step (:attr:`steps_per_round` and
+            :attr:`step_scale` are not used).
         step_scale: ``ε = step_scale / (L_g + λ L_R)``.
         misfit_guard: stop when a refresh of ``Γ`` finds the data misfit above the start's, and
             keep the last iterate within it (:attr:`MLSettings.misfit_guard`): RED exists to
@@ -128,6 +157,10 @@ class REDSettings:
             before that round (:attr:`MLSettings.min_misfit_decrease`): such a round fits the
             noise, not the modulus (the slow drift below the training SNR, ``docs/studies.md``).
             ``0`` turns it off.
+        inner_steps: ``"fixed-point"`` only: CG steps per outer step (each one Hessian product
+            ``Dᵀ Γ⁻¹ D p``, warm-started at ``E_k``).
+        acceleration: ``"fixed-point"`` only: ``"none"`` or ``"anderson"`` (Anderson mixing of
+            the outer iterates, depth 2).
     """
 
     denoiser: str | None = None
@@ -137,11 +170,13 @@ class REDSettings:
     max_steps: int = 200
     steps_per_round: int = 20
     rtol: float = 1e-4
-    solver: str = "pgd"
+    solver: str = "fixed-point"
     step_scale: float = 1.0
     misfit_guard: bool = True
     min_misfit_decrease: float = 1.0
     pixel: float | None = None
+    inner_steps: int = 3
+    acceleration: str = "none"
 
     def __post_init__(self):
         _check_denoiser(self, "REDSettings")
@@ -150,6 +185,13 @@ class REDSettings:
             raise ValueError(f"REDSettings.start must be one of {_STARTS}, got {self.start!r}")
         if self.solver not in _SOLVERS:
             raise ValueError(f"REDSettings.solver must be one of {_SOLVERS}, got {self.solver!r}")
+        validation.integer(self.inner_steps, "REDSettings.inner_steps", low=1)
+        if self.acceleration not in _ACCELERATIONS:
+            raise ValueError(f"REDSettings.acceleration must be one of {_ACCELERATIONS}, got "
+                             f"{self.acceleration!r}")
+        if self.acceleration != "none" and self.solver != "fixed-point":
+            raise ValueError("REDSettings.acceleration applies to solver='fixed-point' only, "
+                             f"got solver={self.solver!r}")
         from .priors import parse_lambda_rule
 
         parse_lambda_rule(self.lam, prior=object(), fidelity=object())  # spelling check only
@@ -159,8 +201,10 @@ class REDSettings:
             raise ValueError(str(error).replace("MLSettings.", "REDSettings.")) from None
 
     def loop_settings(self) -> MLSettings:
-        """The :class:`MLSettings` of the RED loop."""
-        return MLSettings(method=self.solver, stop="budget", max_steps=self.max_steps,
+        """The :class:`MLSettings` of the RED loop (for ``"fixed-point"``: the numbers of its
+        stopping rules, with the method field ``"pgd"``, which it does not use)."""
+        method = "pgd" if self.solver == "fixed-point" else self.solver
+        return MLSettings(method=method, stop="budget", max_steps=self.max_steps,
                           steps_per_round=self.steps_per_round, rtol=self.rtol,
                           step_scale=self.step_scale, misfit_guard=self.misfit_guard,
                           min_misfit_decrease=self.min_misfit_decrease)
@@ -225,6 +269,313 @@ def denoised_ml_options(options: Mapping | DenoisedMLSettings | None = None
     return DenoisedMLSettings(**dict(options or {}))
 
 
+class REDFixedPoint:
+    """RED by its fixed-point form: the denoiser held for an outer step, an inner Krylov solve
+    (Romano, Elad & Milanfar 2017, "The little engine that could", section 5.2).
+
+    With ``Γ`` frozen the data term is quadratic, ``∇g(E) = H E − Dᵀ Γ⁻¹ f`` with ``H = Dᵀ Γ⁻¹ D``,
+    so the RED stationarity condition ``∇g(E) + λ(E − C(E)) = 0`` (equations 10-11) reads
+    ``(H + λI) E = Dᵀ Γ⁻¹ f + λ C(E)``. Outer step ``k``:
+
+    1. refresh ``Γ(E_k)`` (one factorisation, as every round of the gradient loop) and ask the
+       stopping rules: those of the gradient loop's refreshes (misfit guard, significant
+       decrease of the misfit: :func:`fenics_red.solvers.stopping_rules`), then the fixed point
+       (the last outer step moved ``E`` by less than ``rtol``) and the budget of outer steps;
+    2. λ by the rule of :attr:`REDSettings.lam` (``L_g`` by power iteration, warm-started);
+    3. ``z = C(E_k)``: the one denoiser call of the step. RED from ``denoised-ml`` has it for the
+       first step already: ``E_0 = C(E_ml)`` itself is ``z`` (the outer iteration starts at
+       ``E_ml``, the first inner solve is warm-started at ``C(E_ml)``);
+    4. :attr:`REDSettings.inner_steps` steps of preconditioned CG on
+       ``(H + λI) E = Dᵀ Γ⁻¹ f + λz`` from ``E_k`` (initial residual ``−∇g(E_k) − λ(E_k − z)``,
+       one Hessian product per step), with the Jacobi preconditioner
+       ``c diag(Dᵀ Σn⁻¹ D)/E² + λ`` (that of :class:`fenics_red.solvers.ConjugateGradient`, plus
+       λ; ``c`` matches it to ``diag H`` by one Hutchinson probe per run);
+    5. ``E_{k+1} = [E]₊`` (optionally Anderson-mixed with the two previous outer steps).
+
+    A fixed point of the outer map with every node above the floor satisfies the RED optimality
+    condition whatever the number of inner steps: the inner solve starts at ``E_k``, and at
+    ``E_k = E*`` its right-hand side vanishes. With RED's default weight that fixed point fits
+    the noise (``docs/studies.md``); the significance stop ends the loop long before it, after
+    one to three outer steps, where the gradient loop takes 5-200 steps with one denoiser call
+    each.
+
+    The history has one row per refresh (``step``: outer steps so far; ``objective``:
+    ``g + λR``; ``grad_norm``: the norm of the RED gradient ``∇g + λ(E − C(E))``, which the fixed
+    point drives to zero); the row of the refresh that stopped the loop, and that of a first
+    step without a denoiser call, have NaN where λ or ``C`` would be needed (neither is
+    computed there). :attr:`inner` lists the CG steps of each outer step and :attr:`products`
+    counts the Hessian products of the last run (inner CG, power iterations, the probe).
+    Collective.
+    """
+
+    def __init__(self, fidelity: StatisticalLikelihood, prior, lam, settings: REDSettings):
+        self.fidelity = fidelity
+        self.prior = prior
+        self.lam = lam
+        self.settings = settings
+        self.loop = settings.loop_settings()
+        self.comm = fidelity.comm
+        (self.x, self.grad, self.prior_grad, self.r, self.z, self.p, self.Ap, self.m_inv,
+         self.diag, self.d_sigma, self._previous, self._refreshed, self._truth, self._diff) = (
+            fidelity.create_vector() for _ in range(14))
+        self._power_vector = None
+        self._probe = None
+        self._scale = None
+        self._have_sensitivity = False
+        self._anderson: list[tuple[PETSc.Vec, PETSc.Vec]] = []
+        self.floor = 0.0
+        self.products = 0
+        self.inner = []  # inner CG steps of each outer step of the last run
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _hessian(self, v, out, lam: float = 0.0):
+        self.fidelity.hessian_mult(v, out)
+        self.products += 1
+        if lam:
+            out.axpy(lam, v)
+        return out
+
+    def _lipschitz(self, iterations: int) -> float:
+        """``L_g`` by power iteration (:meth:`StatisticalLikelihood.lipschitz`'s start vector and
+        tolerance), warm-started from the previous refresh of the run; counted products."""
+        from .linalg import power_iteration
+
+        if self._power_vector is None:
+            grid = self.fidelity.model.grid
+            self._power_vector = (self.fidelity.from_image(
+                np.random.default_rng(12345).uniform(0.5, 1.5, grid.shape)) if grid is not None
+                else self.fidelity.create_vector(1.0))
+        L_g = power_iteration(self._hessian, self._power_vector, iterations, 1e-3)
+        if not L_g > 0.0:
+            raise RuntimeError("D(u_m)ᵀ Γ⁻¹ D(u_m) vanishes: is the measured displacement zero?")
+        return L_g
+
+    def _diagonal(self, x) -> None:
+        """``diag = diag(Dᵀ Σn⁻¹ D) / E²`` (unscaled; see :meth:`_preconditioner`); the first
+        factor once per run (``D`` and ``Σn`` belong to the data set), in :attr:`d_sigma`."""
+        if not self._have_sensitivity:
+            self._sensitivity()
+            self._have_sensitivity = True
+        self.diag.array[:] = self.d_sigma.array_r / x.array_r**2
+
+    def _sensitivity(self) -> None:
+        """``d_sigma = diag(Dᵀ Σn⁻¹ D)`` over the free rows, floored at 1e-12 of its largest."""
+        fid = self.fidelity
+        D2 = fid.D.copy()
+        indptr, indices, values = D2.getValuesCSR()
+        D2.setValuesCSR(indptr, indices, values**2)
+        D2.assemble()
+        weights = fid.gamma.sigma2_inv.copy()
+        weights.pointwiseMult(weights, fid.gamma.free)
+        D2.multTranspose(weights, self.d_sigma)
+        weights.destroy()
+        D2.destroy()
+        largest = self.d_sigma.max()[1]
+        np.maximum(self.d_sigma.array, 1e-12 * largest, out=self.d_sigma.array)
+
+    def _preconditioner(self, x, lam: float) -> None:
+        """``m_inv = 1 / (c diag + λ)``; ``c = vᵀHv / vᵀ diag v`` for a ±1 probe ``v`` (one
+        Hutchinson sample of ``tr H / tr diag``) at the run's first refresh, kept after it."""
+        self._diagonal(x)
+        if self._scale is None:
+            if self._probe is None:  # the same probe on any number of ranks
+                size = np.shape(self.fidelity.to_values(x))
+                values = np.random.default_rng(20261201).choice([-1.0, 1.0], size=size)
+                self._probe = self.fidelity.from_values(values, name="probe")
+            self._hessian(self._probe, self.Ap)
+            self.p.pointwiseMult(self.diag, self._probe)
+            self._scale = self._probe.dot(self.Ap) / self._probe.dot(self.p)
+            if not (math.isfinite(self._scale) and self._scale > 0.0):  # H v = 0: degenerate
+                self._scale = 1.0
+        self.m_inv.array[:] = 1.0 / (self._scale * self.diag.array_r + lam)
+
+    def _inner_solve(self, x, lam: float) -> int:
+        """PCG on ``(H + λI) δ = r`` (``r`` holds the residual at ``x``); ``x += δ``. Returns the
+        steps taken."""
+        r, z, p, Ap = self.r, self.z, self.p, self.Ap
+        z.pointwiseMult(self.m_inv, r)
+        z.copy(p)
+        rz = r.dot(z)
+        for step in range(self.settings.inner_steps):
+            self._hessian(p, Ap, lam)
+            curvature = p.dot(Ap)
+            if not (curvature > 0.0 and rz > 0.0):  # solved exactly
+                return step
+            alpha = rz / curvature
+            x.axpy(alpha, p)
+            r.axpy(-alpha, Ap)
+            z.pointwiseMult(self.m_inv, r)
+            rz_new = r.dot(z)
+            p.aypx(rz_new / rz, z)
+            rz = rz_new
+        return self.settings.inner_steps
+
+    def _anderson_mix(self, x_old, x) -> None:
+        """Anderson mixing (type II, depth 2) of the outer map ``T``: ``x`` holds ``T(x_old)``."""
+        f = x.duplicate()
+        f.waxpy(-1.0, x_old, x)  # f_k = T(x_k) − x_k
+        history = self._anderson
+        if history:
+            dF = [f.copy() for _ in history]
+            for vec, (f_prev, _) in zip(dF, history, strict=True):
+                vec.axpy(-1.0, f_prev)
+            G = np.array([[a.dot(b) for b in dF] for a in dF])
+            rhs = np.array([a.dot(f) for a in dF])
+            try:
+                gamma = np.linalg.lstsq(G + 1e-12 * np.trace(G) * np.eye(len(dF)), rhs,
+                                        rcond=None)[0]
+            except np.linalg.LinAlgError:
+                gamma = np.zeros(len(dF))
+            for g_i, dF_i, (_, x_prev) in zip(gamma, dF, history, strict=True):
+                # x ← x − γ_i (Δx_i + Δf_i), Δx_i = x_k − x_i, Δf_i = f_k − f_i
+                x.axpy(-g_i, x_old)
+                x.axpy(g_i, x_prev)
+                x.axpy(-g_i, dF_i)
+            for vec in dF:
+                vec.destroy()
+        history.insert(0, (f, x_old.copy()))
+        while len(history) > 2:
+            for vec in history.pop():
+                vec.destroy()
+
+    def _clear_anderson(self) -> None:
+        for pair in self._anderson:
+            for vec in pair:
+                vec.destroy()
+        self._anderson = []
+
+    def _project(self, vec) -> None:
+        array = vec.array
+        np.maximum(array, self.floor, out=array)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, E0, *, truth=None, denoised=None, power_vector: PETSc.Vec | None = None
+            ) -> tuple[PETSc.Vec, History]:
+        """The loop from ``E0`` (nodal values in file order, a vector, or ``None``: the uniform
+        best fit); returns the estimate (this object's vector) and the
+        :class:`~fenics_red.solvers.History`. Collective.
+
+        ``denoised``: ``C`` of the iterate before ``E0`` when the caller has it (RED from
+        ``denoised-ml``: ``E0 = C(E_ml)``): the first outer step then uses it instead of calling
+        the denoiser at ``E0``, i.e. the outer iteration starts at ``E_ml`` and its first inner
+        solve is warm-started at ``C(E_ml)``; the fixed point is the same. ``power_vector``: a
+        start for the first power iteration of ``L_g`` (the ML estimate's of the same data set;
+        copied, not changed).
+        """
+        s, fid, x = self.settings, self.fidelity, self.x
+        t0 = time.perf_counter()
+        history = History(fid.n_equations)
+        if E0 is None:
+            x.set(fid.homogeneous_fit())
+        elif isinstance(E0, PETSc.Vec):
+            E0.copy(x)
+        else:
+            fid.from_values(E0, x, name="initial modulus")
+        local = x.array_r
+        if not self.comm.allreduce(bool(np.isfinite(local).all() and (local > 0).all()),
+                                   op=MPI.LAND):
+            raise ValueError("the initial modulus must be finite and strictly positive")
+        self.floor = self.loop.floor * x.sum() / x.getSize()
+        self._project(x)
+        have_denoised = denoised is not None
+        if have_denoised:  # the residual image of the first step: x − C(previous)
+            fid.from_values(denoised, self.prior_grad, name="denoised start")
+            self.prior_grad.aypx(-1.0, x)
+        truth_norm = None
+        if truth is not None:
+            fid.from_values(truth, self._truth, name="true modulus")
+            truth_norm = self._truth.norm()
+        if self._power_vector is not None:  # every run afresh: no dependence on earlier ones
+            self._power_vector.destroy()
+            self._power_vector = None
+        if power_vector is not None:
+            self._power_vector = power_vector.copy()
+        self._scale = None
+        self._have_sensitivity = False
+        self._clear_anderson()
+        self.products, self.inner = 0, []
+        history.setup_time = time.perf_counter() - t0
+        rules = [r for r in stopping_rules(self.loop) if r.when == AT_REFRESH]
+        step, change, stop, rule = 0, math.nan, "", None
+        cold = self._power_vector is None
+        while True:
+            fid.refresh(x)
+            g = fid.gradient(x, self.grad)
+            now = time.perf_counter() - t0
+            error = math.nan
+            if truth_norm is not None:
+                self._diff.waxpy(-1.0, self._truth, x)
+                error = self._diff.norm() / truth_norm
+            refresh = {"round": step, "step": step, "lipschitz": math.nan,
+                       "logdet": fid.logdet(), "misfit": 2 * g, "time": now}
+            refresh["nll"] = g + 0.5 * refresh["logdet"]
+            history.refreshes.append(refresh)
+            # -- the stopping rules first: a run that ends here needs neither L_g nor λ --------
+            loop_state = LoopState(step, step, x, math.nan, 2 * g, self.grad.norm(), math.nan,
+                                   change, now, error, math.nan, fid.n_equations, 0, math.nan,
+                                   self._previous, self._diff)
+            for candidate in rules:
+                stop = candidate.check(loop_state)
+                if stop:
+                    rule = candidate
+                    break
+            if not stop and step > 0 and change < s.rtol:
+                stop = "rtol"
+            if not stop and step >= s.max_steps:
+                stop = "max_steps"
+            if stop:
+                history.append(round=step, step=step, misfit=2 * g, change=change, time=now,
+                               error=error)
+                if rule is not None and rule.keep == KEEP_LAST_REFRESH:
+                    self._refreshed.copy(x)
+                break
+            L_g = refresh["lipschitz"] = self._lipschitz(
+                self.loop.power_iterations if cold else self.loop.refresh_power_iterations)
+            cold = False
+            state = IterationState(step, step, x, math.nan, 2 * g, loop_state.grad_norm,
+                                   math.nan, change, now, error, math.nan)
+            state.lipschitz = L_g  # the Lipschitz rule takes it from here
+            lam = float(self.lam(state)) if callable(self.lam) else float(self.lam)
+            if not (math.isfinite(lam) and lam >= 0):
+                raise ValueError(f"the prior weight λ must be finite and non-negative, got {lam!r}")
+            x.copy(self._refreshed)
+            # -- the step's denoiser call (none at a start whose C is known) ------------------
+            if step == 0 and have_denoised:
+                R, grad_norm = math.nan, math.nan
+                self.r.waxpy(lam, self.prior_grad, self.grad)
+            else:
+                R = self.prior.gradient(x, self.prior_grad)  # E − C(E), eq. (10)
+                self.r.waxpy(lam, self.prior_grad, self.grad)  # ∇g + λ(E − C(E))
+                grad_norm = self.r.norm()
+            history.append(round=step, step=step, objective=g + lam * R, misfit=2 * g,
+                           grad_norm=grad_norm, change=change, time=now, error=error, lam=lam)
+            self.r.scale(-1.0)  # the residual of (H + λI)E = Dᵀ Γ⁻¹ f + λ C(E_k) at E_k
+            self._preconditioner(x, lam)
+            x.copy(self._previous)
+            self.inner.append(self._inner_solve(x, lam))
+            self._project(x)
+            if s.acceleration == "anderson":
+                self._anderson_mix(self._previous, x)
+                self._project(x)
+            self._diff.waxpy(-1.0, self._previous, x)
+            change = self._diff.norm() / max(x.norm(), 1e-300)
+            step += 1
+        history.stop_reason = stop
+        return x, history
+
+    def destroy(self) -> None:
+        self._clear_anderson()
+        for vec in (self.x, self.grad, self.prior_grad, self.r, self.z, self.p, self.Ap,
+                    self.m_inv, self.diag, self.d_sigma, self._previous, self._refreshed,
+                    self._truth, self._diff):
+            vec.destroy()
+        for vec in (self._power_vector, self._probe):
+            if vec is not None:
+                vec.destroy()
+
+
 class REDReconstructor:
     """ML estimate, one denoiser pass and the RED loop on one grid; objects built once.
 
@@ -251,8 +602,11 @@ class REDReconstructor:
         self.ml = FixedPointSolver(self.likelihood, self.ml_settings)
         self.prior = RedPrior(self.denoiser, self.likelihood)
         self.rule = parse_lambda_rule(self.settings.lam, self.prior, self.likelihood)
-        self.red = FixedPointSolver(self.likelihood, self.settings.loop_settings(), self.prior,
-                                    lam=self.rule)
+        if self.settings.solver == "fixed-point":
+            self.red = REDFixedPoint(self.likelihood, self.prior, self.rule, self.settings)
+        else:
+            self.red = FixedPointSolver(self.likelihood, self.settings.loop_settings(),
+                                        self.prior, lam=self.rule)
 
     def denoise(self, image: np.ndarray) -> np.ndarray:
         """``C(image)`` on rank 0, broadcast (collective)."""
@@ -285,16 +639,30 @@ class REDReconstructor:
         start = {"denoised-ml": denoised, "ml": ml_values, "homogeneous": None}[
             self.settings.start]
         calls, seconds = self.prior.calls, self.prior.seconds
-        E, history = self.red.run(start, truth=truth)
+        fixed_point = isinstance(self.red, REDFixedPoint)
+        if fixed_point:
+            # from denoised-ml the first outer step's denoiser call is the one just made; L_g
+            # starts from the ML estimate's power vector (same data set, Γ at its start)
+            E, history = self.red.run(
+                start, truth=truth,
+                denoised=denoised if self.settings.start == "denoised-ml" else None,
+                power_vector=getattr(self.ml, "_power_vector", None))
+        else:
+            E, history = self.red.run(start, truth=truth)
         estimate = fid.to_values(E)
         arrays = history.as_arrays()
         final = history.final
         info.update(steps=int(final["step"]), stop=history.stop_reason,
                     red_time=final["time"], time=info["ml_time"] + final["time"],
-                    lam=float(arrays["lam"][-1]) if "lam" in arrays else math.nan,
+                    lam=_last_finite(arrays.get("lam")),
                     denoiser_calls=self.prior.calls - calls,
                     denoiser_seconds=self.prior.seconds - seconds,
-                    red_objective=self.prior.value(E))
+                    red_objective=(self.prior.known_value(E) if fixed_point
+                                   else self.prior.value(E)))
+        if fixed_point:
+            arrays["inner_steps"] = np.array(self.red.inner, dtype=float)
+            info.update(inner_steps=int(sum(self.red.inner)),
+                        hessian_products=int(self.red.products))
         return estimate, arrays, info
 
     def destroy(self) -> None:
@@ -302,6 +670,14 @@ class REDReconstructor:
         self.ml.destroy()
         self.likelihood.destroy()
         self.model.destroy()
+
+
+def _last_finite(values) -> float:
+    """The last finite entry (a history column; NaN where there is none): the λ a run used
+    last (the fixed-point loop does not evaluate λ at the refresh where it stops)."""
+    finite = np.asarray(values if values is not None else [], dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(finite[-1]) if finite.size else math.nan
 
 
 class _Runner:

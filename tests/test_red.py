@@ -47,8 +47,9 @@ def test_an_identity_denoiser_leaves_the_ml_estimate_unchanged(sample):
 
 
 def test_red_reaches_a_fixed_point_between_the_data_and_a_good_prior(sample):
+    """The gradient loop (``solver="pgd"``; the default fixed-point form has its own file)."""
     settings = REDSettings(lam="lipschitz:0.1", start="ml", max_steps=400, rtol=1e-5,
-                           min_misfit_decrease=0.0)
+                           min_misfit_decrease=0.0, solver="pgd")
     oracle = REDReconstructor(GRID, settings=settings, denoiser=Oracle(sample.E))
     try:
         estimate, history, info = oracle.run_sample(sample)
@@ -64,7 +65,8 @@ def test_red_reaches_a_fixed_point_between_the_data_and_a_good_prior(sample):
     # one standard deviation: still far better than ML, in fewer steps than the fixed point
     fixed_point_steps = info["steps"]
     oracle = REDReconstructor(GRID, settings=REDSettings(
-        lam="lipschitz:0.1", start="ml", max_steps=400, rtol=1e-5), denoiser=Oracle(sample.E))
+        lam="lipschitz:0.1", start="ml", max_steps=400, rtol=1e-5, solver="pgd"),
+        denoiser=Oracle(sample.E))
     try:
         early, _, info = oracle.run_sample(sample)
         assert info["stop"] == "insignificant" and info["steps"] < fixed_point_steps
