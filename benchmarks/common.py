@@ -35,6 +35,29 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+class Meter:
+    """The machine's 1-minute load average when a timed row starts, and the share of the row's
+    wall time the slowest rank had a CPU for (``CPU/wall``; below 1: other processes on the
+    machine took cores from it). Start one per row; :meth:`columns` gives both columns."""
+
+    def __init__(self):
+        self.load = os.getloadavg()[0]
+        self._clock = (time.perf_counter(), time.process_time())
+
+    def share(self, comm=None) -> float:
+        """CPU time over wall time since the start, the smallest over the ranks of ``comm``."""
+        wall, cpu = self._clock
+        share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-12)
+        if comm is None:
+            return share
+        from mpi4py import MPI
+
+        return comm.allreduce(share, op=MPI.MIN)
+
+    def columns(self, comm=None) -> dict:
+        return {"load (1 min)": self.load, "CPU/wall": self.share(comm)}
+
+
 def record(name: str, rows: list[dict], key: tuple[str, ...], title: str, notes: str = "") -> str:
     """Merge ``rows`` into the table ``name`` (rows with the same key replace older ones)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
