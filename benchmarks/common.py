@@ -35,6 +35,18 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def mean_time(fn, repeat: int, comm) -> float:
+    """Mean wall time of ``fn`` over ``repeat`` calls (after one warm-up), the slowest rank's."""
+    from mpi4py import MPI
+
+    fn()
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return comm.allreduce((time.perf_counter() - start) / repeat, op=MPI.MAX)
+
+
 class Meter:
     """The machine's 1-minute load average when a timed row starts, and the share of the row's
     wall time the slowest rank had a CPU for (``CPU/wall``; below 1: other processes on the

@@ -53,7 +53,7 @@ import scipy.linalg
 import scipy.sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SMALL, Meter, record  # noqa: E402
+from common import SMALL, Meter, mean_time, record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.measurements import Measurement  # noqa: E402
@@ -63,16 +63,6 @@ from fenics_red.solvers import MLReconstructor, MLSettings  # noqa: E402
 NAME = "dense_gamma"
 SEED = 2718
 SIZES = (6, 8) if SMALL else (32, 48)
-
-
-def mean_time(fn, repeat: int, comm) -> float:
-    """Mean wall time of ``fn`` over ``repeat`` calls (after one warm-up), the slowest rank's."""
-    fn()
-    comm.Barrier()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return comm.allreduce((time.perf_counter() - start) / repeat, op=MPI.MAX)
 
 
 def to_scipy(mat) -> scipy.sparse.csr_matrix:

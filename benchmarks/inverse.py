@@ -30,22 +30,12 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SMALL, record  # noqa: E402
+from common import SMALL, mean_time, record  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.likelihood import NoiseModel  # noqa: E402
 from fenics_red.raster import ImageGrid  # noqa: E402
 from fenics_red.solvers import MLReconstructor, MLSettings  # noqa: E402
-
-
-def mean_time(fn, repeat: int, comm) -> float:
-    """Mean wall time of ``fn`` over ``repeat`` calls (after one warm-up), the slowest rank's."""
-    fn()
-    comm.Barrier()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return comm.allreduce((time.perf_counter() - start) / repeat, op=MPI.MAX)
 
 
 def step_time(grid, sample, method, comm, steps=60) -> float:

@@ -620,6 +620,23 @@ class StatisticalLikelihood:
         out.scale(-1.0)
         return 0.5 * r.dot(s)
 
+    def sensitivity(self, out: PETSc.Vec) -> PETSc.Vec:
+        """``out = diag(Dᵀ Σn⁻¹ D)`` over the free rows, floored at 1e-12 of its largest: the
+        Jacobi scale of the Hessian ``Dᵀ Γ⁻¹ D`` up to ``K`` (``Γ⁻¹ = K⁻ᵀ Σn⁻¹ K⁻¹``, ``K``
+        scaling with ``E``), used to precondition CG on the data term. Collective."""
+        D2 = self.D.copy()
+        indptr, indices, values = D2.getValuesCSR()
+        D2.setValuesCSR(indptr, indices, values**2)
+        D2.assemble()
+        weights = self.gamma.sigma2_inv.copy()
+        weights.pointwiseMult(weights, self.gamma.free)
+        D2.multTranspose(weights, out)
+        weights.destroy()
+        D2.destroy()
+        largest = out.max()[1]
+        np.maximum(out.array, 1e-12 * largest, out=out.array)
+        return out
+
     def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
         """``out = D(u_m)ᵀ Γ⁻¹ D(u_m) v`` (the Hessian of ``g`` for frozen ``Γ``)."""
         self._require_data()

@@ -355,24 +355,9 @@ class REDFixedPoint:
         """``diag = diag(Dᵀ Σn⁻¹ D) / E²`` (unscaled; see :meth:`_preconditioner`); the first
         factor once per run (``D`` and ``Σn`` belong to the data set), in :attr:`d_sigma`."""
         if not self._have_sensitivity:
-            self._sensitivity()
+            self.fidelity.sensitivity(self.d_sigma)
             self._have_sensitivity = True
         self.diag.array[:] = self.d_sigma.array_r / x.array_r**2
-
-    def _sensitivity(self) -> None:
-        """``d_sigma = diag(Dᵀ Σn⁻¹ D)`` over the free rows, floored at 1e-12 of its largest."""
-        fid = self.fidelity
-        D2 = fid.D.copy()
-        indptr, indices, values = D2.getValuesCSR()
-        D2.setValuesCSR(indptr, indices, values**2)
-        D2.assemble()
-        weights = fid.gamma.sigma2_inv.copy()
-        weights.pointwiseMult(weights, fid.gamma.free)
-        D2.multTranspose(weights, self.d_sigma)
-        weights.destroy()
-        D2.destroy()
-        largest = self.d_sigma.max()[1]
-        np.maximum(self.d_sigma.array, 1e-12 * largest, out=self.d_sigma.array)
 
     def _preconditioner(self, x, lam: float) -> None:
         """``m_inv = 1 / (c diag + λ)``; ``c = vᵀHv / vᵀ diag v`` for a ±1 probe ``v`` (one

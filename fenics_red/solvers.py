@@ -612,17 +612,8 @@ class ConjugateGradient:
         """``m_inv = x² / diag(Dᵀ Σn⁻¹ D)`` over the free rows, at every refresh of ``Γ``:
         ``Γ⁻¹ = K⁻ᵀ Σn⁻¹ K⁻¹`` and ``K`` scales with the round's ``E`` (and ``D`` changes with
         each data set, in place)."""
-        D2 = fidelity.D.copy()
-        indptr, indices, values = D2.getValuesCSR()
-        D2.setValuesCSR(indptr, indices, values**2)
-        D2.assemble()
-        weights = fidelity.gamma.sigma2_inv.copy()
-        weights.pointwiseMult(weights, fidelity.gamma.free)
-        D2.multTranspose(weights, self.m_inv)
-        largest = self.m_inv.max()[1]
-        self.m_inv.array[:] = x.array_r**2 / np.maximum(self.m_inv.array_r, 1e-12 * largest)
-        weights.destroy()
-        D2.destroy()
+        fidelity.sensitivity(self.m_inv)
+        self.m_inv.array[:] = x.array_r**2 / self.m_inv.array_r
 
     def evaluate(self, x, objective: _Objective) -> tuple[float, float, float]:
         if objective.prior is not None and objective.lam != 0.0:
