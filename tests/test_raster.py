@@ -143,7 +143,8 @@ def test_the_3d_adjoint_is_the_transpose_and_the_raster_is_the_same_on_all_ranks
     _, Q1, serial = _raster("box-3d", MPI.COMM_SELF, spacing=4.0)
     g = fem.Function(Q1)
     g.interpolate(lambda p: _smooth(p[0], p[1]) * (1.0 + 0.01 * p[2]))
-    np.testing.assert_allclose(raster.to_image(f), serial.to_image(g), rtol=1e-13, atol=1e-13)
+    # a voxel on a facet shared by two cells takes the cell its rank found: round-off apart
+    np.testing.assert_allclose(raster.to_image(f), serial.to_image(g), rtol=1e-11, atol=1e-11)
 
 
 def test_pixel_indices_and_image_coordinates_agree_in_2d_and_3d():
