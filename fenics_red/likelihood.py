@@ -492,6 +492,7 @@ class StatisticalLikelihood:
         self._r, self._s, self._v = self.f.duplicate(), self.f.duplicate(), self.f.duplicate()
         self._n_owned_q = model.Q.dofmap.index_map.size_local
         self._has_data = False
+        self.hessian_products = 0  # calls of hessian_mult so far (solvers report their cost)
         if displacement is not None:
             if noise is None:
                 raise ValueError("a NoiseModel is needed with the measured displacement")
@@ -640,6 +641,7 @@ class StatisticalLikelihood:
     def hessian_mult(self, v: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
         """``out = D(u_m)ᵀ Γ⁻¹ D(u_m) v`` (the Hessian of ``g`` for frozen ``Γ``)."""
         self._require_data()
+        self.hessian_products += 1
         self.D.mult(v, self._v)
         self.gamma.solve(self._v, self._s)
         self.D.multTranspose(self._s, out)

@@ -331,24 +331,13 @@ class REDFixedPoint:
 
     def _hessian(self, v, out, lam: float = 0.0):
         self.fidelity.hessian_mult(v, out)
-        self.products += 1
         if lam:
             out.axpy(lam, v)
         return out
 
     def _lipschitz(self, iterations: int) -> float:
-        """``L_g`` by power iteration (:meth:`StatisticalLikelihood.lipschitz`'s start vector and
-        tolerance), warm-started from the previous refresh of the run; counted products."""
-        from .linalg import power_iteration
-
-        if self._power_vector is None:
-            grid = self.fidelity.model.grid
-            self._power_vector = (self.fidelity.from_image(
-                np.random.default_rng(12345).uniform(0.5, 1.5, grid.shape)) if grid is not None
-                else self.fidelity.create_vector(1.0))
-        L_g = power_iteration(self._hessian, self._power_vector, iterations, 1e-3)
-        if not L_g > 0.0:
-            raise RuntimeError("D(u_m)ᵀ Γ⁻¹ D(u_m) vanishes: is the measured displacement zero?")
+        """``L_g`` by power iteration, warm-started from the previous refresh of the run."""
+        L_g, self._power_vector = self.fidelity.lipschitz(iterations, v=self._power_vector)
         return L_g
 
     def _diagonal(self, x) -> None:
@@ -480,7 +469,8 @@ class REDFixedPoint:
         self._scale = None
         self._have_sensitivity = False
         self._clear_anderson()
-        self.products, self.inner = 0, []
+        self.inner = []
+        products = fid.hessian_products
         history.setup_time = time.perf_counter() - t0
         rules = [r for r in stopping_rules(self.loop) if r.when == AT_REFRESH]
         step, change, stop, rule = 0, math.nan, "", None
@@ -548,6 +538,7 @@ class REDFixedPoint:
             change = self._diff.norm() / max(x.norm(), 1e-300)
             step += 1
         history.stop_reason = stop
+        self.products = fid.hessian_products - products
         return x, history
 
     def destroy(self) -> None:
@@ -631,7 +622,7 @@ class REDReconstructor:
             E, history = self.red.run(
                 start, truth=truth,
                 denoised=denoised if self.settings.start == "denoised-ml" else None,
-                power_vector=getattr(self.ml, "_power_vector", None))
+                power_vector=self.ml.power_vector)
         else:
             E, history = self.red.run(start, truth=truth)
         estimate = fid.to_values(E)

@@ -691,6 +691,12 @@ class FixedPointSolver:
         self._power_vector = None
         self.floor = 0.0
 
+    @property
+    def power_vector(self) -> PETSc.Vec | None:
+        """The last power iteration's vector of ``Dᵀ Γ⁻¹ D`` (``None`` before a run): a warm
+        start for another solver on the same data set."""
+        return self._power_vector
+
     def _project(self, vec: PETSc.Vec) -> None:
         """``[·]₊``: the positivity floor (local, no communication)."""
         array = vec.array
