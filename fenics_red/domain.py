@@ -26,7 +26,7 @@ from dolfinx import fem, mesh
 
 from .parallel import on_root, raise_shared
 
-__all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh"]
+__all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
@@ -274,7 +274,7 @@ class Domain:
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """The global bounding box ``(lower, upper)`` of the mesh nodes. Collective."""
-        return _bounds(self.mesh)
+        return mesh_bounds(self.mesh)
 
     def facets(self, tag: int) -> np.ndarray:
         """Local facet indices with tag :data:`LOAD` or :data:`SUPPORT`."""
@@ -353,7 +353,9 @@ def p1_input_indices(V: fem.FunctionSpace) -> np.ndarray:
     return out
 
 
-def _bounds(msh: mesh.Mesh) -> tuple[np.ndarray, np.ndarray]:
+def mesh_bounds(msh: mesh.Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """The global bounding box ``(lower, upper)`` of a distributed mesh's nodes (a rank without
+    nodes included). Collective."""
     gdim = msh.geometry.dim
     x = msh.geometry.x[:, :gdim]
     local_min = x.min(axis=0) if len(x) else np.full(gdim, np.inf)
@@ -366,7 +368,7 @@ def _bounds(msh: mesh.Mesh) -> tuple[np.ndarray, np.ndarray]:
 
 def _depth_facets(msh: mesh.Mesh, top: bool) -> np.ndarray:
     """Boundary facets on the plane of the largest (``top``) or smallest depth coordinate."""
-    lower, upper = _bounds(msh)
+    lower, upper = mesh_bounds(msh)
     axis = msh.geometry.dim - 1
     level = upper[axis] if top else lower[axis]
     tol = 1e-10 * float(np.max(upper - lower))

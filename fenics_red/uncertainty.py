@@ -76,6 +76,7 @@ from dolfinx import fem
 from dolfinx.fem import petsc as fem_petsc
 
 from . import validation
+from .domain import mesh_bounds
 from .linalg import double_pass_eigh
 from .petsc_options import set_options
 
@@ -178,11 +179,8 @@ class PriorPrecision:
     def __init__(self, Q, weight: float, mass_weight: float, scale: np.ndarray | None = None):
         mesh = Q.mesh
         self.comm = mesh.comm
-        x = mesh.geometry.x
-        lo, hi = np.ascontiguousarray(x.min(axis=0)), np.ascontiguousarray(x.max(axis=0))
-        self.comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
-        self.comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
-        self.length = float(np.max(hi - lo))
+        lower, upper = mesh_bounds(mesh)
+        self.length = float(np.max(upper - lower))
         gamma = fem.Constant(mesh, PETSc.ScalarType(mass_weight / self.length**2))
         p, q = ufl.TrialFunction(Q), ufl.TestFunction(Q)
         form = fem.form(ufl.inner(ufl.grad(p), ufl.grad(q)) * ufl.dx + gamma * p * q * ufl.dx)
