@@ -17,7 +17,7 @@ from petsc4py import PETSc
 
 import numpy as np
 
-__all__ = ["power_iteration", "taylor_test", "convergence_rates", "double_pass_eigh"]
+__all__ = ["power_iteration", "taylor_test", "convergence_rates", "double_pass_eigh", "gram"]
 
 Apply = Callable[[PETSc.Vec, PETSc.Vec], object]
 
@@ -125,8 +125,9 @@ def _apply_columns(apply: Apply, columns: np.ndarray, x: PETSc.Vec, y: PETSc.Vec
     return out
 
 
-def _gram(comm: MPI.Comm, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """The global ``leftᵀ right`` of row-distributed ``n_local x m`` blocks (on every rank)."""
+def gram(comm: MPI.Comm, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The global ``leftᵀ right`` of row-distributed ``n_local x m`` blocks (or vectors), on
+    every rank. Collective."""
     local = np.ascontiguousarray(left.T @ right)
     comm.Allreduce(MPI.IN_PLACE, local, op=MPI.SUM)
     return local
@@ -166,7 +167,7 @@ def _b_orthonormalise(comm: MPI.Comm, Y: np.ndarray, apply_B: Apply, x: PETSc.Ve
     Y = _orthonormalise(comm, Y)
     for _ in range(passes):
         BY = _apply_columns(apply_B, Y, x, y)
-        G = _gram(comm, Y, BY)
+        G = gram(comm, Y, BY)
         transform = None
         if comm.rank == 0:
             s, U = np.linalg.eigh(0.5 * (G + G.T))
@@ -217,7 +218,7 @@ def double_pass_eigh(apply_A: Apply, apply_B: Apply, solve_B: Apply, omega: np.n
         Y = _apply_columns(solve_B, AO, x, y)
         Q = _b_orthonormalise(comm, Y, apply_B, x, y)
         AQ = _apply_columns(apply_A, Q, x, y)
-        T = _gram(comm, Q, AQ)
+        T = gram(comm, Q, AQ)
         pairs = None
         if comm.rank == 0:
             lam, S = np.linalg.eigh(0.5 * (T + T.T))

@@ -66,7 +66,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
-from mpi4py import MPI
 from petsc4py import PETSc
 
 import numpy as np
@@ -77,7 +76,7 @@ from dolfinx.fem import petsc as fem_petsc
 
 from . import validation
 from .domain import mesh_bounds
-from .linalg import double_pass_eigh
+from .linalg import double_pass_eigh, gram
 from .petsc_options import set_options
 
 __all__ = ["UncertaintySettings", "uncertainty_options", "PriorPrecision", "LowRankPosterior",
@@ -321,12 +320,6 @@ def matched_prior_weight(posterior: LowRankPosterior, c, tail, r2, target: float
     return math.sqrt(low * high), True
 
 
-def _global_dot(comm, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    out = np.atleast_1d(np.asarray(a.T @ b, dtype=np.float64)).copy()
-    comm.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM)
-    return out
-
-
 def ml_posterior_std(likelihood, estimate: PETSc.Vec, settings: UncertaintySettings
                      ) -> tuple[PETSc.Vec, dict]:
     """``σ`` of the ML estimate (module docstring: the matched Tikhonov model with ``Γ`` as the
@@ -342,7 +335,7 @@ def ml_posterior_std(likelihood, estimate: PETSc.Vec, settings: UncertaintySetti
         posterior = low_rank_posterior(likelihood.hessian_mult, prior, model, E0, settings)
         r2 = 2.0 * likelihood.gradient(E0, b)
         b.scale(-1.0)  # b = Dᵀ Γ⁻¹ (f − D E₀)
-        c = _global_dot(likelihood.comm, posterior.vectors, b.array_r)
+        c = gram(likelihood.comm, posterior.vectors, b.array_r)
         prior.solve(b, work)
         tail = b.dot(work) - float(np.sum(c**2))
         target = likelihood.misfit(estimate)
