@@ -57,6 +57,7 @@ from .metrics import METRIC_NAMES, SSIM_WINDOW, evaluate_metrics
 from .parallel import check_all, on_root
 from .raster import ImageGrid, ValueRaster, central_slice
 from .reconstruction import Result, has_truth, run_method
+from .uncertainty import coverage
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "read_std",
            "METRIC_LABELS"]
@@ -369,6 +370,7 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     nodal = {}  # the estimates as stored (per node on a mesh), for the XDMF files
     infos = {}  # the runs' info, {sample: {method: info}}
     stds = {}  # posterior standard deviations (runs with the option uncertainty), as images
+    nodal_stds = {}  # ... and as stored, for the XDMF files
     coverages = {}  # {method: [share of nodes with |truth - estimate| <= 2 sigma, per sample]}
     for i in indices:
         sample = None if no_truth else dataset.sample(i)
@@ -376,7 +378,7 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
             sample = dataclasses.replace(sample, E=raster.image(sample.E),
                                          mask=raster.labels(sample.mask))
         samples[i] = sample
-        estimates[i], nodal[i] = {}, {}
+        estimates[i], nodal[i], nodal_stds[i] = {}, {}, {}
         for method in settings.methods:
             estimate, _, info = read_estimate(_run_path(out, method, i))
             infos.setdefault(i, {})[method] = info
@@ -388,11 +390,11 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
             nodal[i][method] = estimate
             std = read_std(_run_path(out, method, i))
             if std is not None:
+                nodal_stds[i][method] = std
                 stds.setdefault(i, {})[method] = raster.image(std)
                 if sample is not None:
-                    inside = np.abs(raster.image(estimate) - sample.E) <= 2 * stds[i][method]
-                    coverages.setdefault(method, []).append(
-                        float(inside[valid].mean() if valid is not None else inside.mean()))
+                    coverages.setdefault(method, []).append(coverage(
+                        sample.E, estimates[i][method], stds[i][method], valid=valid))
             if sample is None:
                 continue
             row = {"sample": i, "method": method,
@@ -437,13 +439,14 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     if settings.figures or settings.xdmf:
         truths = {i: None if no_truth else dataset.sample(i).E for i in samples}
         _figures(out, raster.grid, samples, estimates, rows, settings,
-                 (dataset.settings.space, truths, nodal), stds)
+                 (dataset.settings.space, truths, nodal, nodal_stds), stds)
     return summary
 
 
 def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) -> None:
     """Per sample: the comparison and the profile figure (images), the XDMF file (on the data
-    set's grid or mesh: ``nodal = (space, truths, estimates)`` as stored); a sample of ``None``:
+    set's grid or mesh: ``nodal = (space, truths, estimates, stds)`` as stored); a sample of
+    ``None``:
     no truth, figures of the estimates only."""
     from .visualise import plot_comparison, plot_profiles, plot_uncertainty, write_xdmf
 
@@ -467,7 +470,7 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) ->
             (out / "figures").mkdir(exist_ok=True)
             labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]
                       if (i, m) in error}
-            space, truths, values = nodal
+            space, truths, values, _ = nodal
             if hasattr(space, "cells") and space.dim == 2:  # drawn on the mesh itself
                 plot_comparison(truths[i], values[i], out / "figures" / f"sample_{i}.png",
                                 space, labels=labels)
@@ -481,10 +484,8 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) ->
                                  out / "figures" / f"uncertainty_{i}.png", grid)
         if settings.xdmf:
             (out / "xdmf").mkdir(exist_ok=True)
-            space, truths, values = nodal
+            space, truths, values, value_stds = nodal
             fields = {} if truths[i] is None else {"truth": truths[i]}
             fields.update({m.replace("-", "_"): e for m, e in values[i].items()})
-            if stds and stds.get(i):  # as stored: the nodal values of the run files
-                fields.update({f"{m.replace('-', '_')}_std": read_std(_run_path(out, m, i))
-                               for m in stds[i]})
+            fields.update({f"{m.replace('-', '_')}_std": e for m, e in value_stds[i].items()})
             write_xdmf(fields, out / "xdmf" / f"sample_{i}.xdmf", space, MPI.COMM_SELF)

@@ -407,10 +407,12 @@ def gn_posterior_std(model, displacement, noise_std, estimate, alpha: float,
     return std, info
 
 
-def coverage(truth, estimate, std, factor: float = 2.0) -> float:
-    """Share of nodes with ``|truth − estimate| ≤ factor · σ``."""
+def coverage(truth, estimate, std, factor: float = 2.0, valid=None) -> float:
+    """Share of nodes (pixels; those of ``valid`` only when given) with
+    ``|truth − estimate| ≤ factor · σ``."""
     truth, estimate, std = (np.asarray(v, dtype=float) for v in (truth, estimate, std))
-    return float(np.mean(np.abs(truth - estimate) <= factor * std))
+    inside = np.abs(truth - estimate) <= factor * std
+    return float(np.mean(inside if valid is None else inside[np.asarray(valid, dtype=bool)]))
 
 
 class UncertaintyRunner:

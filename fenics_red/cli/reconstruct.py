@@ -101,11 +101,12 @@ def run(args) -> int:
                   f"{sum(errors) / n:.3f}")
         if result.attrs["settings"].get("uncertainty") is not None:
             from ..reconstruction import load_std
+            from ..uncertainty import coverage
 
             std = load_std(path)
             line = f"posterior standard deviation 'std': median {float(np.median(std)):.3g}"
             if result.truth is not None:
-                inside = np.abs(result.truth - result.estimates) <= 2 * std
-                line += f", truth within ±2σ at {100 * float(inside.mean()):.1f} % of the nodes"
+                inside = coverage(result.truth, result.estimates, std)
+                line += f", truth within ±2σ at {100 * inside:.1f} % of the nodes"
             print(line)
     return 0
