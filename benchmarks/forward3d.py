@@ -46,7 +46,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SMALL, header, markdown_table, merge_rows  # noqa: E402
+from common import RESULTS, SMALL, Meter, header, markdown_table, merge_rows  # noqa: E402
 
 from dolfinx import mesh  # noqa: E402
 from fenics_red.domain import Domain  # noqa: E402
@@ -123,18 +123,17 @@ def box_model(n: int, comm, solver: str) -> ElasticityModel:
 
 def row_start(n: int, comm) -> dict:
     peak_reset()
+    meter = Meter()
     return {"cells": f"{n}^3", "dofs": 3 * (n + 1) ** 3, "ranks": comm.size,
-            "load (1 min)": os.getloadavg()[0],
-            "_clock": (time.perf_counter(), time.process_time())}
+            "load (1 min)": meter.load, "_meter": meter}
 
 
 def row_end(row: dict, comm) -> dict:
     """Add the peak memory and the share of the row's wall time the slowest rank had a CPU for
     (below 1: other processes took cores from it)."""
-    wall, cpu = row.pop("_clock")
-    share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    meter = row.pop("_meter")
     row["peak memory/rank [MB]"] = peak_mb(comm)
-    row["CPU/wall"] = comm.allreduce(share, op=MPI.MIN)
+    row["CPU/wall"] = meter.share(comm)
     return row
 
 
@@ -186,11 +185,10 @@ def gamma_row(n: int, comm) -> dict:
 
 def triad(comm, length: int, repeat: int = 10, block: int = 2**15) -> dict:
     """STREAM triad ``a = b + s c`` on each rank's own arrays, all ranks at once: GB/s summed."""
-    load = os.getloadavg()[0]
     a, b, c = np.zeros(length), np.full(length, 1.0), np.full(length, 2.0)
     tmp = np.empty(block)
     best = np.inf
-    wall, cpu = time.perf_counter(), time.process_time()
+    meter = Meter()
     for _ in range(repeat):
         comm.Barrier()
         start = time.perf_counter()
@@ -200,10 +198,8 @@ def triad(comm, length: int, repeat: int = 10, block: int = 2**15) -> dict:
             np.add(b[i:j], tmp[: j - i], out=a[i:j])
         best = min(best, comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
     assert a[0] == 7.0
-    share = (time.process_time() - cpu) / (time.perf_counter() - wall)
-    return {"processes": comm.size, "doubles per array": length, "load (1 min)": load,
-            "triad [GB/s]": comm.size * 24 * length / best / 1e9,
-            "CPU/wall": comm.allreduce(share, op=MPI.MIN)}
+    return {"processes": comm.size, "doubles per array": length, "load (1 min)": meter.load,
+            "triad [GB/s]": comm.size * 24 * length / best / 1e9, "CPU/wall": meter.share(comm)}
 
 
 #: Assumed cluster numbers of the weak-scaling model (not measured here: docs/hpc.md).
