@@ -59,7 +59,8 @@ fenics_red_exec() {
         export VIRTUAL_ENV="$FENICS_RED_VENV"
         path="$FENICS_RED_VENV/bin:$path"
     fi
-    export PATH="$path"
+    # scripts/bin/mpirun clears the session directories that killed launchers left (see there)
+    export PATH="$FENICS_RED_REPO/scripts/bin:$path"
     if [ "$mode" = native ]; then
         exec "$@"
     fi

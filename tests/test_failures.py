@@ -282,6 +282,21 @@ def test_ranks_stop_soon_after_their_launcher_is_killed(mpi_tmp_path, on_rank_0)
         pass
 
 
+def test_a_launch_starts_beside_the_leftovers_of_a_killed_launcher_that_had_its_pid(
+        mpi_tmp_path, on_rank_0):
+    # A killed mpirun leaves <tmp>/prterun.<host>.<pid>.<uid>; PRRTE refuses to start on an existing
+    # one, and pids come round again. scripts/bin/mpirun removes the dead launchers' directories.
+    tmp = mpi_tmp_path / "tmp"
+    tmp.mkdir()
+    alive = tmp / f"prterun.{os.uname().nodename}.{os.getpid()}.{os.getuid()}"
+    alive.mkdir()  # a live launcher's directory stays
+    script = 'mkdir -p "$TMPDIR/prterun.$(hostname).$$.$(id -u)" && exec mpirun -n 1 true'
+    run = subprocess.run(["bash", "-c", script], env={**_env(), "TMPDIR": str(tmp)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(tmp.glob("prterun.*")) == [alive]
+
+
 def _state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as stat:
