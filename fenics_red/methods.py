@@ -207,6 +207,13 @@ MIN_MISFIT_DECREASE = Flag(
     "the data misfit by less than C standard deviations sqrt(2n) and keeps the iterate before "
     "it (default 1; 0 turns it off)", {"type": float, "metavar": "C"})
 
+TAU = Flag("--tau", "discrepancy_tau", "Gauss-Newton's discrepancy target: alpha is chosen so "
+           "that the weighted residual is TAU times the expected noise energy (default 1)",
+           {"type": float, "metavar": "TAU"})
+TV_DELTA = Flag("--tv-delta", "tv_delta", "smoothing of the total variation, relative to the "
+                "initial modulus over the domain's extent (default 1)",
+                {"type": float, "metavar": "DELTA"})
+
 
 UNCERTAINTY = Flag(
     "--uncertainty", "uncertainty", "also write the posterior standard deviation map 'std' "
@@ -227,11 +234,11 @@ METHODS: dict[str, Method] = {
                           _lazy("gauss_newton", "gn_tikhonov_options"),
                           "Gauss-Newton-CG, output error, Tikhonov (gradient) regulariser, alpha "
                           "by the discrepancy principle (classical baseline)",
-                          flags=(MAX_STEPS, UNCERTAINTY, UNCERTAINTY_RANK)),
+                          flags=(MAX_STEPS, TAU, UNCERTAINTY, UNCERTAINTY_RANK)),
     "gn-tv": Method(_lazy("gauss_newton", "setup_gn_tv"), _lazy("gauss_newton", "gn_tv_options"),
                     "Gauss-Newton-CG, output error, smoothed total variation, alpha by the "
                     "discrepancy principle (classical baseline)",
-                    flags=(MAX_STEPS,)),
+                    flags=(MAX_STEPS, TAU, TV_DELTA)),
     "ml": Method(_lazy("solvers", "setup_ml"), _lazy("solvers", "ml_options"),
                  "maximum-likelihood estimate (statistical model, no prior, early stopped; the "
                  "denoiser's training input)",

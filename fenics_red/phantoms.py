@@ -35,7 +35,7 @@ import hashlib
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,32 @@ __all__ = ["SHAPES", "PhantomSettings", "random_phantom", "mask_phantom", "compo
 
 #: Shapes of :func:`random_phantom`.
 SHAPES = ("circle", "ellipse", "rotated_ellipse", "blob", "polygon")
+
+#: Families of random phantoms (:attr:`PhantomSettings.family`, ``simulate --family``). Every
+#: family draws its moduli from the settings' ``background`` and ``inclusion`` ranges; all but
+#: ``inclusions`` draw a soft edge per phantom, uniform in [0, 3] cells (``soft_edge`` > 0 fixes
+#: it), and place regions that may touch each other and the field's edges.
+FAMILIES = {
+    "inclusions": "the paper's: inclusions of the settings' shapes in a uniform background",
+    "textured": "the paper's inclusions in a textured background and with texture inside (a "
+                "smooth random field of 5-25 % amplitude, 2 cells to a fifth of the field)",
+    "gradient": "the paper's inclusions, the whole field scaled by a smooth stiffness gradient "
+                "(up to 2:1 across it, any direction)",
+    "field": "irregular inclusions: where a smooth random field exceeds a level (10-40 % of the "
+             "field), each connected part one inclusion",
+    "voronoi": "a random Voronoi partition of 4 to 16 cells, each cell inclusion or background "
+               "at even odds: polygons that touch",
+    "layers": "two to four layers with wavy boundaries below a background layer, each its own "
+              "modulus, and one elliptic inclusion",
+    "rings": "one to four annular inclusions: a stiff shell of a third to two thirds of the "
+             "radius around a core of background modulus",
+}
+
+#: Families the shipped denoisers may be trained on; the others are kept out of training to
+#: measure how the learned prior does on shapes it never saw (validation: ``layers``; tests:
+#: ``voronoi`` and ``rings``).
+TRAINING_FAMILIES = ("inclusions", "textured", "gradient", "field")
+HELD_OUT_FAMILIES = ("layers", "voronoi", "rings")
 
 #: File types of mask images.
 MASK_SUFFIXES = (".png", ".npy")
@@ -78,6 +104,8 @@ class PhantomSettings:
         soft_edge: width of the smooth transition at inclusion edges, in cells (0: sharp edges).
         overlap: whether inclusions may overlap (later ones are drawn over earlier ones); by
             default they keep at least one cell (plus the soft edge) apart.
+        family: what :func:`random_phantom` draws, a key of :data:`FAMILIES` (the paper's
+            ``"inclusions"`` by default; the others use the ranges above, see there).
     """
 
     background: tuple[float, float] = (0.10, 0.15)
@@ -89,6 +117,7 @@ class PhantomSettings:
     max_aspect: float = 3.0
     soft_edge: float = 0.0
     overlap: bool = False
+    family: str = "inclusions"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -114,6 +143,9 @@ class PhantomSettings:
         set_(self, "soft_edge", validation.non_negative(
             self.soft_edge, "PhantomSettings.soft_edge", what="a number of cells >= 0"))
         set_(self, "overlap", bool(self.overlap))
+        if self.family not in FAMILIES:
+            raise ValueError(f"PhantomSettings.family must be one of {sorted(FAMILIES)}, got "
+                             f"{self.family!r}")
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-serialisable, for file attributes)."""
@@ -281,21 +313,32 @@ def compose_phantom(regions: list[np.ndarray], grid: ImageGrid, rng: np.random.G
 def random_phantom(grid: ImageGrid, rng: np.random.Generator,
                    settings: PhantomSettings | None = None, region: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """A random phantom: ``(E, labels)`` images (see the module docstring).
+    """A random phantom of ``settings.family``: ``(E, labels)`` images (see the module docstring).
 
     ``region``: a boolean image of the pixels inside the tissue (a mesh's raster mask); every
     inclusion then lies inside it, one pixel from its edge. ``None``: the whole field (the draws
     are then those of a rectangle, bit for bit).
 
-    The number of inclusions, their shapes, sizes, positions and moduli are drawn from ``rng``.
+    The family ``inclusions`` (the paper's): the number of inclusions, their shapes, sizes,
+    positions and moduli are drawn from ``rng``.
     Inclusions lie entirely inside the field, at least one cell from its edges, and (unless
     ``settings.overlap``) at least one cell plus the soft edge from each other; when no place is
     found after a few hundred tries the phantom keeps the inclusions placed so far if they are at
     least ``settings.n_inclusions[0]``. Raises ``ValueError`` when the grid is too small for an
     inclusion of ``min_size`` cells, or has no room for that many inclusions (saying how many
-    were placed): never fewer inclusions than asked for.
+    were placed): never fewer inclusions than asked for. Other families: :data:`FAMILIES`.
     """
     settings = settings or PhantomSettings()
+    if settings.family != "inclusions":
+        return _FAMILY_DRAWS[settings.family](grid, rng, settings, region)
+    return compose_phantom(_place(grid, rng, settings, region, settings.shapes), grid, rng,
+                           settings)
+
+
+def _place(grid: ImageGrid, rng: np.random.Generator, settings: PhantomSettings,
+           region: np.ndarray | None, shapes: tuple[str, ...]) -> list[np.ndarray]:
+    """Node sets of non-overlapping random inclusions of ``shapes`` (see :func:`random_phantom`;
+    the shape ``"ring"`` draws an annulus)."""
     h = min(grid.spacing)
     shorter = min(grid.extent)
     d_min = settings.min_size * h
@@ -314,12 +357,14 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
     regions: list[np.ndarray] = []
     for _ in range(n_wanted):
         for _attempt in range(_MAX_TRIES):
-            shape = settings.shapes[int(rng.integers(len(settings.shapes)))]
+            shape = shapes[int(rng.integers(len(shapes)))]
             diameter = math.exp(rng.uniform(math.log(d_min), math.log(d_max)))
             half = 0.5 * diameter + h  # keep a one-cell margin to the field's edges
             centre = tuple(rng.uniform(half, size - half) if size > 2 * half else 0.5 * size
                            for size in grid.extent)
-            if grid.dim == 3:
+            if shape == "ring":
+                inside = _ring_mask(points, centre, diameter, rng)
+            elif grid.dim == 3:
                 inside = _solid_mask(shape, points, centre, diameter, rng, settings)
             else:
                 inside = _shape_mask(shape, *points, centre, diameter, rng, settings)
@@ -343,7 +388,130 @@ def random_phantom(grid: ImageGrid, rng: np.random.Generator,
             f"max_size {settings.max_size:g} of the field"
             f"{'' if settings.overlap else ', kept apart'}); ask for fewer "
             "(--inclusions MIN MAX), smaller ones (--max-size) or use a finer grid")
+    return regions
+
+
+# -- the other families (FAMILIES) ---------------------------------------------------------------
+
+def _ring_mask(points: tuple[np.ndarray, ...], centre, diameter: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """An annulus (a spherical shell in 3-D), stretched by up to 1.5 along each axis, of largest
+    extent ``diameter`` and wall a third to two thirds of its radius."""
+    stretch = rng.uniform(1.0, 1.5, len(points))
+    stretch /= stretch.max()
+    r = np.sqrt(sum(((p - c) / s) ** 2 for p, c, s in zip(points, centre, stretch, strict=True)))
+    radius = diameter / 2.0
+    return (r <= radius) & (r > radius * (1.0 - rng.uniform(1.0 / 3.0, 2.0 / 3.0)))
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A length drawn log-uniformly from [low, max(low, high)] (coarse grids: ``low``)."""
+    return math.exp(rng.uniform(math.log(low), math.log(max(low, high))))
+
+
+def _random_field(grid: ImageGrid, rng: np.random.Generator, length: float) -> np.ndarray:
+    """A smooth Gaussian random field on the grid's nodes: white noise smoothed by a Gaussian of
+    ``length`` (physical units), then shifted and scaled to zero mean and unit variance."""
+    field = ndimage.gaussian_filter(rng.standard_normal(grid.shape),
+                                    [length / h for h in grid.spacing[::-1]], mode="reflect")
+    return (field - field.mean()) / max(field.std(), 1e-300)
+
+
+def _family_settings(settings: PhantomSettings, rng: np.random.Generator) -> PhantomSettings:
+    """The settings with this phantom's soft edge: drawn in [0, 3] cells unless fixed."""
+    soft = settings.soft_edge if settings.soft_edge > 0 else rng.uniform(0.0, 3.0)
+    return replace(settings, soft_edge=soft, family="inclusions")
+
+
+def _compose_in(regions: list[np.ndarray], grid: ImageGrid, rng: np.random.Generator,
+                settings: PhantomSettings, region: np.ndarray | None):
+    """:func:`compose_phantom` of the regions' parts inside the tissue, empty ones dropped."""
+    if region is not None:
+        regions = [r & np.asarray(region, dtype=bool) for r in regions]
+    regions = [r for r in regions if r.any()]
+    if not regions:
+        raise ValueError(f"no inclusion of this phantom lies in the tissue on the {grid.label()} "
+                         "grid; use a finer grid")
     return compose_phantom(regions, grid, rng, settings)
+
+
+def _textured(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    E, labels = compose_phantom(_place(grid, rng, local, region, settings.shapes), grid, rng,
+                                local)
+    length = _log_uniform(rng, 2.0 * min(grid.spacing), 0.2 * min(grid.extent))
+    amplitude = rng.uniform(0.05, 0.25)
+    texture = np.clip(_random_field(grid, rng, length), -2.5, 2.5)
+    return E * (1.0 + amplitude * texture), labels
+
+
+def _gradient(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    E, labels = compose_phantom(_place(grid, rng, local, region, settings.shapes), grid, rng,
+                                local)
+    direction = rng.standard_normal(grid.dim)
+    direction /= np.linalg.norm(direction)
+    t = sum(d * p / size for d, p, size in zip(direction, _coordinates(grid), grid.extent,
+                                              strict=True))
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-300)  # 0 to 1 across the field
+    ratio = rng.uniform(1.0, 2.0)  # stiffest to softest end
+    return E * ratio ** (t - 0.5), labels
+
+
+def _field(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    length = _log_uniform(rng, 3.0 * min(grid.spacing), 0.15 * min(grid.extent))
+    field = _random_field(grid, rng, length)
+    share = rng.uniform(0.1, 0.4)
+    inside = field > np.quantile(field, 1.0 - share)
+    structure = np.ones((3,) * grid.dim, dtype=bool)
+    parts, n = ndimage.label(inside, structure=structure)
+    return _compose_in([parts == k for k in range(1, n + 1)], grid, rng, local, region)
+
+
+def _voronoi(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    n = int(rng.integers(4, 17))
+    seeds = rng.uniform(0.0, 1.0, (n, grid.dim)) * np.array(grid.extent)
+    points = np.stack(_coordinates(grid), axis=-1)
+    nearest = np.argmin(((points[..., None, :] - seeds) ** 2).sum(axis=-1), axis=-1)
+    stiff = rng.random(n) < 0.5
+    if stiff.all() or not stiff.any():  # keep both a background and an inclusion
+        stiff[int(rng.integers(n))] = not stiff[0]
+    return _compose_in([nearest == k for k in np.flatnonzero(stiff)], grid, rng, local, region)
+
+
+def _layers(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    points = _coordinates(grid)
+    depth_axis = 1 if grid.dim == 2 else 2  # y in 2-D, z in 3-D: depth below the transducer
+    depth = grid.extent[depth_axis] - points[depth_axis]  # 0 at the transducer edge
+    n = int(rng.integers(2, 5))
+    levels = np.sort(rng.uniform(0.15, 0.9, n)) * grid.extent[depth_axis]
+    regions = []
+    for level in levels:
+        boundary = level
+        for axis in (a for a in range(grid.dim) if a != depth_axis):
+            wavelength = rng.uniform(0.3, 1.5) * grid.extent[axis]
+            amplitude = rng.uniform(0.0, 0.08) * grid.extent[depth_axis]
+            boundary = boundary + amplitude * np.sin(
+                2.0 * math.pi * points[axis] / wavelength + rng.uniform(0.0, 2.0 * math.pi))
+        regions.append(depth > boundary)  # this layer and everything below it ...
+    regions = [below & ~deeper for below, deeper in zip(regions, regions[1:])] + regions[-1:]
+    one = replace(local, n_inclusions=(1, 1))  # ... and one inclusion over them
+    regions += _place(grid, rng, one, region, ("rotated_ellipse",))
+    return _compose_in(regions, grid, rng, local, region)
+
+
+def _rings(grid, rng, settings, region):
+    local = _family_settings(settings, rng)
+    local = replace(local, n_inclusions=(1, min(local.n_inclusions[1], 4)),
+                    min_size=max(local.min_size, 6.0), max_size=max(local.max_size, 0.4))
+    return _compose_in(_place(grid, rng, local, region, ("ring",)), grid, rng, local, region)
+
+
+_FAMILY_DRAWS = {"textured": _textured, "gradient": _gradient, "field": _field,
+                 "voronoi": _voronoi, "layers": _layers, "rings": _rings}
 
 
 # -- user masks ----------------------------------------------------------------------------------

@@ -28,6 +28,22 @@ def test_simulate_writes_a_data_set_with_the_requested_settings(mpi_tmp_path):
         assert all(1 <= m.max() <= 2 for m in data.read("mask"))
 
 
+def test_simulate_draws_the_family_asked_for_and_stores_it(mpi_tmp_path):
+    out = mpi_tmp_path / "voronoi.h5"
+    assert main(["simulate", "--samples", "2", "--grid", "16", "--family", "voronoi", "--seed",
+                 "4", "--out", str(out), "--quiet"]) == 0
+    paper = mpi_tmp_path / "paper.h5"
+    assert main(["simulate", "--samples", "2", "--grid", "16", "--seed", "4", "--out",
+                 str(paper), "--quiet"]) == 0
+    with load_dataset(out) as data, load_dataset(paper) as other:
+        assert data.settings.phantoms.family == "voronoi"
+        assert other.settings.phantoms.family == "inclusions"
+        masks = data.read("mask")
+        edges = np.concatenate([masks[:, 0], masks[:, -1], masks[:, :, 0], masks[:, :, -1]])
+        assert edges.any()  # Voronoi cells reach the field's edges; the paper's never do
+        assert not np.concatenate([m[[0, -1]].ravel() for m in other.read("mask")]).any()
+
+
 def test_simulate_is_reproducible_and_refuses_to_overwrite(mpi_tmp_path, capsys):
     first, second = mpi_tmp_path / "a.h5", mpi_tmp_path / "b.h5"
     assert _simulate(first) == 0 and _simulate(second) == 0
@@ -42,6 +58,8 @@ def test_simulate_is_reproducible_and_refuses_to_overwrite(mpi_tmp_path, capsys)
     (["--snr", "nan"], "snr_db must be a finite number"),
     (["--noise-ratio", "-1"], "noise_ratio must be finite and > 0"),
     (["--masks", "/nonexistent/folder"], "does not exist"),
+    (["--masks", ".", "--family", "rings"], "--family draws random phantoms and --masks gives "
+                                            "them: choose one"),
 ])
 def test_simulate_reports_impossible_settings(mpi_tmp_path, capsys, extra, message):
     assert _simulate(mpi_tmp_path / "x.h5", *extra) == 2

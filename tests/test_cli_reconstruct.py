@@ -204,6 +204,10 @@ def test_the_command_line_takes_every_method_flag_from_the_registry():
      "--max-steps applies to the methods gn-tikhonov, gn-tv, ml and red, not 'denoised-ml'"),
     (["--method", "red", "--lam", "sometimes"], "'sometimes' not understood"),
     (["--method", "gn-tv", "--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--method", "gn-tikhonov", "--tv-delta", "0.3"], "--tv-delta applies to the method gn-tv, "
+                                                       "not 'gn-tikhonov'"),
+    (["--method", "ml", "--tau", "1.2"], "--tau applies to the methods gn-tikhonov and gn-tv"),
+    (["--method", "gn-tv", "--tau", "-1"], "discrepancy_tau"),
 ])
 def test_method_flags_are_checked_against_the_registry(data, mpi_tmp_path, capsys, extra,
                                                        message):
@@ -231,6 +235,11 @@ def test_method_flags_reach_each_method_that_takes_them():
     assert settings.options == {"ml": {"max_steps": 5}, "gn-tv": {"max_steps": 5},
                                 "denoised-ml": {"flip_average": False}}
     assert evaluate("--methods", "ml").options == {}
+    tuned = evaluate("--methods", "gn-tikhonov,gn-tv,ml", "--tau", "1.3", "--tv-delta", "0.3")
+    assert tuned.options == {"gn-tikhonov": {"discrepancy_tau": 1.3},
+                             "gn-tv": {"discrepancy_tau": 1.3, "tv_delta": 0.3}}
+    tv = get_method("gn-tv").options(tuned.options["gn-tv"])
+    assert tv.discrepancy_tau == 1.3 and tv.tv_delta == 0.3 and tv.regulariser == "tv"
     for extra, message in [
             (["--methods", "ml", "--denoiser", "m.pt"],
              "--denoiser is used by the methods denoised-ml and red; neither is in --methods"),

@@ -9,7 +9,8 @@ DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 
 @pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
-                                  "ml_solvers.py", "red_3d.py", "uncertainty.py"])
+                                  "ml_solvers.py", "red_3d.py", "uncertainty.py",
+                                  "out_of_family.py"])
 def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FENICS_RED_DEMO_SMALL", "1")
     monkeypatch.setenv("FENICS_RED_DEMO_OUT", str(mpi_tmp_path))
@@ -34,6 +35,14 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
         if MPI.COMM_WORLD.rank == 0:
             assert "| gn-tikhonov |" in out and "| ml |" in out
             assert (mpi_tmp_path / "calibration.md").exists()
+    elif name == "out_of_family.py":
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:  # the baselines tuned on validation, then every method
+            assert "| gn-tv | discrepancy_tau = 0.7, tv_delta = 1 |" in out
+            assert "## voronoi, 35 dB" in out and "## rings, 35 dB" in out
+            assert "| gn-tv (tuned) |" in out and "RED / tuned GN-TV" in out
+            assert (mpi_tmp_path / "out-of-family" / "tables.md").exists()
     elif name == "ml_solvers.py":
         assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
     else:

@@ -11,7 +11,10 @@ from scipy import ndimage
 
 from fenics_red import ImageGrid
 from fenics_red.phantoms import (
+    FAMILIES,
+    HELD_OUT_FAMILIES,
     SHAPES,
+    TRAINING_FAMILIES,
     PhantomSettings,
     load_mask_folder,
     mask_phantom,
@@ -21,6 +24,10 @@ from fenics_red.phantoms import (
 )
 
 GRID = ImageGrid(24, 20, 1.2, 1.0)
+
+#: sha256 (first 16 hex digits) of the default phantoms of seeds 0-2 on GRID, as drawn before
+#: phantom families were added (test_the_paper_family_draws_what_it_drew_before_families_existed).
+_PAPER_DIGEST = "0563d0ba78ca07f6"
 
 
 def _rank_dir(mpi_tmp_path):
@@ -284,3 +291,97 @@ def test_huge_mask_images_are_refused_from_their_header_before_decoding(mpi_tmp_
         fh.truncate(fh.tell() + 20000 * 20000)
     with pytest.raises(ValueError, match="20000 x 20000-pixel mask image .*huge.npy"):
         load_mask_folder(folder, GRID)
+
+
+# -- families of phantoms beyond the paper's (out-of-family tests of the learned prior) -----------
+
+#: How far each family may take a modulus outside the settings' ranges (a factor on each side).
+_FAMILY_SPREAD = {"textured": 1.0 / 0.375, "gradient": 2.0 ** 0.5}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_draws_labelled_phantoms_within_its_moduli_deterministically(family):
+    settings = PhantomSettings(family=family)
+    lo, hi = settings.background[0], settings.inclusion[1]
+    spread = _FAMILY_SPREAD.get(family, 1.0)
+    grid = ImageGrid(40, 32, 1.25, 1.0)
+    for seed in range(6):
+        E, labels = random_phantom(grid, np.random.default_rng(seed), settings)
+        again, labels_again = random_phantom(grid, np.random.default_rng(seed), settings)
+        assert np.array_equal(E, again) and np.array_equal(labels, labels_again)
+        assert E.shape == labels.shape == grid.shape and labels.dtype == np.int32
+        assert np.isfinite(E).all() and lo / spread - 1e-12 <= E.min()
+        assert E.max() <= hi * spread + 1e-12
+        n = int(labels.max())
+        assert n >= 1 and set(np.unique(labels)) == set(range(n + 1))  # a background, 1..K
+        inside, outside = E[labels > 0].mean(), E[labels == 0].mean()
+        assert inside > 1.5 * outside  # inclusions are the stiff regions
+    E3, labels3 = random_phantom(ImageGrid(10, 10, nz=10, depth=1.0), np.random.default_rng(0),
+                                 PhantomSettings(family=family, min_size=2))
+    assert E3.shape == (11, 11, 11) and labels3.max() >= 1 and np.isfinite(E3).all()
+
+
+def test_the_paper_family_draws_what_it_drew_before_families_existed():
+    """The default family's phantoms of a seed are those of earlier versions, bit for bit (the
+    project's data sets and tables stay reproducible): a fingerprint of three phantoms."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for seed in range(3):
+        E, labels = random_phantom(GRID, np.random.default_rng(seed), PhantomSettings())
+        digest.update(E.tobytes())
+        digest.update(labels.tobytes())
+    assert digest.hexdigest()[:16] == _PAPER_DIGEST
+
+
+def test_families_differ_in_what_they_draw():
+    """Whole-field families touch the field's edges and hold regions that touch each other; the
+    paper's inclusions never do; rings have holes."""
+    grid = ImageGrid(48, 48)
+
+    def draws(family, n=8):
+        return [random_phantom(grid, np.random.default_rng(s), PhantomSettings(family=family))[1]
+                for s in range(n)]
+
+    def touches_edge(labels):
+        return np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]).any()
+
+    def touching_pairs(labels):
+        grown = [ndimage.binary_dilation(labels == k) for k in range(1, labels.max() + 1)]
+        return any(set(np.unique(labels[g])) - {0, k + 1} for k, g in enumerate(grown))
+
+    assert not any(touches_edge(labels) for labels in draws("inclusions"))
+    for family in ("field", "voronoi", "layers"):
+        assert sum(touches_edge(labels) for labels in draws(family)) >= 4, family
+    assert any(touching_pairs(labels) for labels in draws("voronoi"))
+    assert any(touching_pairs(labels) for labels in draws("layers"))
+    for labels in draws("rings", 4):  # every ring has a hole of background
+        for k in range(1, labels.max() + 1):
+            ring = labels == k
+            assert (ndimage.binary_fill_holes(ring) & ~ring).any()
+
+
+def test_families_keep_inclusions_in_the_tissue_of_a_mesh_raster():
+    grid = ImageGrid(32, 32)
+    tissue = np.zeros(grid.shape, dtype=bool)
+    tissue[4:30, 2:25] = True
+    for family in FAMILIES:
+        _, labels = random_phantom(grid, np.random.default_rng(1), PhantomSettings(family=family),
+                                   region=tissue)
+        assert labels.max() >= 1 and not labels[~tissue].any(), family
+
+
+def test_training_and_held_out_families_split_the_families():
+    assert set(TRAINING_FAMILIES) | set(HELD_OUT_FAMILIES) == set(FAMILIES)
+    assert not set(TRAINING_FAMILIES) & set(HELD_OUT_FAMILIES)
+    assert "inclusions" in TRAINING_FAMILIES
+
+
+def test_a_family_is_stored_with_the_settings_and_old_settings_read_as_the_paper_s():
+    settings = PhantomSettings(family="voronoi")
+    assert PhantomSettings.from_dict(settings.to_dict()) == settings
+    old = PhantomSettings().to_dict()
+    del old["family"]  # a data set written before families
+    assert PhantomSettings.from_dict(old).family == "inclusions"
+    with pytest.raises(ValueError, match="family must be one of"):
+        PhantomSettings(family="stars")

@@ -10,7 +10,7 @@ from ..data import SimulationSettings, mesh_settings, simulate_dataset
 from ..domain import Domain, MeshArrays
 from ..forward import solve_memory
 from ..io import check_input_file
-from ..phantoms import SHAPES, PhantomSettings
+from ..phantoms import FAMILIES, SHAPES, PhantomSettings
 from ..raster import ImageGrid
 from ..threads import ranks_on_node
 from ..validation import check_memory
@@ -64,6 +64,10 @@ def register(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("phantoms")
     defaults = PhantomSettings()
+    group.add_argument("--family", choices=list(FAMILIES), default=defaults.family,
+                       help="what random phantoms look like (default %(default)s, the paper's); "
+                            + "; ".join(f"{name}: {text}" for name, text in FAMILIES.items()
+                                        if name != "inclusions").replace("%", "%%"))
     group.add_argument("--inclusions", type=int, nargs=2, metavar=("MIN", "MAX"),
                        default=defaults.n_inclusions,
                        help="number of inclusions of random phantoms (default %(default)s); "
@@ -107,7 +111,9 @@ def run(args) -> int:
     comm = MPI.COMM_WORLD
     phantoms = PhantomSettings(n_inclusions=tuple(args.inclusions), shapes=tuple(args.shapes),
                                min_size=args.min_size, max_size=args.max_size,
-                               soft_edge=args.soft_edge)
+                               soft_edge=args.soft_edge, family=args.family)
+    if args.masks is not None and args.family != "inclusions":
+        raise ValueError("--family draws random phantoms and --masks gives them: choose one")
     common = dict(forward=forward_settings(args), snr_db=args.snr, noise_ratio=args.noise_ratio,
                   force_noise=args.force_noise, seed=args.seed, phantoms=phantoms)
     if args.mesh is None:
