@@ -543,6 +543,18 @@ class StatisticalLikelihood:
         sum_u2 = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
         return NoiseModel.from_snr(sum_u2, self.gamma.free_counts, snr_db, ratio, force_std)
 
+    def data_snr_db(self) -> float:
+        """The measured data's SNR in dB, ``10 log10(‖u‖² / E‖n‖²)`` over the free dofs, with
+        ``‖u‖² ≈ ‖u_m‖² − E‖n‖²`` and ``E‖n‖² = Σ σ²`` of the noise model (``-inf`` when the
+        data are no larger than their noise). Collective."""
+        self._require_data()
+        free = self.gamma.free.array_r.astype(bool)
+        signal = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
+        noise = self.comm.allreduce(float(np.sum(1.0 / self.gamma.sigma2_inv.array_r[free])),
+                                    op=MPI.SUM)
+        ratio = signal / noise - 1.0
+        return 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
+
     def _require_data(self):
         if not self._has_data:
             raise RuntimeError("no measured displacement: call set_data(displacement, noise)")

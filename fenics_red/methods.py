@@ -188,8 +188,9 @@ STOP = Flag("--stop", "stop", "stopping rule: the discrepancy principle (misfit 
             "method's)", {"choices": ["discrepancy", "budget"]})
 SOLVER = Flag("--solver", "solver", "iteration: monotone FISTA, projected gradient descent, "
               "(red only) the fixed-point form with inner conjugate gradients, or (ml only) "
-              "conjugate gradients with Γ frozen (default: the method's)",
-              {"choices": ["fista", "pgd", "cg", "fixed-point"]})
+              "conjugate gradients with Γ frozen, or auto: conjugate gradients on data of 50 dB "
+              "or more, FISTA below (default: the method's; ml: auto)",
+              {"choices": ["fista", "pgd", "cg", "fixed-point", "auto"]})
 DENOISER = Flag("--denoiser", "denoiser", "denoiser model from 'fenics-red train' (default: the "
                 "shipped one)", {"metavar": "MODEL.pt"})
 NO_FLIP_AVERAGE = Flag("--no-flip-average", "flip_average", "apply the denoiser as it is, not "

@@ -497,7 +497,8 @@ def _layers(grid, rng, settings, region):
             boundary = boundary + amplitude * np.sin(
                 2.0 * math.pi * points[axis] / wavelength + rng.uniform(0.0, 2.0 * math.pi))
         regions.append(depth > boundary)  # this layer and everything below it ...
-    regions = [below & ~deeper for below, deeper in zip(regions, regions[1:])] + regions[-1:]
+    regions = [below & ~deeper
+               for below, deeper in zip(regions[:-1], regions[1:], strict=True)] + regions[-1:]
     one = replace(local, n_inclusions=(1, 1))  # ... and one inclusion over them
     regions += _place(grid, rng, one, region, ("rotated_ellipse",))
     return _compose_in(regions, grid, rng, local, region)

@@ -48,9 +48,19 @@ __all__ = ["MLSettings", "History", "IterationState", "LoopState", "Prior", "Pro
            "MonotoneFISTA", "FixedPointSolver", "MLReconstructor", "reconstruct_ml",
            "StoppingRule", "MisfitGuard", "SignificantDecrease",
            "CallbackStop", "Discrepancy", "StepBudget", "FixedPoint", "stopping_rules",
-           "ml_options", "MLRunner", "setup_ml"]
+           "ml_options", "MLRunner", "setup_ml", "MAX_STEPS", "AUTO_CG_MIN_SNR_DB",
+           "ML_DEFAULTS"]
 
-_METHODS = ("pgd", "fista", "cg")
+_METHODS = ("pgd", "fista", "cg", "auto")
+
+#: The budget of each iteration when :attr:`MLSettings.max_steps` is ``None``: CG converges on
+#: exact data in about 3000 steps at 64² (docs/studies.md); noisy data stop it far sooner.
+MAX_STEPS = {"pgd": 150, "fista": 150, "cg": 3000}
+
+#: ``method="auto"`` takes CG for data whose SNR (:meth:`StatisticalLikelihood.data_snr_db`) is
+#: at least this, FISTA below: with the discrepancy stop, CG's estimate was the better one on
+#: average from 55 dB up and FISTA's at 45 dB and below (docs/studies.md).
+AUTO_CG_MIN_SNR_DB = 50.0
 _STOPS = ("discrepancy", "budget")
 
 
@@ -60,13 +70,15 @@ class MLSettings:
 
     Attributes:
         method: ``"fista"`` (default; monotone FISTA, Beck & Teboulle 2009), ``"pgd"``
-            (projected gradient descent, equation 7) or ``"cg"`` (conjugate gradients on the
+            (projected gradient descent, equation 7), ``"cg"`` (conjugate gradients on the
             quadratic data term with ``Γ`` frozen, :class:`ConjugateGradient`; the ML estimate
-            only, no prior).
+            only, no prior) or ``"auto"`` (CG for data of :data:`AUTO_CG_MIN_SNR_DB` or more
+            without a prior, FISTA otherwise: :meth:`resolved`; the ``ml`` method's default).
         stop: ``"discrepancy"`` (default: stop when the misfit reaches ``τ n``, or at the budget)
             or ``"budget"`` (run :attr:`max_steps` steps unless converged, see :attr:`rtol`).
         discrepancy: ``τ`` of the discrepancy rule.
-        max_steps: the budget of gradient steps (all rounds together).
+        max_steps: the budget of gradient steps (all rounds together); ``None``: the
+            iteration's own (:data:`MAX_STEPS`).
         steps_per_round: gradient steps with ``Γ`` frozen before it is refreshed from the current
             ``E`` (equations 5-7). The default exceeds :attr:`max_steps`: the ML estimate keeps
             ``Γ`` at the initial modulus (``docs/studies.md``); RED-type loops refresh.
@@ -105,7 +117,7 @@ class MLSettings:
     method: str = "fista"
     stop: str = "discrepancy"
     discrepancy: float = 1.0
-    max_steps: int = 150
+    max_steps: int | None = 150
     steps_per_round: int = 1000
     rtol: float = 1e-6
     floor: float = 0.01
@@ -125,7 +137,8 @@ class MLSettings:
         if self.stop not in _STOPS:
             raise ValueError(f"MLSettings.stop must be one of {_STOPS}, got {self.stop!r}")
         validation.positive(self.discrepancy, "MLSettings.discrepancy")
-        validation.integer(self.max_steps, "MLSettings.max_steps", low=1)
+        if self.max_steps is not None:
+            validation.integer(self.max_steps, "MLSettings.max_steps", low=1)
         validation.integer(self.steps_per_round, "MLSettings.steps_per_round", low=1)
         validation.non_negative(self.rtol, "MLSettings.rtol")
         validation.number(self.floor, "MLSettings.floor", 0.0, 1.0, low_open=True,
@@ -163,6 +176,17 @@ class MLSettings:
 
     def replace(self, **changes) -> MLSettings:
         return replace(self, **changes)
+
+    def resolved(self, snr_db: float | None = None, prior: bool = False) -> MLSettings:
+        """The settings a run uses: ``"auto"`` made ``"cg"`` or ``"fista"`` by the data's SNR
+        (``snr_db``; FISTA with a ``prior``) and ``max_steps=None`` the iteration's budget."""
+        method = self.method
+        if method == "auto":
+            if snr_db is None and not prior:
+                raise ValueError("MLSettings.method 'auto' needs the data's SNR to choose")
+            method = "fista" if prior or snr_db < AUTO_CG_MIN_SNR_DB else "cg"
+        steps = MAX_STEPS[method] if self.max_steps is None else self.max_steps
+        return replace(self, method=method, max_steps=steps)
 
 
 @runtime_checkable
@@ -383,6 +407,8 @@ class History:
         self.refreshes: list[dict] = []
         self.stop_reason = ""
         self.setup_time = 0.0
+        self.solver = ""  # the iteration that ran (MLSettings.resolved)
+        self.max_steps = 0
 
     def append(self, **row) -> None:
         self.rows.append({c: row.get(c, math.nan) for c in self.COLUMNS})
@@ -410,7 +436,8 @@ class History:
         return {"steps": int(final.get("step", 0)), "rounds": len(self.refreshes),
                 "misfit": float(final.get("misfit", math.nan)),
                 "n_equations": self.n_equations, "error": float(final.get("error", math.nan)),
-                "time": float(final.get("time", math.nan)), "stop_reason": self.stop_reason}
+                "time": float(final.get("time", math.nan)), "stop_reason": self.stop_reason,
+                "solver": self.solver, "max_steps": self.max_steps}
 
 
 class _Objective:
@@ -687,9 +714,16 @@ class FixedPointSolver:
         self._truth = fidelity.create_vector()
         self._refreshed = fidelity.create_vector()  # the iterate of the last refresh of Γ
         self._objective = _Objective(fidelity, prior, self._work)
-        self.iteration = _ITERATIONS[self.settings.method](self.x)
+        self._iterations: dict = {}  # by method: "auto" may use two on different data sets
+        if self.settings.method != "auto":
+            self._iteration(self.settings.method)
         self._power_vector = None
         self.floor = 0.0
+
+    def _iteration(self, method: str):
+        if method not in self._iterations:
+            self._iterations[method] = _ITERATIONS[method](self.x)
+        return self._iterations[method]
 
     @property
     def power_vector(self) -> PETSc.Vec | None:
@@ -754,10 +788,14 @@ class FixedPointSolver:
         first among the per-iterate rules) gives a reason: the history's ``stop_reason``.
         Collective.
         """
-        s = self.settings
-        fid, obj, it, x = self.fidelity, self._objective, self.iteration, self.x
+        fid, obj, x = self.fidelity, self._objective, self.x
         t0 = time.perf_counter()
+        s = self.settings.resolved(
+            fid.data_snr_db() if self.settings.method == "auto" and self.prior is None else None,
+            prior=self.prior is not None)
+        it = self._iteration(s.method)
         history = History(fid.n_equations)
+        history.solver, history.max_steps = s.method, s.max_steps
         self.floor = s.floor * self._start_vector(E0)
         self._project(x)
         truth_norm = None
@@ -849,7 +887,8 @@ class FixedPointSolver:
 
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
-        self.iteration.destroy()
+        for iteration in self._iterations.values():
+            iteration.destroy()
         for vec in (self.x, self._start, self._work, self._diff, self._truth, self._refreshed):
             vec.destroy()
         if self._power_vector is not None:
@@ -931,12 +970,18 @@ def reconstruct_ml(sample, settings: MLSettings | None = None, comm: MPI.Comm = 
 _ML_GENERIC = {"solver": "method", "max_steps": "max_steps", "stop": "stop"}
 
 
+#: The ``"ml"`` method's defaults: the iteration chosen by the data's SNR, with its own budget.
+#: At 25-45 dB this is the data recipe :class:`MLSettings` (FISTA, 150 steps), the estimate RED
+#: and the denoiser's training start from; on nearly exact data, CG to convergence.
+ML_DEFAULTS = MLSettings(method="auto", max_steps=None)
+
+
 def ml_options(options: Mapping | MLSettings | None = None) -> MLSettings:
-    """The ``"ml"`` method's options: :class:`MLSettings` with the overrides ``options``
+    """The ``"ml"`` method's options: :data:`ML_DEFAULTS` with the overrides ``options``
     (its fields, or the generic ``solver``/``max_steps``/``stop``); settings pass as they are."""
     if isinstance(options, MLSettings):
         return options
-    values = MLSettings().to_dict()
+    values = ML_DEFAULTS.to_dict()
     for key, value in dict(options or {}).items():
         name = _ML_GENERIC.get(key, key)
         if name not in values:

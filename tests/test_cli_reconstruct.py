@@ -19,7 +19,7 @@ from fenics_red.reconstruction import (
     load_reconstructions,
     reconstruct_dataset,
 )
-from fenics_red.solvers import MLSettings
+from fenics_red.solvers import ML_DEFAULTS, MLSettings
 
 SETTINGS = SimulationSettings(ImageGrid(10, 8, 1.0, 0.8), seed=7)
 N = 5
@@ -46,12 +46,13 @@ def test_all_samples_are_written_in_the_documented_layout(data, mpi_tmp_path, co
         assert attrs["data_attrs"]["seed"] == 7 and attrs["data_attrs"]["nx"] == 10
     assert attrs["format"] == FORMAT and attrs["format_version"] == 1
     assert attrs["method"] == "ml" and attrs["data_path"] == str(data.resolve())
-    assert MLSettings.from_dict(attrs["settings"]) == MLSettings(max_steps=40)
+    assert MLSettings.from_dict(attrs["settings"]) == ML_DEFAULTS.replace(max_steps=40)
     errors = np.linalg.norm(estimates - truth, axis=(1, 2)) / np.linalg.norm(truth, axis=(1, 2))
     assert np.all(errors < 0.8)
     history, info = load_history(out, 2)
     assert history["misfit"].ndim == 1 and len(history["misfit"]) == info["steps"] + 1
     assert info["stop_reason"] in ("discrepancy", "max_steps")
+    assert info["solver"] == "fista" and info["max_steps"] == 40  # 35 dB: "auto" is FISTA
     if comm.rank == 0:
         with h5py.File(out) as f:
             assert {"estimate", "truth", "index", "done", "history"} <= set(f)

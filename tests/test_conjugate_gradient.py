@@ -94,3 +94,52 @@ def test_an_estimate_does_not_depend_on_the_samples_solved_before_it(comm):
         ml.destroy()
     alone, _ = _run(second, comm, method="cg", stop="budget", max_steps=6)
     np.testing.assert_allclose(after, alone, rtol=1e-8)
+
+
+# -- the "ml" method's default: the iteration chosen by the data's SNR ----------------------------
+
+def test_the_ml_method_with_default_settings_recovers_sharp_phantoms_from_exact_data(comm):
+    """Issue "noise-free recovery under 2 %": `reconstruct --method ml` with no option, on random
+    sharp phantoms of the default generator at 200 dB (32²; 64² in demos/ml_solvers.py)."""
+    from fenics_red.methods import get_method
+
+    grid = ImageGrid(32, 32)
+    runner = get_method("ml").setup(grid, SimulationSettings(grid).forward, comm, {})
+    try:
+        for seed in (21, 22, 23):
+            sample = simulate_sample(0, SimulationSettings(grid, snr_db=200.0, seed=seed))
+            estimate, _, info = runner.run(sample)
+            assert info["solver"] == "cg" and info["max_steps"] == 3000
+            assert _error(estimate, sample.E) < 0.02, seed
+        noisy = simulate_sample(0, SimulationSettings(grid, snr_db=35.0, seed=21))
+        _, _, info = runner.run(noisy)  # the data recipe: FISTA's 150 steps
+        assert info["solver"] == "fista" and info["max_steps"] == 150
+    finally:
+        runner.destroy()
+
+
+@pytest.mark.parametrize("snr", [25.0, 45.0, 70.0])
+def test_the_data_snr_is_read_off_the_measurement_and_its_noise_model(comm, snr):
+    sample = simulate_sample(0, SimulationSettings(GRID, snr_db=snr, seed=5))
+    model = ElasticityModel.on_grid(GRID, comm)
+    likelihood = StatisticalLikelihood(model)
+    try:
+        m = Measurement.from_sample(sample)
+        likelihood.set_data(m.displacement, m.noise)
+        assert likelihood.data_snr_db() == pytest.approx(snr, abs=0.5)
+    finally:
+        likelihood.destroy()
+        model.destroy()
+
+
+def test_auto_takes_cg_from_50_db_without_a_prior_and_each_iteration_its_budget():
+    auto = MLSettings(method="auto", max_steps=None)
+    assert auto.resolved(49.9).method == "fista" and auto.resolved(49.9).max_steps == 150
+    assert auto.resolved(50.0).method == "cg" and auto.resolved(50.0).max_steps == 3000
+    assert auto.resolved(80.0, prior=True).method == "fista"  # CG takes no prior
+    assert auto.replace(max_steps=7).resolved(80.0).max_steps == 7
+    assert MLSettings().resolved() == MLSettings()  # the data recipe is concrete already
+    with pytest.raises(ValueError, match="needs the data's SNR"):
+        auto.resolved()
+    with pytest.raises(ValueError, match="max_steps"):
+        MLSettings(max_steps=0)

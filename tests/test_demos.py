@@ -45,6 +45,7 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
             assert (mpi_tmp_path / "out-of-family" / "tables.md").exists()
     elif name == "ml_solvers.py":
         assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
+        assert "| 16², 60 dB | cg |" in out and "| 16², 200 dB | default (auto) |" in out
     else:
         assert "red balance:1" in out
 
