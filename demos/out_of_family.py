@@ -55,12 +55,9 @@ if comm.rank == 0:
 comm.Barrier()
 options = {}
 if small:  # no trained model in a test: an untrained denoiser is the identity map
-    model = folder / "identity.pt"
-    if comm.rank == 0 and not model.exists():
-        from fenics_red.denoiser import Denoiser, UNetConfig
+    from fenics_red.denoiser import save_identity
 
-        Denoiser.untrained(UNetConfig(channels=4, depth=1)).save(model)
-    comm.Barrier()
+    model = save_identity(folder / "identity.pt", comm)
     options = {m: {"denoiser": str(model)} for m in ("denoised-ml", "red")}
 
 

@@ -36,7 +36,8 @@
 # scripts/env python demos/red_lambda_rules.py runs/val-64-35db.h5 16 lipschitz:0.003,lipschitz:0.01
 # ```
 #
-# (a third argument, comma-separated, replaces the list of rules).
+# (a third argument, comma-separated, replaces the list of rules; a rule may carry other
+# `REDSettings` fields after `+`, e.g. `lipschitz:0.001+min_misfit_decrease=0+max_steps=20`).
 
 # %%
 import os
@@ -71,7 +72,7 @@ if small:
     folder = tempfile.mkdtemp(prefix="fenics-red-demo-")
     data_path = simulate_dataset(f"{folder}/data.h5", 3, SimulationSettings(ImageGrid(12, 12)),
                                  comm, progress=False)
-    n_samples, rules = 3, ["lipschitz:0.01", "balance:1"]
+    n_samples, rules = 3, ["lipschitz:0.01", "balance:1", "lipschitz:0.01+max_steps=2"]
     denoiser = Denoiser.untrained(UNetConfig(channels=4, depth=1))
 else:
     denoiser = load_denoiser()
@@ -90,7 +91,12 @@ def relative_error(estimate, truth):
 # %%
 results = {}
 for rule in rules:
-    red = REDReconstructor(grid, forward, REDSettings(lam=rule), comm, denoiser=denoiser)
+    lam, *extra = rule.split("+")
+    fields = {key: value if key in ("start", "solver", "acceleration") else float(value)
+              for key, value in (item.split("=", 1) for item in extra)}
+    fields = {k: int(v) if k in ("max_steps", "inner_steps") else v for k, v in fields.items()}
+    red = REDReconstructor(grid, forward, REDSettings(lam=lam, **fields), comm,
+                           denoiser=denoiser)
     errors, stops, lams, ml, dml = [], Counter(), [], [], []
     for sample in samples:
         estimate, history, info = red.run_sample(sample)
@@ -115,5 +121,6 @@ for rule in rules:
     mean, std, stops, lam = results[rule]
     counts = "/".join(str(stops[k]) for k in ("rtol", "insignificant", "misfit_guard",
                                                "max_steps"))
-    print(f"{'red ' + rule:>18} | {mean:.4f} ± {std:.3f}        | {counts:<12} | {lam:.2e}")
+    print(f"{'red ' + rule:>18} | {mean:.4f} ± {std:.3f}        | {counts:<12} | {lam:.2e}",
+          flush=True)
 data.close()

@@ -70,8 +70,8 @@ from torch.nn import functional as F
 from .io import atomic_output, check_input_file
 
 __all__ = ["Denoiser", "DenoiserNet", "SliceWiseDenoiser", "UNet", "UNetConfig",
-           "count_parameters", "image_scale", "DEFAULT_3D_CONFIG", "MODEL_FORMAT",
-           "MODEL_FORMAT_VERSION"]
+           "count_parameters", "image_scale", "save_identity", "DEFAULT_3D_CONFIG",
+           "MODEL_FORMAT", "MODEL_FORMAT_VERSION"]
 
 #: Value of the ``format`` key of a denoiser file: tells a fenics-red model from other torch files.
 MODEL_FORMAT = "fenics-red-denoiser"
@@ -568,4 +568,15 @@ def count_parameters(config: UNetConfig) -> int:
     :data:`DEFAULT_3D_CONFIG` (8, 2, dims 3) 85,017.
     """
     return sum(p.numel() for p in UNet(config).parameters())
+
+
+def save_identity(path: str | os.PathLike, comm) -> Path:
+    """A small untrained denoiser (the identity map) in the file ``path``, written by rank 0 of
+    ``comm`` unless it exists, then a barrier: what small runs (tests, demos at a tiny size) use
+    in place of a trained model. Collective."""
+    path = Path(path)
+    if comm.rank == 0 and not path.exists():
+        Denoiser.untrained(UNetConfig(channels=4, depth=1)).save(path)
+    comm.Barrier()
+    return path
 

@@ -173,12 +173,9 @@ def test_evaluate_command_line(dataset, mpi_tmp_path, capsys):
 
 def test_the_demo_runs_every_method_end_to_end(mpi_tmp_path, comm):
     """``make demo`` at a small size, with an untrained denoiser (the identity) saved to a file."""
-    model = mpi_tmp_path / "identity.pt"
-    if comm.rank == 0:
-        from fenics_red.denoiser import Denoiser, UNetConfig
+    from fenics_red.denoiser import save_identity
 
-        Denoiser.untrained(UNetConfig(channels=4, depth=1)).save(model)
-    comm.Barrier()
+    model = save_identity(mpi_tmp_path / "identity.pt", comm)
     out = mpi_tmp_path / "demo"
     assert main(["demo", "--grid", "12", "--out", str(out), "--denoiser", str(model),
                  "--quiet"]) == 0
