@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -74,6 +75,10 @@ __all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "REDFixedPoi
 
 _STARTS = ("denoised-ml", "ml", "homogeneous")
 _SOLVERS = ("pgd", "fista", "fixed-point")
+
+#: :attr:`REDSettings.start_check`: chosen on the validation sets of ``docs/studies.md`` (the
+#: paper's phantoms and the held-out ``layers`` family; never the test sets).
+START_CHECK = 20.0
 _ACCELERATIONS = ("none", "anderson")
 
 
@@ -133,6 +138,11 @@ class REDSettings:
             ``"lipschitz:c"`` (λ = c L_g; the default, ``c = 0.001``). See ``docs/studies.md``
             for the measurements behind the default.
         start: ``"denoised-ml"`` (default), ``"ml"`` or ``"homogeneous"`` (the uniform fit).
+        start_check: with ``start="denoised-ml"``, start from the ML estimate instead when the
+            denoised estimate's data misfit is more than this many times the ML estimate's
+            (both with ``Γ`` as the ML estimate left it: two ``Γ`` solves). A denoiser that
+            contradicts the data that much has met shapes unlike its training (a layered field:
+            ``docs/studies.md``), and RED then lets the data lead; ``0`` turns the check off.
         max_steps: budget of RED gradient steps.
         steps_per_round: steps with ``Γ`` frozen between two refreshes of ``Γ(E)`` and λ.
         rtol: stop when a refresh of ``Γ`` moves ``E`` by less than this (relative); with
@@ -167,6 +177,7 @@ class REDSettings:
     flip_average: bool = True
     lam: str = "lipschitz:0.001"
     start: str = "denoised-ml"
+    start_check: float = START_CHECK
     max_steps: int = 200
     steps_per_round: int = 20
     rtol: float = 1e-4
@@ -186,6 +197,8 @@ class REDSettings:
         if self.solver not in _SOLVERS:
             raise ValueError(f"REDSettings.solver must be one of {_SOLVERS}, got {self.solver!r}")
         validation.integer(self.inner_steps, "REDSettings.inner_steps", low=1)
+        validation.non_negative(self.start_check, "REDSettings.start_check",
+                                what="a misfit ratio >= 0 (0: no check)")
         if self.acceleration not in _ACCELERATIONS:
             raise ValueError(f"REDSettings.acceleration must be one of {_ACCELERATIONS}, got "
                              f"{self.acceleration!r}")
@@ -612,13 +625,26 @@ class REDReconstructor:
             history = {f"ml_{k}": v for k, v in ml_history.as_arrays().items()}
             info["time"] = info["ml_time"]
             return denoised, history, info
-        start = {"denoised-ml": denoised, "ml": ml_values, "homogeneous": None}[
-            self.settings.start]
+        start_name = self.settings.start
+        if start_name == "denoised-ml" and self.settings.start_check > 0:
+            ratio = self._misfit_ratio(ml_values, denoised)
+            info["start_misfit_ratio"] = ratio
+            if ratio > self.settings.start_check:
+                start_name = "ml"
+                warnings.warn(
+                    "the denoised ML estimate contradicts the data (its misfit is more than "
+                    f"{self.settings.start_check:g} times the ML estimate's): RED started from "
+                    "the ML estimate instead (run info 'start'); the denoiser has not seen shapes "
+                    "like these", UserWarning, stacklevel=2)
+        info["start"] = start_name
+        start = {"denoised-ml": denoised, "ml": ml_values, "homogeneous": None}[start_name]
         calls, seconds = self.prior.calls, self.prior.seconds
         fixed_point = isinstance(self.red, REDFixedPoint)
         if fixed_point:
             # from denoised-ml the first outer step's denoiser call is the one just made; L_g
             # starts from the ML estimate's power vector (same data set, Γ at its start)
+            # from denoised-ml, or from the ML estimate after a failed start check (C(E_ml) is
+            # then C of the start itself), the denoiser call just made serves the first step
             E, history = self.red.run(
                 start, truth=truth,
                 denoised=denoised if self.settings.start == "denoised-ml" else None,
@@ -640,6 +666,18 @@ class REDReconstructor:
             info.update(inner_steps=int(sum(self.red.inner)),
                         hessian_products=int(self.red.products))
         return estimate, arrays, info
+
+    def _misfit_ratio(self, ml_values: np.ndarray, denoised: np.ndarray) -> float:
+        """Data misfit of the denoised estimate over the ML estimate's, ``Γ`` as the ML stage
+        left it (frozen at its start: no factorisation). Collective."""
+        fid = self.likelihood
+        vec = fid.from_values(ml_values, name="ML estimate")
+        try:
+            ml_misfit = fid.value(vec)
+            fid.from_values(denoised, vec, name="denoised ML estimate")
+            return fid.value(vec) / ml_misfit if ml_misfit > 0 else math.inf
+        finally:
+            vec.destroy()
 
     def destroy(self) -> None:
         self.red.destroy()

@@ -10,7 +10,7 @@ DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 @pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
                                   "ml_solvers.py", "red_3d.py", "uncertainty.py",
-                                  "out_of_family.py"])
+                                  "out_of_family.py", "red_start_check.py"])
 def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FENICS_RED_DEMO_SMALL", "1")
     monkeypatch.setenv("FENICS_RED_DEMO_OUT", str(mpi_tmp_path))
@@ -43,6 +43,10 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
             assert "## voronoi, 35 dB" in out and "## rings, 35 dB" in out
             assert "| gn-tv (tuned) |" in out and "RED / tuned GN-TV" in out
             assert (mpi_tmp_path / "out-of-family" / "tables.md").exists()
+    elif name == "red_start_check.py":  # an identity denoiser: every ratio is 1, no fallback
+        rows = [line for line in out.splitlines() if line.startswith("| val-")]
+        assert len(rows) == 2 and "check 20: " in out
+        assert all(row.endswith("| 1 |") and row.count("(0)") == 4 for row in rows), rows
     elif name == "ml_solvers.py":
         assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
         assert "| 16², 60 dB | cg |" in out and "| 16², 200 dB | default (auto) |" in out

@@ -180,3 +180,33 @@ def test_reconstructing_noisy_data_with_the_denoiser_warns_once_on_rank_0(mpi_tm
                             {"denoiser": str(model)}, progress=False)
     messages = [str(w.message) for w in caught if "noisier than" in str(w.message)]
     assert len(messages) == (1 if comm.rank == 0 else 0)
+
+
+class Upside(Oracle):
+    """A 'denoiser' that answers with the truth turned upside down: a plausible-looking map the
+    data contradict (a denoiser meeting shapes unlike its training)."""
+
+    def __call__(self, image):
+        return self.truth[::-1].copy()
+
+
+def test_red_starts_from_the_ml_estimate_when_the_denoised_one_contradicts_the_data(sample):
+    checked = REDReconstructor(GRID, settings=REDSettings(), denoiser=Upside(sample.E))
+    unchecked = REDReconstructor(GRID, settings=REDSettings(start_check=0),
+                                 denoiser=Upside(sample.E))
+    trusted = REDReconstructor(GRID, settings=REDSettings(), denoiser=Oracle(sample.E))
+    try:
+        with pytest.warns(UserWarning, match="contradicts the data"):
+            estimate, _, info = checked.run_sample(sample)
+        assert info["start"] == "ml"
+        assert info["start_misfit_ratio"] > REDSettings().start_check
+        assert _error(estimate, sample.E) < info["denoised_ml_error"]  # the data lead
+        _, _, info = unchecked.run_sample(sample)
+        assert info["start"] == "denoised-ml" and "start_misfit_ratio" not in info
+        _, _, info = trusted.run_sample(sample)  # the truth fits the data: kept
+        assert info["start"] == "denoised-ml" and info["start_misfit_ratio"] < 2
+    finally:
+        for red in (checked, unchecked, trusted):
+            red.destroy()
+    with pytest.raises(ValueError, match="start_check"):
+        REDSettings(start_check=-1)
