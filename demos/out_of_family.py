@@ -22,7 +22,7 @@
 # mean relative RMSE over the 48 validation phantoms. The test sets play no part in any choice.
 #
 # ```bash
-# scripts/env mpirun -n 2 python demos/out_of_family.py     # about 25 minutes on 2 cores
+# scripts/env mpirun -n 2 python demos/out_of_family.py     # about an hour on 2 cores
 # ```
 #
 # It writes `runs/out-of-family/tuning.md`, `runs/out-of-family/tables.md` and

@@ -105,7 +105,9 @@ class GaussNewtonSettings:
         alpha: fixed regularisation weight, or ``None`` to choose it by the discrepancy principle
             (then the noise level is required).
         tv_delta: TV smoothing, relative: ``delta = tv_delta * E0 / L`` (``E0`` the initial
-            homogeneous modulus, ``L`` the largest extent of the domain).
+            homogeneous modulus, ``L`` the largest extent of the domain). The default 0.1 was
+            tuned on RED's validation sets with the same effort as RED's weight (it was 1 before
+            2026-12-01; ``demos/out_of_family.py``, ``docs/studies.md``).
         component_weights: misfit weights of the displacement components: one per component
             (``(w_x, w_y)`` in 2-D, ``(w_x, w_y, w_z)`` in 3-D), one for all, or a pair
             ``(w_lateral, w_axial)``, which in 3-D weighs ``x`` and ``y`` by the first and the
@@ -134,7 +136,7 @@ class GaussNewtonSettings:
 
     regulariser: str = "tikhonov"
     alpha: float | None = None
-    tv_delta: float = 1.0
+    tv_delta: float = 0.1
     component_weights: tuple[float, ...] = (1.0, 1.0)
     initial_modulus: float | None = None
     discrepancy_tau: float = 1.0

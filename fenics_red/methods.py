@@ -212,7 +212,7 @@ TAU = Flag("--tau", "discrepancy_tau", "Gauss-Newton's discrepancy target: alpha
            "that the weighted residual is TAU times the expected noise energy (default 1)",
            {"type": float, "metavar": "TAU"})
 TV_DELTA = Flag("--tv-delta", "tv_delta", "smoothing of the total variation, relative to the "
-                "initial modulus over the domain's extent (default 1)",
+                "initial modulus over the domain's extent (default 0.1)",
                 {"type": float, "metavar": "DELTA"})
 
 
