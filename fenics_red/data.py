@@ -494,6 +494,10 @@ class Dataset:
                              f"or corrupt?): {error}") from None
         try:
             self._validate(check_data)
+        except (OSError, KeyError, RuntimeError) as error:  # h5py on a damaged object or chunk
+            self._file.close()
+            raise ValueError(f"data set {str(self.path)!r} is damaged (truncated or corrupt?): "
+                             f"{error}") from None
         except Exception:
             self._file.close()
             raise

@@ -49,6 +49,10 @@ SHOWN = {
     "[--grid-y NY --noise-ratio 1 --force-noise 0 --masks DIR --inclusions 1 4 --soft-edge 0 ...]":
         "scripts/env fenics-red simulate --samples 4 --grid 12 --snr 35 --seed 1 --out "
         "{tmp}/train.h5 --quiet",
+    "scripts/env fenics-red simulate --samples 24 --grid 64 --snr 35 --family rings --out "
+    "rings.h5":
+        "scripts/env fenics-red simulate --samples 2 --grid 16 --snr 35 --family rings --out "
+        "{tmp}/rings.h5 --quiet",
     "scripts/env mpirun -n 2 fenics-red simulate ...":
         "scripts/env mpirun -n 2 fenics-red simulate --samples 4 --grid 12 --grid-y 12 --snr 25 "
         "--seed 2 --noise-ratio 1 --force-noise 0 --inclusions 1 2 --soft-edge 0.5 "
