@@ -39,6 +39,8 @@ from fenics_red.red import REDReconstructor, REDSettings
 comm = MPI.COMM_SELF  # one sample at a time on one rank: a small study
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs")) / "out-of-family"
+if MPI.COMM_WORLD.size > 1:  # a serial study: under mpirun each rank runs it on its own files
+    folder = folder / f"rank{MPI.COMM_WORLD.rank}"
 cells, n = (12, 2) if small else (64, 16)
 snrs = (35.0,) if small else (25.0, 35.0, 45.0)
 thresholds = (5.0, 10.0, 20.0, 50.0)
