@@ -132,11 +132,11 @@ def tune(candidates) -> dict:
             if comm.rank == 0:
                 values += [r["relative_rmse"] for r in per_sample(out)]
         scores[key] = comm.bcast(float(np.mean(values)) if comm.rank == 0 else None)
-    best = {}
-    for (method, option), value in scores.items():
-        if method not in best or value < scores[(method, tuple(sorted(best[method].items())))]:
-            best[method] = dict(option)
-    return best
+    best = {}  # method -> key of its lowest score
+    for key, value in scores.items():
+        if key[0] not in best or value < scores[best[key[0]]]:
+            best[key[0]] = key
+    return {method: dict(option) for method, (_, option) in best.items()}
 
 
 best = tune(first)

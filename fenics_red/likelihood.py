@@ -538,22 +538,25 @@ class StatisticalLikelihood:
         """The :class:`NoiseModel` of the current (noisy) ``u_m`` at a given SNR in dB, with
         ``SNR = 10 log10(‖u‖²/‖n‖²)`` over the free dofs and ``σ_lateral = ratio σ_axial`` (the
         axial component is the last one)."""
-        self._require_data()
-        free = self.gamma.free.array_r.astype(bool)
-        sum_u2 = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
-        return NoiseModel.from_snr(sum_u2, self.gamma.free_counts, snr_db, ratio, force_std)
+        return NoiseModel.from_snr(self._free_sum(self.u_m.array_r ** 2), self.gamma.free_counts,
+                                   snr_db, ratio, force_std)
 
     def data_snr_db(self) -> float:
         """The measured data's SNR in dB, ``10 log10(‖u‖² / E‖n‖²)`` over the free dofs, with
         ``‖u‖² ≈ ‖u_m‖² − E‖n‖²`` and ``E‖n‖² = Σ σ²`` of the noise model (``-inf`` when the
         data are no larger than their noise). Collective."""
+        free = self.gamma.free.array_r.astype(bool)
+        sigma2 = np.divide(1.0, self.gamma.sigma2_inv.array_r, where=free,
+                           out=np.zeros(free.shape))
+        ratio = self._free_sum(self.u_m.array_r ** 2) / self._free_sum(sigma2) - 1.0
+        return 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
+
+    def _free_sum(self, values: np.ndarray) -> float:
+        """The global sum of owned per-dof ``values`` over the free dofs (of the measured data:
+        raises before :meth:`set_data`). Collective."""
         self._require_data()
         free = self.gamma.free.array_r.astype(bool)
-        signal = self.comm.allreduce(float(np.sum(self.u_m.array_r[free] ** 2)), op=MPI.SUM)
-        noise = self.comm.allreduce(float(np.sum(1.0 / self.gamma.sigma2_inv.array_r[free])),
-                                    op=MPI.SUM)
-        ratio = signal / noise - 1.0
-        return 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
+        return self.comm.allreduce(float(np.sum(values[free])), op=MPI.SUM)
 
     def _require_data(self):
         if not self._has_data:

@@ -342,7 +342,7 @@ def _place(grid: ImageGrid, rng: np.random.Generator, settings: PhantomSettings,
     h = min(grid.spacing)
     shorter = min(grid.extent)
     d_min = settings.min_size * h
-    d_max = max(settings.max_size * shorter, d_min)
+    d_max = settings.max_size * shorter  # at least d_min: _log_uniform
     if d_min + 2 * h > shorter:
         raise ValueError(
             f"the {grid.label()} grid is too small for inclusions of min_size = "
@@ -358,7 +358,7 @@ def _place(grid: ImageGrid, rng: np.random.Generator, settings: PhantomSettings,
     for _ in range(n_wanted):
         for _attempt in range(_MAX_TRIES):
             shape = shapes[int(rng.integers(len(shapes)))]
-            diameter = math.exp(rng.uniform(math.log(d_min), math.log(d_max)))
+            diameter = _log_uniform(rng, d_min, d_max)
             half = 0.5 * diameter + h  # keep a one-cell margin to the field's edges
             centre = tuple(rng.uniform(half, size - half) if size > 2 * half else 0.5 * size
                            for size in grid.extent)
@@ -420,7 +420,7 @@ def _random_field(grid: ImageGrid, rng: np.random.Generator, length: float) -> n
 def _family_settings(settings: PhantomSettings, rng: np.random.Generator) -> PhantomSettings:
     """The settings with this phantom's soft edge: drawn in [0, 3] cells unless fixed."""
     soft = settings.soft_edge if settings.soft_edge > 0 else rng.uniform(0.0, 3.0)
-    return replace(settings, soft_edge=soft, family="inclusions")
+    return replace(settings, soft_edge=soft)
 
 
 def _compose_in(regions: list[np.ndarray], grid: ImageGrid, rng: np.random.Generator,

@@ -75,11 +75,11 @@ __all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "REDFixedPoi
 
 _STARTS = ("denoised-ml", "ml", "homogeneous")
 _SOLVERS = ("pgd", "fista", "fixed-point")
+_ACCELERATIONS = ("none", "anderson")
 
 #: :attr:`REDSettings.start_check`: chosen on the validation sets of ``docs/studies.md`` (the
 #: paper's phantoms and the held-out ``layers`` family; never the test sets).
 START_CHECK = 20.0
-_ACCELERATIONS = ("none", "anderson")
 
 
 def _check_denoiser(settings, name: str) -> None:
@@ -641,10 +641,9 @@ class REDReconstructor:
         calls, seconds = self.prior.calls, self.prior.seconds
         fixed_point = isinstance(self.red, REDFixedPoint)
         if fixed_point:
-            # from denoised-ml the first outer step's denoiser call is the one just made; L_g
-            # starts from the ML estimate's power vector (same data set, Γ at its start)
             # from denoised-ml, or from the ML estimate after a failed start check (C(E_ml) is
-            # then C of the start itself), the denoiser call just made serves the first step
+            # then C of the start itself), the first outer step's denoiser call is the one just
+            # made; L_g starts from the ML estimate's power vector (same data set, Γ at its start)
             E, history = self.red.run(
                 start, truth=truth,
                 denoised=denoised if self.settings.start == "denoised-ml" else None,
