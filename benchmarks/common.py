@@ -7,6 +7,8 @@ table, rendered to ``benchmarks/results/NAME.md``.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -68,6 +70,35 @@ class Meter:
 
     def columns(self, comm=None) -> dict:
         return {"load (1 min)": self.load, "CPU/wall": self.share(comm)}
+
+
+def peak_reset() -> None:
+    """Give freed memory back to the system (a previous row's MUMPS factors stay resident
+    otherwise) and reset this process's peak resident memory (VmHWM) to what is left."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then covers the whole run so far
+        pass
+
+
+def peak_mb(comm) -> float:
+    """The largest peak resident memory over the ranks, in MB (VmHWM, else ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from mpi4py import MPI
+
+    return comm.allreduce(kb / 1024, op=MPI.MAX)
 
 
 def record(name: str, rows: list[dict], key: tuple[str, ...], title: str, notes: str = "") -> str:

@@ -14,8 +14,9 @@ the same on any number of ranks), ν = 0.495. Rows:
 * ``gamg``: :class:`~fenics_red.forward.ElasticityModel` with ``ForwardSettings(solver="gamg")``
   (CG, smoothed aggregation with the 6 rigid-body modes, relative tolerance 1e-12); 16³, 32³,
   64³ and 70³ cells (1.07 M dofs);
-* ``lu``: the same with MUMPS LU, 20³ only: at 32³ (107 811 dofs) its factorisation took 145 s
-  and 2.3 GB on 1 rank (measured once, 2026-11-30), ten times the GAMG set-up + solve;
+* ``lu``: the same with MUMPS LU (on OpenBLAS), 20³ only: at 32³ (107 811 dofs) its
+  factorisation takes 16 s and 2.3 GB on 1 rank (measured once, 2026-12-01; 145 s with the
+  reference BLAS), against 11 s and 0.3 GB for the GAMG set-up + solve;
 * ``Γ (2 K solves)``: ``StatisticalLikelihood(...).gamma.solve`` at 56³ cells (0.56 M dofs) with
   the K solver given explicitly as CG + GAMG (``LikelihoodSettings(k_petsc_options=...)``, the
   forward model's GAMG options) and the Γ KSP as ``preonly`` (Σw = 0: ``Γ⁻¹ r = K⁻¹ Σn⁻¹ K⁻¹ r``,
@@ -34,8 +35,6 @@ its own arrays at the same time, and the GB/s are summed. Below the tables: the 
 2 ranks against 1 and the weak-scaling model of docs/hpc.md (:func:`projection`).
 """
 
-import ctypes
-import gc
 import os
 import sys
 import time
@@ -46,7 +45,16 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SMALL, Meter, header, markdown_table, merge_rows  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    SMALL,
+    Meter,
+    header,
+    markdown_table,
+    merge_rows,
+    peak_mb,
+    peak_reset,
+)
 
 from dolfinx import mesh  # noqa: E402
 from fenics_red.domain import Domain  # noqa: E402
@@ -66,33 +74,6 @@ if SMALL:  # make bench SIZE=small: seconds
     GAMG_SIZES, LU_SIZES, GAMMA_SIZE, TRIAD_LENGTH = (4, 6), (4,), 6, 2**18
 else:
     GAMG_SIZES, LU_SIZES, GAMMA_SIZE, TRIAD_LENGTH = (16, 32, 64, 70), (20,), 56, 2**26
-
-
-def peak_reset() -> None:
-    """Give freed memory back to the system (a previous row's MUMPS factors stay resident
-    otherwise) and reset this process's peak resident memory (VmHWM) to what is left."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux: the peak then covers the whole run so far
-        pass
-
-
-def peak_mb(comm) -> float:
-    """The largest peak resident memory over the ranks, in MB (VmHWM, else ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return comm.allreduce(kb / 1024, op=MPI.MAX)
 
 
 def timed(fn, comm) -> tuple[float, object]:

@@ -8,6 +8,11 @@ fenics_red.cli.train``) runs on a GPU node that has torch but no FEniCSx stack.
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
+from . import threads as _threads
+
+if _threads.ranks_on_node() > 1:  # mpirun -n N python script.py: N ranks share the node's cores
+    _threads.set_thread_environment()
+
 try:
     __version__ = version("fenics-red")
 except PackageNotFoundError:  # running from a source tree without installation

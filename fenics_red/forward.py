@@ -38,17 +38,18 @@ _SOLVER_OPTIONS = {
 _SOLVERS = ("auto", *_SOLVER_OPTIONS)
 
 #: ``solver="auto"``: the largest 3-D problem (global displacement dofs) still solved by MUMPS LU.
-#: MUMPS's 3-D fill-in grows fast. A solve with a new ``K``, LU / GAMG, on tetrahedral unit cubes
-#: (nu = 0.495, 1 rank; 2 ranks alike): 0.08 / 0.11 s at 8^3 cells (2.2k dofs), 0.57 / 0.34 s at
-#: 12^3 (6.6k), 2.9 / 1.1 s at 16^3 (15k), 25 / 4.6 s at 24^3 (47k), 189 / 12 s at 32^3 (108k):
-#: they break even near 10^3 cells (4k dofs).
-AUTO_LU_MAX_DOFS = 8000
+#: A solve with a new ``K``, LU / GAMG (set-up + solve), on tetrahedral unit cubes (nu = 0.495,
+#: 1 rank, OpenBLAS; ``benchmarks/forward3d.py``): 0.22 / 0.34 s at 12^3 cells (6.6k dofs),
+#: 0.58 / 1.1 s at 16^3 (15k), 3.7 / 5.0 s at 24^3 (47k), 16 / 11 s at 32^3 (108k, LU 2.3 GB
+#: against 0.3 GB): they break even near 60k dofs. (With the reference BLAS, before OpenBLAS was
+#: installed, LU took 8 times longer and broke even near 4k dofs.)
+AUTO_LU_MAX_DOFS = 50000
 #: ``solver="auto"`` for a solver that solves *many* times with one ``K`` (Gauss-Newton's CG, the
 #: likelihood's ``Γ`` within a round): the largest 3-D problem still factorised. A
-#: back-substitution costs 1/15 to 1/60 of a GAMG solve, so the factorisation pays off far beyond
+#: back-substitution costs 1/15 to 1/25 of a GAMG solve, so the factorisation pays off far beyond
 #: :data:`AUTO_LU_MAX_DOFS`; its time (~ N^2) and memory (~ N^(4/3)) set the limit (measurements:
 #: :data:`fenics_red.likelihood.AUTO_CHOLESKY_MAX_DOFS`).
-AUTO_FACTOR_MAX_DOFS = 150000
+AUTO_FACTOR_MAX_DOFS = 300000
 #: Memory of one process's Python, DOLFINx and PETSc (bytes), before any mesh.
 SOLVE_BASE_BYTES = 200 * 2**20
 #: Memory of a forward model and its solver per mesh node, all ranks together (bytes), measured

@@ -86,12 +86,14 @@ _K_SOLVERS = ("auto", *_K_OPTIONS)
 #: ``k_solver="auto"``: the largest 3-D problem (global displacement dofs) whose ``K`` is
 #: factorised by MUMPS Cholesky. Far above the forward model's threshold: one factorisation
 #: serves every ``Γ`` solve while ``Γ`` is frozen (a round has hundreds of gradient steps), and a
-#: back-substitution costs 1/15 to 1/40 of a GAMG solve. Refresh / one gradient on tetrahedral
-#: unit cubes (nu = 0.495, 1 rank), Cholesky against GAMG: 2.0 / 0.13 s against 0.3 / 2.0 s at
-#: 16^3 cells (15k dofs), 21 / 0.5 s against 0.9 / 9.5 s at 24^3 (47k), 148 / 1.1 s (1.5 GB)
-#: against 3.9 / 44 s at 32^3 (108k). The factorisation's time (~ N^2) and memory (~ N^(4/3))
-#: set the limit: extrapolated, several minutes and about 2.5 GB at 150k dofs. The same limit as
-#: any solver of many solves per ``K`` (:data:`fenics_red.forward.AUTO_FACTOR_MAX_DOFS`).
+#: back-substitution costs 1/15 to 1/25 of a GAMG solve. Factorisation / one back-substitution
+#: on tetrahedral unit cubes (nu = 0.495, 1 rank, OpenBLAS, one thread): 2.8 / 0.17 s at 24^3
+#: cells (47k dofs, 0.3 GB), 12 / 0.57 s at 32^3 (108k, 1.1 GB), 32 / 0.87 s at 40^3 (207k,
+#: 2.4 GB), 56 / 1.4 s at 44^3 (273k, 3.8 GB; 47 / 0.8 s on 2 ranks); a GAMG solve of ``K`` takes
+#: 10 s at 108k. Time (~ N^2) and memory (~ N^(4/3)) set the limit: extrapolated, about 75 s and
+#: 4.5 GB at 300k dofs. (With the reference BLAS the factorisation took 10 times longer: 148 s
+#: at 32^3.) The same limit as any solver of many solves per ``K``
+#: (:data:`fenics_red.forward.AUTO_FACTOR_MAX_DOFS`).
 AUTO_CHOLESKY_MAX_DOFS = AUTO_FACTOR_MAX_DOFS
 
 

@@ -5,12 +5,15 @@ Every rank would otherwise start as many OpenMP/BLAS/torch threads as the machin
 on 2 ranks with torch's default threads, 9.2 s with one thread per rank). The command line calls
 :func:`set_thread_environment` before NumPy, PETSc or torch load: each rank gets the cores it
 may use divided by the number of ranks on its node. A user's own ``OMP_NUM_THREADS`` (or
-``FENICS_RED_THREADS``) always wins.
+``FENICS_RED_THREADS``) always wins. ``import fenics_red`` does the same under a launcher with
+several ranks on the node, so that scripts (the demos, the benchmarks) run as written too; a pool
+that NumPy already started (OpenBLAS) is limited through threadpoolctl.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 
 __all__ = ["ranks_on_node", "threads_per_rank", "set_thread_environment", "THREAD_VARIABLES"]
@@ -60,4 +63,18 @@ def set_thread_environment(env: dict[str, str] | None = None) -> int:
     for name in THREAD_VARIABLES:
         if name not in env or "FENICS_RED_THREADS" in env:
             env[name] = str(threads)
+    if env is os.environ:
+        _limit_loaded_pools(threads)
     return threads
+
+
+def _limit_loaded_pools(threads: int) -> None:
+    """Limit the BLAS/OpenMP pools of libraries loaded before the variables were set (their
+    pools read them once, at load)."""
+    if not any(name in sys.modules for name in ("numpy", "scipy", "torch", "petsc4py")):
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - docker/packages.txt installs it
+        return
+    threadpool_limits(limits=threads)

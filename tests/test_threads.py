@@ -26,3 +26,21 @@ def test_the_environment_is_set_unless_the_user_chose(monkeypatch):
     assert set_thread_environment(mine) == 7 and "OPENBLAS_NUM_THREADS" not in mine
     forced = {"FENICS_RED_THREADS": "2", "OMP_NUM_THREADS": "7"}
     assert set_thread_environment(forced) == 2 and forced["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_script_under_a_launcher_gets_its_share_even_after_numpy_started_blas():
+    """``mpirun -n N python script.py`` whose script imports NumPy (and so OpenBLAS's pool)
+    before ``fenics_red``: the import limits the running pool to the rank's share."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import numpy, threadpoolctl\n"
+              "import fenics_red  # noqa: F401\n"
+              "print(max(p['num_threads'] for p in threadpoolctl.threadpool_info()))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "FENICS_RED_THREADS")}
+    env["OMPI_COMM_WORLD_LOCAL_SIZE"] = "64"  # more ranks than this machine has cores
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout) == 1

@@ -38,7 +38,7 @@ def add_forward_arguments(parser) -> None:
                        help="supported boundary clamped (fixed) or held along depth only "
                             "(sliding)")
     group.add_argument("--solver", choices=["auto", "lu", "gamg"], default="auto",
-                       help="auto (default): MUMPS LU in 2-D and for 3-D meshes up to 8000 "
+                       help="auto (default): MUMPS LU in 2-D and for 3-D meshes up to 50000 "
                             "dofs, CG + GAMG with the rigid-body modes above; or force lu/gamg")
 
 
