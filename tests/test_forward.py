@@ -118,13 +118,14 @@ def test_nodal_image_round_trip_is_exact(comm, rng, space):
 
 def test_image_rows_run_from_the_transducer_edge_down(comm):
     model = ElasticityModel.on_grid(_GRID, comm)
+    off = 1e-14 * max(_GRID.height, _GRID.width)  # the interpolation's round-off (BLAS)
     model.E.interpolate(lambda p: p[1])  # E = y
     image = model.images("Q").to_image(model.E)
     np.testing.assert_allclose(image[0], _GRID.height)  # row 0 is the top, y = H
-    np.testing.assert_allclose(image[-1], 0.0)
+    np.testing.assert_allclose(image[-1], 0.0, atol=off)
     model.E.interpolate(lambda p: p[0])  # E = x
     image = model.images("Q").to_image(model.E)
-    np.testing.assert_allclose(image[:, 0], 0.0)  # column 0 is the left edge
+    np.testing.assert_allclose(image[:, 0], 0.0, atol=off)  # column 0 is the left edge
     np.testing.assert_allclose(image[:, -1], _GRID.width)
 
 
