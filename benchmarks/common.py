@@ -101,6 +101,16 @@ def peak_mb(comm) -> float:
     return comm.allreduce(kb / 1024, op=MPI.MAX)
 
 
+def timed(fn, comm) -> tuple[float, object]:
+    """Wall time of one call of ``fn`` (slowest rank), and its result."""
+    from mpi4py import MPI
+
+    comm.Barrier()
+    start = time.perf_counter()
+    out = fn()
+    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX), out
+
+
 def record(name: str, rows: list[dict], key: tuple[str, ...], title: str, notes: str = "") -> str:
     """Merge ``rows`` into the table ``name`` (rows with the same key replace older ones)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

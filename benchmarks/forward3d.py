@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     merge_rows,
     peak_mb,
     peak_reset,
+    timed,
 )
 
 from dolfinx import mesh  # noqa: E402
@@ -74,14 +75,6 @@ if SMALL:  # make bench SIZE=small: seconds
     GAMG_SIZES, LU_SIZES, GAMMA_SIZE, TRIAD_LENGTH = (4, 6), (4,), 6, 2**18
 else:
     GAMG_SIZES, LU_SIZES, GAMMA_SIZE, TRIAD_LENGTH = (16, 32, 64, 70), (20,), 56, 2**26
-
-
-def timed(fn, comm) -> tuple[float, object]:
-    """Wall time of one call of ``fn`` (slowest rank), and its result."""
-    comm.Barrier()
-    start = time.perf_counter()
-    out = fn()
-    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX), out
 
 
 def levels(ksp) -> str:

@@ -12,27 +12,27 @@ up to ``AUTO_CHOLESKY_MAX_DOFS``, GAMG above. RED's time includes its own ML sta
 from the denoised ML estimate). Columns: wall time of the command (slowest rank) and, from the
 run's record, the ML and RED stages, their steps, the denoiser's calls, the relative error,
 the peak resident memory per rank, the load average when the row started and CPU/wall (as in
-``benchmarks/forward3d.py``). The 3-D denoiser was trained at 16³
-cells: at other sizes RED warns that it was not validated there (the row times the pipeline,
-its error is not a result of the method).
+``benchmarks/forward3d.py``). The 3-D denoiser was trained at 16³ cells: at other sizes RED
+warns that it was not validated there (the row times the pipeline, its error is not a result
+of the method).
 """
 
 import sys
-import time
 from pathlib import Path
 
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import h5py  # noqa: E402
-from common import RESULTS, SMALL, Meter, peak_mb, peak_reset, record  # noqa: E402
+from common import RESULTS, SMALL, Meter, peak_mb, peak_reset, record, timed  # noqa: E402
 
 from fenics_red.cli import main as cli  # noqa: E402
-from fenics_red.likelihood import AUTO_CHOLESKY_MAX_DOFS  # noqa: E402
+from fenics_red.likelihood import LikelihoodSettings  # noqa: E402
+from fenics_red.metrics import relative_rmse  # noqa: E402
+from fenics_red.red import default_denoiser_path  # noqa: E402
 
 #: the data sets and estimates (``make bench SIZE=small``: beside its tables)
 DATA = RESULTS / "reconstruct3d-data" if SMALL else Path("runs/bench-data")
-DENOISER_3D = Path(__file__).resolve().parents[1] / "fenics_red" / "data" / "denoiser-3d.pt"
 CELLS = 6 if SMALL else 44  # 3 · 45³ = 273 375 displacement dofs
 
 
@@ -53,23 +53,20 @@ def data_set(n: int, comm) -> Path:
 def reconstruction_row(n: int, method: str, comm) -> dict:
     data = data_set(n, comm)
     out = DATA / f"box-{n}-{method}-{comm.size}ranks.h5"
-    extra = ["--denoiser", str(DENOISER_3D)] if method == "red" else []
+    extra = ["--denoiser", str(default_denoiser_path(dims=3))] if method == "red" else []
     peak_reset()
     meter = Meter()
-    comm.Barrier()
-    start = time.perf_counter()
-    status = cli(["reconstruct", str(data), "--sample", "0", "--method", method, "--out", str(out),
-                  "--overwrite", "--quiet", *extra])
-    wall = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    wall, status = timed(lambda: cli(["reconstruct", str(data), "--sample", "0", "--method",
+                                      method, "--out", str(out), "--overwrite", "--quiet",
+                                      *extra]), comm)
     if status:
         raise SystemExit(f"reconstruct --method {method} failed")
-    row = {"cells": f"{n}^3", "dofs": 3 * (n + 1) ** 3, "ranks": comm.size, "method": method,
-           "K solver": "cholesky" if 3 * (n + 1) ** 3 <= AUTO_CHOLESKY_MAX_DOFS else "gamg",
-           "wall [s]": wall}
+    dofs = 3 * (n + 1) ** 3
+    row = {"cells": f"{n}^3", "dofs": dofs, "ranks": comm.size, "method": method,
+           "K solver": LikelihoodSettings().resolve_k_solver(3, dofs), "wall [s]": wall}
     with h5py.File(out, "r") as f:
         info = dict(f["history/0"].attrs)
-        error = float(((f["estimate"][0] - f["truth"][0]) ** 2).sum() ** 0.5
-                      / (f["truth"][0] ** 2).sum() ** 0.5)
+        error = relative_rmse(f["estimate"][0], f["truth"][0])
     red = method == "red"
     row.update({"ML stage [s]": info["ml_time"] if red else info.get("time", wall),
                 "ML steps": int(info["ml_steps" if red else "steps"]),
