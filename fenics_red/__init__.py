@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import threads as _threads
 
+_threads.set_spin_environment()  # before NumPy loads OpenBLAS, when imported first
 if _threads.ranks_on_node() > 1:  # mpirun -n N python script.py: N ranks share the node's cores
     _threads.set_thread_environment()
 

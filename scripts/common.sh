@@ -50,6 +50,9 @@ fenics_red_exec() {
     # yield the core while waiting in MPI calls: busy polling starves ranks on shared cores
     export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
     export MPLBACKEND="${MPLBACKEND:-Agg}" PYVISTA_OFF_SCREEN=true
+    # OpenBLAS's idle workers sleep after 2^20 cycles, not 2^28: they no longer take the cores
+    # from torch between two calls (fenics_red.threads.SPIN_DEFAULTS, measured there)
+    export OPENBLAS_THREAD_TIMEOUT="${OPENBLAS_THREAD_TIMEOUT:-20}"
     export FENICS_RED_INSIDE=1
     unset PYTHONPATH PYTHONHOME PYTHONSTARTUP
     local path="$PATH"

@@ -1,6 +1,12 @@
 """Threads per rank: the cores of a node shared by its ranks; the user's settings win."""
 
-from fenics_red.threads import ranks_on_node, set_thread_environment, threads_per_rank
+from fenics_red.threads import (
+    SPIN_DEFAULTS,
+    ranks_on_node,
+    set_spin_environment,
+    set_thread_environment,
+    threads_per_rank,
+)
 
 
 def test_ranks_on_the_node_come_from_the_launcher():
@@ -44,3 +50,29 @@ def test_a_script_under_a_launcher_gets_its_share_even_after_numpy_started_blas(
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True)
     assert int(out.stdout) == 1
+
+
+def test_idle_blas_workers_sleep_soon_unless_the_user_chose():
+    env = {}
+    set_spin_environment(env)
+    assert env == SPIN_DEFAULTS and int(env["OPENBLAS_THREAD_TIMEOUT"]) < 28  # 28: OpenBLAS's
+    mine = {"OPENBLAS_THREAD_TIMEOUT": "28"}
+    set_thread_environment(mine)
+    assert mine["OPENBLAS_THREAD_TIMEOUT"] == "28"
+
+
+def test_importing_fenics_red_first_sets_the_idle_wait_before_numpy_loads_openblas():
+    """On one rank too: OpenBLAS reads the variable once, when NumPy loads it."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, sys\n"
+              "import fenics_red  # noqa: F401\n"
+              "assert 'numpy' not in sys.modules\n"
+              "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == SPIN_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"]
