@@ -66,7 +66,7 @@ from .denoiser import (
     _read_torch_file,
     count_parameters,
 )
-from .io import atomic_output, check_input_file, check_output_path
+from .io import atomic_output, check_input_file, check_output_path, file_sha256
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",
            "PairsData", "validation_metrics", "settings_for_data", "PAIRS_FORMAT"]
@@ -101,6 +101,9 @@ class TrainingSettings:
         the pairs (:func:`train_denoiser`).
     device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"`` or ``"cuda"``.
     num_threads: torch CPU threads during training (``None``: leave torch's setting).
+    init: a model file whose weights start the training instead of a random initialisation
+        (fine-tuning; its architecture must equal :attr:`architecture`, ``None``: random from
+        ``seed``). The card records the file's SHA-256.
     """
 
     epochs: int = 60
@@ -119,6 +122,7 @@ class TrainingSettings:
     architecture: UNetConfig = UNetConfig(channels=32, depth=3)
     device: str = "auto"
     num_threads: int | None = None
+    init: str | None = None
 
     def __post_init__(self):
         def check(name, ok, what):
@@ -158,6 +162,8 @@ class TrainingSettings:
                              f"got {self.device!r}")
         if self.num_threads is not None:
             check("num_threads", integer(1), "None or an integer >= 1")
+        if self.init is not None:
+            check("init", lambda v: isinstance(v, str) and v != "", "None or a model file path")
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -510,6 +516,8 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
 
     torch.manual_seed(settings.seed)
     network = DenoiserNet(settings.architecture).to(device)
+    if settings.init is not None and not resuming:
+        network.load_state_dict(initial_weights(settings.init, settings.architecture))
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr,
                                  weight_decay=settings.weight_decay)
     history: list[dict] = []
@@ -595,6 +603,9 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
         "data": {"path": _card_path(data), "sha256": data.sha256, "pairs": data.n,
                  "image_shape": list(data.truth.shape[1:]),
                  "snr_db": _data_attr(data.recipe, "snr_db"), "recipe": data.recipe},
+        "init": (None if settings.init is None else
+                 {"path": str(Path(settings.init).resolve()),
+                  "sha256": file_sha256(settings.init)}),
         "split": {"train": len(train_idx), "validation": len(val_idx),
                   "validation_indices": val_idx.tolist()},
         "validation": metrics,
@@ -610,6 +621,18 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     with atomic_output(card_path(out_path), overwrite=True) as tmp:
         tmp.write_text(json.dumps(card, indent=1) + "\n")
     return card
+
+
+def initial_weights(path: str | os.PathLike, architecture) -> dict:
+    """The weights of the model file ``path`` (float32) for a run that starts from them
+    (:attr:`TrainingSettings.init`); a ``ValueError`` when its architecture differs."""
+    model = Denoiser.load(path)
+    if model.config != architecture:
+        raise ValueError(f"the initial model {str(path)!r} has the architecture {model.config}, "
+                         f"the run trains {architecture}; pass matching --channels/--depth or "
+                         "another --init")
+    return {k: v.float() if v.is_floating_point() else v
+            for k, v in model.network.state_dict().items()}
 
 
 def _check_converging(record: dict, settings: TrainingSettings) -> None:

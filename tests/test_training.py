@@ -270,6 +270,30 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pairs, tmp_
     assert same_weights(weights(tmp_path / "full.pt"), weights(out))
 
 
+def test_a_run_from_init_starts_at_the_given_model_s_weights(pairs, tmp_path):
+    from fenics_red.io import file_sha256
+
+    train_denoiser(pairs, tmp_path / "base.pt", FAST, progress=False)
+    still = FAST.replace(epochs=1, lr=1e-12)  # Adam moves each weight by about lr
+    base_path = str(tmp_path / "base.pt")
+    card = train_denoiser(pairs, tmp_path / "tuned.pt", still.replace(init=base_path),
+                          progress=False)
+    train_denoiser(pairs, tmp_path / "scratch.pt", still, progress=False)
+    base, tuned = weights(tmp_path / "base.pt"), weights(tmp_path / "tuned.pt")
+    assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-8) for k in base)
+    assert not same_weights(base, weights(tmp_path / "scratch.pt"))
+    assert card["init"]["sha256"] == file_sha256(tmp_path / "base.pt")
+    assert card["settings"]["init"] == base_path
+    with pytest.raises(ValueError, match="architecture"):
+        train_denoiser(pairs, tmp_path / "wide.pt",
+                       still.replace(init=base_path,
+                                     architecture=UNetConfig(channels=4, depth=2)),
+                       progress=False)
+    with pytest.raises(FileNotFoundError):
+        train_denoiser(pairs, tmp_path / "none.pt", still.replace(init=str(tmp_path / "no.pt")),
+                       progress=False)
+
+
 def test_an_existing_model_is_kept_unless_overwrite(pairs, tmp_path):
     out = tmp_path / "model.pt"
     train_denoiser(pairs, out, FAST.replace(epochs=1), progress=False)

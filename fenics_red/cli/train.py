@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                       help="replace an existing model and discard its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("recipe")
+    group.add_argument("--init", metavar="MODEL.pt", default=None,
+                       help="start from this model's weights (fine-tuning; same --channels and "
+                            "--depth) instead of a random initialisation")
     group.add_argument("--lr", type=float, default=d["lr"],
                        help="Adam learning rate, decayed by a cosine (default %(default)s)")
     group.add_argument("--lr-final-fraction", type=float, default=d["lr_final_fraction"],
@@ -121,7 +124,7 @@ def settings_from_args(args):
         val_fraction=args.val_fraction, clean_fraction=args.clean_fraction, t_max=args.t_max,
         idempotence_weight=args.idempotence_weight, fixed_point_weight=args.fixed_point_weight,
         flip=not args.no_flip, architecture=UNetConfig(args.channels, args.depth),
-        device=args.device, num_threads=args.threads)
+        device=args.device, num_threads=args.threads, init=args.init)
 
 
 def command_line(args) -> str:
@@ -129,7 +132,7 @@ def command_line(args) -> str:
     words = ["fenics-red", "train", "--data", *map(str, args.data), "--out", str(args.out)]
     for name in ("epochs", "batch_size", "seed", "val_fraction", "device", "threads", "lr",
                  "lr_final_fraction", "weight_decay", "grad_clip", "t_max", "clean_fraction",
-                 "idempotence_weight", "fixed_point_weight", "channels", "depth"):
+                 "idempotence_weight", "fixed_point_weight", "channels", "depth", "init"):
         value = getattr(args, name)
         if value is not None:
             words += ["--" + name.replace("_", "-"), str(value)]
