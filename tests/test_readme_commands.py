@@ -89,6 +89,9 @@ SHOWN = {
     "scripts/env fenics-red train --data pairs-35db.h5 pairs-25db.h5 --out mixed.pt":
         "scripts/env fenics-red train --data {tmp}/pairs.h5 {tmp}/pairs-25db.h5 --out "
         "{tmp}/mixed.pt --epochs 1 --channels 4 --depth 2 --quiet",
+    "scripts/env fenics-red train --data more-pairs.h5 --out tuned.pt --init model.pt --lr 3e-4":
+        "scripts/env fenics-red train --data {tmp}/pairs-25db.h5 --out {tmp}/tuned.pt --init "
+        "{tmp}/model.pt --lr 3e-4 --epochs 1 --channels 4 --depth 2 --quiet",
     "scripts/env fenics-red reconstruct test.h5 --method red --all --out red.h5 "
     "--denoiser model.pt":
         "scripts/env fenics-red reconstruct {tmp}/test.h5 --method red --all --out {tmp}/red.h5 "
@@ -326,7 +329,7 @@ def test_simulate_show_reconstruct_evaluate_and_train(tmp):
     for command in SHOWN:
         if ("fenics-red train" in command or "--denoiser" in command) and "box" not in command:
             shown(command, tmp)
-    assert {p.name for p in tmp.glob("*.pt")} >= {"model.pt", "mixed.pt"}
+    assert {p.name for p in tmp.glob("*.pt")} >= {"model.pt", "mixed.pt", "tuned.pt"}
     assert (tmp / "red.h5").exists()
     shown("scripts/env fenics-red reconstruct test.h5 --method gn-tikhonov --sample 0 "
           "--uncertainty --out gn-std.h5", tmp)
