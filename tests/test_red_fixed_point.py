@@ -107,8 +107,11 @@ def test_it_reaches_the_fixed_point_of_projected_gradients_in_far_fewer_denoiser
     make = {"halfway": lambda: Halfway(sample.E), "smoother": Smoother}[denoiser]
     fixed, _, fixed_info, fixed_optimality = _run(
         sample, _settings(acceleration="anderson"), make())
+    # the same problem: the λ that the fixed-point loop set at its start (the gradient loop
+    # would re-evaluate the Lipschitz rule at every refresh)
     pgd, _, pgd_info, pgd_optimality = _run(
-        sample, _settings(solver="pgd", max_steps=3000, acceleration="none"), make())
+        sample, _settings(solver="pgd", max_steps=3000, acceleration="none",
+                          lam=repr(fixed_info["lam"])), make())
     assert fixed_optimality < 1e-5 and pgd_optimality < 1e-4
     np.testing.assert_allclose(fixed, pgd, rtol=1e-4)
     assert _error(fixed, sample.E) == pytest.approx(_error(pgd, sample.E), rel=1e-4)
