@@ -264,6 +264,9 @@ def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(t
 
     model = Denoiser.load(runs / "installed" / "denoiser.pt")  # a toy: never into the package
     assert model.card["epochs"] == 1
+    # the second stage, fine-tuned from the first stage's model on the four training families
+    assert model.card["init"]["path"] == str((runs / "denoiser-small.pt").resolve())
+    assert model.card["data"]["pairs"] == 16
     run(f"make -o setup denoiser SIZE=small DIM=3 RUNS={runs}", tmp)
     model = Denoiser.load(runs / "installed" / "denoiser-3d.pt")
     assert model.dims == 3 and model.card["epochs"] == 1
