@@ -603,9 +603,7 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
         "data": {"path": _card_path(data), "sha256": data.sha256, "pairs": data.n,
                  "image_shape": list(data.truth.shape[1:]),
                  "snr_db": _data_attr(data.recipe, "snr_db"), "recipe": data.recipe},
-        "init": (None if settings.init is None else
-                 {"path": str(Path(settings.init).resolve()),
-                  "sha256": file_sha256(settings.init)}),
+        "init": None if settings.init is None else init_record(settings.init),
         "split": {"train": len(train_idx), "validation": len(val_idx),
                   "validation_indices": val_idx.tolist()},
         "validation": metrics,
@@ -621,6 +619,21 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     with atomic_output(card_path(out_path), overwrite=True) as tmp:
         tmp.write_text(json.dumps(card, indent=1) + "\n")
     return card
+
+
+#: What a fine-tuned model's card keeps of its initial model's card (its provenance).
+_INIT_CARD_KEYS = ("created", "command", "epochs", "best_epoch", "validation", "init")
+
+
+def init_record(path: str | os.PathLike) -> dict:
+    """The card entry of a run's initial model: its path, SHA-256 and the provenance part of its
+    own card (command, epochs, pairs, validation, and its own initial model), so that a
+    fine-tuned model's card tells its whole recipe."""
+    card = Denoiser.load(path).card
+    data = card.get("data") or {}
+    summary = {k: card[k] for k in _INIT_CARD_KEYS if k in card}
+    summary["data"] = {k: data[k] for k in ("pairs", "sha256", "snr_db") if k in data}
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "card": summary}
 
 
 def initial_weights(path: str | os.PathLike, architecture) -> dict:

@@ -283,6 +283,9 @@ def test_a_run_from_init_starts_at_the_given_model_s_weights(pairs, tmp_path):
     assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-8) for k in base)
     assert not same_weights(base, weights(tmp_path / "scratch.pt"))
     assert card["init"]["sha256"] == file_sha256(tmp_path / "base.pt")
+    base_card = Denoiser.load(tmp_path / "base.pt").card  # the base's recipe travels along
+    assert card["init"]["card"]["command"] == base_card["command"]
+    assert card["init"]["card"]["data"]["pairs"] == base_card["data"]["pairs"]
     assert card["settings"]["init"] == base_path
     with pytest.raises(ValueError, match="architecture"):
         train_denoiser(pairs, tmp_path / "wide.pt",
