@@ -17,7 +17,7 @@ from mpi4py import MPI
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SMALL, record  # noqa: E402
+from common import SMALL, record, timed  # noqa: E402
 
 from fenics_red.data import SimulationSettings, simulate_sample  # noqa: E402
 from fenics_red.denoiser import Denoiser  # noqa: E402
@@ -52,10 +52,8 @@ def main(plan=PLAN, samples=3):
         totals = {"ml": [], "red": [], "steps": [], "share": [], "step": [], "wall": []}
         red.run_sample(data[0])  # warm-up: the first call builds torch's kernels
         for sample in data:
-            comm.Barrier()
-            start = time.perf_counter()
-            _, _, info = red.run_sample(sample)
-            totals["wall"].append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
+            wall, (_, _, info) = timed(lambda: red.run_sample(sample), comm)  # noqa: B023
+            totals["wall"].append(wall)
             totals["ml"].append(info["ml_time"])
             totals["red"].append(info["red_time"])
             totals["steps"].append(info["steps"])

@@ -516,8 +516,11 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
 
     torch.manual_seed(settings.seed)
     network = DenoiserNet(settings.architecture).to(device)
-    if settings.init is not None and not resuming:
-        network.load_state_dict(initial_weights(settings.init, settings.architecture))
+    init = None  # the initial model's card entry: read before training, so a missing file fails
+    if settings.init is not None:  # now (also on resume), not after the last epoch
+        model, init = initial_model(settings.init, settings.architecture)
+        if not resuming:
+            network.load_state_dict(model)
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.lr,
                                  weight_decay=settings.weight_decay)
     history: list[dict] = []
@@ -603,7 +606,7 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
         "data": {"path": _card_path(data), "sha256": data.sha256, "pairs": data.n,
                  "image_shape": list(data.truth.shape[1:]),
                  "snr_db": _data_attr(data.recipe, "snr_db"), "recipe": data.recipe},
-        "init": None if settings.init is None else init_record(settings.init),
+        "init": init,
         "split": {"train": len(train_idx), "validation": len(val_idx),
                   "validation_indices": val_idx.tolist()},
         "validation": metrics,
@@ -625,27 +628,24 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
 _INIT_CARD_KEYS = ("created", "command", "epochs", "best_epoch", "validation", "init")
 
 
-def init_record(path: str | os.PathLike) -> dict:
-    """The card entry of a run's initial model: its path, SHA-256 and the provenance part of its
-    own card (command, epochs, pairs, validation, and its own initial model), so that a
-    fine-tuned model's card tells its whole recipe."""
-    card = Denoiser.load(path).card
-    data = card.get("data") or {}
-    summary = {k: card[k] for k in _INIT_CARD_KEYS if k in card}
-    summary["data"] = {k: data[k] for k in ("pairs", "sha256", "snr_db") if k in data}
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "card": summary}
-
-
-def initial_weights(path: str | os.PathLike, architecture) -> dict:
+def initial_model(path: str | os.PathLike, architecture) -> tuple[dict, dict]:
     """The weights of the model file ``path`` (float32) for a run that starts from them
-    (:attr:`TrainingSettings.init`); a ``ValueError`` when its architecture differs."""
+    (:attr:`TrainingSettings.init`), and its card entry: path, SHA-256 and the provenance part of
+    its own card (command, epochs, pairs, validation, and its own initial model), so that a
+    fine-tuned model's card tells its whole recipe. A ``ValueError`` when its architecture
+    differs."""
     model = Denoiser.load(path)
     if model.config != architecture:
         raise ValueError(f"the initial model {str(path)!r} has the architecture {model.config}, "
                          f"the run trains {architecture}; pass matching --channels/--depth or "
                          "another --init")
-    return {k: v.float() if v.is_floating_point() else v
-            for k, v in model.network.state_dict().items()}
+    weights = {k: v.float() if v.is_floating_point() else v
+               for k, v in model.network.state_dict().items()}
+    data = model.card.get("data") or {}
+    summary = {k: model.card[k] for k in _INIT_CARD_KEYS if k in model.card}
+    summary["data"] = {k: data[k] for k in ("pairs", "sha256", "snr_db") if k in data}
+    record = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "card": summary}
+    return weights, record
 
 
 def _check_converging(record: dict, settings: TrainingSettings) -> None:
