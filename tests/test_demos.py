@@ -10,7 +10,8 @@ DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 @pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
                                   "ml_solvers.py", "red_3d.py", "uncertainty.py",
-                                  "out_of_family.py", "red_start_check.py"])
+                                  "out_of_family.py", "red_start_check.py",
+                                  "data_visibility.py"])
 def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FENICS_RED_DEMO_SMALL", "1")
     monkeypatch.setenv("FENICS_RED_DEMO_OUT", str(mpi_tmp_path))
@@ -47,6 +48,15 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
         rows = [line for line in out.splitlines() if line.startswith("| val-")]
         assert len(rows) == 2 and "check 20: " in out
         assert all(row.endswith("| 1 |") and row.count("(0)") == 4 for row in rows), rows
+    elif name == "data_visibility.py":
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.rank == 0:  # the data's error along H's eigenvectors is N(0, 1/μ):
+            # its mean χ² per direction (2 x 121 directions) is 1 within its spread when Γ is
+            # the noise model that made the data
+            rows = [line.split("|") for line in out.splitlines() if line.startswith("| small |")]
+            assert len(rows) == 1 and 0.7 < float(rows[0][3]) < 1.3
+            assert "| κ = 0.001 |" in out and "| ε = 0.15 |" in out  # part 2: the MAP sweep
     elif name == "ml_solvers.py":
         assert "| 16², 200 dB | cg |" in out and "| 16², 35 dB | fista |" in out
         assert "| 16², 60 dB | cg |" in out and "| 16², 200 dB | default (auto) |" in out
