@@ -26,7 +26,7 @@ help:
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
 	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
 	@echo "  paper, denoiser, bench: SIZE=small runs them at a tiny size (seconds), RUNS=DIR for runs/"
-	@echo "  denoiser DIM=3: the 3-D denoiser (fenics_red/data/denoiser-3d.pt) on 16^3 volumes"
+	@echo "  denoiser DIM=3: the 3-D denoiser (fenics_red/data/denoiser-3d.pt): 16^3 volumes, then 24^3"
 	@echo "make meshes  remake meshes/*.msh from meshes/*.geo with gmsh (*-3d.geo in 3-D)"
 	@echo "make docker  build the Docker image fenics-red from debian:trixie (needs a Docker engine)"
 	@echo "make docker-offline  the same FROM the root that make setup builds (no image registry)"

@@ -12,7 +12,7 @@ up to ``AUTO_CHOLESKY_MAX_DOFS``, GAMG above. RED's time includes its own ML sta
 from the denoised ML estimate). Columns: wall time of the command (slowest rank) and, from the
 run's record, the ML and RED stages, their steps, the denoiser's calls, the relative error,
 the peak resident memory per rank, the load average when the row started and CPU/wall (as in
-``benchmarks/forward3d.py``). The 3-D denoiser was trained at 16³ cells: at other sizes RED
+``benchmarks/forward3d.py``). The 3-D denoiser was fine-tuned at 24³ cells: at other sizes RED
 warns that it was not validated there (the row times the pipeline, its error is not a result
 of the method).
 """

@@ -11,8 +11,9 @@
 #
 # Random 3-D phantoms (spheres, ellipsoids, blobs and polyhedra in a soft background) on a box of
 # 24³ cells (15 625 nodes, 46 875 displacement dofs), depth along z, the probe pressing the top
-# face, 35 dB. The test set (seed 41) is not the 3-D denoiser's training set (seed 31, 64
-# phantoms of 16³ cells, `make denoiser DIM=3`), and nothing was tuned on it. Methods:
+# face, 35 dB. The test set (seed 41) is in none of the 3-D denoiser's training sets (`make
+# denoiser DIM=3`: 768 phantoms of 16³ cells, seed 31, then 256 of 24³, seed 61), and nothing was
+# tuned on it. Methods:
 #
 # * `ml`, `gn-tv`: the statistical estimate without prior and the classical baseline (its TV
 #   weight by the discrepancy principle, as in 2-D);

@@ -270,6 +270,9 @@ def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(t
     run(f"make -o setup denoiser SIZE=small DIM=3 RUNS={runs}", tmp)
     model = Denoiser.load(runs / "installed" / "denoiser-3d.pt")
     assert model.dims == 3 and model.card["epochs"] == 1
+    # 3-D stage 2: fine-tuned from stage 1's model on volumes of the finer grid
+    assert model.card["init"]["path"] == str((runs / "denoiser-3d-small.pt").resolve())
+    assert model.card["data"]["image_shape"] == [11, 11, 11]
     out = run(f"make -o setup bench SIZE=small RUNS={runs}", tmp)
     for name in ("forward", "inverse", "mesh", "red", "simulate"):
         assert (runs / "bench" / f"{name}.md").exists(), out
