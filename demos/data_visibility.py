@@ -34,7 +34,8 @@
 # ```
 #
 # It reads the evaluation folders of `make paper` (`runs/eval-64-*`) and of
-# `demos/out_of_family.py` (`runs/out-of-family/eval-*`), takes their first 8 phantoms per set
+# `demos/out_of_family.py` (`runs/out-of-family/eval-*`) and the 35 dB validation sets of
+# `demos/red_start_check.py`, takes their first 8 phantoms per set
 # (`FENICS_RED_VISIBILITY_SAMPLES`), and writes `runs/data-visibility.md` and one result file
 # per phantom (`runs/data-visibility/`, resumed). Each rank takes every other phantom.
 
@@ -95,6 +96,13 @@ if small:  # the tests: a tiny data set, its estimates with an untrained (identi
     sets = [("small", data, folder)]
     validation = [("small", data)]
     red_settings = REDSettings(denoiser=str(identity))
+missing = [str(folder / "estimates" / method) for _, _, folder in sets for method in methods
+           if not (folder / "estimates" / method).is_dir()]
+missing += [str(data) for _, data in validation if not data.exists()]
+if missing:  # every rank sees the same files: all stop together
+    raise SystemExit(f"{missing[0]} does not exist (and {len(missing) - 1} more): run `make "
+                     "paper`, `scripts/env mpirun -n 2 python demos/out_of_family.py` and "
+                     "`scripts/env python demos/red_start_check.py` first")
 out = runs / "data-visibility"
 out.mkdir(parents=True, exist_ok=True)
 
