@@ -279,6 +279,22 @@ def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(t
     assert {p: _digest(p) for p in before} == before  # the shipped model and tables unchanged
 
 
+def test_make_denoiser_refuses_a_kept_data_set_of_another_size(tmp):
+    """A finished data set is never simulated again: one of 3 phantoms where 8 are asked for stops
+    the run before any work, instead of training on fewer pairs than the recipe says."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    runs = tmp / "runs"
+    runs.mkdir()
+    run(f"scripts/env fenics-red simulate --samples 3 --grid 16 --snr 35 --seed 1 --quiet "
+        f"--out {runs / 'train-16-small-35db.h5'}", tmp)
+    done = subprocess.run(["make", "-o", "setup", "denoiser", "SIZE=small", f"RUNS={runs}"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "holds 3 phantoms, but 8 are asked for" in done.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["train-16-small-35db.h5"]
+
+
 def test_make_paper_refuses_an_unknown_size(tmp):
     if shutil.which("make") is None:
         pytest.skip("no make")
