@@ -44,10 +44,12 @@ both); the 3-D :class:`Denoiser` averages over that group of four, as
 swaps the brackets, so the result is equivariant under both flips to the last bit, up to how the
 network's kernels treat the positions in a batch. The exchange ``x ↔ y`` (allowed when
 ``ny = nx``) is not averaged over: the lateral and elevational axes of a probe are not equivalent
-in measured data, and it would double the cost. A 2-D model can also denoise a volume slice by
-slice (:class:`SliceWiseDenoiser`, :meth:`Denoiser.slicewise`): each axial-lateral plane
-``volume[:, j, :]`` is an image like the 2-D training images. Files written before ``dims``
-existed hold no ``dims`` and load as 2-D models, unchanged.
+in measured data, and it would double the cost for half a per cent of error on the simulated
+validation volumes (``docs/studies.md``); training may use it (``TrainingSettings.exchange``).
+A 2-D model can also denoise a volume slice by slice (:class:`SliceWiseDenoiser`,
+:meth:`Denoiser.slicewise`): each axial-lateral plane ``volume[:, j, :]`` is an image like the
+2-D training images. Files written before ``dims`` existed hold no ``dims`` and load as 2-D
+models, unchanged.
 
 The network runs in float32; images enter and leave as float64 NumPy arrays. torch is imported by
 this module (and :mod:`fenics_red.training`) only: ``import fenics_red`` stays free of it.

@@ -20,7 +20,10 @@ recipe here, beyond the paper's:
   supported, so up-down flips or rotations would produce estimates whose error pattern is not
   physical). For volumes ``(nz+1, ny+1, nx+1)`` (axis 0 the depth, along the load) the flips of
   ``x`` and of ``y``, each with probability ½ (so uniformly over the group of four that the 3-D
-  :class:`~fenics_red.denoiser.Denoiser` averages over).
+  :class:`~fenics_red.denoiser.Denoiser` averages over). Optionally (``exchange``) also the
+  exchange ``x ↔ y`` of volumes with ``ny = nx``: the simulated data treat the two lateral axes
+  alike (the load is axial, the lateral noise levels equal), so an exchanged pair is another
+  pair of the same distribution, twice the shapes for the same estimates.
 * **Images or volumes.** The network follows the pairs: pairs of images ``(n, ny+1, nx+1)``
   train a 2-D UNet, pairs of volumes ``(n, nz+1, ny+1, nx+1)`` a 3-D one (``dims`` of
   :class:`~fenics_red.denoiser.UNetConfig`; a 2-D architecture in the settings becomes 3-D with
@@ -97,6 +100,9 @@ class TrainingSettings:
         output detached) and ``‖C(E) − E‖²`` (both relative); 0 turns them off.
     flip: left-right flips with probability ½ (the only augmentation that respects the physics;
         for volumes the ``x`` and the ``y`` flip, each with probability ½).
+    exchange: volumes only: also exchange the lateral axes ``x ↔ y`` with probability ½ (their
+        ``ny`` must equal ``nx``). Not averaged over at inference (see
+        :mod:`fenics_red.denoiser`); ``False`` keeps the recipes before it bit for bit.
     architecture: the UNet (see :class:`fenics_red.denoiser.UNetConfig`); its ``dims`` follows
         the pairs (:func:`train_denoiser`).
     device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"`` or ``"cuda"``.
@@ -119,6 +125,7 @@ class TrainingSettings:
     idempotence_weight: float = 0.5
     fixed_point_weight: float = 0.5
     flip: bool = True
+    exchange: bool = False
     architecture: UNetConfig = UNetConfig(channels=32, depth=3)
     device: str = "auto"
     num_threads: int | None = None
@@ -127,7 +134,7 @@ class TrainingSettings:
     def __post_init__(self):
         def check(name, ok, what):
             value = getattr(self, name)
-            if isinstance(value, bool) and name != "flip" or not ok(value):
+            if isinstance(value, bool) and name not in ("flip", "exchange") or not ok(value):
                 raise ValueError(f"TrainingSettings.{name} must be {what}, got {value!r}")
 
         def integer(low):
@@ -151,6 +158,7 @@ class TrainingSettings:
         check("idempotence_weight", real(0), "a number >= 0")
         check("fixed_point_weight", real(0), "a number >= 0")
         check("flip", lambda v: isinstance(v, bool), "True or False")
+        check("exchange", lambda v: isinstance(v, bool), "True or False")
         if self.val_fraction >= 1:
             raise ValueError("TrainingSettings.val_fraction must be below 1")
         if isinstance(self.architecture, dict):
@@ -390,7 +398,8 @@ class _Batches:
     def __init__(self, data: PairsData, settings: TrainingSettings, device):
         self.data, self.settings, self.device = data, settings, device
 
-    def mixed(self, indices: np.ndarray, rng: np.random.Generator, flip: bool):
+    def mixed(self, indices: np.ndarray, rng: np.random.Generator, flip: bool,
+              exchange: bool = False):
         s = self.settings
         truth = self.data.truth[indices]
         estimate = self.data.estimate[indices]
@@ -401,6 +410,10 @@ class _Batches:
                 flips = rng.random(len(indices)) < 0.5
                 truth[flips] = np.flip(truth[flips], axis)
                 estimate[flips] = np.flip(estimate[flips], axis)
+        if exchange:  # x <-> y of volumes (ny = nx, checked by train_denoiser)
+            swaps = rng.random(len(indices)) < 0.5
+            truth[swaps] = np.swapaxes(truth[swaps], -1, -2)
+            estimate[swaps] = np.swapaxes(estimate[swaps], -1, -2)
         inputs = truth + t.reshape(-1, *[1] * (truth.ndim - 1)) * (estimate - truth)
         return self.tensor(inputs), self.tensor(truth)
 
@@ -498,8 +511,14 @@ def settings_for_data(settings: TrainingSettings, data: PairsData) -> TrainingSe
     """``settings`` with the architecture's ``dims`` of the pairs (2: images, 3: volumes).
 
     A 2-D architecture on volumes becomes 3-D with the same channels and depth; a 3-D one on
-    images is a ``ValueError``.
+    images is a ``ValueError``, and so is ``exchange`` on images or on volumes with ``ny ≠ nx``.
     """
+    if settings.exchange and (data.dims != 3 or data.truth.shape[-1] != data.truth.shape[-2]):
+        what = ("images" if data.dims == 2 else
+                f"volumes of {data.truth.shape[-2]} nodes along y and {data.truth.shape[-1]} "
+                "along x")
+        raise ValueError(f"the exchange x <-> y (--exchange) needs volumes with as many nodes "
+                         f"along y as along x, but the pairs hold {what}; leave it out")
     architecture = settings.architecture
     if architecture.dims == data.dims:
         return settings
@@ -556,7 +575,8 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
             total = 0.0
             for b in range(n_batches):
                 chosen = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-                inputs, truth = batches.mixed(chosen, rng, flip=settings.flip)
+                inputs, truth = batches.mixed(chosen, rng, flip=settings.flip,
+                                              exchange=settings.exchange)
                 loss = _objective(network, inputs, truth, settings)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -490,6 +490,53 @@ def test_volumes_are_augmented_by_the_x_and_y_flips_only(tmp_path):
     assert seen == set(group.values())
 
 
+def test_volumes_with_ny_equal_nx_can_also_be_exchanged_in_x_and_y(tmp_path):
+    """``exchange``: each volume is one of the eight lateral symmetries of its truth (flips and
+    the exchange x <-> y, never the depth), all eight occur, and the estimate goes with it."""
+    from fenics_red.training import _Batches
+
+    rng = np.random.default_rng(3)  # random volumes: no two symmetries of one are equal
+    truth = rng.uniform(1.0, 2.0, (8, 9, 11, 11))
+    estimate = truth * rng.uniform(0.8, 1.2, truth.shape)
+    data = read_pairs(write_pairs(tmp_path / "volumes.h5", truth, estimate))
+    settings = FAST.replace(clean_fraction=0.0, exchange=True)
+    batches = _Batches(data, settings, "cpu")
+    rng = np.random.default_rng(0)
+
+    def symmetries(volume):
+        for swap in (False, True):
+            v = np.swapaxes(volume, 1, 2) if swap else volume
+            for axes in ((), (2,), (1,), (1, 2)):
+                yield (swap, axes), np.flip(v, axes).astype(np.float32)
+
+    seen = set()
+    for _ in range(8):
+        inputs, target = batches.mixed(np.arange(8), rng, flip=True, exchange=True)
+        for k in range(8):
+            matches = [key for key, v in symmetries(truth[k])
+                       if np.array_equal(target[k, 0].numpy(), v)]
+            assert len(matches) == 1, f"volume {k} is not a lateral symmetry of its truth"
+            # the estimate went with its truth: input = g E + t (g Ẽ − g E) for one t in [0, 1]
+            g_estimate = dict(symmetries(estimate[k]))[matches[0]]
+            step = (g_estimate - target[k, 0].numpy()).ravel()
+            moved = (inputs[k, 0].numpy() - target[k, 0].numpy()).ravel()
+            t = step @ moved / (step @ step)
+            assert -1e-6 <= t <= 1 + 1e-6
+            np.testing.assert_allclose(moved, t * step, atol=1e-5)
+            seen.update(matches)
+    assert len(seen) == 8
+
+
+def test_exchange_is_refused_on_images_and_on_volumes_with_ny_not_nx(pairs, tmp_path):
+    settings = FAST.replace(epochs=1, exchange=True)
+    with pytest.raises(ValueError, match="exchange x <-> y .* the pairs hold images"):
+        train_denoiser(pairs, tmp_path / "model.pt", settings, progress=False)
+    volumes = write_pairs(tmp_path / "volumes.h5", *make_volume_pairs(4))  # ny 11, nx 13
+    with pytest.raises(ValueError, match="11 nodes along y and 13 along x"):
+        train_denoiser(volumes, tmp_path / "model.pt", settings, progress=False)
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_the_command_s_volume_architecture_is_the_library_s_3d_default():
     from fenics_red.cli.train import DEFAULTS_3D
     from fenics_red.denoiser import DEFAULT_3D_CONFIG

@@ -85,6 +85,9 @@ def register(subparsers) -> None:
     group.add_argument("--no-flip", action="store_true",
                        help="no flips (the only augmentation used: left-right on images, x and "
                             "y on volumes)")
+    group.add_argument("--exchange", action="store_true",
+                       help="volumes with ny = nx: also exchange the lateral axes x <-> y with "
+                            "probability 1/2 (the simulated data treat them alike)")
     group.add_argument("--channels", type=int, default=None,
                        help=f"UNet width: feature maps at full resolution (default "
                             f"{d['channels']} on images, {DEFAULTS_3D['channels']} on volumes: "
@@ -123,7 +126,8 @@ def settings_from_args(args):
         grad_clip=args.grad_clip or None, seed=args.seed,
         val_fraction=args.val_fraction, clean_fraction=args.clean_fraction, t_max=args.t_max,
         idempotence_weight=args.idempotence_weight, fixed_point_weight=args.fixed_point_weight,
-        flip=not args.no_flip, architecture=UNetConfig(args.channels, args.depth),
+        flip=not args.no_flip, exchange=args.exchange,
+        architecture=UNetConfig(args.channels, args.depth),
         device=args.device, num_threads=args.threads, init=args.init)
 
 
@@ -136,7 +140,8 @@ def command_line(args) -> str:
         value = getattr(args, name)
         if value is not None:
             words += ["--" + name.replace("_", "-"), str(value)]
-    words += [flag for flag, on in (("--no-flip", args.no_flip), ("--resume", args.resume),
+    words += [flag for flag, on in (("--no-flip", args.no_flip), ("--exchange", args.exchange),
+                                    ("--resume", args.resume),
                                     ("--overwrite", args.overwrite)) if on]
     return shlex.join(words)
 
