@@ -52,9 +52,10 @@ import numpy as np
 from fenics_red.data import load_dataset
 from fenics_red.evaluation import read_estimate
 from fenics_red.forward import ElasticityModel
+from fenics_red.io import atomic_output
 from fenics_red.likelihood import StatisticalLikelihood
 from fenics_red.measurements import Measurement
-from fenics_red.metrics import ssim
+from fenics_red.metrics import relative_rmse, ssim
 from fenics_red.red import REDReconstructor, REDSettings
 from fenics_red.solvers import MLSettings
 
@@ -127,6 +128,32 @@ def dense_hessian(likelihood: StatisticalLikelihood) -> np.ndarray:
     return 0.5 * (H + H.T)
 
 
+def quadratic_form(likelihood: StatisticalLikelihood, at) -> tuple[np.ndarray, np.ndarray]:
+    """``(H, Dᵀ Γ⁻¹ f)`` of the data term with ``Γ`` refreshed at the vector ``at``: ``g`` is
+    quadratic there, and ``∇g(E) = H E − Dᵀ Γ⁻¹ f`` gives the second from one gradient."""
+    likelihood.refresh(at)
+    gradient = likelihood.create_vector()
+    likelihood.gradient(at, gradient)
+    H = dense_hessian(likelihood)
+    b = H @ at.array_r - gradient.array_r
+    gradient.destroy()
+    return H, b
+
+
+def eigen(H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(μ, V, informed)``: ``H``'s eigenvalues (round-off negatives set to 0), eigenvectors, and
+    the directions the data inform (``μ > 1e-12 μ_max``)."""
+    mu, V = np.linalg.eigh(H)
+    mu = np.maximum(mu, 0.0)
+    return mu, V, mu > 1e-12 * mu.max()
+
+
+def save_json(path: Path, result: dict) -> None:
+    """``result`` to ``path``, whole or not at all (a resumed run skips finished phantoms)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def visibility(mu: np.ndarray, V: np.ndarray, error: np.ndarray, norm: float) -> dict:
     """Visible share, oracle error and actual error of one estimate's ``error`` (nodal)."""
     c = V.T @ error
@@ -152,27 +179,20 @@ def analyse(data_path: Path, folder: Path, index: int) -> dict:
     try:
         likelihood.set_data(m.displacement, m.noise)
         truth = likelihood.from_values(m.truth, name="true modulus")
-        likelihood.refresh(truth)  # Γ at the true modulus: the noise model that made the data
-        gradient = likelihood.create_vector()
-        likelihood.gradient(truth, gradient)
-        H = dense_hessian(likelihood)
+        H, b = quadratic_form(likelihood, truth)  # Γ at the truth: the noise model of the data
         t = truth.array_r.copy()
-        b = H @ t - gradient.array_r  # Dᵀ Γ⁻¹ f, from ∇g(E) = H E − Dᵀ Γ⁻¹ f
         for method in methods:  # to the model's order through the same vector
             path = folder / "estimates" / method / f"sample_{index}.npz"
             if path.exists():
-                likelihood.from_values(read_estimate(path)[0], gradient, name=method)
-                estimates[method] = gradient.array_r.copy()
+                likelihood.from_values(read_estimate(path)[0], truth, name=method)
+                estimates[method] = truth.array_r.copy()
         truth.destroy()
-        gradient.destroy()
     finally:
         likelihood.destroy()
         model.destroy()
-    mu, V = np.linalg.eigh(H)
-    mu = np.maximum(mu, 0.0)
+    mu, V, informed = eigen(H)
     norm = float(np.linalg.norm(t))
-    # the data's own estimate along each direction with μ > 0, and its error: n_i ~ N(0, 1/μ_i)
-    informed = mu > 1e-12 * mu.max()
+    # the data's own estimate along each informed direction, and its error: n_i ~ N(0, 1/μ_i)
     n_data = (V.T @ b)[informed] / mu[informed] - (V.T @ t)[informed]
     result = {"nodes": int(t.size), "chi2_per_direction": float(np.mean(mu[informed] * n_data**2)),
               "directions_above_1": int((mu > 1.0).sum())}
@@ -191,9 +211,7 @@ for k, (label, data, folder, i) in enumerate(jobs):
     name = out / f"{data.stem}-{i}.json"
     if k % world.size == world.rank and not name.exists():
         result = analyse(data, folder, i)
-        partial = name.with_suffix(".partial")
-        partial.write_text(json.dumps(result, indent=1) + "\n")
-        partial.replace(name)
+        save_json(name, result)
         print(f"{label} #{i}: " + ", ".join(
             f"{m} {result[m]['error']:.3f} -> oracle {result[m]['oracle']:.3f}"
             for m in methods if m in result), flush=True)
@@ -256,23 +274,16 @@ def map_sweep(data_path: Path, index: int) -> dict:
         z_image, _, _ = reconstructor.run_sample(sample, stages="denoised-ml")
         likelihood = reconstructor.likelihood
         z = likelihood.from_values(z_image, name="denoised ML estimate")
-        likelihood.refresh(z)
-        gradient = likelihood.create_vector()
-        likelihood.gradient(z, gradient)
-        H = dense_hessian(likelihood)
+        H, b = quadratic_form(likelihood, z)
         zz = z.array_r.copy()
-        b = H @ zz - gradient.array_r
-        mu, V = np.linalg.eigh(H)
-        mu = np.maximum(mu, 0.0)
+        mu, V, informed = eigen(H)
         cz, cb = V.T @ zz, V.T @ b
-        informed = mu > 1e-12 * mu.max()
         d = np.where(informed, cb / np.where(informed, mu, 1.0), cz)  # the data's own estimate
         truth = sample.E
         result = {}
 
         def score(name, image):
-            result[name] = [float(np.linalg.norm(image - truth) / np.linalg.norm(truth)),
-                            float(ssim(image, truth))]
+            result[name] = [relative_rmse(image, truth), float(ssim(image, truth))]
 
         score("denoised-ml", z_image)
         score("red", red)
@@ -283,7 +294,6 @@ def map_sweep(data_path: Path, index: int) -> dict:
             z.array[:] = np.maximum(V @ (cz + mu / (mu + lam) * (d - cz)), floor)
             score(name, likelihood.to_values(z))
         z.destroy()
-        gradient.destroy()
         return result
     finally:
         reconstructor.destroy()
@@ -294,9 +304,7 @@ for k, (label, data, i) in enumerate(jobs):
     name = out / f"map-{data.stem}-{i}.json"
     if k % world.size == world.rank and not name.exists():
         result = map_sweep(data, i)
-        partial = name.with_suffix(".partial")
-        partial.write_text(json.dumps(result, indent=1) + "\n")
-        partial.replace(name)
+        save_json(name, result)
         print(f"{label} #{i}: " + ", ".join(f"{key} {v[0]:.3f}" for key, v in result.items()),
               flush=True)
 world.Barrier()
