@@ -12,7 +12,7 @@
 # Random 3-D phantoms (spheres, ellipsoids, blobs and polyhedra in a soft background) on a box of
 # 24³ cells (15 625 nodes, 46 875 displacement dofs), depth along z, the probe pressing the top
 # face, 35 dB. The test set (seed 41) is in none of the 3-D denoiser's training sets (`make
-# denoiser DIM=3`: 768 phantoms of 16³ cells, seed 31, then 256 of 24³, seed 61), and nothing was
+# denoiser DIM=3`: 768 phantoms of 16³ cells, seed 31, then 384 of 24³, seed 61), and nothing was
 # tuned on it. Methods:
 #
 # * `ml`, `gn-tv`: the statistical estimate without prior and the classical baseline (its TV
