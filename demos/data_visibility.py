@@ -52,7 +52,7 @@ import numpy as np
 from fenics_red.data import load_dataset
 from fenics_red.evaluation import read_estimate
 from fenics_red.forward import ElasticityModel
-from fenics_red.io import atomic_output
+from fenics_red.io import atomic_output, to_json
 from fenics_red.likelihood import StatisticalLikelihood
 from fenics_red.measurements import Measurement
 from fenics_red.metrics import relative_rmse, ssim
@@ -151,7 +151,7 @@ def eigen(H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def save_json(path: Path, result: dict) -> None:
     """``result`` to ``path``, whole or not at all (a resumed run skips finished phantoms)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.write_text(to_json(result, indent=1, sort_keys=False) + "\n")
 
 
 def visibility(mu: np.ndarray, V: np.ndarray, error: np.ndarray, norm: float) -> dict:
@@ -178,15 +178,15 @@ def analyse(data_path: Path, folder: Path, index: int) -> dict:
     estimates = {}
     try:
         likelihood.set_data(m.displacement, m.noise)
-        truth = likelihood.from_values(m.truth, name="true modulus")
-        H, b = quadratic_form(likelihood, truth)  # Γ at the truth: the noise model of the data
-        t = truth.array_r.copy()
-        for method in methods:  # to the model's order through the same vector
+        vec = likelihood.from_values(m.truth, name="true modulus")
+        H, b = quadratic_form(likelihood, vec)  # Γ at the truth: the noise model of the data
+        t = vec.array_r.copy()
+        for method in methods:  # each estimate to the model's order through the same vector
             path = folder / "estimates" / method / f"sample_{index}.npz"
             if path.exists():
-                likelihood.from_values(read_estimate(path)[0], truth, name=method)
-                estimates[method] = truth.array_r.copy()
-        truth.destroy()
+                likelihood.from_values(read_estimate(path)[0], vec, name=method)
+                estimates[method] = vec.array_r.copy()
+        vec.destroy()
     finally:
         likelihood.destroy()
         model.destroy()
