@@ -10,11 +10,23 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_finish(session):
+    """Freeze what the imports made (about 200 000 objects: DOLFINx, torch, matplotlib), so that
+    the collection after each test scans only what is new: 0.17 s per test otherwise."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_and_sync():
-    """Free PETSc objects in step on every rank and line the ranks up between tests."""
+    """Free PETSc objects in step on every rank and line the ranks up between tests.
+
+    What outlives a test (lazy imports, caches, fixtures of wider scope) is frozen after the
+    collection: later collections skip it, and an object of it that only a reference cycle frees
+    is never freed, on every rank alike."""
     yield
     gc.collect()
+    gc.freeze()
     MPI.COMM_WORLD.Barrier()
 
 
