@@ -3,6 +3,9 @@ SHELL := /bin/bash
 ENV := scripts/env
 # Tests under MPI: one thread per rank, and a hard limit so that a hang fails instead of blocking.
 MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -q --color=no
+# The serial session in TEST_WORKERS processes (pytest-xdist), one per core up to 4; 0 runs it in
+# one process (make test TEST_WORKERS=0).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? 0 : (n > 4 ? 4 : n) )))
 DEMO_OUT ?= demo-output
 # make paper|denoiser|bench SIZE=small: the same pipeline at a tiny size, in seconds (the tests run
 # them so); outputs in $(RUNS)/ (created when missing; small benchmark tables in $(RUNS)/bench/).
@@ -41,7 +44,7 @@ lint: setup
 	$(ENV) ruff check .
 
 test-serial: setup
-	$(ENV) python -m pytest -q --color=no
+	$(ENV) python -m pytest -q --color=no -n $(TEST_WORKERS)
 
 test-mpi: setup
 	$(MPI_TEST)

@@ -10,6 +10,12 @@ import numpy as np
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked slow first (in their order), so that the serial session's workers
+    (pytest-xdist) end together instead of one of them starting a 100 s test last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_collection_finish(session):
     """Freeze what the imports made (about 200 000 objects: DOLFINx, torch, matplotlib), so that
     the collection after each test scans only what is new: 0.17 s per test otherwise."""
@@ -33,6 +39,22 @@ def _collect_and_sync():
 @pytest.fixture
 def comm():
     return MPI.COMM_WORLD
+
+
+@pytest.fixture
+def one_process(comm):
+    """For tests of serial work (training, a model on COMM_SELF, commands that start their own
+    processes and mpirun): under mpirun every rank would repeat it alike, so once is enough."""
+    if comm.size > 1:
+        pytest.skip("serial by design: run by the serial session of make test")
+
+
+@pytest.fixture
+def several_ranks(comm):
+    """For tests that compare a run on all ranks with one on COMM_SELF: on one rank both are the
+    same run, so they run in the session under mpirun -n 2 only."""
+    if comm.size == 1:
+        pytest.skip("compares ranks: run under mpirun -n 2")
 
 
 @pytest.fixture

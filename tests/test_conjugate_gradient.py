@@ -98,6 +98,7 @@ def test_an_estimate_does_not_depend_on_the_samples_solved_before_it(comm):
 
 # -- the "ml" method's default: the iteration chosen by the data's SNR ----------------------------
 
+@pytest.mark.slow
 def test_the_ml_method_with_default_settings_recovers_sharp_phantoms_from_exact_data(comm):
     """Issue "noise-free recovery under 2 %": `reconstruct --method ml` with no option, on random
     sharp phantoms of the default generator at 200 dB (32²; 64² in demos/ml_solvers.py)."""

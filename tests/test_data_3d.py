@@ -104,6 +104,7 @@ def test_simulate_writes_the_same_3d_data_set_on_any_number_of_ranks(comm, mpi_t
     np.testing.assert_allclose(mine[2], reference.uz_noisy, rtol=0, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_ml_and_gauss_newton_tv_reconstruct_a_3d_inclusion_and_evaluate_writes_a_slice(
         comm, mpi_tmp_path):
     data = mpi_tmp_path / "box.h5"

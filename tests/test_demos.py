@@ -8,6 +8,7 @@ import pytest
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["paper_comparison.py", "red_lambda_rules.py",
                                   "ml_solvers.py", "red_3d.py", "uncertainty.py",
                                   "out_of_family.py", "red_start_check.py",

@@ -226,6 +226,7 @@ def test_the_shipped_configuration_has_32_channels_and_1_925_025_parameters():
     assert config.channels == 32 and count_parameters(config) == 1_925_025
 
 
+@pytest.mark.usefixtures("one_process")
 def test_the_shipped_denoiser_improves_ml_estimates_of_phantoms_it_never_saw():
     """Run ``fenics_red/data/denoiser.pt`` itself on data: four fresh phantoms (a seed that is
     not a training or validation seed), 64², 35 dB, their ML estimates by the recipe."""

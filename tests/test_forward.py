@@ -129,6 +129,7 @@ def test_image_rows_run_from_the_transducer_edge_down(comm):
     np.testing.assert_allclose(image[:, -1], _GRID.width)
 
 
+@pytest.mark.usefixtures("several_ranks")
 def test_displacement_is_identical_on_one_and_all_ranks(comm, rng):
     modulus = rng.uniform(0.1, 0.8, _GRID.shape)
     ux, uy = simulate_displacement(modulus, _GRID, comm=comm)

@@ -279,6 +279,7 @@ def _forward_and_gradient(comm, solver):
 
 
 @pytest.mark.parametrize("solver, tol", [("lu", 1e-10), ("gamg", 1e-8)])
+@pytest.mark.usefixtures("several_ranks")
 def test_displacement_and_gradient_are_the_same_on_one_and_all_ranks_in_3d(comm, solver, tol):
     u, g, grad = _forward_and_gradient(comm, solver)
     u1, g1, grad1 = _forward_and_gradient(MPI.COMM_SELF, solver)

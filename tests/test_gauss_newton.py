@@ -188,9 +188,11 @@ def test_noisy_data_at_35_db_with_the_discrepancy_principle(comm, rng, regularis
     model.destroy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regulariser, alpha, tolerance", [("tikhonov", 1e-6, 1e-6),
                                                           ("tikhonov", None, 1e-2),
                                                           ("tv", None, 1e-2)])
+@pytest.mark.usefixtures("several_ranks")
 def test_results_do_not_depend_on_the_number_of_ranks(comm, rng, regulariser, alpha, tolerance):
     """Same result on the model's ranks and on COMM_SELF, both solved tightly.
 

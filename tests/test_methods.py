@@ -136,10 +136,9 @@ def test_the_method_refuses_bad_options(name):
     assert checked > 0
 
 
+@pytest.mark.usefixtures("several_ranks")
 @pytest.mark.parametrize("name", method_names())
-def test_the_estimate_is_the_same_on_one_and_on_all_ranks(name, sample, results, comm):
-    if comm.size == 1:
-        pytest.skip("compares ranks: run under mpirun -n 2")
+def test_the_estimate_is_the_same_on_one_and_on_all_ranks(name, sample, results):
     alone = _reconstruct(name, MPI.COMM_SELF, sample)["estimate"]
     here = results(name)["estimate"]
     assert _error(here, alone) < RANKS_RTOL

@@ -232,13 +232,7 @@ def shown(command: str, tmp: Path, timeout: float = 300) -> str:
 
 
 @pytest.fixture
-def on_rank_0(comm):
-    if comm.size > 1:  # the commands start their own processes (and mpirun): once is enough
-        pytest.skip("runs child processes: run by the serial session of make test")
-
-
-@pytest.fixture
-def tmp(on_rank_0):
+def tmp(one_process):
     path = Path(tempfile.mkdtemp(prefix="fenics-red-readme-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -248,6 +242,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
+@pytest.mark.slow
 def test_make_paper_bench_and_denoiser_run_at_the_small_size_into_a_new_folder(tmp):
     pytest.importorskip("torch")
     if shutil.which("make") is None:
@@ -303,6 +298,7 @@ def test_make_paper_refuses_an_unknown_size(tmp):
     assert done.returncode != 0 and "SIZE must be full or small" in done.stderr
 
 
+@pytest.mark.slow
 def test_make_demo(tmp):
     pytest.importorskip("torch")
     if shutil.which("make") is None:
@@ -311,6 +307,7 @@ def test_make_demo(tmp):
     assert (tmp / "demo" / "results" / "summary.md").exists()
 
 
+@pytest.mark.slow
 def test_help_the_test_example_and_forward(tmp):
     assert "simulate" in shown("scripts/env fenics-red --help", tmp)
     assert "passed" in shown("scripts/env python -m pytest tests/test_forward.py", tmp)
@@ -334,6 +331,7 @@ def test_the_python_example(tmp):
     run(f"scripts/env python {tmp}/example.py", tmp)
 
 
+@pytest.mark.slow
 def test_simulate_show_reconstruct_evaluate_and_train(tmp):
     pytest.importorskip("torch")
     for command in SHOWN:
@@ -360,6 +358,7 @@ def test_simulate_show_reconstruct_evaluate_and_train(tmp):
     assert load_std(tmp / "gn-std.h5").shape[0] == 1
 
 
+@pytest.mark.slow
 def test_3d_volumes(tmp):
     pytest.importorskip("torch")
     for command in SHOWN:  # simulate, evaluate with the 3-D model, RED slice by slice
@@ -373,6 +372,7 @@ def test_3d_volumes(tmp):
     assert (tmp / "box-mesh-evaluation" / "summary.md").exists()
 
 
+@pytest.mark.slow
 def test_on_a_mesh(tmp):
     pytest.importorskip("torch")
     for command in SHOWN:
@@ -399,6 +399,7 @@ scipy.io.savemat(sys.argv[1], {
 """
 
 
+@pytest.mark.slow
 def test_own_measurements(tmp):
     """The walk-through's file (demos/own_data.py at its small size): a phantom on a grid mesh at
     35 dB in m, 1-based cells, the displacement interleaved."""

@@ -105,6 +105,7 @@ def test_the_misfit_guard_stops_a_prior_that_pulls_away_from_the_data(sample):
     assert errors[True] < 0.5 * errors[False]
 
 
+@pytest.mark.usefixtures("several_ranks")
 def test_red_gives_the_same_result_on_1_and_2_ranks(sample, comm):
     settings = REDSettings(lam="balance:1", start="ml", max_steps=60)
     results = []

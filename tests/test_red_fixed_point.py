@@ -127,6 +127,7 @@ def test_anderson_mixing_reaches_the_same_point_in_fewer_outer_steps(sample):
     np.testing.assert_allclose(mixed, plain, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("several_ranks")
 def test_the_loop_gives_the_same_result_on_1_and_2_ranks(sample, comm):
     settings = _settings(rtol=0.0, max_steps=8, acceleration="anderson", lam="balance:1")
     results = [_run(sample, settings, Halfway(sample.E), c)[0] for c in (comm, MPI.COMM_SELF)]

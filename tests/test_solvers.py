@@ -115,6 +115,7 @@ def test_fista_lowers_the_objective_faster_than_projected_gradient(comm):
     assert fista.final["objective"] < pgd.final["objective"]
 
 
+@pytest.mark.usefixtures("several_ranks")
 def test_estimate_agrees_on_one_and_all_ranks(comm):
     """The same estimate on ``comm`` (distributed mesh) and on ``COMM_SELF`` to solver tolerance."""
     sample = _sample(ImageGrid(16, 16), index=1)

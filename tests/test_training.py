@@ -189,6 +189,7 @@ def test_several_pairs_files_must_share_the_grid_and_not_repeat(tmp_path):
         read_pairs([])
 
 
+@pytest.mark.usefixtures("one_process")
 def test_training_on_several_files_records_each_in_the_card(tmp_path):
     a = write_pairs(tmp_path / "a.h5", *make_pairs(8, seed=1), snr_db=25.0)
     b = write_pairs(tmp_path / "b.h5", *make_pairs(8, seed=2), snr_db=35.0)
@@ -210,6 +211,7 @@ def test_settings_are_checked():
 
 # -- training -------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("one_process")
 def test_training_reduces_the_held_out_error_and_writes_a_model_card(pairs, tmp_path):
     out = tmp_path / "model.pt"
     settings = FAST.replace(epochs=30, lr=1e-2)
@@ -238,6 +240,7 @@ def test_training_reduces_the_held_out_error_and_writes_a_model_card(pairs, tmp_
     assert checkpoint_path(out).exists()
 
 
+@pytest.mark.usefixtures("one_process")
 def test_training_is_deterministic_by_seed(pairs, tmp_path):
     train_denoiser(pairs, tmp_path / "a.pt", FAST, progress=False)
     train_denoiser(pairs, tmp_path / "b.pt", FAST, progress=False)
@@ -246,6 +249,7 @@ def test_training_is_deterministic_by_seed(pairs, tmp_path):
     assert not same_weights(weights(tmp_path / "a.pt"), weights(tmp_path / "c.pt"))
 
 
+@pytest.mark.usefixtures("one_process")
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pairs, tmp_path):
     settings = FAST.replace(epochs=4, idempotence_weight=0.5, fixed_point_weight=0.5)
     train_denoiser(pairs, tmp_path / "full.pt", settings, progress=False)
@@ -270,6 +274,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pairs, tmp_
     assert same_weights(weights(tmp_path / "full.pt"), weights(out))
 
 
+@pytest.mark.usefixtures("one_process")
 def test_a_run_from_init_starts_at_the_given_model_s_weights(pairs, tmp_path):
     from fenics_red.io import file_sha256
 
@@ -376,6 +381,7 @@ runpy.run_module("fenics_red.cli.train", run_name="__main__")
 """
 
 
+@pytest.mark.usefixtures("one_process")
 def test_training_runs_on_a_machine_without_fenicsx_or_mpi(pairs, tmp_path):
     """A GPU node with torch but no DOLFINx, PETSc or mpi4py trains with the same command."""
     out = tmp_path / "model.pt"
@@ -410,6 +416,7 @@ def test_read_pairs_reads_pairs_of_volumes(tmp_path):
         read_pairs(write_pairs(tmp_path / "5d.h5", truth[:, None], estimate[:, None]))
 
 
+@pytest.mark.usefixtures("one_process")
 def test_training_on_volumes_lowers_the_loss_and_writes_a_loadable_3d_model(tmp_path):
     """The network follows the pairs: the (2-D) settings' channels and depth, as a 3-D UNet."""
     truth, estimate = make_volume_pairs(24)
