@@ -478,9 +478,17 @@ def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, wha
 
 
 def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[np.ndarray, dict]:
-    """Nodal displacement ``(d, N)`` in the file's unit and how it was stored."""
-    if any(name is not None for name in (s.ux, s.uy, s.uz)):
-        names = [s.ux, s.uy, s.uz][:d]
+    """Nodal displacement ``(d, N)`` in the file's unit and how it was stored: the named
+    components, one named vector, a vector under a usual name, or components named
+    ``ux``, ``uy`` (, ``uz``)."""
+    given = (s.ux, s.uy, s.uz)
+    names = None
+    if any(name is not None for name in given):
+        names = list(given[:d])
+    elif (s.displacement is None and file.find(None, "displacement", "", required=False) is None
+          and all(f"u{c}" in file for c in "xyz"[:d])):
+        names = [f"u{c}" for c in "xyz"[:d]]
+    if names is not None:
         if any(name is None for name in names):
             raise ValueError(f"{d}-D nodes need {', '.join('--u' + c for c in 'xyz'[:d])}")
         arrays = [_vector(file.get(name, f"displacement u{c}"))
@@ -490,7 +498,13 @@ def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[
                 raise ValueError(f"displacement {name!r} has shape {array.shape}, but there are "
                                  f"{n} nodes: a mesh and a displacement that do not match")
         return np.stack(arrays).astype(np.float64), {"components": names}
-    name = file.find(s.displacement, "displacement", "the displacement")
+    name = file.find(s.displacement, "displacement", "the displacement", required=False)
+    if name is None:
+        usual = ", ".join(_DEFAULT_NAMES["displacement"] + tuple(f"u{c}" for c in "xyz"[:d]))
+        flags = " ".join(f"--u{c}" for c in "xyz"[:d])
+        raise ValueError(f"{str(file.path)!r} has none of the usual names for the displacement "
+                         f"({usual}); name it with --displacement, or its components with "
+                         f"{flags} (variables: {', '.join(file.names) or 'none'})")
     return _field(file, name, n, d, s.interleaved, "displacement")
 
 

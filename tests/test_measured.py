@@ -158,7 +158,8 @@ def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulat
 
 def test_a_3d_nodal_measurement_round_trips_to_the_internal_estimate(folder):
     """Points (N, 3) and tetrahedra in mm, ``(3, N)`` displacements in µm: the data set gets
-    ``uz_noisy`` and the ML estimate equals the internal path's; the modulus goes back in Pa."""
+    ``uz_noisy`` and the ML estimate equals the internal path's; the modulus goes back in Pa. So
+    do components found by their usual names (``ux``, ``uy``, ``uz``) at a mesh file's nodes."""
     comm = MPI.COMM_WORLD
     mesh = Domain.from_file(MESHES / "box-3d.msh", comm).to_arrays()
     data = simulate_dataset(folder / "sim-3d.h5", 1, mesh_settings(mesh, snr_db=35.0, seed=4),
@@ -182,6 +183,17 @@ def test_a_3d_nodal_measurement_round_trips_to_the_internal_estimate(folder):
     np.testing.assert_allclose(load_reconstructions(out).estimates[0], expected, rtol=1e-9)
     with np.load(folder / "est-3d-modulus.npz") as archive:
         np.testing.assert_allclose(archive["E"], expected * 1e5, rtol=1e-9)
+    # the same measurement as components under their usual names, at the nodes of the mesh file
+    source = folder / "measured-3d-components.npz"
+    _on_root(lambda: np.savez(source, ux=u[0], uy=u[1], uz=u[2]))
+    imported, out = folder / "data-3d-components.h5", folder / "est-3d-components.h5"
+    assert main(["import", str(source), "--out", str(imported), "--mesh",
+                 str(MESHES / "box-3d.msh"), "--traction", str(TRACTION_PA),
+                 "--modulus-unit", "Pa", "--displacement-unit", "mm", "--noise-std",
+                 *(repr(v) for v in sample.noise_std)]) == 0
+    assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
+                 str(out), "--quiet"]) == 0
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0], expected, rtol=1e-9)
 
 
 def test_displacement_images_round_trip_to_the_internal_estimate(folder):
@@ -447,6 +459,8 @@ def _bad_files(folder: Path, mesh, sample) -> dict:
                               ["--ux", "ux", "--uy", "uy", "--index-base", "0"], "1-based"),
         "no-variable": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
                         ["--ux", "ux", "--uy", "vy"], "no variable 'vy'"),
+        "no-displacement": ({"nodes": p, "cells": c, "ux": ux, "vy": uy}, [],
+                            "name it with --displacement, or its components with --ux --uy"),
     }
     for name, (arrays, _, _) in cases.items():
         np.savez(folder / f"bad-{name}.npz", **arrays)
