@@ -9,7 +9,8 @@
 # %% [markdown]
 # # The learned prior on shapes it never saw, against tuned baselines
 #
-# The shipped denoiser was trained on the paper's phantoms (`simulate --family inclusions`).
+# The shipped denoiser was trained on the four training families (`inclusions`, `textured`,
+# `gradient`, `field`; `simulate --family`).
 # Here every method meets two families that no training set holds (`voronoi`: polygons that
 # touch, each its own modulus; `rings`: stiff shells around soft cores; `simulate --help`), at 25,
 # 35 and 45 dB, 24 phantoms each, on seeds used nowhere else (9101-9106).

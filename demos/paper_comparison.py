@@ -11,17 +11,19 @@
 #
 # Ground truth, classical Gauss-Newton (Tikhonov and total variation), the statistical estimate
 # without regularisation (ML), one pass of the learned denoiser over it (denoised-ml) and RED,
-# on a test set the denoiser never saw (seed 9001; the shipped denoiser was trained on seed 1),
+# on a test set the denoiser never saw (seed 9001; the shipped denoiser was trained on seeds 1-3
+# and their family offsets, `scripts/train-denoiser`),
 # at 25, 35 and 45 dB. Everything goes through the package's own commands, so each step can be
 # rerun by hand:
 #
 # ```bash
 # scripts/env fenics-red simulate --samples 24 --grid 64 --snr 35 --seed 9001 \
 #     --out runs/test-64-35db.h5
-# scripts/env mpirun -n 2 fenics-red evaluate runs/test-64-35db.h5 --out runs/eval-35db --figures 4
+# scripts/env mpirun -n 2 fenics-red evaluate runs/test-64-35db.h5 --out runs/eval-64-35db \
+#     --figures 4
 # ```
 #
-# Run the whole walk-through (about 3 minutes on 2 cores on 2026-11-30; every stage resumes):
+# Run the whole walk-through (about 5 minutes on 2 cores on 2026-12-01; every stage resumes):
 #
 # ```bash
 # make paper            # = scripts/env mpirun -n 2 python demos/paper_comparison.py

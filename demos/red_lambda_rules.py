@@ -25,7 +25,7 @@
 # the three validation sets (one call per SNR).
 #
 # Choose λ on a validation set, never on the test set of `make paper` (seed 9001) nor on the
-# training phantoms (seed 1):
+# training phantoms (seeds 1-3 and their family offsets, `scripts/train-denoiser`):
 #
 # ```bash
 # for snr in 25 35 45; do

@@ -48,7 +48,7 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
     elif name == "red_start_check.py":  # an identity denoiser: every ratio is 1, no fallback
         rows = [line for line in out.splitlines() if line.startswith("| val-")]
         assert len(rows) == 2 and "check 20: " in out
-        assert all(row.endswith("| 1 |") and row.count("(0)") == 4 for row in rows), rows
+        assert all(row.endswith("| 1 |") and row.count("(0)") == 5 for row in rows), rows
     elif name == "data_visibility.py":
         from mpi4py import MPI
 
