@@ -15,6 +15,7 @@ the boundary facets at the maximum depth coordinate and the support is at its mi
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,25 @@ from dolfinx import fem, mesh
 
 from .parallel import on_root, raise_shared
 
-__all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds"]
+__all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
+           "planar_points"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
 
 _MESH_SUFFIXES = (".msh", ".xdmf")
+#: gmsh element types the package takes: 3-node triangles (2-D) and 4-node tetrahedra (3-D).
+_GMSH_CELLS = {2: 2, 3: 4}
+
+
+def planar_points(points: np.ndarray, nodes_per_cell: int) -> np.ndarray:
+    """``points`` ``(N, 2)`` of triangles given as ``(N, 3)`` with a constant third coordinate
+    (how meshio and many codes store a 2-D mesh); other points unchanged."""
+    points = np.asarray(points)
+    if (points.ndim == 2 and points.shape[1] == 3 and nodes_per_cell == 3 and len(points)
+            and np.ptp(points[:, 2]) <= 1e-12 * max(float(np.ptp(points[:, :2])), 1e-300)):
+        return points[:, :2]
+    return points
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +79,13 @@ class MeshArrays:
             what = {"cells": "triangles (M, 3)" if gdim == 2 else "tetrahedra (M, 4)",
                     "load": "facets (F, 2), node pairs" if gdim == 2 else "facets (F, 3)",
                     "support": "facets (F, 2), node pairs" if gdim == 2 else "facets (F, 3)"}
+            if name == "cells" and a.ndim == 2 and a.shape[1] != width and a.dtype.kind in "iu":
+                kind = {(2, 4): "quadrilaterals", (2, 6): "second-order triangles",
+                        (3, 8): "hexahedra", (3, 10): "second-order tetrahedra"}.get(
+                    (gdim, a.shape[1]), f"cells of {a.shape[1]} nodes")
+                raise ValueError(f"the mesh has {kind}; the package takes first-order "
+                                 f"{what[name]} on {gdim}-D points only: mesh it again with "
+                                 "those")
             if a.ndim != 2 or a.shape[1] != width or a.dtype.kind not in "iu":
                 raise ValueError(f"mesh {name} must be integer node indices, {what[name]} for "
                                  f"{gdim}-D points; got dtype {a.dtype}, shape {a.shape}")
@@ -211,8 +232,6 @@ class Domain:
         (triangles or tetrahedra), given on rank 0 (ignored elsewhere). ``load``/``support``:
         optional boundary facets as node lists ``(F, gdim)``; missing ones follow the depth
         axis. Node ``i`` of ``points`` is node ``i`` of the file order. Collective."""
-        import basix.ufl
-        import ufl
         from dolfinx.graph import adjacencylist
         from dolfinx.io import distribute_entity_data
 
@@ -223,13 +242,8 @@ class Domain:
             return checked.dim, len(checked.points)
 
         gdim, n_nodes = on_root(comm, header)
-        cell = "triangle" if gdim == 2 else "tetrahedron"
-        element = ufl.Mesh(basix.ufl.element("Lagrange", cell, 1, shape=(gdim,)))
+        msh = _create_mesh(comm, points, cells, gdim)
         root = comm.rank == 0
-        x = np.asarray(points, dtype=np.float64) if root else np.zeros((0, gdim))
-        topology = (np.asarray(cells, dtype=np.int64) if root
-                    else np.zeros((0, gdim + 1), dtype=np.int64))
-        msh = mesh.create_mesh(comm, topology, x, element)
         fdim = gdim - 1
         msh.topology.create_connectivity(fdim, gdim)
         given = {name: facets for name, facets in (("load", load), ("support", support))
@@ -376,6 +390,21 @@ def _depth_facets(msh: mesh.Mesh, top: bool) -> np.ndarray:
                                          lambda p: np.isclose(p[axis], level, atol=tol))
 
 
+def _create_mesh(comm: MPI.Comm, points, cells, gdim: int) -> mesh.Mesh:
+    """A P1 triangle/tetrahedron mesh from checked points and 0-based cells given on rank 0
+    (ignored elsewhere), distributed over ``comm``. Collective."""
+    import basix.ufl
+    import ufl
+
+    cell = "triangle" if gdim == 2 else "tetrahedron"
+    element = ufl.Mesh(basix.ufl.element("Lagrange", cell, 1, shape=(gdim,)))
+    root = comm.rank == 0
+    x = np.asarray(points, dtype=np.float64) if root else np.zeros((0, gdim))
+    topology = (np.asarray(cells, dtype=np.int64) if root
+                else np.zeros((0, gdim + 1), dtype=np.int64))
+    return mesh.create_mesh(comm, topology, x, element)
+
+
 def read_mesh(path: str | os.PathLike, comm: MPI.Comm):
     """``(mesh, facet_tags or None, names)`` from a gmsh ``.msh`` or XDMF file. Collective.
 
@@ -417,11 +446,21 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                 problem = (f"mesh file {str(path)!r} has no physical group of dimension {gdim}: "
                            "DOLFINx reads only cells in physical groups (add e.g. Physical "
                            "Surface(\"tissue\") to the .geo)")
+            others = []
             for dim, tag in gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []:
                 name = gmsh.model.getPhysicalName(dim, tag)
                 if name in ("load", "support"):
                     names[name] = tag
-            problem = problem or _gmsh_node_problem(gmsh, gdim, path)
+                else:
+                    others.append(name or str(tag))
+            problem = (problem or _gmsh_cell_problem(gmsh, gdim, path)
+                       or _gmsh_node_problem(gmsh, gdim, path))
+            if not problem and others and not names:
+                warnings.warn(f"mesh file {str(path)!r} has boundary groups {', '.join(others)} "
+                              "but none named 'load' or 'support': the load goes on the top "
+                              "(largest depth coordinate) and the support on the bottom; name "
+                              "the groups 'load' and 'support' to choose them", UserWarning,
+                              stacklevel=2)
         except Exception as error:  # gmsh raises plain Exception with its log message
             problem = f"cannot read mesh file {str(path)!r}: {error}"
     raise_shared(comm, problem and ("ValueError", problem))
@@ -431,6 +470,30 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
     if comm.rank == 0:
         gmsh.clear()
     return msh, facet_tags, names
+
+
+def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:
+    """Cells other than first-order triangles/tetrahedra, or a 2-D mesh outside the x-y plane
+    (DOLFINx would read its x and y only), or None."""
+    kinds = set()
+    for _, group in gmsh.model.getPhysicalGroups(gdim):
+        for entity in gmsh.model.getEntitiesForPhysicalGroup(gdim, group):
+            kinds.update(int(k) for k in gmsh.model.mesh.getElementTypes(gdim, entity))
+    wanted = _GMSH_CELLS[gdim]
+    if kinds - {wanted}:
+        found = ", ".join(sorted(gmsh.model.mesh.getElementProperties(k)[0] for k in kinds))
+        return (f"mesh file {str(path)!r} has {found} cells; the package takes first-order "
+                f"{'triangles' if gdim == 2 else 'tetrahedra'} only: mesh it again without "
+                "recombination (no Recombine) and with Mesh.ElementOrder = 1")
+    if gdim == 2:
+        xyz = np.asarray(gmsh.model.mesh.getNodes()[1]).reshape(-1, 3)
+        extent = np.ptp(xyz, axis=0)
+        if extent[2] > 1e-12 * max(float(extent.max()), 1e-300):
+            plane = "x-z" if extent[1] <= 1e-12 * extent.max() else "a plane other than x-y"
+            return (f"mesh file {str(path)!r} is a 2-D mesh in {plane} (z from "
+                    f"{xyz[:, 2].min():g} to {xyz[:, 2].max():g}); 2-D meshes must lie in the "
+                    "x-y plane with the depth along y: draw or rotate it there")
+    return None
 
 
 def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
@@ -462,8 +525,37 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
                 tags = xdmf.read_meshtags(msh, name="facet_tags")
             except RuntimeError:
                 tags = None
-    except RuntimeError as error:
-        raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF (a grid named 'mesh' "
-                         f"and optional facet tags 'facet_tags'): {error}") from None
+    except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
+        return _read_meshio(path, comm, error), None, {}
     names = {"load": LOAD, "support": SUPPORT} if tags is not None else {}
     return msh, tags, names
+
+
+def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception) -> mesh.Mesh:
+    """An XDMF mesh that DOLFINx's reader does not take (meshio writes one block of triangles
+    or tetrahedra, 2-D points with a zero z), read by meshio on rank 0. Collective."""
+
+    def read():
+        import meshio
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = meshio.read(path)
+        except Exception as error:
+            raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF: DOLFINx: "
+                             f"{dolfinx_error}; meshio: {error}") from None
+        blocks = [b for b in data.cells if b.type in ("triangle", "tetra")]
+        kind = "tetra" if any(b.type == "tetra" for b in blocks) else "triangle"
+        blocks = [b.data for b in blocks if b.type == kind]
+        if not blocks:
+            raise ValueError(f"mesh file {str(path)!r} holds no triangles or tetrahedra (cells: "
+                             f"{', '.join(b.type for b in data.cells) or 'none'})")
+        cells = np.vstack(blocks).astype(np.int64)
+        points = planar_points(data.points, cells.shape[1])
+        MeshArrays(points, cells, np.zeros((0, points.shape[1]), np.int64),
+                   np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
+        return points, cells
+
+    points, cells = on_root(comm, read)
+    return _create_mesh(comm, points, cells, points.shape[1])

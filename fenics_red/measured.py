@@ -59,7 +59,7 @@ from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from . import validation
-from .domain import Domain, MeshArrays
+from .domain import Domain, MeshArrays, planar_points
 from .io import atomic_output, check_input_file, check_output_path, file_sha256, plain, to_json
 from .parallel import on_root
 
@@ -81,6 +81,7 @@ _DEFAULT_NAMES = {
     "displacement": ("displacement", "u", "U", "disp"),
     "axial": ("axial", "uz_axial", "u_axial", "axial_displacement"),
     "lateral": ("lateral", "u_lateral", "lateral_displacement"),
+    "valid": ("valid", "validity", "valid_mask"),
 }
 
 
@@ -508,6 +509,11 @@ def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[
     return _field(file, name, n, d, s.interleaved, "displacement")
 
 
+def _valid_name(file: VariableFile, s: ImportSettings) -> str | None:
+    """The validity mask's variable: ``--valid``, or a usual name (``valid``, ...) in the file."""
+    return file.find(s.valid, "valid", "the validity mask", required=False)
+
+
 def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.ndarray | None:
     if name is None:
         return None
@@ -541,6 +547,11 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         name = file.find(s.cells, "cells", "the cells")
         base = getattr(file, "index_base", None) if s.index_base is None else s.index_base
         cells, base, how = _cells(file.get(name, "the cells"), len(points), base, name)
+        if points.shape[1] == 3 and cells.shape[1] == 3:  # triangles in 3-D coordinates
+            planar = planar_points(points, 3)
+            if planar.shape[1] == 2:  # a constant z: a 2-D mesh (meshio writes them so)
+                layout["z"] = float(points[0, 2])
+            points = planar
         check_cells(points, cells)
         facets = {}
         for key, given in (("load", s.load_facets), ("support", s.support_facets)):
@@ -555,7 +566,7 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
     n, d = mesh.points.shape
     u, stored = _components(file, s, n, d)
     layout.update(stored)
-    valid = _mask(file, s.valid, (n,), "validity mask")
+    valid = _mask(file, _valid_name(file, s), (n,), "validity mask")
     reference = _mask(file, s.reference, (n,), "reference mask")
     if s.force is not None:
         force, stored = _field(file, s.force, n, d, s.interleaved, "nodal force")
@@ -572,10 +583,10 @@ def _images(file: VariableFile, s: ImportSettings) -> tuple[np.ndarray, np.ndarr
         name = s.displacement or "displacement"
         array = file.get(name, "the displacement images")
         if array.ndim == 3 and array.shape[0] == 2:
-            return array[0], array[1], {"vector": name, "shape": "(2, rows, cols): axial, lateral"}
+            return array[0], array[1], {"vector": name, "stored": "(2, rows, cols): axial, lateral"}
         if array.ndim == 3 and array.shape[2] == 2:
             return array[..., 0], array[..., 1], {"vector": name,
-                                                  "shape": "(rows, cols, 2): axial, lateral"}
+                                                  "stored": "(rows, cols, 2): axial, lateral"}
         raise ValueError(f"displacement images {name!r} must have shape (2, rows, cols) or "
                          f"(rows, cols, 2) (axial, lateral), got {array.shape}")
     axial = file.get(file.find(s.axial, "axial", "the axial displacement image"),
@@ -597,7 +608,7 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
     if min(axial.shape) < 2:
         raise ValueError(f"displacement images need at least 2 x 2 pixels, got {axial.shape}")
     rows, cols = axial.shape
-    valid = _mask(file, s.valid, axial.shape, "validity mask")
+    valid = _mask(file, _valid_name(file, s), axial.shape, "validity mask")
     reference = _mask(file, s.reference, axial.shape, "reference mask")
     h_axial, h_lateral = s.spacing
     r0, r1, c0, c1 = 0, rows - 1, 0, cols - 1
@@ -801,6 +812,12 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
     held = _held(s.support, d)
     offset = [0.0] * d
     ok = support[valid[support]]
+    if held and not len(ok):
+        warnings.warn("no measured node on the supported boundary: the displacement there is "
+                      "extrapolated from the measured nodes and its offset cannot be removed, so "
+                      "the estimate next to the support is unreliable; measure down to the "
+                      "support, or name the measured deepest facets with --support-facets",
+                      UserWarning, stacklevel=2)
     for c in held:  # the support holds these components: measure them relative to it
         if len(ok):
             offset[c] = float(u[c, ok].mean())
@@ -965,13 +982,14 @@ def _write_layout(path: Path, values: list[np.ndarray], valid: np.ndarray, sourc
             image[r0:r1 + 1, c0:c1 + 1] = np.where(valid, v, np.nan).reshape(r1 - r0 + 1,
                                                                                 c1 - c0 + 1)
             arrays.append(image)
-    else:
-        arrays = list(values)
+    else:  # nodes without data are empty in the user's layout, as pixels are
+        arrays = [np.where(valid, v, np.nan) for v in values]
     E = arrays[0] if len(arrays) == 1 else np.stack(arrays)
     variables = {"E": E, "E_unit": info["unit"], "E_meaning": info["meaning"]}
     if source["layout"] == "nodal" and "nodes" in source:  # the user's mesh, under its names
         base = int(source.get("index_base", 0))
-        variables[source["nodes"]] = mesh.points
+        variables[source["nodes"]] = (mesh.points if "z" not in source else np.column_stack(
+            [mesh.points, np.full(len(mesh.points), source["z"])]))
         variables[source["cells"]] = mesh.cells + base
     elif source["layout"] == "nodal" or "mesh_file" in source:
         variables["nodes"], variables["cells"] = mesh.points, mesh.cells

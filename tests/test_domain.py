@@ -219,3 +219,77 @@ def test_gmsh_files_that_dolfinx_cannot_read_are_refused_before_it_aborts(comm, 
     comm.Barrier()
     with pytest.raises(ValueError, match="no cell"):
         Domain.from_file(path, comm)
+
+
+def _gmsh_rectangle(path: Path, *, recombine: bool = False, order: int = 1, plane: str = "xy",
+                    groups: tuple[str, str] = ("load", "support")) -> None:
+    """A 40 x 30 rectangle meshed by gmsh (rank 0): top and bottom edges in facet groups."""
+    import gmsh
+
+    if not gmsh.isInitialized():
+        gmsh.initialize(["-noenv"], readConfigFiles=False)
+    gmsh.option.setNumber("General.Terminal", 0)
+    gmsh.clear()
+    geo = gmsh.model.geo
+    corners = [(0, 0), (40, 0), (40, 30), (0, 30)]
+    points = [geo.addPoint(x, 0, y, 4) if plane == "xz" else geo.addPoint(x, y, 0, 4)
+              for x, y in corners]
+    lines = [geo.addLine(points[i], points[(i + 1) % 4]) for i in range(4)]
+    surface = geo.addPlaneSurface([geo.addCurveLoop(lines)])
+    geo.synchronize()
+    gmsh.model.addPhysicalGroup(1, [lines[2]], -1, groups[0])
+    gmsh.model.addPhysicalGroup(1, [lines[0]], -1, groups[1])
+    gmsh.model.addPhysicalGroup(2, [surface], -1, "tissue")
+    if recombine:
+        gmsh.model.mesh.setRecombine(2, surface)
+    gmsh.model.mesh.generate(2)
+    gmsh.model.mesh.setOrder(order)
+    gmsh.write(str(path))
+    gmsh.clear()
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ({"recombine": True}, "has Quadrilateral 4 cells; the package takes first-order triangles"),
+    ({"order": 2}, "has Triangle 6 cells; the package takes first-order triangles"),
+    ({"plane": "xz"}, "is a 2-D mesh in x-z .*must lie in the x-y plane"),
+])
+def test_gmsh_meshes_of_other_cells_or_planes_are_refused_in_one_line(comm, mpi_tmp_path, kind,
+                                                                        message):
+    """Quadrilaterals, second-order cells and a 2-D mesh drawn in the x-z plane (DOLFINx would
+    keep x and y: cells of zero area) are named, with what to do, before DOLFINx reads them."""
+    path = mpi_tmp_path / "other.msh"
+    if comm.rank == 0:
+        _gmsh_rectangle(path, **kind)
+    comm.Barrier()
+    with pytest.raises(ValueError, match=message) as error:
+        Domain.from_file(path, comm)
+    assert "\n" not in str(error.value)
+
+
+def test_boundary_groups_of_other_names_are_said_to_be_unused(comm, mpi_tmp_path):
+    path = mpi_tmp_path / "renamed.msh"
+    if comm.rank == 0:
+        _gmsh_rectangle(path, groups=("Probe", "Bottom"))
+    comm.Barrier()
+    if comm.rank == 0:
+        with pytest.warns(UserWarning, match="boundary groups Probe, Bottom but none named"):
+            domain = Domain.from_file(path, comm)
+    else:
+        domain = Domain.from_file(path, comm)
+    top = domain.to_arrays()
+    assert np.allclose(top.points[np.unique(top.load)][:, 1], 30.0)  # the depth rule applies
+
+
+def test_an_xdmf_mesh_written_by_meshio_reads_as_its_gmsh_source(comm, mpi_tmp_path):
+    """meshio's XDMF (one block of triangles, points with z = 0) is not DOLFINx's layout: it is
+    read through meshio, the same nodes and cells in the same order, on any number of ranks."""
+    path = mpi_tmp_path / "meshio.xdmf"
+    data, points, cells, _ = _read("roi-2d")
+    if comm.rank == 0:
+        meshio.write(path, meshio.Mesh(data.points, [("triangle", cells)]))
+    comm.Barrier()
+    arrays = Domain.from_file(path, comm).to_arrays()
+    assert arrays.points.shape == points.shape
+    np.testing.assert_array_equal(arrays.points, points)
+    np.testing.assert_array_equal(arrays.cells, cells)
+    assert np.allclose(arrays.points[np.unique(arrays.load)][:, 1], 30.0)

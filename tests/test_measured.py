@@ -6,6 +6,7 @@ without the force, the relative modulus is the known-force estimate over its med
 get one line and no output.
 """
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -219,6 +220,19 @@ def test_displacement_images_round_trip_to_the_internal_estimate(folder):
     np.testing.assert_allclose(load_reconstructions(out).estimates[0], internal, rtol=1e-9)
     with np.load(folder / "images-est-modulus.npz") as archive:  # kPa, in the image's shape
         np.testing.assert_allclose(archive["E"], internal.reshape(grid.shape) * 100.0, rtol=1e-9)
+    # the same images as one array (2, rows, cols), float32, as speckle trackers often save them
+    source = folder / "images-one-array.npz"
+    _on_root(lambda: np.savez(source, displacement=np.stack(
+        [-s.uy_noisy.reshape(grid.shape), s.ux_noisy.reshape(grid.shape)]).astype(np.float32)))
+    out = folder / "images-one-array-est.h5"
+    assert main(["import", str(source), "--out", str(folder / "images-one-array.h5"), "--spacing",
+                 "1", "1", "--traction", str(TRACTION_PA), "--noise-std", *sigma]) == 0
+    assert main(["reconstruct", str(folder / "images-one-array.h5"), "--sample", "0", "--method",
+                 "ml", "--out", str(out), "--quiet"]) == 0
+    with np.load(folder / "images-one-array-est-modulus.npz") as archive:
+        assert archive["E"].shape == grid.shape
+        np.testing.assert_allclose(archive["E"], load_reconstructions(out).estimates[0].reshape(
+            grid.shape) * 100.0, rtol=1e-12)
 
 
 def _nodal_force(mesh) -> np.ndarray:
@@ -358,6 +372,24 @@ def test_missing_pixels_carry_no_data_and_stay_empty_in_the_output(folder):
     assert np.isfinite(E[:, 2:]).sum() == 17 * 23 - 12
     # unknown force: relative to the background median (over the measured nodes)
     assert np.nanmedian(E) == pytest.approx(1.0, rel=1e-12)
+    # a validity mask under its usual name is used without --valid; a support without data
+    # is said to make the estimate next to it unreliable
+    axial, lateral = np.nan_to_num(axial), np.nan_to_num(lateral)
+    axial[-1], lateral[-1] = np.nan, np.nan  # the deepest row: the support
+    mask = np.ones(axial.shape)
+    mask[5:8, 10:14] = 0
+    source = folder / "holes-mask.npz"
+    _on_root(lambda: np.savez(source, axial=axial, lateral=lateral, valid=mask))
+    assert main(["import", str(source), "--out", str(folder / "holes-mask.h5"), "--spacing", "1",
+                 "1", "--valid", "valid"]) == 2  # NaN where the mask says measured
+    mask[-1] = 0
+    _on_root(lambda: np.savez(source, axial=axial, lateral=lateral, valid=mask))
+    with (pytest.warns(UserWarning, match="no measured node on the supported boundary")
+          if MPI.COMM_WORLD.rank == 0 else contextlib.nullcontext()):  # the import's rank
+        assert main(["import", str(source), "--out", str(folder / "holes-mask.h5"), "--spacing",
+                     "1", "1", "--traction", str(TRACTION_PA)]) == 0  # (unknown: refused)
+    with load_dataset(folder / "holes-mask.h5") as d:
+        assert (~d.valid(0)).sum() == 12 + 25
 
 
 @pytest.mark.parametrize("method", ["ml", "red"])
@@ -521,3 +553,23 @@ def test_an_existing_data_set_is_kept_when_the_import_fails(simulated, folder, c
     assert status == 2 and "inverted" in capsys.readouterr().err
     if MPI.COMM_WORLD.rank == 0:
         assert good.read_bytes() == before
+
+
+def test_nodes_without_data_stay_empty_and_a_flat_z_column_is_a_2d_mesh(simulated, folder):
+    """Points (N, 3) with a constant z and triangles (meshio's way) are a 2-D mesh, written back
+    with their z; nodes whose displacement is NaN are empty in the output, as pixels are."""
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    n = len(mesh.points)
+    u = np.column_stack([sample.ux_noisy, sample.uy_noisy])
+    u[n // 2:n // 2 + 5] = np.nan
+    source = folder / "flat-z.npz"
+    _on_root(lambda: np.savez(source, points=np.column_stack([mesh.points, np.full(n, 2.5)]),
+                              cells=mesh.cells, displacement=u))
+    assert main(["import", str(source), "--out", str(folder / "flat-z.h5"), "--snr", "35"]) == 0
+    out = folder / "flat-z-est.h5"
+    assert main(["reconstruct", str(folder / "flat-z.h5"), "--sample", "0", "--method", "ml",
+                 "--out", str(out), "--quiet"]) == 0
+    with np.load(folder / "flat-z-est-modulus.npz") as archive:
+        E, points = archive["E"], archive["points"]
+    np.testing.assert_array_equal(np.flatnonzero(np.isnan(E)), np.arange(n // 2, n // 2 + 5))
+    assert points.shape == (n, 3) and (points[:, 2] == 2.5).all()

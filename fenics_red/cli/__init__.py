@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 __all__ = ["main", "build_parser", "add_method_arguments", "method_options"]
 
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         from ..parallel import exit_with_launcher
 
         exit_with_launcher()
+    # a warning is one line, as an error is (Python's format adds a line of the package's code)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = (lambda message, category, *_, **__:
+                              f"fenics-red {args.command}: warning: {message}\n")
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
             sys.stderr.flush()
             comm.Abort(1)
         raise
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def console_main() -> None:  # pragma: no cover - the installed entry point
