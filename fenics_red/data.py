@@ -149,7 +149,7 @@ class SimulationSettings:
                                                       "SimulationSettings.noise_ratio"))
         set_(self, "force_noise", validation.non_negative(self.force_noise,
                                                           "SimulationSettings.force_noise"))
-        set_(self, "seed", validation.integer(self.seed, "SimulationSettings.seed", low=0))
+        set_(self, "seed", validation.seed(self.seed, "SimulationSettings.seed"))
         if self.mesh is not None and not isinstance(self.mesh, MeshArrays):
             raise ValueError(f"SimulationSettings.mesh must be MeshArrays or None, got "
                              f"{type(self.mesh).__name__}")

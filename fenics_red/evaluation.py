@@ -103,6 +103,10 @@ class EvaluationSettings:
         for name in methods:
             get_method(name)  # raises, listing the registered names
         object.__setattr__(self, "methods", methods)
+        if self.figure_limit is not None and (isinstance(self.figure_limit, bool) or not isinstance(
+                self.figure_limit, int) or self.figure_limit < 0):
+            raise ValueError(f"the number of samples with figures (--figures) must be an integer "
+                             f">= 0, got {self.figure_limit!r}")
         unknown = sorted(set(self.options) - set(methods))
         if unknown:
             raise ValueError(f"options given for method(s) {unknown} that are not evaluated")
@@ -182,6 +186,18 @@ class _RunFolder(ResumableOutput):
         return row.row
 
 
+def check_evaluation_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file or holds other files than an evaluation's (an
+    evaluation writes only into its own folders or new ones)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} is a file, not a folder")
+    if out.exists() and not (out / "evaluation.json").exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not an evaluation "
+                              "folder (no evaluation.json); choose a new folder"
+                              + ("" if overwrite else " or an empty one")
+                              + ": --overwrite only replaces an evaluation's own results")
+
+
 def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> OutputLock:
     """Create the output folder or check that it belongs to this evaluation (rank 0); return
     the lock of the folder (``evaluation.json.lock``), held until the evaluation ends.
@@ -202,13 +218,8 @@ def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> OutputLock:
                 raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
                                  "--overwrite to start again")
             old = None
-    elif out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} is a file, not a folder")
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output folder {str(out)!r} exists and is not an evaluation "
-                              "folder (no evaluation.json); choose a new folder"
-                              + ("" if overwrite else " or an empty one")
-                              + ": --overwrite only replaces an evaluation's own results")
+    else:
+        check_evaluation_folder(out, overwrite)
     out.mkdir(exist_ok=True)
     lock = OutputLock(record)
     try:
@@ -257,8 +268,15 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
         indices = list(range(n)) if settings.samples is None else list(settings.samples)
         bad = [i for i in indices if not 0 <= i < n]
         if bad:
-            raise ValueError(f"sample(s) {bad} do not exist: {str(data_path)!r} has {n} samples "
-                             f"(0 to {n - 1})")
+            shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5
+                                                    else "")
+            raise ValueError(f"sample(s) {shown} do not exist: {str(data_path)!r} has {n} "
+                             f"samples (0 to {n - 1})")
+        shape = metric_grid(dataset).shape
+        if dataset.has_truth and min(shape) < SSIM_WINDOW:  # found before any estimate is made
+            raise ValueError(f"the data set's images are {' x '.join(map(str, shape))} pixels; "
+                             f"SSIM needs at least {SSIM_WINDOW} across: evaluate data sets of "
+                             f"{SSIM_WINDOW - 1} cells or more per side")
         manifest = plain({"format": _FORMAT, "data": {
             "path": str(Path(data_path).resolve()), "n_samples": n, **dataset.attrs,
             "sha256": on_root(comm, lambda: hdf5_digest(data_path))}}, for_json=True)

@@ -77,13 +77,21 @@ def check_input_file(path: str | os.PathLike, what: str = "input file") -> Path:
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that ``path`` can be written: its folder exists and it is new (or ``overwrite``)."""
+    """Check that ``path`` can be written: a file name in a folder that exists and can be written,
+    new (or ``overwrite``), not a folder."""
+    if not str(path).strip():
+        raise ValueError("the output file name is empty; give a file name (--out FILE)")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a folder; give a file name in it")
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"output {str(path)!r} already exists; remove it or pass --overwrite to replace it")
     if not path.parent.exists():
         raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"the folder of output {str(path)!r} cannot be written to; choose "
+                              "another folder")
     return path
 
 

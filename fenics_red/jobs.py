@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 import numpy as np
 
-from .io import OutputLock, plain, replace_checked
+from .io import OutputLock, check_output_path, plain, replace_checked
 from .parallel import on_root, raise_local_or_shared
 
 # ``plain`` lives in :mod:`fenics_red.io`; it is re-exported here for existing importers
@@ -140,11 +140,7 @@ class ResumableFile(ResumableOutput):
     def __init__(self, path: Path, attrs: dict, n_rows: int, overwrite: bool):
         self.path, self.partial, self.n_rows = path, partial_path(path), int(n_rows)
         self.overwrite, self.created, self.file, self.lock = overwrite, False, None, None
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"the folder of output {str(path)!r} does not exist")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"output {str(path)!r} already exists; remove it or pass "
-                                  "--overwrite (overwrite=True) to replace it")
+        check_output_path(path, overwrite)
         self.lock = OutputLock(path)  # one run at a time on OUT and OUT.partial
         try:
             if self.partial.exists() and not overwrite:

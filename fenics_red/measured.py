@@ -781,6 +781,22 @@ def _noise(s: ImportSettings, mesh: MeshArrays, u: np.ndarray, valid: np.ndarray
     return sigma, "estimated from the data (local linear fits, robust scale)"
 
 
+def _check_size(u_mm: np.ndarray, mesh: MeshArrays, s: ImportSettings) -> None:
+    """Refuse a displacement larger than the mesh, warn at 10 % of it: elastography measures
+    strains of about 1 %, so such sizes are a unit mistake (or not a small-strain measurement)."""
+    extent = float(np.max(np.ptp(mesh.points, axis=0)))
+    largest = float(np.max(np.abs(u_mm))) if u_mm.size else 0.0
+    units = (f"--displacement-unit {s.displacement_unit} and --length-unit {s.length_unit}")
+    if largest > extent:
+        raise ValueError(f"the displacement reaches {largest:.3g} mm on a mesh {extent:.3g} mm "
+                         f"across: check {units}")
+    if largest > 0.1 * extent:
+        warnings.warn(f"the displacement reaches {largest:.3g} mm, {100 * largest / extent:.0f} % "
+                      f"of the mesh's {extent:.3g} mm: far above the strains of elastography "
+                      f"(about 1 %) and of the linear model; check {units}", UserWarning,
+                      stacklevel=3)
+
+
 def _snr_db(u: np.ndarray, free: np.ndarray, sigma) -> float:
     noise = sum(float(free.sum()) * v**2 for v in sigma)
     signal = float(np.sum(u[:, free] ** 2)) - noise
@@ -823,6 +839,7 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
             offset[c] = float(u[c, ok].mean())
             u[c] -= offset[c]
     u_to_mm = LENGTH_UNITS[s.displacement_unit]
+    _check_size(u[:, valid] * u_to_mm, mesh, s)
     sigma, noise_how = _noise(s, mesh, u, valid, u_to_mm)
     free = valid.copy()
     free[support] = False

@@ -70,6 +70,7 @@ from .denoiser import (
     count_parameters,
 )
 from .io import atomic_output, check_input_file, check_output_path, file_sha256
+from .validation import SEED_MAX
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",
            "PairsData", "validation_metrics", "settings_for_data", "PAIRS_FORMAT"]
@@ -151,7 +152,7 @@ class TrainingSettings:
         check("weight_decay", real(0), "a number >= 0")
         if self.grad_clip is not None:
             check("grad_clip", real(0, strict_low=True), "None or a positive number")
-        check("seed", integer(0), "an integer >= 0")
+        check("seed", lambda v: integer(0)(v) and v <= SEED_MAX, "an integer in [0, 2^63 - 1]")
         check("val_fraction", real(0, 1, strict_low=True), "a number in (0, 1)")
         check("clean_fraction", real(0, 1), "a number in [0, 1]")
         check("t_max", real(0, strict_low=True), "a positive number")

@@ -111,7 +111,7 @@ class UncertaintySettings:
     def __post_init__(self):
         validation.integer(self.rank, "the uncertainty rank (--uncertainty-rank)", low=1)
         validation.integer(self.oversampling, "UncertaintySettings.oversampling", low=0)
-        validation.integer(self.seed, "UncertaintySettings.seed", low=0)
+        validation.seed(self.seed, "UncertaintySettings.seed")
         validation.integer(self.block_size, "UncertaintySettings.block_size", low=1)
         object.__setattr__(self, "mass_weight", validation.positive(
             self.mass_weight, "UncertaintySettings.mass_weight"))

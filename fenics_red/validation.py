@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["number", "finite", "positive", "non_negative", "integer", "interval",
+__all__ = ["number", "finite", "positive", "non_negative", "integer", "seed", "interval",
            "per_component", "one_of", "mapping", "check_finite", "check_memory", "memory_limit"]
 
 
@@ -76,6 +76,15 @@ def positive(value, name: str, what: str = "finite and > 0") -> float:
 def non_negative(value, name: str, what: str = "finite and >= 0") -> float:
     """A finite number ``>= 0``."""
     return number(value, name, 0.0, what=what)
+
+
+#: The largest seed: a signed 64-bit integer (HDF5 attributes, torch.manual_seed).
+SEED_MAX = 2**63 - 1
+
+
+def seed(value, name: str) -> int:
+    """A random seed: an integer in ``[0, 2^63 - 1]``."""
+    return integer(value, name, 0, SEED_MAX, what="an integer in [0, 2^63 - 1]")
 
 
 def integer(value, name: str, low: int | None = None, high: int | None = None,

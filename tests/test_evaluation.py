@@ -168,7 +168,7 @@ def test_evaluate_command_line(dataset, mpi_tmp_path, capsys):
     assert not (out / "figures" / "sample_1.png").exists()
     assert main(["evaluate", str(dataset), "--methods", "ml", "--samples", "7", "--out",
                  str(out), "--quiet"]) == 2
-    assert "sample(s) [7] do not exist" in capsys.readouterr().err
+    assert "sample(s) 7 do not exist" in capsys.readouterr().err
 
 
 def test_the_demo_runs_every_method_end_to_end(mpi_tmp_path, comm):

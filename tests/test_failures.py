@@ -386,3 +386,114 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_anything_is_allocated
     monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "100M")
     assert main(["simulate", "--samples", "1", "--grid", "64", "--out", str(out)]) == 2
     assert "limit of 100 MB (FENICS_RED_MEMORY_LIMIT)" in capsys.readouterr().err
+
+
+# -- refused before any work, nothing of the user's touched -------------------------------------
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(mpi_tmp_path, comm, capsys):
+    data = simulate_dataset(mpi_tmp_path / "set.h5", 1,
+                            SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
+                            progress=False)
+    modulus = mpi_tmp_path / "E.npy"
+    if comm.rank == 0:
+        np.save(modulus, np.ones((9, 9)))
+    comm.Barrier()
+    before = _digest(data), _digest(modulus)
+    for argv in (["reconstruct", str(data), "--sample", "0", "--method", "ml"],
+                 ["forward", "--modulus", str(modulus)]):
+        out = data if argv[0] == "reconstruct" else modulus
+        assert main([*argv, "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") >= 1 and "is also this command's input" in err, err
+    assert (_digest(data), _digest(modulus)) == before
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["simulate", "--samples", "1", "--grid", "8", "--height", "inf"], "--height: must be"),
+    (["simulate", "--samples", "1", "--grid", "8", "--seed", str(2**64)], "[0, 2^63 - 1]"),
+    (["forward", "--modulus", "{E16}"], "spans a contrast of 1e+16"),
+])
+def test_impossible_settings_get_one_line_before_any_work(argv, words, mpi_tmp_path, comm,
+                                                          capsys):
+    """(A modulus spanning 16 orders of magnitude gave a wrong displacement without a word: the
+    stiffness matrix is too ill-conditioned for double precision.)"""
+    E16 = mpi_tmp_path / "E16.npy"
+    if comm.rank == 0:
+        E = np.ones((9, 9))
+        E[5:] = 1e-16
+        np.save(E16, E)
+    comm.Barrier()
+    out = mpi_tmp_path / ("out.npz" if argv[0] == "forward" else "out.h5")
+    argv = [a.replace("{E16}", str(E16)) for a in argv] + ["--out", str(out)]
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argparse's refusal of an option's value
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") <= 1, err
+    assert words in err or comm.rank > 0  # a bad command line is reported by rank 0 only
+    assert not out.exists() and not list(mpi_tmp_path.glob("out.*partial"))
+
+
+def test_a_folder_or_an_empty_name_as_output_file_is_refused(mpi_tmp_path, capsys):
+    for out, words in ((mpi_tmp_path, "is a folder"), ("", "--out is empty")):
+        assert main(["simulate", "--samples", "1", "--grid", "8", "--out", str(out),
+                     "--overwrite"]) == 2
+        assert words in capsys.readouterr().err
+    assert mpi_tmp_path.is_dir() and not list(mpi_tmp_path.iterdir())
+
+
+def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_path, comm,
+                                                                         capsys):
+    folder = mpi_tmp_path / "mine"
+    simulate_dataset(mpi_tmp_path / "set.h5", 1,
+                     SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm, progress=False)
+    if comm.rank == 0:
+        folder.mkdir()
+        (mpi_tmp_path / "set.h5").rename(folder / "data.h5")
+    comm.Barrier()
+    before = _digest(folder / "data.h5")
+    base = ["demo", "--grid", "10", "--methods", "ml", "--max-steps", "2", "--quiet"]
+    assert main([*base, "--out", str(folder)]) == 2
+    assert "not the data set of an earlier demo" in capsys.readouterr().err
+    assert _digest(folder / "data.h5") == before and not (folder / "masks").exists()
+    for bad in (["--snr", "nan"], ["--methods", "foo"], ["--grid", "9"]):
+        assert main([*base, *bad, "--out", str(mpi_tmp_path / "new")]) == 2
+        assert not (mpi_tmp_path / "new").exists(), bad
+    capsys.readouterr()
+
+
+def test_an_evaluation_too_small_for_its_metrics_is_refused_before_any_estimate(
+        mpi_tmp_path, comm, capsys):
+    data = simulate_dataset(mpi_tmp_path / "set.h5", 1,
+                            SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
+                            progress=False)
+    assert main(["evaluate", str(data), "--methods", "ml", "--out",
+                 str(mpi_tmp_path / "ev")]) == 2
+    assert "SSIM needs at least 11 across" in capsys.readouterr().err
+    assert not (mpi_tmp_path / "ev").exists()
+
+
+def test_a_petsc_error_is_one_line_saying_what_petsc_found_wrong():
+    from petsc4py import PETSc
+
+    from fenics_red.cli import _one_line
+
+    ksp = PETSc.KSP().create(MPI.COMM_SELF)
+    PETSc.Options().setValue("badtest_ksp_type", "nonsense")
+    ksp.setOptionsPrefix("badtest_")
+    try:
+        with pytest.raises(PETSc.Error) as error:
+            ksp.setFromOptions()
+    finally:
+        PETSc.Options().delValue("badtest_ksp_type")
+        ksp.destroy()
+    line = _one_line(error.value)
+    assert "\n" not in line and line.startswith("PETSc error code 86")
+    assert "Unable to find requested KSP type nonsense" in line

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
+import os
 import sys
 import warnings
 
@@ -56,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_float(text: str) -> float:
+    """An option's value that must be a finite number > 0 (sizes): one line when it is not."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags of every registered method, each once, in one argument group per set of
     methods that share flags."""
@@ -88,6 +101,42 @@ def method_options(args: argparse.Namespace, methods, named_by: str = "--methods
     return {name: values for name, values in options.items() if values}
 
 
+def _check_output(args) -> None:
+    """Refuse an empty ``--out``, or one that is one of the command's input files (with
+    ``--overwrite`` it would be replaced by the output), before any work."""
+    out = getattr(args, "out", None)
+    if out is not None and not str(out).strip():
+        raise ValueError("--out is empty; give the output's name")
+    if not out or not os.path.exists(out):
+        return
+    for name, value in vars(args).items():
+        if name in ("out", "func", "command"):
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str | os.PathLike) and str(item) and os.path.exists(item):
+                try:
+                    same = os.path.samefile(item, out)
+                except OSError:
+                    continue
+                if same:
+                    raise ValueError(f"the output {str(out)!r} is also this command's input "
+                                     f"({name.replace('_', '-')}); write the output to another "
+                                     "file (nothing was changed)")
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line. PETSc's is ``error code N`` and its call stack, one
+    ``[rank] ...`` line per frame, the last lines saying what is wrong: those are kept."""
+    lines = [line.split("] ", 1)[-1].strip() if line.startswith("[") else line.strip()
+             for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    if lines[0].startswith("error code"):
+        return f"PETSc {lines[0]}: " + "; ".join(reversed(lines[-2:]))
+    return " ".join(lines)
+
+
 def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> int:
     """Run the command line; return the exit status.
 
@@ -113,6 +162,7 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
     warnings.formatwarning = (lambda message, category, *_, **__:
                               f"fenics-red {args.command}: warning: {message}\n")
     try:
+        _check_output(args)
         return int(args.func(args) or 0)
     except USER_ERRORS as error:
         from ..parallel import failed_together
@@ -121,8 +171,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         everywhere = abort_on_error and failed_together(comm, error)
         where = f"[rank {comm.rank}] " if comm.size > 1 and not everywhere else ""
         if comm.rank == 0 or not everywhere:
-            print(f"fenics-red {args.command}: error: {where}{error}", file=sys.stderr,
-                  flush=True)
+            print(f"fenics-red {args.command}: error: {where}{_one_line(error)}",
+                  file=sys.stderr, flush=True)
         if abort_on_error and not everywhere:
             comm.Abort(2)
         return 2

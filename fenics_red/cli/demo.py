@@ -15,6 +15,7 @@ from mpi4py import MPI
 import numpy as np
 
 from ..methods import METHODS
+from ..metrics import SSIM_WINDOW
 from ..parallel import on_root
 from ..raster import ImageGrid
 from . import add_method_arguments, method_options
@@ -34,6 +35,23 @@ def builtin_mask(grid: ImageGrid) -> np.ndarray:
     u, v = c * (x - 0.66 * w) + s * (y - 0.33 * h), -s * (x - 0.66 * w) + c * (y - 0.33 * h)
     ellipse = (u / (0.17 * w)) ** 2 + (v / (0.09 * h)) ** 2 < 1.0
     return circle | ellipse
+
+
+def _check_own_data(data: Path, masks: Path) -> None:
+    """Refuse to replace a ``data.h5`` that an earlier demo did not make (a demo's data set was
+    simulated from the masks beside it): a user's data set is never overwritten."""
+    if not data.exists():
+        return
+    import h5py
+
+    try:
+        with h5py.File(data, "r") as f:
+            made_here = Path(str(f.attrs.get("masks_dir", ""))).resolve() == masks.resolve()
+    except OSError:
+        made_here = False
+    if not made_here:
+        raise FileExistsError(f"{str(data)!r} is not the data set of an earlier demo; the demo "
+                              "would replace it: choose another --out folder")
 
 
 def register(subparsers) -> None:
@@ -59,27 +77,33 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data import SimulationSettings, simulate_dataset
-    from ..evaluation import EvaluationSettings, evaluate, summary_table
+    from ..evaluation import EvaluationSettings, check_evaluation_folder, evaluate, summary_table
 
     comm = MPI.COMM_WORLD
-    if args.grid < 8:
-        raise ValueError(f"--grid must be at least 8 cells, got {args.grid}")
+    if args.grid < SSIM_WINDOW - 1:
+        raise ValueError(f"--grid must be at least {SSIM_WINDOW - 1} cells (SSIM's window is "
+                         f"{SSIM_WINDOW} pixels across), got {args.grid}")
+    # every setting is checked before anything is written
     out = Path(args.out)
     grid = ImageGrid(args.grid, args.grid)
     masks = out / "masks"
+    data = out / "data.h5"
+    settings = SimulationSettings(grid, snr_db=args.snr, seed=args.seed)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    options = method_options(args, methods, strict=False)  # as before: unused flags are ignored
+    evaluation = EvaluationSettings(methods, options, xdmf=True)
 
     def prepare():
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"--out {str(out)!r} is a file; the demo writes a folder")
+        _check_own_data(data, masks)
+        check_evaluation_folder(out / "results", overwrite=True)
         masks.mkdir(parents=True, exist_ok=True)
         np.save(masks / "two_inclusions.npy", builtin_mask(grid))
 
     on_root(comm, prepare)
-    data = out / "data.h5"
-    settings = SimulationSettings(grid, snr_db=args.snr, seed=args.seed)
     simulate_dataset(data, 1, settings, comm, masks_dir=masks, overwrite=True,
                      progress=False)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    options = method_options(args, methods, strict=False)  # as before: unused flags are ignored
-    evaluation = EvaluationSettings(methods, options, xdmf=True)
     summary = evaluate(data, out / "results", evaluation, comm, overwrite=True,
                        progress=not args.quiet)
     if comm.rank == 0:

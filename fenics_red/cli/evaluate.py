@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from mpi4py import MPI
 
 from ..methods import METHODS, method_names
@@ -16,11 +18,15 @@ def _index_list(text: str) -> tuple[int, ...]:
         try:
             if "-" in part:
                 lo, hi = (int(v) for v in part.split("-"))
+                if hi < lo:
+                    raise ValueError
                 indices.extend(range(lo, hi + 1))
             else:
                 indices.append(int(part))
         except ValueError:
-            raise ValueError(f"--samples takes indices like 0,3,5-7, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"takes non-negative indices like 0,3,5-7 (ranges low-high), got {text!r}"
+            ) from None
     return tuple(indices)
 
 
