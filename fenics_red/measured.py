@@ -372,6 +372,8 @@ def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str,
                          f"({' or '.join(f'(M, {w})' for w in widths)}), got shape {array.shape}")
     if array.shape[1] not in widths and array.shape[0] in widths:
         array = array.T  # (3, M) as MATLAB codes often store them
+    if array.size == 0:
+        raise ValueError(f"{name!r} holds no cells (shape {array.shape})")
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or (array != np.round(array)).any():
             raise ValueError(f"cells {name!r} must hold whole node numbers")
@@ -594,8 +596,8 @@ def _images(file: VariableFile, s: ImportSettings) -> tuple[np.ndarray, np.ndarr
     lateral = file.get(file.find(s.lateral, "lateral", "the lateral displacement image"),
                        "the lateral displacement")
     if axial.ndim != 2 or axial.shape != lateral.shape:
-        raise ValueError(f"the axial and lateral displacements must be images of one shape, got "
-                         f"{axial.shape} and {lateral.shape}")
+        raise ValueError(f"the axial and lateral displacements must be 2-D images (rows, cols) of "
+                         f"one shape, got {axial.shape} and {lateral.shape}")
     return axial, lateral, {"axial": s.axial or file.find(None, "axial", ""),
                             "lateral": s.lateral or file.find(None, "lateral", "")}
 
