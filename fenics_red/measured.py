@@ -841,7 +841,7 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
             offset[c] = float(u[c, ok].mean())
             u[c] -= offset[c]
     u_to_mm = LENGTH_UNITS[s.displacement_unit]
-    _check_size(u[:, valid] * u_to_mm, mesh, s)
+    _check_size(u[:, valid], mesh, s)  # u in mm (read_measurement converted it)
     sigma, noise_how = _noise(s, mesh, u, valid, u_to_mm)
     free = valid.copy()
     free[support] = False

@@ -491,6 +491,8 @@ def _bad_files(folder: Path, mesh, sample) -> dict:
                               ["--ux", "ux", "--uy", "uy", "--index-base", "0"], "1-based"),
         "no-variable": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
                         ["--ux", "ux", "--uy", "vy"], "no variable 'vy'"),
+        "wrong-unit": ({"nodes": p, "cells": c, "ux": ux * 1e3, "uy": uy * 1e3},  # µm, said m
+                       ["--displacement-unit", "m"], "check --displacement-unit m"),
         "no-displacement": ({"nodes": p, "cells": c, "ux": ux, "vy": uy}, [],
                             "name it with --displacement, or its components with --ux --uy"),
     }
