@@ -198,7 +198,7 @@ def test_files_that_are_not_data_sets_are_rejected(mpi_tmp_path, comm):
     ({"snr_db": float("nan")}, "snr_db must be a finite number"),
     ({"noise_ratio": 0.0}, "noise_ratio must be finite and > 0"),
     ({"force_noise": -1.0}, "force_noise must be finite and >= 0"),
-    ({"seed": -3}, "seed must be a non-negative integer"),
+    ({"seed": -3}, r"seed must be an integer in \[0, 2\^63 - 1\]"),
 ])
 def test_impossible_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
