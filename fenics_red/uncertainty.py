@@ -14,7 +14,8 @@ p)`` Hessian products for rank ``k`` and oversampling ``p``). Truncation leaves 
 below about 0.1 the neglected terms are small. ``diag(P⁻¹)`` is computed exactly by solves with
 blocks of unit vectors against one Cholesky factorisation of ``P`` (MUMPS multi-right-hand-side
 solves, ``n / block_size`` of them): exact, about 14 s at 128² on one rank and growing faster
-than the number of nodes (``n`` back-substitutions); much larger meshes would switch to probing.
+than the number of nodes (``n`` back-substitutions), so a runner solves it once per run and
+rescales it for later samples; much larger meshes would switch to probing.
 
 The prior ``P``. Both estimates use the Tikhonov gradient prior ``½ ∫|∇E|²`` of ``gn-tikhonov``,
 made proper by a mass term: ``R_γ = ∫∇p·∇q + γ ∫p q`` with ``γ = mass_weight / L²`` (``L`` the
@@ -178,6 +179,8 @@ class PriorPrecision:
     def __init__(self, Q, weight: float, mass_weight: float, scale: np.ndarray | None = None):
         mesh = Q.mesh
         self.comm = mesh.comm
+        self.weight, self.mass_weight = float(weight), float(mass_weight)
+        self.scale = None if scale is None else np.asarray(scale, dtype=float).copy()
         lower, upper = mesh_bounds(mesh)
         self.length = float(np.max(upper - lower))
         gamma = fem.Constant(mesh, PETSc.ScalarType(mass_weight / self.length**2))
@@ -203,9 +206,23 @@ class PriorPrecision:
     def solve(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
         self.ksp.solve(x, y)
 
-    def inverse_diagonal(self, block_size: int = 512) -> np.ndarray:
+    def inverse_diagonal(self, block_size: int = 512, cache: dict | None = None) -> np.ndarray:
         """The owned entries of ``diag(P⁻¹)``, exactly: ``P⁻¹ [e_j0 ... e_j0+b]`` by one
-        multi-right-hand-side solve per block of ``b`` unit vectors. Collective."""
+        multi-right-hand-side solve per block of ``b`` unit vectors. Collective.
+
+        ``cache`` (a dict kept by the caller for one mesh and partition): ``P = diag(s) w R
+        diag(s)`` with ``R`` fixed by the mesh and ``mass_weight``, so ``diag(P⁻¹) = diag(R⁻¹) /
+        (w s²)``; the first call stores ``diag(R⁻¹)``, later ones rescale it (the solves grow
+        like the square of the nodes: 14 s at 128², docs/uncertainty.md)."""
+        factor = self.weight * (1.0 if self.scale is None else self.scale**2)
+        if cache is not None and self.mass_weight in cache:
+            return cache[self.mass_weight] / factor
+        out = self._inverse_diagonal(block_size)
+        if cache is not None:
+            cache[self.mass_weight] = out * factor
+        return out
+
+    def _inverse_diagonal(self, block_size: int) -> np.ndarray:
         n = self.mat.getSize()[0]
         start, end = self.mat.getOwnershipRange()
         out = np.empty(end - start)
@@ -266,7 +283,8 @@ def _start_vectors(model, n_vectors: int, seed: int, n_owned: int) -> np.ndarray
 
 
 def low_rank_posterior(apply_H, prior: PriorPrecision, model, template: PETSc.Vec,
-                       settings: UncertaintySettings) -> LowRankPosterior:
+                       settings: UncertaintySettings, cache: dict | None = None
+                       ) -> LowRankPosterior:
     """The ``rank`` dominant eigenpairs of ``H v = λ P v`` (double pass) and ``diag(P⁻¹)``.
 
     ``apply_H(x, y)``: ``y = H x`` on vectors like ``template`` (the model's modulus space).
@@ -279,7 +297,7 @@ def low_rank_posterior(apply_H, prior: PriorPrecision, model, template: PETSc.Ve
     omega = _start_vectors(model, m, settings.seed, template.getLocalSize())
     lam, V = double_pass_eigh(apply_H, prior.mult, prior.solve, omega, k, template)
     t1 = time.perf_counter()
-    diagonal = prior.inverse_diagonal(settings.block_size)
+    diagonal = prior.inverse_diagonal(settings.block_size, cache)
     t2 = time.perf_counter()
     return LowRankPosterior(lam, V, diagonal, 2 * m,
                             {"eigenpairs": t1 - t0, "prior_diagonal": t2 - t1})
@@ -320,8 +338,8 @@ def matched_prior_weight(posterior: LowRankPosterior, c, tail, r2, target: float
     return math.sqrt(low * high), True
 
 
-def ml_posterior_std(likelihood, estimate: PETSc.Vec, settings: UncertaintySettings
-                     ) -> tuple[PETSc.Vec, dict]:
+def ml_posterior_std(likelihood, estimate: PETSc.Vec, settings: UncertaintySettings,
+                     cache: dict | None = None) -> tuple[PETSc.Vec, dict]:
     """``σ`` of the ML estimate (module docstring: the matched Tikhonov model with ``Γ`` as the
     ML solve left it frozen). Returns the owned values as a new vector and an info dict.
     Collective."""
@@ -332,7 +350,8 @@ def ml_posterior_std(likelihood, estimate: PETSc.Vec, settings: UncertaintySetti
     E0, b, work = likelihood.create_vector(), likelihood.create_vector(), likelihood.create_vector()
     try:
         E0.array[:] = likelihood.gamma.E.x.array[:nq]  # the modulus Γ is frozen at
-        posterior = low_rank_posterior(likelihood.hessian_mult, prior, model, E0, settings)
+        posterior = low_rank_posterior(likelihood.hessian_mult, prior, model, E0, settings,
+                                       cache)
         r2 = 2.0 * likelihood.gradient(E0, b)
         b.scale(-1.0)  # b = Dᵀ Γ⁻¹ (f − D E₀)
         c = gram(likelihood.comm, posterior.vectors, b.array_r)
@@ -364,7 +383,8 @@ def _tikhonov_noise_variance(weights, counts, sigma) -> float:
 
 
 def gn_posterior_std(model, displacement, noise_std, estimate, alpha: float,
-                     gn_settings, settings: UncertaintySettings) -> tuple[np.ndarray, dict]:
+                     gn_settings, settings: UncertaintySettings, cache: dict | None = None
+                     ) -> tuple[np.ndarray, dict]:
     """``σ_E`` of a gn-tikhonov estimate (module docstring): the Gauss-Newton posterior in
     ``m = log E`` at ``estimate`` (file order: an image on grids) with the prior
     ``diag(E) (α/s²) R_γ diag(E)``, ``σ_E = E σ_m``. Returns the owned values and an info dict.
@@ -392,7 +412,7 @@ def gn_posterior_std(model, displacement, noise_std, estimate, alpha: float,
         E = np.exp(inversion.parameter())
         prior = PriorPrecision(model.Q, alpha / s2, settings.mass_weight, scale=E)
         template = inversion.gradient_vec
-        posterior = low_rank_posterior(H.mult, prior, model, template, settings)
+        posterior = low_rank_posterior(H.mult, prior, model, template, settings, cache)
         std = E * np.sqrt(posterior.variance(1.0))
     finally:
         inversion.destroy()
@@ -430,6 +450,7 @@ class UncertaintyRunner:
                              f" not {method!r}")
         self.method, self.runner, self.uncertainty = method, runner, settings
         self.options = runner.options
+        self._prior_diagonal: dict = {}  # diag(R⁻¹) of this runner's mesh, after its first map
 
     @property
     def settings(self) -> dict:
@@ -452,7 +473,8 @@ class UncertaintyRunner:
             likelihood = self.runner.reconstructor.likelihood
             E = likelihood.from_values(estimate)
             try:
-                std_vec, extra = ml_posterior_std(likelihood, E, self.uncertainty)
+                std_vec, extra = ml_posterior_std(likelihood, E, self.uncertainty,
+                                                  self._prior_diagonal)
                 std = likelihood.to_values(std_vec)
                 std_vec.destroy()
             finally:
@@ -462,7 +484,7 @@ class UncertaintyRunner:
             model = self.runner.model
             owned, extra = gn_posterior_std(model, m.displacement, m.noise_std, estimate,
                                             info.get("alpha"), self.runner.gn_settings,
-                                            self.uncertainty)
+                                            self.uncertainty, self._prior_diagonal)
             std = model.to_values(owned)
         info.update(extra)
         return estimate, history, info, std

@@ -79,6 +79,26 @@ def test_the_prior_inverse_diagonal_is_exact(ml_problem):
     np.testing.assert_allclose(diagonal, np.diag(np.linalg.inv(ml_problem["R"])), rtol=1e-10)
 
 
+def test_a_cached_prior_diagonal_is_the_scaled_priors_exact_one(ml_problem):
+    """``diag(P⁻¹)`` of ``P = diag(s) w R diag(s)`` from the cache that the first map of a run
+    fills (``diag(R⁻¹)``) equals its own exact diagonal: the later samples skip the solves."""
+    comm, likelihood = ml_problem["comm"], ml_problem["likelihood"]
+    Q = likelihood.model.Q
+    n_owned = Q.dofmap.index_map.size_local
+    scale = 0.5 + np.random.default_rng(3).random(Q.dofmap.index_map.size_global)
+    owned = scale[Q.dofmap.index_map.local_range[0]:Q.dofmap.index_map.local_range[1]]
+    cache = {}
+    ml_problem["prior"].inverse_diagonal(block_size=16, cache=cache)  # w = 1, no scale
+    scaled = PriorPrecision(Q, 7.5, 1.0, scale=owned)
+    try:
+        cached = scaled.inverse_diagonal(block_size=16, cache=cache)
+        exact = scaled.inverse_diagonal(block_size=16)
+    finally:
+        scaled.destroy()
+    assert cached.shape == (n_owned,)
+    np.testing.assert_allclose(gather(comm, cached), gather(comm, exact), rtol=1e-10)
+
+
 def test_the_randomised_eigenpairs_match_a_dense_generalised_eigendecomposition(ml_problem):
     comm, H, R = ml_problem["comm"], ml_problem["H"], ml_problem["R"]
     # this spectrum decays slowly (λ₁/λ₄₀ ≈ 2e5 at 8²): the error of pair i follows
