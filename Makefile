@@ -7,11 +7,14 @@ MPI_TEST := OMP_NUM_THREADS=1 timeout 1500 $(ENV) mpirun -n 2 python -m pytest -
 # one process (make test TEST_WORKERS=0).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? 0 : (n > 4 ? 4 : n) )))
 DEMO_OUT ?= demo-output
-# make paper|denoiser|bench SIZE=small: the same pipeline at a tiny size, in seconds (the tests run
-# them so); outputs in $(RUNS)/ (created when missing; small benchmark tables in $(RUNS)/bench/).
-SIZE ?= full
-RUNS ?= runs
-DIM ?= 2
+# make paper|denoiser|bench SIZE=small: the same pipeline at a tiny size (paper under a minute,
+# denoiser about a minute, bench about three on 2 cores; the tests run them so); outputs in
+# $(RUNS)/ (created when missing; small benchmark tables in $(RUNS)/bench/). SIZE, RUNS and DIM
+# are taken from the command line only, never from the shell's environment (an exported DIM=3
+# would retrain the 3-D model).
+SIZE = full
+RUNS = runs
+DIM = 2
 ifeq ($(filter full small,$(SIZE)),)
 $(error SIZE must be full or small, got '$(SIZE)')
 endif
@@ -28,7 +31,7 @@ help:
 	@echo "make bench   run the benchmarks, tables in benchmarks/results/"
 	@echo "make paper   the paper's comparison on 24 held-out phantoms at 25/35/45 dB (runs/)"
 	@echo "make denoiser  retrain the shipped denoiser with the project's pipeline (runs/)"
-	@echo "  paper, denoiser, bench: SIZE=small runs them at a tiny size (seconds), RUNS=DIR for runs/"
+	@echo "  paper, denoiser, bench: SIZE=small runs them at a tiny size (minutes), RUNS=DIR for runs/"
 	@echo "  denoiser DIM=3: the 3-D denoiser (fenics_red/data/denoiser-3d.pt): 16^3 volumes, then 24^3"
 	@echo "make meshes  remake meshes/*.msh from meshes/*.geo with gmsh (*-3d.geo in 3-D)"
 	@echo "make docker  build the Docker image fenics-red from debian:trixie (needs a Docker engine)"
@@ -53,7 +56,8 @@ demo: setup
 	$(ENV) fenics-red demo --out $(DEMO_OUT)
 
 bench: setup
-	FENICS_RED_BENCH_SIZE=$(SIZE) FENICS_RED_BENCH_OUT=$(BENCH_OUT) $(ENV) python benchmarks/run.py
+	FENICS_RED_BENCH_SIZE=$(SIZE) FENICS_RED_BENCH_OUT=$(BENCH_OUT) \
+	    FENICS_RED_BENCH_DATA=$(RUNS)/bench-data $(ENV) python benchmarks/run.py
 
 paper: setup
 	OMP_NUM_THREADS=1 FENICS_RED_DEMO_SMALL=$(SMALL) FENICS_RED_DEMO_OUT=$(RUNS) \

@@ -5,7 +5,8 @@
     scripts/env mpirun -n 2 python benchmarks/reconstruct3d.py 24 ml red   # N³ cells, methods
 
 One random 3-D phantom of N³ cells (``fenics-red simulate --grid N --grid-z N --seed 43``, 35 dB,
-simulated once and kept in ``runs/bench-data/``), then ``fenics-red reconstruct --sample 0`` with
+simulated once and kept in ``runs/bench-data/``, ``$RUNS/bench-data`` under ``make bench``),
+then ``fenics-red reconstruct --sample 0`` with
 ``--method red`` and the shipped 3-D denoiser (and ``--method ml`` when asked for), the mesh
 spread over the ranks, every setting at its default: the likelihood's ``K`` by MUMPS Cholesky
 up to ``AUTO_CHOLESKY_MAX_DOFS``, GAMG above. RED's time includes its own ML stage (it starts
@@ -17,6 +18,7 @@ warns that it was not validated there (the row times the pipeline, its error is 
 of the method).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from fenics_red.metrics import relative_rmse  # noqa: E402
 from fenics_red.red import default_denoiser_path  # noqa: E402
 
 #: the data sets and estimates (``make bench SIZE=small``: beside its tables)
-DATA = RESULTS / "reconstruct3d-data" if SMALL else Path("runs/bench-data")
+DATA = (RESULTS / "reconstruct3d-data" if SMALL
+        else Path(os.environ.get("FENICS_RED_BENCH_DATA", "runs/bench-data")))
 CELLS = 6 if SMALL else 44  # 3 · 45³ = 273 375 displacement dofs
 
 

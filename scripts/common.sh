@@ -73,13 +73,22 @@ fenics_red_exec() {
     # A user's home is visible inside; root's /root stays the root's own (it holds the JIT cache).
     [ "$(id -u)" != 0 ] && [ -n "${HOME:-}" ] && [ -d "$HOME" ] && args+=(--bind "$HOME" "$HOME")
     args+=(--bind "$FENICS_RED_REPO" "$FENICS_RED_REPO")
+    # the working folder, unless it is a system folder of the root (/, /usr, /etc, root's
+    # /root, ...): binding the host's over it would hide the stack
     local cwd; cwd="$(pwd -P)"
     case "$cwd" in
         ("$FENICS_RED_REPO"|"$FENICS_RED_REPO"/*|/tmp|/tmp/*) ;;
+        (/|/usr|/usr/*|/etc|/etc/*|/bin|/bin/*|/sbin|/sbin/*|/lib|/lib/*|/lib32|/lib32/*|/lib64|\
+         /lib64/*|/libx32|/libx32/*|/var|/var/lib|/var/lib/*|/boot|/boot/*|/run|/run/*|/proc|\
+         /proc/*|/sys|/sys/*|/dev|/dev/*|/root|/root/.cache|/root/.cache/*) ;;
         (*) args+=(--bind "$cwd" "$cwd") ;;
     esac
     local extra
     IFS=: read -r -a extra <<< "${FENICS_RED_BINDS:-}"
-    for p in "${extra[@]}"; do [ -n "$p" ] && [ -e "$p" ] && args+=(--bind "$p" "$p"); done
+    for p in "${extra[@]}"; do
+        [ -n "$p" ] || continue
+        if [ -e "$p" ]; then args+=(--bind "$p" "$p")
+        else echo "fenics-red: FENICS_RED_BINDS: $p does not exist; not made visible" >&2; fi
+    done
     exec bwrap "${args[@]}" --chdir "$cwd" -- "$@"
 }
