@@ -808,11 +808,12 @@ def resolution_warning(denoiser, data_settings, pixel: float | None = None,
         return " x ".join(str(n) for n in reversed(image_shape))
 
     what = "image" if len(shape) == 2 else "volume"
+    fix = ("set the raster's pixel size with --pixel (in the mesh's length unit) or train a "
+           "denoiser at this resolution" if getattr(data_settings, "mesh", None) is not None
+           else "train a denoiser at this resolution (on a grid the pixels are its nodes)")
     return (f"the denoiser sees the modulus as a {size(shape)} {what}, but it was "
             f"trained on {size(trained)} images ({ratio:.2g} times the pixels "
-            f"across): {method!r} was not validated at this resolution; set the raster's pixel "
-            "size with --pixel (in the mesh's length unit) or train a denoiser at this "
-            "resolution")
+            f"across): {method!r} was not validated at this resolution; {fix}")
 
 
 def _check_pixel(settings, name: str) -> None:

@@ -69,7 +69,7 @@ from .denoiser import (
     _read_torch_file,
     count_parameters,
 )
-from .io import atomic_output, check_input_file, check_output_path, file_sha256
+from .io import OutputLock, atomic_output, check_input_file, check_output_path, file_sha256
 from .validation import SEED_MAX
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",
@@ -251,6 +251,12 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> PairsD
     if repeated:
         raise ValueError(f"pairs file(s) {repeated} given more than once; name each file once")
     parts = [read_pairs_file(p) for p in paths]
+    digests = [part.sha256 for part in parts]
+    copies = [(resolved[i], resolved[digests.index(d)]) for i, d in enumerate(digests)
+              if digests.index(d) != i]
+    if copies:  # a copy's pairs would sit in training and validation at once
+        raise ValueError(f"pairs file {copies[0][0]!r} holds the same pairs as {copies[0][1]!r}; "
+                         "give each pairs file once")
     shapes = {part.truth.shape[1:] for part in parts}
     if len(shapes) > 1:
         detail = ", ".join(f"{part.path!r}: {part.truth.shape[1:]}" for part in parts)
@@ -485,6 +491,19 @@ def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
                               "--overwrite to start over")
     # A resumed run replaces the model that the same run wrote (e.g. when extending epochs).
     out_path = check_output_path(out_path, overwrite or resuming)
+    card = card_path(out_path)
+    if card.exists() and not (overwrite or resuming or out_path.exists()):
+        raise FileExistsError(f"{str(card)!r} exists without its model {str(out_path)!r}; the "
+                              "run would write its model card there: remove it, pass "
+                              "--overwrite, or choose another --out")
+    inputs = [Path(p) for p in ([pairs_path] if isinstance(pairs_path, str | os.PathLike)
+                                else pairs_path)] + ([Path(settings.init)] if settings.init
+                                                     else [])
+    for side in (card, last_path):
+        for given in inputs:
+            if side.exists() and given.exists() and os.path.samefile(side, given):
+                raise ValueError(f"{str(side)!r}, which this run writes beside the model, is its "
+                                 f"input {str(given)!r}; choose another --out")
     data = read_pairs(pairs_path)
     if command is None:
         command = f"train_denoiser({str(pairs_path)!r}, {str(out_path)!r}, {settings!r})"
@@ -501,8 +520,9 @@ def train_denoiser(pairs_path: str | os.PathLike | Sequence[str | os.PathLike],
     # deterministic version, so there it only warns.
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     try:
-        return _train(data, out_path, last_path, settings, device, train_idx, val_idx, progress,
-                      resuming, command, callback, started)
+        with OutputLock(out_path):  # one run at a time on MODEL.pt (and its card, checkpoint)
+            return _train(data, out_path, last_path, settings, device, train_idx, val_idx,
+                          progress, resuming, command, callback, started)
     finally:
         torch.use_deterministic_algorithms(saved_deterministic, warn_only=saved_warn_only)
         torch.set_num_threads(saved_threads)
@@ -546,14 +566,17 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     history: list[dict] = []
     best = {"epoch": -1, "val_loss": math.inf, "state_dict": None}
     start_epoch = 0
+    legs = []  # each call's planned epochs and where it started: an extended run's schedule
     if resuming:
-        state = _read_checkpoint(last_path, settings, data)
+        state = _read_checkpoint(last_path, settings, data, init)
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        legs = list(state.get("legs") or [])
         if progress:
             print(f"resuming {str(last_path)!r} after epoch {start_epoch}", file=sys.stderr)
+    legs.append({"start_epoch": start_epoch, "epochs": settings.epochs})
 
     batches = _Batches(data, settings, device)
     # Fixed validation inputs: the same mixing recipe, drawn once from the seed.
@@ -594,7 +617,7 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
                 best = {"epoch": epoch + 1, "val_loss": record["val_loss"],
                         "state_dict": _cpu_state(network)}
             _write_checkpoint(last_path, network, optimizer, settings, data, epoch + 1, history,
-                              best)
+                              best, legs, init)
             bar.set_postfix(train=f"{record['train_loss']:.4g}", val=f"{record['val_loss']:.4g}",
                             err=f"{record['val_rel_error']:.3f}", best=best["epoch"])
             bar.update(1)
@@ -620,6 +643,9 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
         "seed": settings.seed,
         "epochs": settings.epochs,
         "best_epoch": best["epoch"],
+        # the learning-rate schedule follows each call's planned epochs (cosine decay): a run
+        # resumed with more epochs lists each call here, so the card says how it was trained
+        "legs": legs,
         "settings": settings.to_dict(),
         "architecture": settings.architecture.to_dict(),
         "parameters": count_parameters(settings.architecture),
@@ -656,6 +682,10 @@ def initial_model(path: str | os.PathLike, architecture) -> tuple[dict, dict]:
     fine-tuned model's card tells its whole recipe. A ``ValueError`` when its architecture
     differs."""
     model = Denoiser.load(path)
+    if model.config.dims != architecture.dims:
+        raise ValueError(f"the initial model {str(path)!r} is a {model.config.dims}-D model and "
+                         f"the pairs hold {'volumes' if architecture.dims == 3 else 'images'} "
+                         f"({architecture.dims}-D); give an --init of the pairs' dimension")
     if model.config != architecture:
         raise ValueError(f"the initial model {str(path)!r} has the architecture {model.config}, "
                          f"the run trains {architecture}; pass matching --channels/--depth or "
@@ -725,7 +755,8 @@ def _cpu_state(network) -> dict:
     return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
 
 
-def _write_checkpoint(path, network, optimizer, settings, data, epoch, history, best) -> None:
+def _write_checkpoint(path, network, optimizer, settings, data, epoch, history, best, legs=(),
+                      init=None) -> None:
     optimizer_state = optimizer.state_dict()
     optimizer_state = {"state": {k: {n: (t.cpu() if torch.is_tensor(t) else t)
                                      for n, t in v.items()}
@@ -734,12 +765,14 @@ def _write_checkpoint(path, network, optimizer, settings, data, epoch, history, 
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                "settings": settings.to_dict(), "data_sha256": data.sha256, "epoch": epoch,
                "model": _cpu_state(network), "optimizer": optimizer_state,
-               "torch_rng": torch.get_rng_state(), "history": history, "best": best}
+               "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+               "legs": list(legs), "init_sha256": None if init is None else init["sha256"]}
     with atomic_output(path, overwrite=True) as tmp:
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(path: Path, settings: TrainingSettings, data: PairsData) -> dict:
+def _read_checkpoint(path: Path, settings: TrainingSettings, data: PairsData,
+                     init: dict | None = None) -> dict:
     state = _read_torch_file(path, "training checkpoint")
     where = f"training checkpoint {str(path)!r}"
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -758,6 +791,14 @@ def _read_checkpoint(path: Path, settings: TrainingSettings, data: PairsData) ->
     if state["data_sha256"] != data.sha256:
         raise ValueError(f"cannot resume {where}: it was trained on another pairs file "
                          "(checksum differs); start over with --overwrite")
+    if settings.epochs < state["epoch"]:
+        raise ValueError(f"cannot resume {where}: it has run {state['epoch']} epochs, more than "
+                         f"--epochs {settings.epochs}; give --epochs {state['epoch']} or more")
+    started_from = state.get("init_sha256")
+    if started_from is not None and (init is None or init["sha256"] != started_from):
+        raise ValueError(f"cannot resume {where}: its initial model (--init) has changed since "
+                         "the run started (checksum differs); restore it or start over with "
+                         "--overwrite")
     return state
 
 

@@ -497,3 +497,15 @@ def test_a_petsc_error_is_one_line_saying_what_petsc_found_wrong():
     line = _one_line(error.value)
     assert "\n" not in line and line.startswith("PETSc error code 86")
     assert "Unable to find requested KSP type nonsense" in line
+
+
+def test_an_interrupted_command_says_that_it_can_be_continued(monkeypatch, capsys):
+    import fenics_red.cli.show as show
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(show, "run", interrupted)
+    assert main(["show", "data.h5", "--out", "x.png"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted; what was finished is kept" in err

@@ -185,6 +185,10 @@ def test_several_pairs_files_must_share_the_grid_and_not_repeat(tmp_path):
         read_pairs([a, c])
     with pytest.raises(ValueError, match="more than once"):
         read_pairs([a, tmp_path / "." / "a.h5"])
+    copy = tmp_path / "copy.h5"  # the same pairs under another name: in training and validation
+    copy.write_bytes(a.read_bytes())
+    with pytest.raises(ValueError, match="holds the same pairs as"):
+        read_pairs([a, copy])
     with pytest.raises(ValueError, match="no pairs file"):
         read_pairs([])
 
@@ -272,6 +276,12 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(pairs, tmp_
     card = train_denoiser(pairs, out, settings, progress=False, resume=True)
     assert [r["epoch"] for r in card["history"]] == [1, 2, 3, 4]
     assert same_weights(weights(tmp_path / "full.pt"), weights(out))
+    assert card["legs"] == [{"start_epoch": 0, "epochs": 4}, {"start_epoch": 2, "epochs": 4}]
+    with pytest.raises(ValueError, match="has run 4 epochs, more than --epochs 3"):
+        train_denoiser(pairs, out, settings.replace(epochs=3), progress=False, resume=True)
+    # extended: the card says that epochs 5-6 followed a 4-epoch schedule's first four
+    card = train_denoiser(pairs, out, settings.replace(epochs=6), progress=False, resume=True)
+    assert card["legs"][-1] == {"start_epoch": 4, "epochs": 6} and card["epochs"] == 6
 
 
 @pytest.mark.usefixtures("one_process")
@@ -300,6 +310,56 @@ def test_a_run_from_init_starts_at_the_given_model_s_weights(pairs, tmp_path):
     with pytest.raises(FileNotFoundError):
         train_denoiser(pairs, tmp_path / "none.pt", still.replace(init=str(tmp_path / "no.pt")),
                        progress=False)
+
+
+@pytest.mark.usefixtures("one_process")
+def test_a_resume_is_refused_when_its_initial_model_changed(pairs, tmp_path):
+    train_denoiser(pairs, tmp_path / "a.pt", FAST.replace(epochs=1), progress=False)
+    train_denoiser(pairs, tmp_path / "b.pt", FAST.replace(epochs=1, seed=9), progress=False)
+    init = tmp_path / "init.pt"
+    init.write_bytes((tmp_path / "a.pt").read_bytes())
+    settings = FAST.replace(epochs=3, init=str(init))
+
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "tuned.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(pairs, out, settings, progress=False, callback=stop)
+    init.write_bytes((tmp_path / "b.pt").read_bytes())  # another model at the same path
+    with pytest.raises(ValueError, match="initial model .* has changed"):
+        train_denoiser(pairs, out, settings, progress=False, resume=True)
+
+
+def test_files_written_beside_the_model_never_replace_a_users_file(pairs, tmp_path):
+    notes = tmp_path / "notes.json"  # the card of --out notes.pt would go here
+    notes.write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="exists without its model"):
+        train_denoiser(pairs, tmp_path / "notes.pt", FAST.replace(epochs=1), progress=False)
+    assert notes.read_text() == '{"my": "notes"}'
+    data = tmp_path / "pj.json"  # pairs whose name is the card's of --out pj.pt
+    data.write_bytes(pairs.read_bytes())
+    with pytest.raises(ValueError, match="writes beside the model, is its input"):
+        train_denoiser(data, tmp_path / "pj.pt", FAST.replace(epochs=1), progress=False,
+                       overwrite=True)
+    assert data.read_bytes() == pairs.read_bytes()
+
+
+@pytest.mark.usefixtures("one_process")
+def test_a_second_run_on_the_same_model_is_refused_while_the_first_trains(pairs, tmp_path):
+    out = tmp_path / "model.pt"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from fenics_red.io import OutputLock; "
+        f"lock = OutputLock({str(out)!r}); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match="is being written by another run"):
+            train_denoiser(pairs, out, FAST.replace(epochs=1), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
 
 
 def test_an_existing_model_is_kept_unless_overwrite(pairs, tmp_path):

@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         if abort_on_error and not everywhere:
             comm.Abort(2)
         return 2
+    except KeyboardInterrupt:
+        print(f"fenics-red {args.command}: interrupted; what was finished is kept: the same "
+              "command continues it (train: with --resume)", file=sys.stderr, flush=True)
+        if abort_on_error:
+            comm.Abort(130)
+        return 130
     except BaseException:
         if abort_on_error:
             import traceback
