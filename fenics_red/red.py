@@ -59,6 +59,7 @@ from .parallel import on_root
 from .raster import ImageGrid
 from .solvers import (
     AT_REFRESH,
+    AUTO_CG_MIN_SNR_DB,
     KEEP_LAST_REFRESH,
     FixedPointSolver,
     History,
@@ -756,17 +757,26 @@ def training_snrs(denoiser) -> list[float]:
 
 def snr_warning(denoiser, snr_db: float | None, method: str = "red") -> str | None:
     """A warning when the data are more than :data:`SNR_MARGIN_DB` noisier than every SNR the
-    denoiser was trained at, ``None`` otherwise (or when either SNR is unknown).
+    denoiser was trained at, or so clean that the ``ml`` method solves them by CG
+    (:data:`~fenics_red.solvers.AUTO_CG_MIN_SNR_DB` or more) above every training SNR; ``None``
+    otherwise (or when either SNR is unknown).
 
     Measured with a model trained at 35 dB alone: at 25 dB one denoiser pass left the ML estimate
-    as it was and RED made it worse (``docs/studies.md``).
+    as it was and RED made it worse (``docs/studies.md``). On clean data (80 dB and above) the
+    ``ml`` method solves to the discrepancy by CG, far below RED's start, the FISTA estimate its
+    denoiser was trained on.
     """
     snrs = training_snrs(denoiser)
     if snr_db is None or not snrs or not math.isfinite(float(snr_db)):
         return None
+    trained = ", ".join(f"{v:g}" for v in sorted(set(snrs)))
+    if float(snr_db) >= AUTO_CG_MIN_SNR_DB and float(snr_db) > max(snrs) + SNR_MARGIN_DB:
+        return (f"the data ({float(snr_db):g} dB) are cleaner than the denoiser's training data "
+                f"({trained} dB): {method!r} was not validated there, and it starts from the "
+                "ML estimate of its training recipe, while --method ml solves clean data to "
+                "their noise level (--solver auto); compare with --method ml")
     if float(snr_db) >= min(snrs) - SNR_MARGIN_DB:
         return None
-    trained = ", ".join(f"{v:g}" for v in sorted(set(snrs)))
     return (f"the data ({float(snr_db):g} dB) are noisier than the denoiser's training data "
             f"({trained} dB): {method!r} was not validated there (a model trained at 35 dB alone "
             "did not improve 25 dB estimates, see docs/studies.md); train a denoiser at this SNR "

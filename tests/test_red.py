@@ -147,7 +147,7 @@ class Carded:
         self.card = {"data": {"snr_db": snr}}
 
 
-def test_data_noisier_than_the_training_data_get_a_warning():
+def test_data_noisier_or_far_cleaner_than_the_training_data_get_a_warning():
     from fenics_red.red import snr_warning, training_snrs
 
     assert training_snrs(Carded(35.0)) == [35.0]
@@ -156,6 +156,9 @@ def test_data_noisier_than_the_training_data_get_a_warning():
     assert "25 dB" in message and "35 dB" in message and "--denoiser" in message
     assert snr_warning(Carded(35.0), 33.0) is None  # within the margin
     assert snr_warning(Carded(35.0), 45.0) is None  # cleaner data: validated
+    # so clean that `ml` solves them by CG, far below the FISTA estimate RED starts from
+    assert "cleaner than the denoiser's training data" in snr_warning(Carded([25.0, 45.0]), 80.0)
+    assert snr_warning(Carded([25.0, 45.0]), 48.0) is None
     assert snr_warning(Carded([25.0, 35.0]), 25.0) is None
     assert snr_warning(Carded(None), 10.0) is None and snr_warning(Carded(35.0), None) is None
     assert snr_warning(Identity(), 10.0) is None  # no card, nothing to compare
