@@ -451,7 +451,9 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     for method, where in missed.items():
         if where:
             text += (f"\n{method} did not reach its discrepancy target (the noise level) on "
-                     f"sample(s) {where}: it stopped at its step limit.\n")
+                     f"sample(s) {where}: its misfit stayed above the noise level when its steps "
+                     "(or its search for α) ran out, so its estimate there may be unreliable "
+                     "(noise that its model does not hold, such as force noise, does this).\n")
     with atomic_output(out / "summary.md", overwrite=True) as tmp:
         Path(tmp).write_text(text)
     if settings.figures or settings.xdmf:

@@ -344,6 +344,12 @@ class Gamma:
 
     def _check_reason(self, ksp, what, setup=False):
         reason = ksp.getPC().getFailedReason() if setup else ksp.getConvergedReason()
+        if not setup and reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT and ksp is self.ksp:
+            raise RuntimeError(
+                f"{what} did not converge in {ksp.getIterationNumber()} CG iterations: with force "
+                "noise, Γ = Σw + K Σn Kᵀ is far from its preconditioner K Σn Kᵀ; raise "
+                "LikelihoodSettings.gamma_max_it (-fenics_red_gamma_ksp_max_it) or check the "
+                "force noise of the data set")
         if (setup and reason not in (0, None)) or (not setup and reason < 0):
             raise RuntimeError(f"{what} failed (PETSc reason {reason}); is E positive and "
                                "bounded, and are the solver options right?")

@@ -329,3 +329,22 @@ def test_a_vector_of_owned_values_is_the_same_data_as_images(comm):
     E.destroy()
     _destroy(other)
     _destroy(fid)
+
+
+def test_a_gamma_solve_that_runs_out_of_iterations_says_why_in_one_line(comm):
+    """With force noise Γ is solved by preconditioned CG; when it runs out of iterations (a
+    large force noise: the auditor's 1e-4 on 32² data) the error names the cause and the
+    setting, not 'is E positive'."""
+    sample = simulate_sample(0, SimulationSettings(_GRID, seed=3))
+    model = ElasticityModel.on_grid(_GRID, comm)
+    fid = StatisticalLikelihood(model, (sample.ux_noisy, sample.uy_noisy),
+                                NoiseModel(sample.noise_std, 1e-2),
+                                settings=LikelihoodSettings(gamma_max_it=2))
+    try:
+        E = fid.from_image(sample.E)
+        with pytest.raises(RuntimeError, match="did not converge in 2 CG iterations") as error:
+            fid.refresh(E)
+            fid.value(E)
+        assert "\n" not in str(error.value) and "gamma_max_it" in str(error.value)
+    finally:
+        _destroy(fid)
