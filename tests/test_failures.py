@@ -357,10 +357,15 @@ def test_show_refuses_an_output_that_is_not_a_png(mpi_tmp_path, capsys):
     assert not (mpi_tmp_path / "x.txt").exists()
 
 
-def test_show_refuses_a_sample_whose_modulus_was_lost(mpi_tmp_path, comm, capsys):
-    data = simulate_dataset(mpi_tmp_path / "set.h5", 2,
+def _tiny_set(folder, comm, samples: int):
+    """``folder/set.h5``: a data set of ``samples`` phantoms on an 8² grid (seed 1)."""
+    return simulate_dataset(folder / "set.h5", samples,
                             SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
                             progress=False)
+
+
+def test_show_refuses_a_sample_whose_modulus_was_lost(mpi_tmp_path, comm, capsys):
+    data = _tiny_set(mpi_tmp_path, comm, 2)
     comm.Barrier()
     if comm.rank == 0:
         with h5py.File(data, "r+") as f:
@@ -397,9 +402,7 @@ def _digest(path) -> str:
 
 
 def test_an_output_that_is_an_input_is_refused_and_the_input_kept(mpi_tmp_path, comm, capsys):
-    data = simulate_dataset(mpi_tmp_path / "set.h5", 1,
-                            SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
-                            progress=False)
+    data = _tiny_set(mpi_tmp_path, comm, 1)
     modulus = mpi_tmp_path / "E.npy"
     if comm.rank == 0:
         np.save(modulus, np.ones((9, 9)))
@@ -452,8 +455,7 @@ def test_a_folder_or_an_empty_name_as_output_file_is_refused(mpi_tmp_path, capsy
 def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_path, comm,
                                                                          capsys):
     folder = mpi_tmp_path / "mine"
-    simulate_dataset(mpi_tmp_path / "set.h5", 1,
-                     SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm, progress=False)
+    _tiny_set(mpi_tmp_path, comm, 1)
     if comm.rank == 0:
         folder.mkdir()
         (mpi_tmp_path / "set.h5").rename(folder / "data.h5")
@@ -471,9 +473,7 @@ def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_
 
 def test_an_evaluation_too_small_for_its_metrics_is_refused_before_any_estimate(
         mpi_tmp_path, comm, capsys):
-    data = simulate_dataset(mpi_tmp_path / "set.h5", 1,
-                            SimulationSettings(ImageGrid(8, 8, 1.0, 1.0), seed=1), comm,
-                            progress=False)
+    data = _tiny_set(mpi_tmp_path, comm, 1)
     assert main(["evaluate", str(data), "--methods", "ml", "--out",
                  str(mpi_tmp_path / "ev")]) == 2
     assert "SSIM needs at least 11 across" in capsys.readouterr().err
