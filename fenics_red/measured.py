@@ -1018,7 +1018,7 @@ def _write_layout(path: Path, values: list[np.ndarray], valid: np.ndarray, sourc
             import scipy.io
 
             with open(tmp, "wb") as f:
-                scipy.io.savemat(f, variables)
+                scipy.io.savemat(f, variables, oned_as="column")  # per-node data: columns
         elif suffix == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, **variables)

@@ -147,6 +147,7 @@ def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulat
             assert f["E_unit"][()] == b"Pa" and "mesh/nodes" in f
     else:
         contents = scipy.io.loadmat(written)
+        assert contents["E"].shape == (len(mesh.points), 1)  # one value per node: a column
         E = contents["E"].ravel()
         assert str(contents["E_unit"][0]) == "Pa"
         if layout == "mat-interleaved":  # the mesh comes back as it went in: m, 1-based
