@@ -28,7 +28,7 @@ from dolfinx import fem, mesh
 from .parallel import on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
-           "planar_points"]
+           "planar_points", "read_meshio"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
@@ -531,21 +531,27 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
     return msh, tags, names
 
 
+def read_meshio(path: str | os.PathLike):
+    """``(data, blocks)``: a file read by meshio (its warnings silenced) and its blocks of
+    triangles and tetrahedra. Serial."""
+    import meshio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = meshio.read(path)
+    return data, [b for b in data.cells if b.type in ("triangle", "tetra")]
+
+
 def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception) -> mesh.Mesh:
     """An XDMF mesh that DOLFINx's reader does not take (meshio writes one block of triangles
     or tetrahedra, 2-D points with a zero z), read by meshio on rank 0. Collective."""
 
     def read():
-        import meshio
-
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                data = meshio.read(path)
+            data, blocks = read_meshio(path)
         except Exception as error:
             raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF: DOLFINx: "
                              f"{dolfinx_error}; meshio: {error}") from None
-        blocks = [b for b in data.cells if b.type in ("triangle", "tetra")]
         kind = "tetra" if any(b.type == "tetra" for b in blocks) else "triangle"
         blocks = [b.data for b in blocks if b.type == kind]
         if not blocks:

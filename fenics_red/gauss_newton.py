@@ -433,6 +433,13 @@ class GaussNewtonInversion:
         self.regulariser.changed()
         self._state_current = self._D_current = False
 
+    def set_modulus_values(self, values, name: str = "modulus") -> None:
+        """Set ``m = log E`` from the modulus in file order (an image on grids, one value per
+        node on meshes, whose order is not the dof order)."""
+        local = self.model.from_values(np.asarray(values, dtype=np.float64),
+                                       np.empty(self.m.x.array.size), name=name)
+        self.set_parameter(np.log(local[: self._nq]))
+
     def parameter(self) -> np.ndarray:
         """Copy of the owned values of ``m = log E``."""
         return self.m.x.array[: self._nq].copy()
@@ -578,9 +585,7 @@ class GaussNewtonInversion:
             if isinstance(initial, PETSc.Vec):  # owned values
                 self.set_parameter(np.log(values))
             else:  # file order: an image on grids, one value per mesh node otherwise
-                local = self.model.from_values(values, np.empty(self.m.x.array.size),
-                                               name="initial modulus")
-                self.set_parameter(np.log(local[: self._nq]))
+                self.set_modulus_values(values, "initial modulus")
             E0 = self.comm.allreduce(float(np.sum(self._E_owned())), op=MPI.SUM) / \
                 self._q_work.getSize()
         else:

@@ -59,7 +59,7 @@ from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from . import validation
-from .domain import Domain, MeshArrays, planar_points
+from .domain import Domain, MeshArrays, planar_points, read_meshio
 from .io import atomic_output, check_input_file, check_output_path, file_sha256, plain, to_json
 from .parallel import on_root
 
@@ -320,12 +320,7 @@ class VariableFile:
         return arrays
 
     def _read_xdmf(self) -> dict:
-        import meshio
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = meshio.read(self.path)
-        cells = [block for block in data.cells if block.type in ("triangle", "tetra")]
+        data, cells = read_meshio(self.path)
         if len(cells) != 1:
             raise ValueError("an XDMF measurement needs one block of triangles or tetrahedra, "
                              f"got {[block.type for block in data.cells]}")
@@ -549,10 +544,9 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         name = file.find(s.cells, "cells", "the cells")
         base = getattr(file, "index_base", None) if s.index_base is None else s.index_base
         cells, base, how = _cells(file.get(name, "the cells"), len(points), base, name)
-        if points.shape[1] == 3 and cells.shape[1] == 3:  # triangles in 3-D coordinates
-            planar = planar_points(points, 3)
-            if planar.shape[1] == 2:  # a constant z: a 2-D mesh (meshio writes them so)
-                layout["z"] = float(points[0, 2])
+        planar = planar_points(points, cells.shape[1])
+        if planar.shape[1] != points.shape[1]:  # triangles at a constant z (meshio writes so)
+            layout["z"] = float(points[0, 2])
             points = planar
         check_cells(points, cells)
         facets = {}
@@ -991,18 +985,18 @@ def export_paths(reconstruction: str | os.PathLike, measurement: Mapping,
 
 def _write_layout(path: Path, values: list[np.ndarray], valid: np.ndarray, source: Mapping,
                   info: Mapping, mesh: MeshArrays, overwrite: bool) -> None:
-    """One file in the user's format: the modulus in the node order / image shape of the input."""
+    """One file in the user's format: the modulus in the node order / image shape of the input;
+    nodes and pixels without data are empty (NaN)."""
+    arrays = [np.where(valid, v, np.nan) for v in values]
     if source["layout"] == "image" and "mesh_file" not in source:
         rows, cols = source["shape"]
         r0, r1, c0, c1 = source["window"]
-        arrays = []
-        for v in values:
+        images = []
+        for v in arrays:
             image = np.full((rows, cols), np.nan)
-            image[r0:r1 + 1, c0:c1 + 1] = np.where(valid, v, np.nan).reshape(r1 - r0 + 1,
-                                                                                c1 - c0 + 1)
-            arrays.append(image)
-    else:  # nodes without data are empty in the user's layout, as pixels are
-        arrays = [np.where(valid, v, np.nan) for v in values]
+            image[r0:r1 + 1, c0:c1 + 1] = v.reshape(r1 - r0 + 1, c1 - c0 + 1)
+            images.append(image)
+        arrays = images
     E = arrays[0] if len(arrays) == 1 else np.stack(arrays)
     variables = {"E": E, "E_unit": info["unit"], "E_meaning": info["meaning"]}
     if source["layout"] == "nodal" and "nodes" in source:  # the user's mesh, under its names

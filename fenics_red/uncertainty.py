@@ -405,11 +405,7 @@ def gn_posterior_std(model, displacement, noise_std, estimate, alpha: float,
         s2 = _tikhonov_noise_variance(
             expand_component_weights(gn_settings.component_weights, n_components),
             inversion.free_counts, sigma)
-        # the estimate in file order (an image on grids, one value per node on meshes) as this
-        # rank's owned values: on a mesh the file's node order is not the dof order
-        local = model.from_values(np.asarray(estimate, dtype=float),
-                                  np.empty(model.E.x.array.size), name="gn-tikhonov estimate")
-        inversion.set_parameter(np.log(local[:model.Q.dofmap.index_map.size_local]))
+        inversion.set_modulus_values(estimate, "gn-tikhonov estimate")  # file order
         inversion.objective()
         H = inversion.hessian()
         inversion.alpha = 0.0  # the data part only: Jᵀ Σn⁻¹ J in m = log E
