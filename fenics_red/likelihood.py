@@ -22,7 +22,10 @@ Linear algebra: ``Γ ≈ K Σn K`` is as ill-conditioned as
 ``K²``, so ``Γ`` is never formed for solves. It is a matrix-free PETSc ``MatShell``; ``Γ⁻¹ r`` is a
 PETSc KSP whose preconditioner ``P⁻¹ = K⁻¹ Σn⁻¹ K⁻¹`` uses ONE factorisation (MUMPS Cholesky by
 default) of ``K(E)`` for as long as ``Γ`` is frozen. With ``Σw = 0`` that preconditioner *is*
-``Γ⁻¹`` (two back-substitutions, KSP type ``preonly``); with ``Σw ≠ 0`` the KSP is CG on the shell.
+``Γ⁻¹`` (two back-substitutions, KSP type ``preonly``); with ``Σw ≠ 0`` the KSP is CG on the shell,
+preconditioned where ``K`` is factorised by a factorisation of the explicit sparse ``Γ`` (below),
+which ``K⁻¹ Σn⁻¹ K⁻¹`` cannot replace: it leaves ``Σw`` out, and CG then needs hundreds of
+iterations (:attr:`LikelihoodSettings.gamma_pc`).
 Large 3-D problems replace the factorisation by CG + GAMG with the rigid-body near-nullspace
 (:attr:`LikelihoodSettings.k_solver`), set up once per refresh; its solves to a relative tolerance
 of 1e-12 are tighter than CG on ``Γ`` would be, so ``Σw = 0`` still applies ``P⁻¹`` directly.
@@ -34,8 +37,8 @@ differentiated):
   factorisation that the solves use anyway (``ICNTL(33)``; ``RINFOG(12)·2^INFOG(34)``): exact and
   free at every size where a factorisation is affordable.
 * ``Σw ≠ 0``: ``Γ = K Σn K + Σw`` is formed as a sparse matrix (``K`` times a scaled ``K``, a
-  two-ring stencil) and factorised once by MUMPS for its determinant: exact, affordable for
-  moderate sizes (the fill of the two-ring stencil is about four times that of ``K``).
+  two-ring stencil, 2.7 times the nonzeros of ``K`` in 2-D) and factorised by MUMPS, the solves'
+  preconditioner: exact, affordable where ``K``'s factorisation is.
 * Large problems or an iterative ``K`` solver (GAMG): ``logdet()`` returns ``nan`` and the history
   reports the data term only; a stochastic Lanczos quadrature estimate (Hutchinson probes with
   Lanczos on ``log``, using the same ``Γ`` shell) would be the way to add it.
@@ -71,7 +74,8 @@ from .petsc_options import set_options
 from .raster import validate_image
 
 __all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood",
-           "best_uniform_modulus", "AUTO_CHOLESKY_MAX_DOFS"]
+           "best_uniform_modulus", "AUTO_CHOLESKY_MAX_DOFS",
+           "AUTO_GAMMA_FACTOR_MAX_DOFS_3D"]
 
 #: Options prefix of the ``Γ`` KSP and of the ``K(E)`` solver inside its preconditioner.
 GAMMA_PREFIX = "fenics_red_gamma_"
@@ -82,6 +86,7 @@ _K_DEFAULTS = {"ksp_type": "preonly", "pc_type": "cholesky", "pc_factor_mat_solv
 #: forward model's (CG, relative tolerance 1e-12, rigid-body near-nullspace).
 _K_OPTIONS = {"cholesky": _K_DEFAULTS, "gamg": _SOLVER_OPTIONS["gamg"]}
 _K_SOLVERS = ("auto", *_K_OPTIONS)
+_GAMMA_PCS = ("auto", "gamma", "k")
 
 #: ``k_solver="auto"``: the largest 3-D problem (global displacement dofs) whose ``K`` is
 #: factorised by MUMPS Cholesky. Far above the forward model's threshold: one factorisation
@@ -95,6 +100,13 @@ _K_SOLVERS = ("auto", *_K_OPTIONS)
 #: at 32^3.) The same limit as any solver of many solves per ``K``
 #: (:data:`fenics_red.forward.AUTO_FACTOR_MAX_DOFS`).
 AUTO_CHOLESKY_MAX_DOFS = AUTO_FACTOR_MAX_DOFS
+
+#: ``gamma_pc="auto"`` under force noise: the largest 3-D problem (global displacement dofs) whose
+#: explicit ``Γ`` is factorised. Its two-ring stencil fills far more in 3-D than in 2-D: at 24^3
+#: cells (47k dofs, 1 rank) 2.0 GB peak against 0.3 GB for ``K``'s factorisation, and a
+#: refresh 3-6 times ``K``'s. CG with ``K⁻¹ Σn⁻¹ K⁻¹`` needs no memory but hundreds of
+#: iterations (568 per solve at 16^3 with σw = 1e-6); above this size it is the only choice.
+AUTO_GAMMA_FACTOR_MAX_DOFS_3D = 50_000
 
 
 @dataclass(frozen=True)
@@ -167,12 +179,21 @@ class LikelihoodSettings:
             log-determinant is unavailable, and ``Γ`` is solved by CG on the shell unless the
             ``K`` solves are at least as tight as ``gamma_rtol`` (then, with ``Σw = 0``, by the
             two ``K`` solves of the preconditioner alone).
+        gamma_pc: the preconditioner of CG on ``Γ`` when ``Σw ≠ 0``: ``"gamma"`` factorises the
+            explicit sparse ``Γ = K Σn K + Σw`` at every refresh (MUMPS Cholesky, about 3 times
+            the factorisation of ``K``; CG then converges in one or two iterations), ``"k"``
+            applies ``K⁻¹ Σn⁻¹ K⁻¹`` from the factorisation of ``K`` (no extra memory, but ``Σw``
+            is what it leaves out: 181 CG iterations per solve at 64² with ``σw = 1e-6``, more
+            than 1000 at ``1e-4``); ``"auto"`` (default): ``"gamma"`` where ``K`` is factorised,
+            ``"k"`` with an iterative ``K`` solver and in 3-D above
+            :data:`AUTO_GAMMA_FACTOR_MAX_DOFS_3D` dofs (memory). Unused when ``Σw = 0``.
     """
 
     gamma_rtol: float = 1e-10
     gamma_max_it: int = 1000
     logdet: bool = True
     k_solver: str = "auto"
+    gamma_pc: str = "auto"
     petsc_options: Mapping[str, object] = field(default_factory=dict)
     k_petsc_options: Mapping[str, object] = field(default_factory=dict)
 
@@ -182,6 +203,9 @@ class LikelihoodSettings:
             raise ValueError(f"LikelihoodSettings.k_solver must be one of {list(_K_SOLVERS)}, "
                              f"got {self.k_solver!r}")
         validation.integer(self.gamma_max_it, "LikelihoodSettings.gamma_max_it", low=1)
+        if self.gamma_pc not in _GAMMA_PCS:
+            raise ValueError(f"LikelihoodSettings.gamma_pc must be one of {list(_GAMMA_PCS)}, "
+                             f"got {self.gamma_pc!r}")
         for name in ("petsc_options", "k_petsc_options"):
             validation.mapping(getattr(self, name), f"LikelihoodSettings.{name}")
 
@@ -210,7 +234,9 @@ class Gamma:
     :attr:`mat` is a matrix-free PETSc ``MatShell``; :meth:`solve` applies ``Γ⁻¹`` with the KSP
     :attr:`ksp` (prefix ``fenics_red_gamma_``), preconditioned by ``K⁻¹ Σn⁻¹ K⁻¹`` from one
     factorisation of ``K(E)`` (KSP :attr:`k_ksp`, prefix ``fenics_red_gamma_k_``), refreshed only
-    by :meth:`refresh`. All objects are allocated once; :meth:`refresh` reassembles in place.
+    by :meth:`refresh`; with force noise (``Σw ≠ 0``) and a factorised ``K``, by a factorisation
+    of the explicit sparse ``Γ`` instead (:attr:`LikelihoodSettings.gamma_pc`). All objects are
+    allocated once; :meth:`refresh` reassembles in place.
 
     Args:
         model: the forward model; its ``E`` and its ``K`` matrix are used as scratch by
@@ -258,17 +284,19 @@ class Gamma:
         self._mumps = None
         if self.exact_factor and self.k_ksp.getPC().getFactorSolverType() == "mumps":
             pc = self.k_ksp.getPC()
-            pc.setFactorSetUpSolverType()
-            self._mumps = pc.getFactorMatrix()
             if settings.logdet:
-                self._mumps.setMumpsIcntl(33, 1)
+                self._mumps = _mumps_with_determinant(pc)
+            else:
+                pc.setFactorSetUpSolverType()
+                self._mumps = pc.getFactorMatrix()
+        #: the explicit sparse ``Γ`` and the ``K`` copy scaled by ``Σn`` it is formed from,
+        #: allocated at the first refresh that needs them (force noise with ``gamma_pc="gamma"``)
+        self.G = self._scaled_K = None
+        self._k_factored = self._frozen = False
         self.ksp = PETSc.KSP().create(self.comm)
         self.ksp.setOperators(self.mat)
-        self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
-        self.ksp.getPC().setPythonContext(_GammaPreconditioner(self))
         self.set_noise(noise)
         self._logdet_K = math.nan
-        self._frozen = False
 
     # -- noise -------------------------------------------------------------------------------------
 
@@ -287,13 +315,26 @@ class Gamma:
         self.sigma2_inv.array[:] = 1.0 / self.sigma2.array_r
         self.force2.array[:] = np.where(free, noise.force_std**2, 0.0)
         exact = noise.force_std == 0.0 and self.tight_K
+        #: ``"gamma"``: CG on ``Γ`` preconditioned by the factorisation of the explicit ``Γ``
+        #: (force noise, ``K`` factorised); ``"k"``: by ``K⁻¹ Σn⁻¹ K⁻¹`` (or that alone)
+        self.gamma_pc = "k"
+        if noise.force_std > 0.0 and self.settings.gamma_pc == "gamma":
+            self.gamma_pc = "gamma"
+        elif noise.force_std > 0.0 and self.settings.gamma_pc == "auto":
+            small = self.model.dim == 2 or self.model.n_dofs <= AUTO_GAMMA_FACTOR_MAX_DOFS_3D
+            self.gamma_pc = "gamma" if self.exact_factor and small else "k"
         if exact:
             defaults = {"ksp_type": "preonly"}
         else:
             defaults = {"ksp_type": "cg", "ksp_rtol": self.settings.gamma_rtol,
                         "ksp_atol": 0.0, "ksp_max_it": self.settings.gamma_max_it}
+        if self.gamma_pc == "gamma":
+            defaults.update(pc_type="cholesky", pc_factor_mat_solver_type="mumps")
+        self.ksp.getPC().setType(PETSc.PC.Type.NONE)  # drop a previous noise model's PC
         set_options(self.ksp, GAMMA_PREFIX, defaults, self.settings.petsc_options)
-        self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
+        if self.gamma_pc == "k":
+            self.ksp.getPC().setType(PETSc.PC.Type.PYTHON)
+            self.ksp.getPC().setPythonContext(_GammaPreconditioner(self))
         #: ``Γ⁻¹ = K⁻¹ Σn⁻¹ K⁻¹`` applied directly: exact with a factorisation of ``K``, to the
         #: ``K`` solver's tolerance with an iterative one
         self.exact = exact and self.ksp.getType() == "preonly"
@@ -305,6 +346,8 @@ class Gamma:
         self._logdet_sigma = float(sum(counts[c] * math.log(s2[c])
                                        for c in range(self.n_components)))
         self._logdet_gamma = None
+        if self._frozen:  # Γ's factorisation (if any) belongs to the old noise
+            self._factorise()
 
     @property
     def free_counts(self) -> tuple[int, ...]:
@@ -327,16 +370,44 @@ class Gamma:
         model.modulus_changed()
         model.assemble_K(apply_bcs=True).copy(self.K, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
         self.E.x.array[:] = model.E.x.array
-        self.k_ksp.getPC().setUp()  # the one factorisation while Γ is frozen
-        self._check_reason(self.k_ksp, "factorisation of K(E)", setup=True)
-        self._logdet_K = math.nan
-        if self._mumps is not None and self.settings.logdet:
-            mantissa = self._mumps.getMumpsRinfog(12)
-            exponent = self._mumps.getMumpsInfog(34)
-            if mantissa > 0:
-                self._logdet_K = math.log(mantissa) + exponent * math.log(2.0)
-        self._logdet_gamma = None
+        self._k_factored = False
         self._frozen = True
+        self._factorise()
+
+    def _factorise(self) -> None:
+        """The one factorisation while ``Γ`` is frozen: of ``K``, or of the explicit ``Γ``."""
+        self._logdet_K, self._logdet_gamma = math.nan, None
+        if self.gamma_pc == "gamma":
+            self._form_explicit()
+            self.ksp.setOperators(self.mat, self.G)
+            pc = self.ksp.getPC()
+            mumps = (self.settings.logdet and pc.getType() in ("lu", "cholesky")
+                     and pc.getFactorSolverType() == "mumps")
+            if mumps:
+                _mumps_with_determinant(pc)
+            pc.setUp()
+            self._check_reason(self.ksp, "factorisation of Γ(E)", setup=True)
+            if mumps:
+                self._logdet_gamma = _mumps_logdet(pc.getFactorMatrix())
+        else:
+            self._factorise_K()
+
+    def _factorise_K(self) -> None:
+        self.k_ksp.getPC().setUp()
+        self._check_reason(self.k_ksp, "factorisation of K(E)", setup=True)
+        self._k_factored = True
+        if self._mumps is not None and self.settings.logdet:
+            self._logdet_K = _mumps_logdet(self._mumps)
+
+    def _form_explicit(self) -> None:
+        """``G = K Σn K + Σw`` as a sparse matrix (a two-ring stencil; ``diag(Γ_ff, I)``)."""
+        if self.G is None:
+            self._scaled_K = self.K.copy()
+        else:
+            self.K.copy(self._scaled_K, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        self._scaled_K.diagonalScale(L=self.sigma2)
+        self.G = self.K.matMult(self._scaled_K, result=self.G)
+        self.G.setDiagonal(self.force2, addv=PETSc.InsertMode.ADD_VALUES)
 
     def _require_frozen(self):
         if not self._frozen:
@@ -344,10 +415,12 @@ class Gamma:
 
     def _check_reason(self, ksp, what, setup=False):
         reason = ksp.getPC().getFailedReason() if setup else ksp.getConvergedReason()
-        if not setup and reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT and ksp is self.ksp:
+        if (not setup and reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT and ksp is self.ksp
+                and self.gamma_pc == "k"):
             raise RuntimeError(
                 f"{what} did not converge in {ksp.getIterationNumber()} CG iterations: with force "
-                "noise, Γ = Σw + K Σn Kᵀ is far from its preconditioner K Σn Kᵀ; raise "
+                "noise, Γ = Σw + K Σn Kᵀ is far from its preconditioner K Σn Kᵀ; use "
+                "LikelihoodSettings(gamma_pc='gamma') (a factorisation of Γ), raise "
                 "LikelihoodSettings.gamma_max_it (-fenics_red_gamma_ksp_max_it) or check the "
                 "force noise of the data set")
         if (setup and reason not in (0, None)) or (not setup and reason < 0):
@@ -370,8 +443,10 @@ class Gamma:
         y.axpy(1.0, self._t2)
 
     def apply_K_inverse(self, x: PETSc.Vec, y: PETSc.Vec) -> None:
-        """``y = K(E)⁻¹ x`` with the frozen factorisation (one back-substitution)."""
+        """``y = K(E)⁻¹ x`` with the frozen factorisation (one back-substitution). Collective."""
         self._require_frozen()
+        if not self._k_factored:  # Γ's factorisation is used instead; K's made on first use
+            self._factorise_K()
         self.k_ksp.solve(x, y)
         self._check_reason(self.k_ksp, "K(E) solve")
 
@@ -413,34 +488,44 @@ class Gamma:
         return self._logdet_gamma
 
     def _explicit_logdet(self) -> float:
-        """``log|K Σn K + Σw|`` from a MUMPS factorisation of the explicit sparse ``Γ``."""
-        scaled = self.K.copy()
-        scaled.diagonalScale(L=self.sigma2)
-        G = self.K.matMult(scaled)
-        G.setDiagonal(self.force2, addv=PETSc.InsertMode.ADD_VALUES)
+        """``log|K Σn K + Σw|`` from a separate MUMPS factorisation of the explicit sparse ``Γ``
+        (``gamma_pc="k"``; with ``"gamma"`` the solves' factorisation gives it)."""
+        self._form_explicit()
         ksp = PETSc.KSP().create(self.comm)
         try:
-            ksp.setOperators(G)
+            ksp.setOperators(self.G)
             ksp.setType("preonly")
             pc = ksp.getPC()
             pc.setType("cholesky")
             pc.setFactorSolverType("mumps")
-            pc.setFactorSetUpSolverType()
-            F = pc.getFactorMatrix()
-            F.setMumpsIcntl(33, 1)
+            _mumps_with_determinant(pc)
             pc.setUp()
-            mantissa, exponent = F.getMumpsRinfog(12), F.getMumpsInfog(34)
-            return math.log(mantissa) + exponent * math.log(2.0) if mantissa > 0 else math.nan
+            return _mumps_logdet(pc.getFactorMatrix())
         finally:
             ksp.destroy()
-            G.destroy()
-            scaled.destroy()
 
     def destroy(self) -> None:
         """Free the PETSc objects (collective)."""
         for obj in (self.ksp, self.k_ksp, self.mat, self.K, self.free, self.sigma2,
-                    self.sigma2_inv, self.force2, self._t1, self._t2, self._t3):
-            obj.destroy()
+                    self.sigma2_inv, self.force2, self._t1, self._t2, self._t3, self.G,
+                    self._scaled_K):
+            if obj is not None:
+                obj.destroy()
+
+
+def _mumps_with_determinant(pc: PETSc.PC) -> PETSc.Mat:
+    """Create the MUMPS factor of ``pc`` (before its set-up) asking for the determinant."""
+    pc.setFactorSetUpSolverType()
+    F = pc.getFactorMatrix()
+    F.setMumpsIcntl(33, 1)
+    return F
+
+
+def _mumps_logdet(F: PETSc.Mat) -> float:
+    """``log|det|`` of a MUMPS factorisation made with ``ICNTL(33) = 1`` (``nan`` if not
+    positive): ``RINFOG(12)·2^INFOG(34)``."""
+    mantissa, exponent = F.getMumpsRinfog(12), F.getMumpsInfog(34)
+    return math.log(mantissa) + exponent * math.log(2.0) if mantissa > 0 else math.nan
 
 
 class _GammaShell:

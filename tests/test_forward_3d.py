@@ -186,16 +186,17 @@ def _measured(x):
     return np.stack([np.sin(17 * x[0] + 29 * x[1] + 7 * x[2] + c) for c in range(3)])
 
 
-def _likelihood(comm, k_solver="auto", n=(4, 3, 3)):
-    """A likelihood on a box: the displacement of the inclusion plus 1 % 'noise', Σn to match."""
+def _likelihood(comm, k_solver="auto", n=(4, 3, 3), force_std=0.0, gamma_pc="auto"):
+    """A likelihood on a box: the displacement of the inclusion plus 1 % 'noise', Σn to match
+    (and a force noise ``force_std``)."""
     model = _model(comm, n)
     u = model.solve()
     sigma = 0.01 * comm.allreduce(np.abs(u.x.array).max(), op=MPI.MAX)
     u_m = fem.Function(model.V)
     u_m.interpolate(lambda x: sigma * _measured(x))
     u_m.x.array[:] += u.x.array
-    fid = StatisticalLikelihood(model, u_m, NoiseModel((sigma,) * 3),
-                                LikelihoodSettings(k_solver=k_solver))
+    fid = StatisticalLikelihood(model, u_m, NoiseModel((sigma,) * 3, force_std),
+                                LikelihoodSettings(k_solver=k_solver, gamma_pc=gamma_pc))
     return fid
 
 
@@ -251,6 +252,27 @@ def test_gamg_k_solver_gives_the_gradient_of_the_cholesky_factorisation_after_a_
     (g_lu, grad_lu), (g_mg, grad_mg) = values["cholesky"], values["gamg"]
     assert g_mg == pytest.approx(g_lu, rel=1e-9)
     assert np.abs(grad_mg - grad_lu).max() < 1e-8 * np.abs(grad_lu).max()
+
+
+def test_force_noise_in_3d_gives_the_gradient_of_both_gamma_preconditioners(comm):
+    """With ``Σw ≠ 0`` a small 3-D problem factorises the explicit ``Γ`` (``gamma_pc="auto"``):
+    the same ``g`` and ``∇g`` as CG preconditioned by ``K⁻¹ Σn⁻¹ K⁻¹``, in one CG iteration."""
+    values = {}
+    for pc in ("auto", "k"):
+        fid = _likelihood(comm, force_std=1e-5, gamma_pc=pc)
+        E = _vector(fid, _stiff_inclusion)
+        grad = fid.create_vector()
+        fid.refresh(E)
+        values[pc] = (fid.gradient(E, grad), fid.to_values(grad), fid.gamma.iterations,
+                      fid.gamma.gamma_pc)
+        E.destroy()
+        grad.destroy()
+        _destroy(fid)
+    (g_auto, grad_auto, it_auto, pc_auto), (g_k, grad_k, it_k, pc_k) = values["auto"], values["k"]
+    assert (pc_auto, pc_k) == ("gamma", "k")
+    assert it_auto <= 2 < it_k, (it_auto, it_k)
+    assert g_auto == pytest.approx(g_k, rel=1e-8)
+    assert np.abs(grad_auto - grad_k).max() < 1e-7 * np.abs(grad_k).max()
 
 
 # -- any number of ranks -------------------------------------------------------------------------

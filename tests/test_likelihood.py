@@ -332,14 +332,14 @@ def test_a_vector_of_owned_values_is_the_same_data_as_images(comm):
 
 
 def test_a_gamma_solve_that_runs_out_of_iterations_says_why_in_one_line(comm):
-    """With force noise Γ is solved by preconditioned CG; when it runs out of iterations (a
-    large force noise: the auditor's 1e-4 on 32² data) the error names the cause and the
-    setting, not 'is E positive'."""
+    """With force noise and the ``K Σn K`` preconditioner, Γ is solved by CG; when it runs out of
+    iterations (a large force noise: the auditor's 1e-4 on 32² data) the error names the cause
+    and the settings, not 'is E positive'."""
     sample = simulate_sample(0, SimulationSettings(_GRID, seed=3))
     model = ElasticityModel.on_grid(_GRID, comm)
     fid = StatisticalLikelihood(model, (sample.ux_noisy, sample.uy_noisy),
                                 NoiseModel(sample.noise_std, 1e-2),
-                                settings=LikelihoodSettings(gamma_max_it=2))
+                                settings=LikelihoodSettings(gamma_max_it=2, gamma_pc="k"))
     try:
         E = fid.from_image(sample.E)
         with pytest.raises(RuntimeError, match="did not converge in 2 CG iterations") as error:
@@ -348,3 +348,40 @@ def test_a_gamma_solve_that_runs_out_of_iterations_says_why_in_one_line(comm):
         assert "\n" not in str(error.value) and "gamma_max_it" in str(error.value)
     finally:
         _destroy(fid)
+
+
+def test_with_force_noise_gamma_is_factorised_and_solved_in_one_or_two_cg_iterations(comm, rng):
+    """The default preconditioner under force noise is a factorisation of the explicit ``Γ``: CG
+    converges at once where ``K⁻¹ Σn⁻¹ K⁻¹`` needs tens of iterations, to the same ``Γ⁻¹ r``
+    and the same log-determinant; a new noise model after the refresh is factorised anew."""
+    grid = ImageGrid(16, 16)
+    sample = simulate_sample(0, SimulationSettings(grid, seed=3))
+    noise = NoiseModel(sample.noise_std, 1e-6)
+    fids = {pc: StatisticalLikelihood(ElasticityModel.on_grid(grid, comm),
+                                      (sample.ux_noisy, sample.uy_noisy), noise,
+                                      LikelihoodSettings(gamma_pc=pc))
+            for pc in ("auto", "k")}
+    try:
+        r = fids["k"].f.duplicate()
+        r.setArray(rng.standard_normal(r.getLocalSize()))
+        r.pointwiseMult(r, fids["k"].gamma.free)
+        solutions, iterations = {}, {}
+        for pc, fid in fids.items():
+            fid.refresh(fid.from_image(sample.E))
+            solutions[pc] = fid.gamma.solve(r, r.duplicate())
+            iterations[pc] = fid.gamma.iterations
+        assert fids["auto"].gamma.gamma_pc == "gamma" and fids["k"].gamma.gamma_pc == "k"
+        assert iterations["auto"] <= 2 < 10 < iterations["k"], iterations
+        diff = (solutions["auto"] - solutions["k"]).norm() / solutions["k"].norm()
+        assert diff < 1e-7, diff
+        assert fids["auto"].logdet() == pytest.approx(fids["k"].logdet(), rel=1e-12)
+        # Σw changed after the refresh: Γ⁻¹ is that of the new Γ, still at once
+        gamma = fids["auto"].gamma
+        gamma.set_noise(NoiseModel(sample.noise_std, 3e-5))
+        x = gamma.solve(r, r.duplicate())
+        back = r.duplicate()
+        gamma.mult(x, back)
+        assert (back - r).norm() / r.norm() < 1e-9 and gamma.iterations <= 2
+    finally:
+        for fid in fids.values():
+            _destroy(fid)
