@@ -9,7 +9,10 @@
 Unit cubes of n³ cells (``dolfinx.mesh.create_box``, 6 tetrahedra per cube, (n+1)³ nodes and
 3 (n+1)³ displacement dofs) wrapped into a :class:`~fenics_red.domain.Domain` (load on top,
 clamped bottom); modulus pseudo-random in [0.1, 0.8] per node (a hash of its grid position,
-the same on any number of ranks), ν = 0.495. Rows:
+the same on any number of ranks), ν = 0.495, the plain P1 element (``volumetric="element"``, the
+3-D default until 2026-12-02, with which these tables were measured; the nodal bulk part, the
+default since, has about 4 times the nonzeros and 3-5 times the memory:
+:data:`fenics_red.forward.NODAL_MEMORY_FACTOR`). Rows:
 
 * ``gamg``: :class:`~fenics_red.forward.ElasticityModel` with ``ForwardSettings(solver="gamg")``
   (CG, smoothed aggregation with the 6 rigid-body modes, relative tolerance 1e-12); 16³, 32³,
@@ -60,6 +63,8 @@ from common import (  # noqa: E402
 from dolfinx import mesh  # noqa: E402
 from fenics_red.domain import Domain  # noqa: E402
 from fenics_red.forward import ElasticityModel, ForwardSettings  # noqa: E402
+
+VOLUMETRIC = "element"  # what the tables were measured with (module docstring)
 from fenics_red.likelihood import (  # noqa: E402
     LikelihoodSettings,
     NoiseModel,
@@ -86,7 +91,7 @@ def levels(ksp) -> str:
 def box_model(n: int, comm, solver: str) -> ElasticityModel:
     msh = mesh.create_box(comm, [np.zeros(3), np.ones(3)], [n, n, n], mesh.CellType.tetrahedron)
     model = ElasticityModel(Domain.from_mesh(msh, source=f"box {n}^3"),
-                            ForwardSettings(solver=solver))
+                            ForwardSettings(solver=solver, volumetric=VOLUMETRIC))
     # a random modulus per node, the same for any number of ranks (by node coordinates)
     x = model.Q.tabulate_dof_coordinates()
     index = np.rint(x * n).astype(np.int64) @ np.array([1, n + 1, (n + 1) ** 2])

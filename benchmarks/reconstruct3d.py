@@ -6,6 +6,8 @@
 
 One random 3-D phantom of N³ cells (``fenics-red simulate --grid N --grid-z N --seed 43``, 35 dB,
 simulated once and kept in ``runs/bench-data/``, ``$RUNS/bench-data`` under ``make bench``),
+the plain P1 element (``--volumetric element``: the tables were measured with it, before the
+nodal bulk part became the 3-D default on 2026-12-02; see ``benchmarks/forward3d.py``),
 then ``fenics-red reconstruct --sample 0`` with
 ``--method red`` and the shipped 3-D denoiser (and ``--method ml`` when asked for), the mesh
 spread over the ranks, every setting at its default: the likelihood's ``K`` by MUMPS Cholesky
@@ -47,7 +49,8 @@ def data_set(n: int, comm) -> Path:
             DATA.mkdir(parents=True, exist_ok=True)
         comm.Barrier()
         status = cli(["simulate", "--samples", "1", "--grid", str(n), "--grid-z", str(n),
-                      "--seed", "43", "--snr", "35", "--out", str(path), "--quiet"])
+                      "--seed", "43", "--snr", "35", "--volumetric", "element",
+                      "--out", str(path), "--quiet"])
         if status:
             raise SystemExit(f"simulating {path} failed")
     return path

@@ -104,6 +104,10 @@ def image_datasets(dim: int) -> tuple[str, ...]:
     ``uz_noisy`` in 3-D."""
     return IMAGE_DATASETS + (("uz", "uz_noisy") if dim == 3 else ())
 
+#: The smallest noise standard deviation a data set may give, relative to its largest noisy
+#: displacement (an SNR of about 240 dB; double precision's round-off is 1e-16).
+NOISE_FLOOR = 1e-12
+
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
 #: Attributes that describe, but do not determine, the data (ignored when resuming).
 _INFORMATIVE = ("masks_dir", "image_convention", "units")
@@ -181,6 +185,7 @@ class SimulationSettings:
         if g.nz:
             attrs.update(nz=int(g.nz), depth=float(g.depth), z0=float(g.z0))
         attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
+        attrs["volumetric"] = f.resolve_volumetric(self.dim)  # the model the data came from
         attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
         attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
                      force_noise=self.force_noise, seed=self.seed,
@@ -209,7 +214,9 @@ class SimulationSettings:
             forward = ForwardSettings(
                 nu=float(a["nu"]), plane=str(a["plane"]), traction=float(a["traction"]),
                 shear_traction=float(a["shear_traction"]), support=str(a["support"]),
-                solver=str(a["solver"]), petsc_options=json.loads(a["petsc_options"]))
+                solver=str(a["solver"]), petsc_options=json.loads(a["petsc_options"]),
+                # data sets from before the nodal bulk integration used the plain P1 element
+                volumetric=str(_plain(attrs.get("volumetric", "element"))))
             phantoms = PhantomSettings.from_dict(json.loads(a["phantoms"]))
             return cls(grid, forward, float(a["snr_db"]), float(a["noise_ratio"]),
                        float(a["force_noise"]), _int(a["seed"], "seed"), phantoms)
@@ -446,6 +453,9 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
     grid = settings.grid
 
     masks, sha = None, ""
+    if masks_dir is not None and grid.dim == 3:
+        raise ValueError("mask images (--masks) are 2-D; the phantoms of a 3-D grid or mesh come "
+                         "from the generator (--family, --shapes): leave out --masks")
     if masks_dir is not None:
         _, masks, sha = _on_root(comm, lambda: load_mask_folder(masks_dir, grid))
     attrs = _file_attrs(settings, n_samples, masks_dir, 0 if masks is None else len(masks), sha)
@@ -597,6 +607,7 @@ class Dataset:
     def _check_values(self) -> None:
         f = self._file
         per_block = max(1, int(2**25 // (8 * np.prod(self.settings.value_shape))))
+        largest = np.zeros(self.n_samples)  # of each sample's noisy displacement
         for name in (*image_datasets(self.dim), "mask"):
             if name not in f:  # no truth (or no clean displacement)
                 continue
@@ -619,11 +630,25 @@ class Dataset:
                     i = int(np.argwhere((block <= 0).reshape(len(block), -1).any(axis=1))[0, 0])
                     self._fail(f"dataset 'E' must be strictly positive; sample {start + i} has "
                                f"minimum {block[i].min()!r}")
+                if name.endswith("_noisy"):
+                    rows = slice(start, start + len(block))
+                    largest[rows] = np.maximum(largest[rows], np.abs(block).reshape(
+                        len(block), -1).max(axis=1))
         sigma = f["noise_std"][...]
         if not (np.isfinite(sigma).all() and (sigma > 0).all()):
             i = int(np.argwhere(~(np.isfinite(sigma) & (sigma > 0)).all(axis=1))[0, 0])
             self._fail(f"dataset 'noise_std' must be finite and > 0; sample {i} has "
                        f"{sigma[i].tolist()}")
+        # below round-off of the data (or with sigma² out of double precision's range) the
+        # noise weights 1/sigma² are meaningless and the methods divide by zero
+        floor = np.maximum(NOISE_FLOOR * largest, np.sqrt(np.finfo(np.float64).tiny))
+        low = (sigma < floor[:, None]).any(axis=1)
+        if low.any():
+            i = int(np.argmax(low))
+            self._fail(f"dataset 'noise_std' of sample {i} is {sigma[i].min():.3g}, below "
+                       f"{NOISE_FLOOR:g} of its largest displacement ({largest[i]:.3g}) where "
+                       "double precision's round-off dominates: give the measurement's real "
+                       "noise level")
         force = f["force_std"][...]
         if not (np.isfinite(force).all() and (force >= 0).all()):
             i = int(np.argwhere(~(np.isfinite(force) & (force >= 0)))[0, 0])

@@ -6,6 +6,13 @@ is the Jacobian of the residual form ``r(E; u, v) = inner(sigma(E, u), eps(v)) d
 ``u``; because ``r`` is linear in ``E`` too, its derivative with respect to ``E`` gives the
 rectangular operator ``D(u)`` (vector dofs x scalar dofs) with ``D(u) E = K(E) u`` to round-off.
 Forms are compiled once per model and matrices reassembled in place when ``E`` or ``u`` change.
+
+Near ``nu = 1/2`` (tissue: 0.495) plain P1 elements lock in 3-D and plane strain: at 16³ cells
+their displacement is 14 % (axial) and 41 % (lateral) from P2's, ten times the noise at 35 dB,
+and an ML estimate from data that no P1 model made (P2's plus noise) has 2.5 times the error.
+There the bulk part of the stress is integrated per node by default (:class:`_NodalVolumetric`,
+``ForwardSettings.volumetric``): 2 % and 5 % from P2, at 3-5 times the memory
+(``benchmarks/volumetric.py``). ``D(u) E = K(E) u`` holds to round-off either way.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from dolfinx.fem import petsc as fem_petsc
 from .domain import LOAD, SUPPORT, Domain, make_domain
 from .raster import ImageGrid, NodalImage, NodeOrder, raster_for, validate_image
 
-__all__ = ["ForwardSettings", "ElasticityModel", "strain", "stress", "lame_parameters",
-           "simulate_displacement"]
+__all__ = ["ForwardSettings", "ElasticityModel", "strain", "stress", "deviatoric_stress",
+           "bulk_factor", "lame_parameters", "reference_displacement", "simulate_displacement"]
 
 _SOLVER_OPTIONS = {
     "lu": {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"},
@@ -58,6 +65,11 @@ SOLVE_BASE_BYTES = 200 * 2**20
 #: on 2 ranks (the parallel set-up's share included).
 SOLVE_BYTES_PER_NODE = {("lu", 2): 6 * 2**10, ("lu", 3): 64 * 2**10,
                         ("gamg", 2): 8 * 2**10, ("gamg", 3): 12 * 2**10}
+#: :data:`SOLVE_BYTES_PER_NODE` times this with ``volumetric="nodal"``, whose ``K`` couples the
+#: nodes of a patch (about 4 times the nonzeros): peak memory above the process's base, 1 rank,
+#: nodal over plain (2026-12-02, a loaded machine): LU 3.2 at 20³ cells and at 256² (plane
+#: strain), GAMG 3.2 at 256² and 5.1 at 32³ (its coarse levels fill in too).
+NODAL_MEMORY_FACTOR = {("lu", 2): 3.2, ("lu", 3): 3.2, ("gamg", 2): 3.2, ("gamg", 3): 5.1}
 _instance_counter = itertools.count()
 
 
@@ -68,6 +80,12 @@ class ForwardSettings:
     Attributes:
         nu: Poisson ratio (tissue is nearly incompressible: 0.495 by default).
         plane: ``"stress"`` (default; does not lock for nu -> 1/2) or ``"strain"``; 2-D only.
+        volumetric: how the volumetric (bulk) part of the stress is integrated where it is
+            stiff (3-D and plane strain): ``"nodal"`` averages the volume change over each node's
+            patch of cells (average nodal pressure, Bonet & Burton 1998), which removes the
+            locking of P1 elements near ``nu = 1/2``; ``"element"`` is the plain P1 element,
+            which locks (module docstring). Plane stress always uses ``"element"`` (nothing to
+            lock). ``"auto"`` (default): ``"nodal"`` in 3-D and plane strain.
         traction: pressure of the probe on the loaded boundary (``t = -traction * n``: downward on
             a flat top), force per unit length (2-D) or area (3-D).
         shear_traction: traction on the loaded boundary along the first (lateral) axis.
@@ -84,6 +102,7 @@ class ForwardSettings:
 
     nu: float = 0.495
     plane: str = "stress"
+    volumetric: str = "auto"
     traction: float = 1e-3
     shear_traction: float = 0.0
     support: str = "fixed"
@@ -95,6 +114,9 @@ class ForwardSettings:
             raise ValueError(f"Poisson ratio nu must lie in (-1, 0.5), got {self.nu!r}")
         if self.plane not in ("stress", "strain"):
             raise ValueError(f"plane must be 'stress' or 'strain', got {self.plane!r}")
+        if self.volumetric not in ("auto", "nodal", "element"):
+            raise ValueError("volumetric must be 'auto', 'nodal' or 'element', got "
+                             f"{self.volumetric!r}")
         if self.support not in ("fixed", "sliding"):
             raise ValueError(f"support must be 'fixed' or 'sliding', got {self.support!r}")
         if self.solver not in _SOLVERS:
@@ -108,6 +130,13 @@ class ForwardSettings:
         out = asdict(self)
         out["petsc_options"] = dict(self.petsc_options)
         return out
+
+    def resolve_volumetric(self, dim: int) -> str:
+        """``"nodal"`` or ``"element"``: the volumetric integration for a mesh of dimension
+        ``dim`` (plane stress is always ``"element"``)."""
+        if dim == 2 and self.plane == "stress":
+            return "element"
+        return "nodal" if self.volumetric == "auto" else self.volumetric
 
     def resolve_solver(self, dim: int, n_dofs: int, many_solves: bool = False) -> str:
         """``"lu"`` or ``"gamg"``: the solver for a mesh of dimension ``dim`` with ``n_dofs``
@@ -126,8 +155,12 @@ def solve_memory(nodes: int, dim: int, settings: ForwardSettings | None = None,
     model and solver of :data:`SOLVE_BYTES_PER_NODE` (the solver that ``settings`` resolves to;
     the machine's ranks over all ranks for a distributed mesh) and :data:`SOLVE_BASE_BYTES` per
     process on it."""
-    solver = (settings or ForwardSettings()).resolve_solver(dim, nodes * dim)
-    return processes * SOLVE_BASE_BYTES + share * SOLVE_BYTES_PER_NODE[solver, dim] * nodes
+    settings = settings or ForwardSettings()
+    solver = settings.resolve_solver(dim, nodes * dim)
+    per_node = SOLVE_BYTES_PER_NODE[solver, dim]
+    if settings.resolve_volumetric(dim) == "nodal":
+        per_node *= NODAL_MEMORY_FACTOR[solver, dim]
+    return processes * SOLVE_BASE_BYTES + share * per_node * nodes
 
 
 def lame_parameters(E, nu: float, plane: str, dim: int = 2):
@@ -154,6 +187,21 @@ def stress(E, u, nu: float, plane: str = "stress"):
     mu, lmbda = lame_parameters(E, nu, plane, len(u))
     eps = strain(u)
     return 2.0 * mu * eps + lmbda * ufl.tr(eps) * ufl.Identity(len(u))
+
+
+def bulk_factor(nu: float) -> float:
+    """``κ / E = 1 / (3 (1 - 2 nu))``: the bulk modulus ``κ = λ + 2μ/3`` per unit ``E`` (3-D and
+    plane strain), the part of the stress that grows without bound as ``nu -> 1/2``."""
+    return 1.0 / (3.0 * (1.0 - 2.0 * nu))
+
+
+def deviatoric_stress(E, u, nu: float):
+    """``σ − κ tr(ε) I = 2μ (ε − tr(ε)/3 I)``: the stress without its bulk part (3-D and plane
+    strain; in 2-D ``I`` is the in-plane identity, and ``2μ ε + λ tr(ε) I`` is recovered exactly
+    by adding ``κ tr(ε) I``)."""
+    mu = E / (2.0 * (1.0 + nu))
+    eps = strain(u)
+    return 2.0 * mu * (eps - ufl.tr(eps) / 3.0 * ufl.Identity(len(u)))
 
 
 class ElasticityModel:
@@ -188,7 +236,8 @@ class ElasticityModel:
         self.V, self.Q = self.function_spaces(msh)
         self.n_dofs = self.V.dofmap.index_map.size_global * self.V.dofmap.index_map_bs
         solver = settings.resolve_solver(self.dim, self.n_dofs)  # the same on every rank
-        self.settings = settings = replace(settings, solver=solver)
+        self.settings = settings = replace(settings, solver=solver,
+                                           volumetric=settings.resolve_volumetric(self.dim))
         self.E = fem.Function(self.Q, name="E")
         self.E.x.array[:] = 1.0
         self.u = fem.Function(self.V, name="u")
@@ -197,7 +246,10 @@ class ElasticityModel:
 
         ds = ufl.Measure("ds", domain=msh, subdomain_data=domain.facet_tags)
         v = ufl.TestFunction(self.V)
-        sigma = stress(self.E, self.u, settings.nu, settings.plane)
+        if settings.volumetric == "nodal":  # the bulk part: _NodalVolumetric
+            sigma = deviatoric_stress(self.E, self.u, settings.nu)
+        else:
+            sigma = stress(self.E, self.u, settings.nu, settings.plane)
         residual = ufl.inner(sigma, strain(v)) * ufl.dx
         data_residual = ufl.replace(residual, {self.u: self.u_data})
         self._a = fem.form(ufl.derivative(residual, self.u, ufl.TrialFunction(self.V)))
@@ -217,6 +269,7 @@ class ElasticityModel:
         self.bcs = self._supports() if bcs is None else list(bcs(self.V))
 
         self._matrices: dict[tuple[str, bool], PETSc.Mat] = {}
+        self._nodal = _NodalVolumetric(self) if settings.volumetric == "nodal" else None
         self._rigid_body_modes: PETSc.NullSpace | None = None
         self._modulus_changed = True
         self.b = fem_petsc.create_vector(self._L)
@@ -332,10 +385,25 @@ class ElasticityModel:
         return self._rigid_body_modes
 
     def _matrix(self, name: str, apply_bcs: bool) -> PETSc.Mat:
+        """``"K"``, ``"D"`` (the forms' matrices; with the nodal bulk part, ``"K"`` has the
+        pattern of both parts and ``"K_form"`` holds the form's part)."""
         key = (name, apply_bcs)
         if key not in self._matrices:
-            self._matrices[key] = fem_petsc.create_matrix(self._a if name == "K" else self._D)
+            if name == "K" and self._nodal is not None:
+                self._matrices[key] = self._nodal.union_pattern(self._form_K(apply_bcs),
+                                                                 apply_bcs)
+            else:
+                form = self._D if name == "D" else self._a
+                self._matrices[key] = fem_petsc.create_matrix(form)
         return self._matrices[key]
+
+    def _form_K(self, apply_bcs: bool) -> PETSc.Mat:
+        """The stiffness of the residual form (all of ``K``, or its deviatoric part)."""
+        K = self._matrix("K_form" if self._nodal is not None else "K", apply_bcs)
+        K.zeroEntries()
+        fem_petsc.assemble_matrix(K, self._a, bcs=self.bcs if apply_bcs else [])
+        K.assemble()
+        return K
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -426,10 +494,14 @@ class ElasticityModel:
         matrix is ``diag(K_ff, I)`` (free dofs first in this picture); without, it is the full
         stiffness for which ``D(u) E = K(E) u`` holds on every row.
         """
-        K = self._matrix("K", apply_bcs)
-        K.zeroEntries()
-        fem_petsc.assemble_matrix(K, self._a, bcs=self.bcs if apply_bcs else [])
-        K.assemble()
+        if self._nodal is None:
+            K = self._form_K(apply_bcs)
+        else:
+            K = self._matrix("K", apply_bcs)
+            K.zeroEntries()
+            K.axpy(1.0, self._form_K(apply_bcs), PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
+            K.axpy(1.0, self._nodal.stiffness(apply_bcs),
+                   PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
         if apply_bcs:
             self._modulus_changed = False
         return K
@@ -446,6 +518,9 @@ class ElasticityModel:
         D.zeroEntries()
         fem_petsc.assemble_matrix(D, self._D, bcs=self.bcs if apply_bcs else [])
         D.assemble()
+        if self._nodal is not None:
+            D.axpy(1.0, self._nodal.sensitivity(self.u_data, apply_bcs),
+                   PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
         return D
 
     def assemble_load(self) -> PETSc.Vec:
@@ -456,6 +531,8 @@ class ElasticityModel:
         fem_petsc.assemble_vector(self.b, self._L)
         fem_petsc.apply_lifting(self.b, [self._a], bcs=[self.bcs])
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        if self._nodal is not None:  # the bulk part's lifting: b -= K_vol g (g: prescribed)
+            self._nodal.lift(self.b)
         if self._force is not None:  # point loads: one value per owned dof
             self.b.array[:] += self._force
         fem_petsc.set_bc(self.b, self.bcs)
@@ -504,6 +581,139 @@ class ElasticityModel:
         for matrix in self._matrices.values():
             matrix.destroy()
         self._matrices.clear()
+        if self._nodal is not None:
+            self._nodal.destroy()
+
+
+class _NodalVolumetric:
+    """The bulk part of ``K(E)`` and ``D(u)`` with the volume change averaged per node.
+
+    Plain P1 elements lock near ``nu = 1/2``: every cell's volume change is held near zero, too
+    many constraints for the nodes' displacements. Averaging it over each node's patch of cells
+    (the average-nodal-pressure element of Bonet & Burton, 1998) leaves one constraint per node::
+
+        K_vol(E) = Gᵀ diag(c E / V) G,      D_vol(u) = Gᵀ diag(c (G u) / V),
+
+    with ``G_ai = ∫ N_a div(φ_i) dx`` (``N_a`` the P1 hat function of node ``a``, ``φ_i`` a
+    displacement basis function), ``V_a = ∫ N_a dx`` and ``c = κ/E`` (:func:`bulk_factor`), so
+    ``D_vol(u) E = K_vol(E) u`` exactly. With ``apply_bcs`` the columns of Dirichlet dofs in ``G``
+    are zero, hence their rows and columns in ``K_vol`` and rows in ``D_vol``. PETSc products on
+    the model's communicator; ``K_vol`` couples dofs of cells that share a node (a wider stencil
+    than the form's).
+    """
+
+    def __init__(self, model: ElasticityModel):
+        self.model = model
+        self.c = bulk_factor(model.settings.nu)
+        q, v = ufl.TestFunction(model.Q), ufl.TrialFunction(model.V)
+        form = fem.form(q * ufl.div(v) * ufl.dx)
+        self.G = {}
+        for bcs in (False, True):
+            G = fem_petsc.assemble_matrix(form, bcs=model.bcs if bcs else [])
+            G.assemble()
+            self.G[bcs] = G
+        self.Gt = {bcs: G.transpose(PETSc.Mat()) for bcs, G in self.G.items()}
+        volume = fem_petsc.assemble_vector(fem.form(q * ufl.dx))
+        volume.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        self.inv_volume = self.G[False].createVecLeft()
+        self.inv_volume.array[:] = 1.0 / volume.array_r[: self.inv_volume.getLocalSize()]
+        volume.destroy()
+        self.weights = self.inv_volume.duplicate()
+        self._scaled = {}  # scratch copies of G (rows scaled) and Gᵀ (columns scaled)
+        self._K = {}
+
+    def _scratch(self, name: str, source: PETSc.Mat) -> PETSc.Mat:
+        if name not in self._scaled:
+            self._scaled[name] = source.copy()
+        else:
+            source.copy(self._scaled[name], PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        return self._scaled[name]
+
+    def stiffness(self, apply_bcs: bool) -> PETSc.Mat:
+        """``K_vol(E)`` at the model's current ``E``."""
+        n = self.weights.getLocalSize()
+        self.weights.array[:] = self.c * self.model.E.x.array[:n] * self.inv_volume.array_r
+        scaled = self._scratch(("G", apply_bcs), self.G[apply_bcs])
+        scaled.diagonalScale(L=self.weights)
+        self._K[apply_bcs] = self.G[apply_bcs].transposeMatMult(
+            scaled, result=self._K.get(apply_bcs))
+        return self._K[apply_bcs]
+
+    def sensitivity(self, u: fem.Function, apply_bcs: bool) -> PETSc.Mat:
+        """``D_vol(u)``: ``Gᵀ`` with its columns scaled by ``c (G u) / V``."""
+        self.G[False].mult(u.x.petsc_vec, self.weights)  # all of u, as the form's D(u)
+        self.weights.pointwiseMult(self.weights, self.inv_volume)
+        self.weights.scale(self.c)
+        scaled = self._scratch(("Gt", apply_bcs), self.Gt[apply_bcs])
+        scaled.diagonalScale(R=self.weights)
+        return scaled
+
+    def union_pattern(self, form_K: PETSc.Mat, apply_bcs: bool) -> PETSc.Mat:
+        """A matrix with the nonzero pattern of ``form_K + K_vol`` (the model's ``K``)."""
+        K = self.stiffness(apply_bcs).duplicate(copy=True)
+        K.axpy(1.0, form_K, PETSc.Mat.Structure.DIFFERENT_NONZERO_PATTERN)
+        K.setBlockSize(self.model.dim) if K.getBlockSize() != self.model.dim else None
+        return K
+
+    def lift(self, b: PETSc.Vec) -> None:
+        """``b -= K_vol(E) g`` with ``g`` the prescribed Dirichlet values (zero on supports)."""
+        g = self.G[False].createVecRight()
+        t = g.duplicate()
+        try:
+            fem_petsc.set_bc(g, self.model.bcs)
+            if g.norm(PETSc.NormType.NORM_INFINITY) > 0.0:
+                self.stiffness(False).mult(g, t)
+                b.axpy(-1.0, t)
+        finally:
+            g.destroy()
+            t.destroy()
+
+    def destroy(self) -> None:
+        for mat in (*self.G.values(), *self.Gt.values(), *self._scaled.values(),
+                    *self._K.values()):
+            mat.destroy()
+        for vec in (self.inv_volume, self.weights):
+            vec.destroy()
+
+
+def reference_displacement(model: ElasticityModel, degree: int = 2) -> np.ndarray:
+    """The displacement of the model's modulus, traction and clamped support computed with
+    Lagrange elements of ``degree`` and plain integration, at the model's nodes in file order
+    (``(dim, N)``, on every rank): a reference for the discretisation error of the model, e.g.
+    of plain P1 near ``nu = 1/2``. Only ``support="fixed"`` and the traction load. Collective."""
+    s, msh, dim = model.settings, model.mesh, model.dim
+    if s.support != "fixed" or model._force is not None:
+        raise ValueError("reference_displacement supports the clamped support and the traction "
+                         "load only")
+    V = fem.functionspace(msh, ("Lagrange", degree, (dim,)))
+    u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+    a = fem.form(ufl.inner(stress(model.E, u, s.nu, s.plane), strain(v)) * ufl.dx)
+    ds = ufl.Measure("ds", domain=msh, subdomain_data=model.domain.facet_tags)
+    traction = model._shear - model._pressure * ufl.FacetNormal(msh)
+    L = fem.form(ufl.inner(traction, v) * ds(LOAD))
+    dofs = fem.locate_dofs_topological(V, dim - 1, model.domain.facets(SUPPORT))
+    bc = fem.dirichletbc(np.zeros(dim, dtype=PETSc.ScalarType), dofs, V)
+    A = fem_petsc.assemble_matrix(a, bcs=[bc])
+    A.assemble()
+    b = fem_petsc.assemble_vector(L)
+    fem_petsc.apply_lifting(b, [a], bcs=[[bc]])
+    b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    fem_petsc.set_bc(b, [bc])
+    ksp = PETSc.KSP().create(msh.comm)
+    ksp.setOperators(A)
+    ksp.setType("preonly")
+    ksp.getPC().setType("lu")
+    ksp.getPC().setFactorSolverType("mumps")
+    high = fem.Function(V)
+    try:
+        ksp.solve(b, high.x.petsc_vec)
+        high.x.scatter_forward()
+        at_nodes = fem.Function(model.V)
+        at_nodes.interpolate(high)
+        return model.to_values(at_nodes.x.array, "V").reshape(dim, -1)
+    finally:
+        for obj in (ksp, A, b):
+            obj.destroy()
 
 
 def _extreme_vertex(comm: MPI.Comm, vertices: np.ndarray, x: np.ndarray, key):

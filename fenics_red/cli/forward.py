@@ -14,7 +14,7 @@ from ..domain import Domain
 from ..forward import ElasticityModel, ForwardSettings
 from ..io import atomic_output, check_input_file, check_output_path, to_json
 from ..raster import ImageGrid, validate_image
-from ..validation import check_memory
+from ..validation import check_memory, plane_in
 from . import positive_float
 
 #: Smallest modulus taken: the smallest normal float64 (2.2e-308). A subnormal modulus (1e-320)
@@ -44,6 +44,10 @@ def add_forward_arguments(parser) -> None:
     group.add_argument("--support", choices=["fixed", "sliding"], default="fixed",
                        help="supported boundary clamped (fixed) or held along depth only "
                             "(sliding)")
+    group.add_argument("--volumetric", choices=["auto", "nodal", "element"], default="auto",
+                       help="bulk part of the stress in 3-D and plane strain: nodal (auto, the "
+                            "default) averages the volume change per node, which keeps P1 "
+                            "elements from locking near nu = 0.5; element: plain P1 (locks)")
     group.add_argument("--solver", choices=["auto", "lu", "gamg"], default="auto",
                        help="auto (default): MUMPS LU in 2-D and for 3-D meshes up to 50000 "
                             "dofs, CG + GAMG with the rigid-body modes above; or force lu/gamg")
@@ -51,7 +55,8 @@ def add_forward_arguments(parser) -> None:
 
 def forward_settings(args) -> ForwardSettings:
     return ForwardSettings(nu=args.nu, plane="strain" if args.plane_strain else "stress",
-                           traction=args.traction, support=args.support, solver=args.solver)
+                           traction=args.traction, support=args.support, solver=args.solver,
+                           volumetric=args.volumetric)
 
 
 def npy_shape(path, name: str) -> tuple[int, ...]:
@@ -163,6 +168,7 @@ def run(args) -> int:
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
         domain = Domain.from_file(check_input_file(args.mesh, "mesh file"), comm)
+        plane_in(settings.plane, domain.dim)
         check_solve_memory(domain.num_file_nodes, domain.dim, settings, comm,
                            f"a forward solve on the {domain.num_file_nodes}-node mesh")
         modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
