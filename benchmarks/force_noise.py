@@ -81,7 +81,7 @@ def _row(comm, problem, ratio, pc):
     except RuntimeError:  # out of CG iterations
         solve, iterations = float("nan"), f">{fid.settings.gamma_max_it}"
     row = {"cells": cells, "dofs": model.n_dofs, "ranks": comm.size, "σw / max|f|": ratio,
-           "σw": ratio * load, "gamma_pc": pc, "refresh [s]": refresh,
+           "σw": float(ratio * load), "gamma_pc": pc, "refresh [s]": refresh,
            "solve [ms]": 1e3 * solve, "iterations": iterations, "peak [MB]": peak,
            **meter.columns(comm)}
     for vec in (E, uniform, r, out):

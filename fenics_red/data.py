@@ -62,7 +62,7 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mpi4py import MPI
@@ -157,6 +157,9 @@ class SimulationSettings:
         if self.mesh is not None and not isinstance(self.mesh, MeshArrays):
             raise ValueError(f"SimulationSettings.mesh must be MeshArrays or None, got "
                              f"{type(self.mesh).__name__}")
+        # the model the data come from, resolved ("auto" depends on the dimension), as stored
+        set_(self, "forward", replace(self.forward,
+                                      volumetric=self.forward.resolve_volumetric(self.dim)))
 
     @property
     def space(self):
@@ -185,7 +188,7 @@ class SimulationSettings:
         if g.nz:
             attrs.update(nz=int(g.nz), depth=float(g.depth), z0=float(g.z0))
         attrs.update({key: getattr(f, key) for key in _FORWARD_KEYS})
-        attrs["volumetric"] = f.resolve_volumetric(self.dim)  # the model the data came from
+        attrs["volumetric"] = f.volumetric  # resolved: the model the data came from
         attrs["petsc_options"] = json.dumps(dict(f.petsc_options), sort_keys=True)
         attrs.update(snr_db=self.snr_db, noise_ratio=self.noise_ratio,
                      force_noise=self.force_noise, seed=self.seed,

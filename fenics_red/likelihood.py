@@ -103,9 +103,10 @@ AUTO_CHOLESKY_MAX_DOFS = AUTO_FACTOR_MAX_DOFS
 
 #: ``gamma_pc="auto"`` under force noise: the largest 3-D problem (global displacement dofs) whose
 #: explicit ``Γ`` is factorised. Its two-ring stencil fills far more in 3-D than in 2-D: at 24^3
-#: cells (47k dofs, 1 rank) 2.0 GB peak against 0.3 GB for ``K``'s factorisation, and a
+#: cells (47k dofs, 1 rank, plain P1) 2.0 GB peak against 0.3 GB for ``K``'s factorisation, and a
 #: refresh 3-6 times ``K``'s. CG with ``K⁻¹ Σn⁻¹ K⁻¹`` needs no memory but hundreds of
-#: iterations (568 per solve at 16^3 with σw = 1e-6); above this size it is the only choice.
+#: iterations (``benchmarks/force_noise.py``: 134 per solve at 16^3 with σw 3 % of the largest
+#: nodal load, 976 at 12^3 with 30 %); above this size it is the only choice.
 AUTO_GAMMA_FACTOR_MAX_DOFS_3D = 50_000
 
 
@@ -183,8 +184,9 @@ class LikelihoodSettings:
             explicit sparse ``Γ = K Σn K + Σw`` at every refresh (MUMPS Cholesky, about 3 times
             the factorisation of ``K``; CG then converges in one or two iterations), ``"k"``
             applies ``K⁻¹ Σn⁻¹ K⁻¹`` from the factorisation of ``K`` (no extra memory, but ``Σw``
-            is what it leaves out: 181 CG iterations per solve at 64² with ``σw = 1e-6``, more
-            than 1000 at ``1e-4``); ``"auto"`` (default): ``"gamma"`` where ``K`` is factorised,
+            is what it leaves out: 160 CG iterations per solve at 64² with ``σw`` 3 % of the
+            largest nodal load, more than 1000 at 30 %: ``benchmarks/force_noise.py``);
+            ``"auto"`` (default): ``"gamma"`` where ``K`` is factorised,
             ``"k"`` with an iterative ``K`` solver and in 3-D above
             :data:`AUTO_GAMMA_FACTOR_MAX_DOFS_3D` dofs (memory). Unused when ``Σw = 0``.
     """
