@@ -206,6 +206,8 @@ class Domain:
                 raise ValueError(f"the mesh has no {what} facets: name a physical group "
                                  f"'{what}' in the mesh file or check the depth axis (the last "
                                  "coordinate)")
+        if kwargs.get("grid") is None:  # a grid is one piece
+            _check_parts_supported(msh, parts[SUPPORT])
         facets = np.concatenate([parts[LOAD], parts[SUPPORT]]).astype(np.int32)
         values = np.concatenate([np.full(len(parts[LOAD]), LOAD, np.int32),
                                  np.full(len(parts[SUPPORT]), SUPPORT, np.int32)])
@@ -337,6 +339,54 @@ class Domain:
         return p1_input_indices(V)
 
 
+def _check_parts_supported(msh: mesh.Mesh, support: np.ndarray) -> None:
+    """Refuse a mesh of which a connected part (cells joined through shared vertices) has no
+    support facet: ``K`` is singular there and a solve returns garbage without a word.
+
+    Each rank labels the parts of its local cells; rank 0 joins the labels through the global
+    vertex numbers (a graph of vertices and local parts, the size of the vertex count) and says
+    how many parts there are and how many touch no support facet. Collective."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    tdim = msh.topology.dim
+    msh.topology.create_connectivity(tdim, 0)
+    msh.topology.create_connectivity(tdim - 1, 0)
+    vertices = msh.topology.index_map(0)
+    n = vertices.size_local + vertices.num_ghosts
+    cells = msh.topology.connectivity(tdim, 0).array.reshape(-1, tdim + 1).astype(np.int64)
+    star = np.concatenate([cells[:, [0, j]] for j in range(1, tdim + 1)])
+    graph = sparse.coo_matrix((np.ones(len(star)), (star[:, 0], star[:, 1])), shape=(n, n))
+    n_local, local = connected_components(graph, directed=False)
+    touched = np.zeros(n_local, dtype=bool)
+    facet_vertices = msh.topology.connectivity(tdim - 1, 0)
+    for facet in support:
+        touched[local[facet_vertices.links(facet)]] = True
+    glob = vertices.local_to_global(np.arange(n, dtype=np.int32)).astype(np.int64)
+    gathered = msh.comm.gather((glob, local, touched), root=0)
+    problem = None
+    if msh.comm.rank == 0:
+        n_global = vertices.size_global
+        offsets = np.cumsum([0] + [len(t) for _, _, t in gathered])
+        rows = np.concatenate([g for g, _, _ in gathered])
+        cols = np.concatenate([n_global + o + lab
+                               for (_, lab, _), o in zip(gathered, offsets[:-1], strict=True)])
+        size = n_global + int(offsets[-1])
+        joined = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+        n_parts, label = connected_components(joined, directed=False)
+        supported = np.zeros(n_parts, dtype=bool)
+        supported[label[n_global:][np.concatenate([t for _, _, t in gathered])]] = True
+        loose = int(n_parts - supported.sum())
+        if loose:
+            them = "it" if loose == 1 else "them"
+            problem = (f"the mesh has {n_parts} separate parts (cells joined through shared "
+                       f"nodes) and {loose} of them touch{'es' if loose == 1 else ''} no support "
+                       f"facet: {'its' if loose == 1 else 'their'} displacement is undetermined; "
+                       f"remove {them} or connect {them} to a supported part")
+    problem = msh.comm.bcast(problem, root=0)
+    raise_shared(msh.comm, problem and ("ValueError", problem), collective=False)
+
+
 def _file_nodes(domain: Domain, geometry_nodes: np.ndarray) -> np.ndarray:
     """File indices of geometry nodes (an array of any shape)."""
     if domain.grid is None:
@@ -445,7 +495,7 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
             elif not gmsh.model.getPhysicalGroups(gdim):
                 problem = (f"mesh file {str(path)!r} has no physical group of dimension {gdim}: "
                            "DOLFINx reads only cells in physical groups (add e.g. Physical "
-                           "Surface(\"tissue\") to the .geo)")
+                           f"{'Surface' if gdim == 2 else 'Volume'}(\"tissue\") to the .geo)")
             others = []
             for dim, tag in gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []:
                 name = gmsh.model.getPhysicalName(dim, tag)
@@ -454,12 +504,21 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                 else:
                     others.append(name or str(tag))
             problem = (problem or _gmsh_cell_problem(gmsh, gdim, path)
-                       or _gmsh_node_problem(gmsh, gdim, path))
+                       or _gmsh_node_problem(gmsh, gdim, path)
+                       or _gmsh_group_problem(gmsh, gdim, names, path))
             if not problem and others and not names:
                 warnings.warn(f"mesh file {str(path)!r} has boundary groups {', '.join(others)} "
                               "but none named 'load' or 'support': the load goes on the top "
                               "(largest depth coordinate) and the support on the bottom; name "
                               "the groups 'load' and 'support' to choose them", UserWarning,
+                              stacklevel=2)
+            elif not problem and len(names) == 1:
+                given, = names
+                missing, where = (("support", "bottom (smallest") if given == "load" else
+                                  ("load", "top (largest"))
+                warnings.warn(f"mesh file {str(path)!r} has a '{given}' group but no "
+                              f"'{missing}' group: the {missing} goes on the {where} depth "
+                              f"coordinate); name a '{missing}' group to choose it", UserWarning,
                               stacklevel=2)
         except Exception as error:  # gmsh raises plain Exception with its log message
             problem = f"cannot read mesh file {str(path)!r}: {error}"
@@ -494,6 +553,23 @@ def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:
                     f"{xyz[:, 2].min():g} to {xyz[:, 2].max():g}); 2-D meshes must lie in the "
                     "x-y plane with the depth along y: draw or rotate it there")
     return None
+
+
+def _gmsh_group_problem(gmsh, gdim: int, names: dict[str, int], path: Path) -> str | None:
+    """The 'load' and 'support' groups sharing boundary entities (DOLFINx keeps one tag per
+    facet, so one group would lose them), or None."""
+    if len(names) < 2:
+        return None
+    load, support = (set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, names[n]))
+                     for n in ("load", "support"))
+    shared = sorted(load & support)
+    if not shared:
+        return None
+    kind = "curve" if gdim == 2 else "surface"
+    return (f"mesh file {str(path)!r}: the groups 'load' and 'support' overlap (they share "
+            f"{len(shared)} boundary {kind}{'s' if len(shared) > 1 else ''}, gmsh tag"
+            f"{'s' if len(shared) > 1 else ''} {', '.join(map(str, shared))}); a boundary part is "
+            "either loaded or supported: give each group its own")
 
 
 def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:

@@ -19,6 +19,12 @@ from its mask) and writes, into one output folder:
   and ``|error|/σ`` per method, 2-D data sets) and the share of nodes within ±2σ of the truth in
   ``summary.md`` (:mod:`fenics_red.uncertainty`).
 
+Every method is set up once before any solve, so that bad options, a missing model file or
+stored runs made with other settings are refused before the first estimate. With ``overwrite``
+an existing evaluation stays as it is until the new one is complete: the new one is built in
+``OUT.partial`` (which a run of the same command resumes) and then renamed into place (files in
+``OUT`` that are not the evaluation's own are kept).
+
 The truth is optional: for a data set without one (a real measurement; or with
 ``EvaluationSettings(truth=False)``) the methods run as on a real measurement (no ``E``, no mask),
 the metrics (``metrics.csv``, ``metrics.json``) and the truth's panels are skipped with a one-line
@@ -50,13 +56,13 @@ from mpi4py import MPI
 import numpy as np
 
 from .data import load_dataset
-from .io import OutputLock, atomic_output, hdf5_digest, plain, to_json
-from .jobs import ResumableOutput
+from .io import OutputLock, atomic_output, hdf5_digest, plain, sync_folder, to_json
+from .jobs import ResumableOutput, partial_path
 from .methods import get_method
 from .metrics import METRIC_NAMES, SSIM_WINDOW, evaluate_metrics
 from .parallel import check_all, on_root
 from .raster import ImageGrid, ValueRaster, central_slice
-from .reconstruction import Result, has_truth, run_method
+from .reconstruction import Result, has_truth, method_settings, run_method
 from .uncertainty import coverage
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "read_std",
@@ -198,48 +204,145 @@ def check_evaluation_folder(out: Path, overwrite: bool = False) -> None:
                               + ": --overwrite only replaces an evaluation's own results")
 
 
-def _prepare_folder(out: Path, manifest: dict, overwrite: bool) -> OutputLock:
-    """Create the output folder or check that it belongs to this evaluation (rank 0); return
-    the lock of the folder (``evaluation.json.lock``), held until the evaluation ends.
+def _record(folder: Path) -> dict | None:
+    """The manifest ``evaluation.json`` of an evaluation folder (``None``: none or unreadable)."""
+    try:
+        old = json.loads((folder / "evaluation.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("format") == _FORMAT else None
 
-    Nothing is deleted before the folder is known to be an evaluation folder: ``--overwrite``
-    replaces an evaluation's own results, never a folder of other files."""
+
+def _stale_runs(folder: Path, runs: Mapping[str, dict], indices: Sequence[int],
+                damaged: bool = False) -> list[tuple[str, Path]]:
+    """``(method, path)`` of the stored runs in ``folder`` of the samples ``indices`` made with
+    other settings than ``runs`` (``{method: settings}``); ``damaged``: also those that do not
+    read (else their ``ValueError`` is raised)."""
+    stale = []
+    for method, settings in runs.items():
+        wanted = plain(settings, for_json=True)  # as stored, after a JSON round trip
+        for i in indices:
+            path = _run_path(folder, method, int(i))
+            if not path.exists():
+                continue
+            try:
+                stored = read_estimate(path)[1]
+            except ValueError:
+                if not damaged:
+                    raise
+                stored = None
+            if stored != wanted:
+                stale.append((method, path))
+    return stale
+
+
+#: An evaluation's own folders and files (``--overwrite`` replaces these, and only these).
+_OWN_FOLDERS = ("estimates", "figures", "xdmf")
+_OWN_FILES = ("evaluation.json", "metrics.csv", "metrics.json", "summary.md")
+
+
+def _clear(folder: Path) -> None:
+    """Delete an evaluation's own results in ``folder`` (never other files)."""
+    for name in _OWN_FOLDERS:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    for name in _OWN_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def _discard_replaced(replaced: Path, out: Path) -> None:
+    """Delete the old evaluation ``replaced`` after the swap, moving the files in it that are
+    not the evaluation's own (a user's notes, say) into its successor ``out`` first."""
+    for entry in replaced.iterdir():
+        own = entry.name in _OWN_FOLDERS + _OWN_FILES or entry.name.endswith(".lock")
+        if not own and not (out / entry.name).exists():
+            os.rename(entry, out / entry.name)
+    shutil.rmtree(replaced)
+
+
+def _replaced_path(out: Path) -> Path:
+    """``OUT.replaced``: the old evaluation while :func:`_swap_in` puts the new one in place."""
+    return out.with_name(out.name + ".replaced")
+
+
+def _finish_swap(out: Path) -> None:
+    """Complete a swap (:func:`_swap_in`) that was cut short: an ``OUT.replaced`` evaluation
+    is put back when ``OUT`` is missing (cut between the two renames: the new evaluation is
+    still in ``OUT.partial``, where the same command finishes it), else deleted."""
+    replaced = _replaced_path(out)
+    if not (replaced / "evaluation.json").exists():
+        return
+    with OutputLock(replaced / "evaluation.json"):  # refused while a run is swapping
+        if out.exists():
+            _discard_replaced(replaced, out)
+        else:
+            os.rename(replaced, out)
+            sync_folder(out.parent)
+
+
+def _swap_in(out: Path, staging: Path) -> None:
+    """Put the complete evaluation ``staging`` in the place of ``out``; the old one is deleted
+    only after that (an interruption between the renames is undone by :func:`_finish_swap`)."""
+    replaced = _replaced_path(out)
+    os.rename(out, replaced)
+    os.rename(staging, out)
+    sync_folder(out.parent)
+    _discard_replaced(replaced, out)
+
+
+def _prepare_folder(out: Path, manifest: dict, overwrite: bool, runs: Mapping[str, dict],
+                    indices: Sequence[int]) -> tuple[Path, list[OutputLock]]:
+    """Check the output folder against this evaluation (rank 0) and return ``(work, locks)``:
+    the folder to write into and the locks (``evaluation.json.lock``) held until the
+    evaluation ends. ``runs``: ``{method: settings}`` of the runs of the samples ``indices``.
+
+    Everything is checked before anything is written: without ``overwrite`` the data set's
+    fingerprint and the settings of the stored runs. Nothing is deleted before the folder is
+    known to be an evaluation folder: ``--overwrite`` replaces an evaluation's own results,
+    never a folder of other files, and builds the new evaluation aside in ``OUT.partial``
+    (``work``; a run of the same command resumes it) while ``OUT`` stays as it is until
+    :func:`_swap_in` replaces it with the complete one."""
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the parent folder of {str(out)!r} does not exist")
-    record = out / "evaluation.json"
+    _finish_swap(out)
     old = None
-    if record.exists():
-        try:
-            old = json.loads(record.read_text())
-        except (OSError, ValueError):
-            old = None
-        if not isinstance(old, dict) or old.get("format") != _FORMAT:
-            if not overwrite:
-                raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
-                                 "--overwrite to start again")
-            old = None
+    if (out / "evaluation.json").exists():
+        old = _record(out)
+        if old is None and not overwrite:
+            raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
+                             "--overwrite to start again")
     else:
         check_evaluation_folder(out, overwrite)
-    out.mkdir(exist_ok=True)
-    lock = OutputLock(record)
-    try:
-        if overwrite:
-            for name in ("estimates", "figures", "xdmf"):
-                shutil.rmtree(out / name, ignore_errors=True)
-            for name in ("evaluation.json", "metrics.csv", "metrics.json", "summary.md"):
-                (out / name).unlink(missing_ok=True)
-        elif old is not None and old.get("data") != manifest["data"]:
+    work = out
+    if not overwrite:
+        if old is not None and old.get("data") != manifest["data"]:
             changed = ("values changed since" if old.get("data", {}).get("path")
                        == manifest["data"]["path"] else "another data set than")
             raise ValueError(f"{str(out)!r} holds an evaluation of {changed} the data set "
                              f"{manifest['data']['path']!r} (its fingerprint differs); use "
                              "another folder or --overwrite")
-        with atomic_output(record, overwrite=True) as tmp:
+        for method, path in _stale_runs(out, runs, indices)[:1]:
+            raise ValueError(f"{str(path)!r} was computed with other settings of {method!r}; "
+                             "pass --overwrite to recompute all, or use another folder")
+    elif out.is_dir() and any(out.iterdir()):  # an evaluation to replace: build the new aside
+        work = partial_path(out)
+        check_evaluation_folder(work, overwrite)
+    locks = []
+    try:
+        for folder in dict.fromkeys((out, work)):
+            folder.mkdir(exist_ok=True)
+            locks.append(OutputLock(folder / "evaluation.json"))
+        if work != out:  # resume an earlier --overwrite run of the same data and settings
+            if (_record(work) or {}).get("data") != manifest["data"]:
+                _clear(work)
+            for _, path in _stale_runs(work, runs, indices, damaged=True):
+                path.unlink()
+        with atomic_output(work / "evaluation.json", overwrite=True) as tmp:
             Path(tmp).write_text(to_json(manifest, indent=2) + "\n")
     except BaseException:
-        lock.release()
+        for lock in reversed(locks):
+            lock.release()
         raise
-    return lock
+    return work, locks
 
 
 def _no_truth(dataset, settings: EvaluationSettings) -> str | None:
@@ -261,7 +364,7 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
     truth: module docstring). Layout of ``out``: module docstring.
     """
     out = Path(out)
-    lock: OutputLock | None = None  # rank 0's lock of the folder
+    locks: list[OutputLock] = []  # rank 0's locks of the folders
     dataset = check_all(comm, lambda: load_dataset(data_path))
     try:
         n = len(dataset)
@@ -277,14 +380,18 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
             raise ValueError(f"the data set's images are {' x '.join(map(str, shape))} pixels; "
                              f"SSIM needs at least {SSIM_WINDOW} across: evaluate data sets of "
                              f"{SSIM_WINDOW - 1} cells or more per side")
+        # every method's options and model files, before any solve: set each up once
+        runs = {method: method_settings(dataset, comm, method, settings.options.get(method, {}))
+                for method in settings.methods}
         manifest = plain({"format": _FORMAT, "data": {
             "path": str(Path(data_path).resolve()), "n_samples": n, **dataset.attrs,
             "sha256": on_root(comm, lambda: hdf5_digest(data_path))}}, for_json=True)
 
         def prepare():
-            nonlocal lock
-            lock = _prepare_folder(out, manifest, overwrite)
-        on_root(comm, prepare)
+            work, held = _prepare_folder(out, manifest, overwrite, runs, indices)
+            locks.extend(held)
+            return work
+        work = on_root(comm, prepare)
     except BaseException:
         dataset.close()
         raise
@@ -295,14 +402,20 @@ def evaluate(data_path: str | os.PathLike, out: str | os.PathLike,
                           "their figures are written", UserWarning, stacklevel=2)
         for method in settings.methods:
             run_method(dataset, comm, method, settings.options.get(method, {}), indices,
-                       lambda run_settings, _, m=method: _RunFolder(out, m, indices,
+                       lambda run_settings, _, m=method: _RunFolder(work, m, indices,
                                                                     run_settings),
                        distribute="samples", truth=no_truth is None, batch_size=1,
                        progress=f"evaluate {method}" if progress else None)
-        return on_root(comm, lambda: _report(out, dataset, indices, settings, no_truth))
+
+        def report():
+            summary = _report(work, dataset, indices, settings, no_truth)
+            if work != out:  # --overwrite: the complete new evaluation replaces the old one
+                _swap_in(out, work)
+            return summary
+        return on_root(comm, report)
     finally:
         dataset.close()
-        if lock is not None:
+        for lock in reversed(locks):
             lock.release()
 
 

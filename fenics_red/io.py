@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = ["atomic_output", "check_input_file", "check_output_path", "plain", "to_json",
            "OutputLock", "lock_path", "sync_file", "sync_folder", "replace_checked",
-           "content_digest", "hdf5_digest"]
+           "content_digest", "hdf5_digest", "progress_bar"]
 
 
 def plain(value, *, for_json: bool = False):
@@ -279,3 +279,60 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+#: Seconds between two progress lines when stderr is not a terminal (a batch job's log).
+PROGRESS_INTERVAL = 60.0
+
+
+class _LogProgress:
+    """A progress report for a log: plain lines, no carriage-return redraws (the API of tqdm that
+    the package uses: ``n``, ``update``, ``set_postfix``, ``close``). One line when it starts,
+    then at most one per :data:`PROGRESS_INTERVAL` seconds, and the last one when it closes."""
+
+    def __init__(self, total: int, initial: int, desc: str, unit: str, stream):
+        self.total, self.n, self.initial, self.desc, self.unit = total, initial, initial, desc, unit
+        self.stream, self.postfix, self.start = stream, None, time.monotonic()
+        self._shown_n, self._shown_at = None, -math.inf
+        self._show()
+
+    def _show(self) -> None:
+        from tqdm import tqdm
+
+        self._shown_n, self._shown_at = self.n, time.monotonic()
+        line = tqdm.format_meter(
+            self.n, self.total, self._shown_at - self.start, prefix=self.desc, unit=self.unit,
+            initial=self.initial, postfix=self.postfix,
+            bar_format="{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %), {elapsed} "
+                       "elapsed, {remaining} left{postfix}")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._shown_at >= PROGRESS_INTERVAL:
+            self._show()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        if self._shown_n != self.n:
+            self._show()
+
+
+def progress_bar(total: int, *, desc: str, unit: str, initial: int = 0, disable: bool = False):
+    """The progress bar of every command, on stderr: tqdm's, redrawn in place, on a terminal (or
+    in a notebook); in a log (stderr a file or a pipe, e.g. a Slurm job's) plain lines, one per
+    :data:`PROGRESS_INTERVAL` seconds at most, instead of a redraw per update. ``disable``: none
+    (an object that does nothing)."""
+    import sys
+
+    stream = sys.stderr
+    terminal = getattr(stream, "isatty", lambda: False)() or "ipykernel" in sys.modules
+    if disable or terminal:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True,
+                    disable=disable)
+    return _LogProgress(total, initial, desc, unit, stream)

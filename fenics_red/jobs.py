@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 import numpy as np
 
-from .io import OutputLock, check_output_path, plain, replace_checked
+from .io import OutputLock, check_output_path, plain, progress_bar, replace_checked
 from .parallel import on_root, raise_local_or_shared
 
 # ``plain`` lives in :mod:`fenics_red.io`; it is re-exported here for existing importers
@@ -308,7 +308,8 @@ def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableOutput],
         spread: ``True``: each rank solves its share of a batch and rank 0 gathers the results;
             ``False``: every rank solves every row together (e.g. a mesh distributed over
             ``comm``) and rank 0 writes its own results.
-        progress: the description of a tqdm bar on rank 0 (``None``: no bar).
+        progress: the description of a progress bar on rank 0 (``None``: no bar;
+            :func:`fenics_red.io.progress_bar`: plain lines when stderr is not a terminal).
         on_batch: ``on_batch(n_done)`` on every rank after each write; an exception in it stops
             the run, leaving a resumable partial file.
 
@@ -327,10 +328,8 @@ def run_batches(comm: MPI.Comm, open_file: Callable[[], ResumableOutput],
             return file.pending()
         pending = on_root(comm, open_on_root)
         if comm.rank == 0 and progress is not None:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=file.n_rows, initial=file.n_rows - len(pending), unit="sample",
-                       desc=progress, dynamic_ncols=True)
+            bar = progress_bar(file.n_rows, initial=file.n_rows - len(pending), unit="sample",
+                               desc=progress)
         step = batch_size * (comm.size if spread else 1)
         for start in range(0, len(pending), step):
             batch = pending[start:start + step]

@@ -820,6 +820,7 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
     m = read_measurement(path, s)
     mesh, u, valid = m.mesh, m.displacement.copy(), m.valid
     d = mesh.dim
+    validation.plane_in(s.plane, d)
     support = _support_nodes(mesh)
     held = _held(s.support, d)
     offset = [0.0] * d

@@ -12,16 +12,33 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
-__all__ = ["describe", "raise_shared", "on_root", "raise_local_or_shared", "check_all",
-           "exit_with_launcher", "on_every_rank", "raised_on_every_rank", "failed_together"]
+__all__ = ["describe", "interrupted", "raise_shared", "on_root", "raise_local_or_shared",
+           "check_all", "exit_with_launcher", "on_every_rank", "raised_on_every_rank",
+           "failed_together"]
 
 _ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, FileExistsError, FileNotFoundError,
                                               PermissionError, OSError, RuntimeError, KeyError,
                                               IndexError, TypeError, KeyboardInterrupt)}
 
 
+def interrupted(error: BaseException | None) -> bool:
+    """Whether ``error`` is, or was caused by, a ``KeyboardInterrupt``: Ctrl-C inside a PETSc
+    callback (a Python preconditioner) comes back from PETSc as ``PETSc.Error`` (error code -1)
+    with the ``KeyboardInterrupt`` as its cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def describe(error: BaseException | None):
-    """``(type name, message)`` of an exception (``None`` for no error): small and picklable."""
+    """``(type name, message)`` of an exception (``None`` for no error): small and picklable;
+    an interruption (:func:`interrupted`) is described as ``KeyboardInterrupt``."""
+    if error is not None and interrupted(error):
+        return "KeyboardInterrupt", ""
     return None if error is None else (type(error).__name__, str(error))
 
 

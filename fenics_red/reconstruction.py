@@ -57,7 +57,8 @@ from .methods import get_method, split_uncertainty, warn_about_data
 from .parallel import check_all
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Reconstructions", "Result", "reconstruct_dataset",
-           "run_method", "has_truth", "load_reconstructions", "load_history", "load_std"]
+           "run_method", "setup_runner", "method_settings", "has_truth", "load_reconstructions",
+           "load_history", "load_std"]
 
 #: Value of the ``format`` attribute of every reconstruction file.
 FORMAT = "fenics-red reconstructions"
@@ -222,6 +223,40 @@ def _without_truth(sample):
     return sample
 
 
+def setup_runner(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
+                 distribute: str = "samples"):
+    """Collective on ``comm``: the runner of ``method`` with ``options`` for an open data set,
+    as :func:`run_method` runs it (on ``COMM_SELF`` per rank for ``distribute="samples"``, on
+    ``comm`` for ``"mesh"``; wrapped for ``uncertainty``). Bad options, or a missing or damaged
+    model file, raise on every rank. The caller calls ``runner.destroy()`` (collective)."""
+    if distribute not in ("samples", "mesh"):
+        raise ValueError(f"distribute must be 'samples' or 'mesh', got {distribute!r}")
+    entry = get_method(method)
+    options, uncertainty = split_uncertainty(method, options)
+    data_settings = dataset.settings
+    solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
+    runner = check_all(comm, lambda: entry.setup(data_settings.space, data_settings.forward,
+                                                 solve_comm, dict(options or {})))
+    if uncertainty is not None:
+        from .uncertainty import UncertaintyRunner
+
+        runner = UncertaintyRunner(method, runner, uncertainty)
+    return runner
+
+
+def method_settings(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
+                    distribute: str = "samples") -> dict:
+    """Collective on ``comm``: the full settings ``runner.settings`` that :func:`run_method`
+    stores beside each estimate of ``method`` with ``options``, found by setting the method up
+    (and freeing it again) before any solve: a command that runs several methods checks all
+    their options, model files and earlier outputs first."""
+    runner = setup_runner(dataset, comm, method, options, distribute)
+    try:
+        return runner.settings
+    finally:
+        runner.destroy()
+
+
 def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
                indices: Sequence[int],
                open_output: Callable[[dict, bool], ResumableOutput], *,
@@ -256,20 +291,11 @@ def run_method(dataset, comm: MPI.Comm, method: str, options: Mapping | None,
         progress: the description of a tqdm bar on rank 0 (``None``: no bar).
         on_batch: ``on_batch(n_done)`` on every rank after each write.
     """
-    if distribute not in ("samples", "mesh"):
-        raise ValueError(f"distribute must be 'samples' or 'mesh', got {distribute!r}")
-    entry = get_method(method)
-    options, uncertainty = split_uncertainty(method, options)
     indices = np.asarray(indices, dtype=np.int64)
     truth = has_truth(dataset) if truth is None else bool(truth and has_truth(dataset))
     data_settings = dataset.settings
-    solve_comm = comm if distribute == "mesh" else MPI.COMM_SELF
-    runner = check_all(comm, lambda: entry.setup(data_settings.space, data_settings.forward,
-                                                 solve_comm, dict(options or {})))
-    if uncertainty is not None:
-        from .uncertainty import UncertaintyRunner
-
-        runner = UncertaintyRunner(method, runner, uncertainty)
+    _, uncertainty = split_uncertainty(method, options)
+    runner = setup_runner(dataset, comm, method, options, distribute)
     try:
         def open_and_warn() -> ResumableOutput:
             output = open_output(runner.settings, truth)

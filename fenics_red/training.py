@@ -69,7 +69,14 @@ from .denoiser import (
     _read_torch_file,
     count_parameters,
 )
-from .io import OutputLock, atomic_output, check_input_file, check_output_path, file_sha256
+from .io import (
+    OutputLock,
+    atomic_output,
+    check_input_file,
+    check_output_path,
+    file_sha256,
+    progress_bar,
+)
 from .validation import SEED_MAX
 
 __all__ = ["TrainingSettings", "train_denoiser", "read_pairs", "checkpoint_path", "card_path",
@@ -552,8 +559,6 @@ def settings_for_data(settings: TrainingSettings, data: PairsData) -> TrainingSe
 
 def _train(data, out_path, last_path, settings, device, train_idx, val_idx, progress, resuming,
            command, callback, started) -> dict:
-    from tqdm.auto import tqdm
-
     torch.manual_seed(settings.seed)
     network = DenoiserNet(settings.architecture).to(device)
     init = None  # the initial model's card entry: read before training, so a missing file fails
@@ -585,8 +590,8 @@ def _train(data, out_path, last_path, settings, device, train_idx, val_idx, prog
     val_estimate = batches.tensor(data.estimate[val_idx])
 
     n_batches = math.ceil(len(train_idx) / settings.batch_size)
-    bar = tqdm(total=settings.epochs, initial=min(start_epoch, settings.epochs), unit="epoch",
-               disable=not progress, desc="train", dynamic_ncols=True)
+    bar = progress_bar(settings.epochs, initial=min(start_epoch, settings.epochs), unit="epoch",
+                       disable=not progress, desc="train")
     try:
         for epoch in range(start_epoch, settings.epochs):
             tic = time.perf_counter()

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -435,6 +436,27 @@ def coverage(truth, estimate, std, factor: float = 2.0, valid=None) -> float:
     return float(np.mean(inside if valid is None else inside[np.asarray(valid, dtype=bool)]))
 
 
+def _warn_unmatched(index: int, info: dict, extra: dict, std: np.ndarray) -> None:
+    """One line saying why an ml map whose prior weight ``β`` could not be matched
+    (:func:`matched_prior_weight`) is not meaningful, and what to do. ``β`` then sits at a bound:
+    at the smallest kept eigenvalue (the estimate fits the data more closely than the kept
+    eigenpairs reach: ``σ`` understated) or far above it (it fits no better than the uniform
+    start, e.g. stopped at step 0: ``σ`` near zero)."""
+    steps = info.get("steps")
+    if extra["uncertainty_smallest_eigenvalue"] >= 1.0:  # β at the smallest kept eigenvalue
+        why = (f"the ML estimate fits the data more closely than the {extra['uncertainty_rank']}"
+               " kept eigenpairs can represent")
+        what = "raise --uncertainty-rank"
+    else:
+        why = ("the ML estimate fits the data no better than its uniform start"
+               + (" (it stopped at step 0)" if steps == 0 else ""))
+        what = "check the data's noise level (import --noise-std)"
+    warnings.warn(f"the ml uncertainty map (std) of sample {index} is not meaningful: no prior "
+                  f"weight matches its misfit because {why}, so std (largest "
+                  f"{float(np.max(std)):.3g}) is only a bound; {what} or use --method "
+                  "gn-tikhonov --uncertainty", UserWarning, stacklevel=3)
+
+
 class UncertaintyRunner:
     """A method's runner (:mod:`fenics_red.methods`) that also returns the ``σ`` map.
 
@@ -479,6 +501,8 @@ class UncertaintyRunner:
                 std_vec.destroy()
             finally:
                 E.destroy()
+            if not extra["uncertainty_prior_weight_matched"] and likelihood.comm.rank == 0:
+                _warn_unmatched(sample.index, info, extra, std)
         else:
             m = Measurement.from_sample(sample)
             model = self.runner.model

@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = ["number", "finite", "positive", "non_negative", "integer", "seed", "interval",
-           "per_component", "one_of", "mapping", "check_finite", "check_memory", "memory_limit"]
+           "per_component", "plane_in", "one_of", "mapping", "check_finite", "check_memory",
+           "memory_limit"]
 
 
 def _shown(value) -> str:
@@ -141,11 +142,22 @@ def per_component(values, name: str, lengths: Sequence[int] = (2, 3), *,
     """
     array = (np.asarray(values, dtype=object).ravel() if not isinstance(values, str | bytes)
              else np.array([]))
-    if array.size not in tuple(lengths):
-        raise ValueError(f"{name} must be {shape_hint}, got {_shown(values)}")
     check = non_negative if allow_zero else positive
     kwargs = {} if what is None else {"what": what}
-    return tuple(check(v, f"{name}[{i}]", **kwargs) for i, v in enumerate(array))
+    # each value first: a sigma of 0 is told it must be > 0, not that it needs more values
+    checked = tuple(check(v, f"{name}[{i}]", **kwargs) for i, v in enumerate(array))
+    if array.size not in tuple(lengths):
+        raise ValueError(f"{name} must be {shape_hint}, got {_shown(values)}")
+    return checked
+
+
+def plane_in(plane: str, dim: int) -> str:
+    """``plane`` (``"stress"`` or ``"strain"``) of a ``dim``-D problem: plane strain
+    (``--plane-strain``) is refused in 3-D, where it does not apply."""
+    if plane == "strain" and dim == 3:
+        raise ValueError("--plane-strain applies to 2-D problems only; a 3-D mesh or grid is "
+                         "solved in 3-D: leave it out")
+    return plane
 
 
 def one_of(value, name: str, choices: Sequence):

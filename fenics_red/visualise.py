@@ -10,6 +10,7 @@ of :mod:`fenics_red.raster` (row 0 is the transducer edge, drawn at the top).
 from __future__ import annotations
 
 import os
+from dataclasses import replace as _replace
 from io import BytesIO
 
 import numpy as np
@@ -29,7 +30,9 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
     bottom row the mask labels, noisy ``ux``, noisy ``uy``. Clean and noisy images of a component
     share one colour scale; a sample without truth (``E`` and ``mask`` ``None``, a real
     measurement) gets a note in their panels. Row 0 of the images (the transducer, ``y = H``)
-    is at the top; axes are in the grid's length units. The file is written atomically
+    is at the top; axes are in the grid's length units. A 3-D sample (volumes on a 3-D ``grid``)
+    is drawn on the axial-lateral slice that the evaluation draws (:func:`central_slice`: through
+    the inclusions), with ``uz`` as the axial component. The file is written atomically
     (``overwrite`` as in :func:`fenics_red.io.atomic_output`).
     """
     import matplotlib
@@ -38,6 +41,20 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
     import matplotlib.pyplot as plt
 
     grid = grid or ImageGrid.from_shape(np.shape(sample.ux_noisy))
+    sigma = tuple(sample.noise_std)
+    components = [("lateral ux", sample.ux, sample.ux_noisy, sigma[0]),
+                  ("axial uy", sample.uy, sample.uy_noisy, sigma[1])]
+    where = ""
+    if grid.dim == 3:  # the axial-lateral slice that evaluate draws: (depth, x) at y index j
+        j = central_slice(sample.mask, grid.shape)
+
+        def cut(volume):
+            return None if volume is None else np.asarray(volume)[:, j, :]
+
+        components = [("lateral ux", cut(sample.ux), cut(sample.ux_noisy), sigma[0]),
+                      ("axial uz", cut(sample.uz), cut(sample.uz_noisy), sigma[2])]
+        sample = _replace(sample, E=cut(sample.E), mask=cut(sample.mask))
+        grid, where = grid.axial_plane(), f", slice y[{j}]"
     extent = (grid.x0, grid.x0 + grid.width, grid.y0, grid.y0 + grid.height)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.2), constrained_layout=True)
 
@@ -46,7 +63,7 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
                           vmax=vmax, interpolation="nearest")
         ax.set_title(name)
         ax.set_xlabel("x (lateral)")
-        ax.set_ylabel("y (transducer at top)")
+        ax.set_ylabel(f"{'z' if where else 'y'} (transducer at top)")
         fig.colorbar(shown, ax=ax, shrink=0.85)
         return shown
 
@@ -65,10 +82,7 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
             ax.text(0.5, 0.5, "no truth\n(a measurement)", ha="center", va="center",
                     transform=ax.transAxes)
             ax.set_axis_off()
-    sigma = tuple(sample.noise_std)
-    for column, (name, clean, noisy, s) in enumerate(
-            [("lateral ux", sample.ux, sample.ux_noisy, sigma[0]),
-             ("axial uy", sample.uy, sample.uy_noisy, sigma[1])], start=1):
+    for column, (name, clean, noisy, s) in enumerate(components, start=1):
         both = [a for a in (clean, noisy) if a is not None]
         lo = float(min(np.nanmin(a) for a in both))
         hi = float(max(np.nanmax(a) for a in both))
@@ -87,7 +101,7 @@ def plot_sample(sample, path: str | os.PathLike, grid: ImageGrid | None = None,
     index = getattr(sample, "index", None)
     heading = title or (f"sample {index}" if index is not None else "sample")
     force = float(getattr(sample, "force_std", 0.0) or 0.0)
-    fig.suptitle(heading + (f", force noise σw = {force:.3g}" if force > 0 else ""))
+    fig.suptitle(heading + where + (f", force noise σw = {force:.3g}" if force > 0 else ""))
     try:
         with atomic_output(path, overwrite=overwrite) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

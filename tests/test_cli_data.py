@@ -60,6 +60,8 @@ def test_simulate_is_reproducible_and_refuses_to_overwrite(mpi_tmp_path, capsys)
     (["--masks", "/nonexistent/folder"], "does not exist"),
     (["--masks", ".", "--family", "rings"], "--family draws random phantoms and --masks gives "
                                             "them: choose one"),
+    (["--grid-z", "4", "--masks", "."], "mask images (--masks) are 2-D; the phantoms of a 3-D "
+                                        "grid or mesh come from the generator"),
 ])
 def test_simulate_reports_impossible_settings(mpi_tmp_path, capsys, extra, message):
     assert _simulate(mpi_tmp_path / "x.h5", *extra) == 2

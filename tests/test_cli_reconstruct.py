@@ -112,6 +112,26 @@ def test_an_interrupted_run_resumes_without_redoing_samples(data, mpi_tmp_path, 
     np.testing.assert_allclose(resumed.estimates, expected.estimates, rtol=1e-12)
 
 
+def test_ctrl_c_inside_a_petsc_solve_is_reported_as_an_interruption(data, mpi_tmp_path,
+                                                                      monkeypatch, capsys):
+    """Ctrl-C while PETSc runs the likelihood's Python preconditioner comes back from PETSc as
+    ``PETSc.Error`` (error code -1): the command says it was interrupted (status 130), as it does
+    for Ctrl-C anywhere else, not that PETSc failed."""
+    from fenics_red import likelihood
+
+    calls = []
+
+    def interrupt(self, pc, x, y):
+        calls.append(1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(likelihood._GammaPreconditioner, "apply", interrupt)
+    capsys.readouterr()
+    assert _reconstruct(data, mpi_tmp_path / "x.h5", "--all", "--batch-size", "1") == 130
+    err = capsys.readouterr().err
+    assert calls, "the interruption did not happen inside the preconditioner"
+    assert "interrupted; what was finished is kept" in err and "PETSc" not in err
+
+
 def test_existing_outputs_and_bad_requests_are_refused(data, mpi_tmp_path, capsys):
     out = mpi_tmp_path / "x.h5"
     assert _reconstruct(data, out, "--sample", "0", "--max-steps", "3") == 0

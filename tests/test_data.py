@@ -172,6 +172,12 @@ def _corrupt_copy(source, target, edit):
     (lambda f: f["E"].__setitem__((4, 0, 0), -1.0), "strictly positive; sample 4"),
     (lambda f: f["done"].__setitem__(2, 0), "incomplete: 4 of 5"),
     (lambda f: f.attrs.__delitem__("snr_db"), "snr_db"),
+    (lambda f: f["noise_std"].__setitem__((3, 1), 0.0), r"'noise_std' must be finite and > 0; "
+                                                        "sample 3"),
+    # a sigma below the data's round-off: 1/sigma² (and the methods' misfit targets) overflow
+    (lambda f: f["noise_std"].__setitem__((2, 0), 1e-300),
+     r"'noise_std' of sample 2 is 1e-300, below 1e-12 of its largest displacement \([\d.e-]+\) "
+     "where double precision's round-off dominates: give the measurement's real noise level"),
 ])
 def test_corrupt_or_mismatched_files_are_rejected_clearly(reference, mpi_tmp_path, comm, edit,
                                                           message):

@@ -5,6 +5,7 @@ finite-element code (``tests/reference_fe.py``: numpy/scipy, the file's own node
 and under ``mpirun -n 2``.
 """
 
+import re
 from pathlib import Path
 
 from mpi4py import MPI
@@ -222,8 +223,10 @@ def test_gmsh_files_that_dolfinx_cannot_read_are_refused_before_it_aborts(comm, 
 
 
 def _gmsh_rectangle(path: Path, *, recombine: bool = False, order: int = 1, plane: str = "xy",
-                    groups: tuple[str, str] = ("load", "support")) -> None:
-    """A 40 x 30 rectangle meshed by gmsh (rank 0): top and bottom edges in facet groups."""
+                    groups: tuple[str, str | None] = ("load", "support"),
+                    edges: tuple[int, int] = (2, 0)) -> None:
+    """A 40 x 30 rectangle meshed by gmsh (rank 0): the top and bottom edges (``edges``: 0
+    bottom, 1 right, 2 top, 3 left) in facet groups named ``groups`` (``None``: no group)."""
     import gmsh
 
     if not gmsh.isInitialized():
@@ -237,8 +240,9 @@ def _gmsh_rectangle(path: Path, *, recombine: bool = False, order: int = 1, plan
     lines = [geo.addLine(points[i], points[(i + 1) % 4]) for i in range(4)]
     surface = geo.addPlaneSurface([geo.addCurveLoop(lines)])
     geo.synchronize()
-    gmsh.model.addPhysicalGroup(1, [lines[2]], -1, groups[0])
-    gmsh.model.addPhysicalGroup(1, [lines[0]], -1, groups[1])
+    for name, edge in zip(groups, edges, strict=True):
+        if name is not None:
+            gmsh.model.addPhysicalGroup(1, [lines[edge]], -1, name)
     gmsh.model.addPhysicalGroup(2, [surface], -1, "tissue")
     if recombine:
         gmsh.model.mesh.setRecombine(2, surface)
@@ -293,3 +297,97 @@ def test_an_xdmf_mesh_written_by_meshio_reads_as_its_gmsh_source(comm, mpi_tmp_p
     np.testing.assert_array_equal(arrays.points, points)
     np.testing.assert_array_equal(arrays.cells, cells)
     assert np.allclose(arrays.points[np.unique(arrays.load)][:, 1], 30.0)
+
+
+def _squares(offset: tuple[float, float]):
+    """Two unit squares of two triangles each, the second moved by ``offset``."""
+    square = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    points = np.vstack([square, square + offset])
+    cells = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    return points, cells
+
+
+def test_a_mesh_with_a_part_that_touches_no_support_is_refused_on_every_rank(comm):
+    """A square floating above the supported one (the load on its top, nothing holding it) makes
+    ``K`` singular: the solve would return huge displacements without a word."""
+    points, cells = _squares((0.0, 2.0))
+    with pytest.raises(ValueError, match="the mesh has 2 separate parts .* and 1 of them touches "
+                                         "no support facet: its displacement is undetermined; "
+                                         "remove it or connect it") as error:
+        Domain.from_arrays(points, cells, comm)
+    assert "\n" not in str(error.value)
+
+
+def test_separate_parts_that_each_touch_the_support_are_taken(comm):
+    """Two squares side by side on the support: two parts, each held."""
+    points, cells = _squares((2.0, 0.0))
+    domain = Domain.from_arrays(points, cells, comm)
+    assert domain.num_file_nodes == len(points)
+    assert comm.allreduce(len(domain.facets(SUPPORT)), op=MPI.SUM) >= 2
+
+
+def _gmsh_file(path: Path, comm, make, **kwargs) -> None:
+    """``make(path, **kwargs)`` on rank 0, then every rank goes on."""
+    if comm.rank == 0:
+        make(path, **kwargs)
+    comm.Barrier()
+
+
+def test_load_and_support_groups_on_the_same_edge_are_refused_as_overlapping(comm,
+                                                                            mpi_tmp_path):
+    """(DOLFINx keeps one tag per facet: the support lost its facets and the message said the
+    mesh had none.)"""
+    path = mpi_tmp_path / "same.msh"
+    _gmsh_file(path, comm, _gmsh_rectangle, edges=(2, 2))
+    with pytest.raises(ValueError, match=r"the groups 'load' and 'support' overlap \(they share "
+                                         r"1 boundary curve, gmsh tag \d+\); a boundary part is "
+                                         "either loaded or supported") as error:
+        Domain.from_file(path, comm)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("groups", "words"), [
+    (("load", None), "has a 'load' group but no 'support' group: the support goes on the bottom "
+                     "(smallest depth coordinate); name a 'support' group to choose it"),
+    ((None, "support"), "has a 'support' group but no 'load' group: the load goes on the top "
+                        "(largest depth coordinate); name a 'load' group to choose it"),
+])
+def test_a_mesh_naming_only_one_of_load_and_support_says_where_the_other_goes(
+        comm, mpi_tmp_path, groups, words):
+    path = mpi_tmp_path / "one.msh"
+    _gmsh_file(path, comm, _gmsh_rectangle, groups=groups)
+    if comm.rank == 0:
+        with pytest.warns(UserWarning, match=re.escape(words)) as caught:
+            domain = Domain.from_file(path, comm)
+        assert len(caught) == 1
+    else:
+        domain = Domain.from_file(path, comm)
+    arrays = domain.to_arrays()
+    assert np.allclose(arrays.points[np.unique(arrays.load)][:, 1], 30.0)
+    assert np.allclose(arrays.points[np.unique(arrays.support)][:, 1], 0.0)
+
+
+def _gmsh_box_without_a_volume_group(path: Path) -> None:
+    import gmsh
+
+    if not gmsh.isInitialized():
+        gmsh.initialize(["-noenv"], readConfigFiles=False)
+    gmsh.option.setNumber("General.Terminal", 0)
+    gmsh.clear()
+    gmsh.model.occ.addBox(0, 0, 0, 10, 10, 10)
+    gmsh.model.occ.synchronize()
+    faces = [tag for _, tag in gmsh.model.getEntities(2)]
+    gmsh.model.addPhysicalGroup(2, faces[:1], -1, "load")
+    gmsh.model.addPhysicalGroup(2, faces[1:2], -1, "support")
+    gmsh.option.setNumber("Mesh.MeshSizeMax", 5)
+    gmsh.model.mesh.generate(3)
+    gmsh.write(str(path))
+    gmsh.clear()
+
+
+def test_a_3d_mesh_without_a_volume_group_is_told_to_add_a_physical_volume(comm, mpi_tmp_path):
+    path = mpi_tmp_path / "novolume.msh"
+    _gmsh_file(path, comm, _gmsh_box_without_a_volume_group)
+    with pytest.raises(ValueError, match=r"has no physical group of dimension 3: .*add e.g. "
+                                         r"Physical Volume\(\"tissue\"\) to the .geo"):
+        Domain.from_file(path, comm)

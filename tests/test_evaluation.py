@@ -241,3 +241,86 @@ def test_a_baseline_that_missed_its_discrepancy_target_is_named_in_the_summary(d
     if comm.rank == 0:
         text = (out / "summary.md").read_text()
         assert "gn-tikhonov did not reach its discrepancy target" in text and "[0]" in text
+
+
+def test_overwrite_keeps_the_old_evaluation_until_the_new_one_is_complete(dataset, mpi_tmp_path,
+                                                                          comm, monkeypatch):
+    import fenics_red.evaluation as evaluation
+
+    out = mpi_tmp_path / "eval"
+    old = EvaluationSettings(("ml",), samples=(0, 1), figures=False)
+    evaluate(dataset, out, old, comm, progress=False)
+    if comm.rank == 0:
+        (out / "notes.txt").write_text("mine")  # not the evaluation's: kept
+    comm.Barrier()
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    new = EvaluationSettings(("ml",), options={"ml": {"max_steps": 3}}, samples=(0, 1),
+                             figures=False)
+    report = evaluation._report
+
+    def failing_report(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(evaluation, "_report", failing_report)
+    with pytest.raises(OSError, match="No space left"):
+        evaluate(dataset, out, new, comm, progress=False, overwrite=True)
+    comm.Barrier()  # rank 0 has released its locks (their files)
+    # the old results are all there, untouched; the new runs wait aside
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    staged = mpi_tmp_path / "eval.partial" / "estimates" / "ml" / "sample_1.npz"
+    assert read_estimate(staged)[1]["max_steps"] == 3
+    stamp = staged.stat().st_mtime_ns
+    comm.Barrier()
+    monkeypatch.setattr(evaluation, "_report", report)
+    # the same command finishes the new evaluation (reusing its runs) and swaps it in
+    summary = evaluate(dataset, out, new, comm, progress=False, overwrite=True)
+    assert summary["ml"]["relative_rmse"]["count"] == 2
+    _, stored, _ = read_estimate(out / "estimates" / "ml" / "sample_1.npz")
+    assert stored["max_steps"] == 3
+    assert (out / "estimates" / "ml" / "sample_1.npz").stat().st_mtime_ns == stamp
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in mpi_tmp_path.iterdir()) == ["data.h5", "eval"]
+
+
+def test_every_method_and_the_stored_runs_are_checked_before_any_solve(dataset, mpi_tmp_path,
+                                                                       comm, capsys):
+    out = mpi_tmp_path / "eval"
+    missing = EvaluationSettings(("ml", "denoised-ml"), samples=(0,), figures=False,
+                                 options={"denoised-ml": {"denoiser": str(mpi_tmp_path / "no.pt")}})
+    with pytest.raises(FileNotFoundError, match="no.pt"):
+        evaluate(dataset, out, missing, comm, progress=False)
+    assert not out.exists()  # no ml run was made first
+    assert main(["evaluate", str(dataset), "--methods", "ml,red", "--lam", "bogus", "--out",
+                 str(out), "--quiet"]) == 2
+    assert "'bogus'" in capsys.readouterr().err and not out.exists()
+    evaluate(dataset, out, EvaluationSettings(("ml",), samples=(0,), figures=False), comm,
+             progress=False)
+    comm.Barrier()  # rank 0 has released its locks (their files)
+    before = sorted(out.rglob("*"))
+    other = EvaluationSettings(("gn-tikhonov", "ml"), options={"ml": {"max_steps": 3}},
+                               samples=(0,), figures=False)
+    with pytest.raises(ValueError, match="other settings of 'ml'"):  # before gn-tikhonov runs
+        evaluate(dataset, out, other, comm, progress=False)
+    # a refused --overwrite deletes nothing either
+    with pytest.raises(FileNotFoundError, match="no.pt"):
+        evaluate(dataset, out, missing, comm, progress=False, overwrite=True)
+    comm.Barrier()
+    assert sorted(out.rglob("*")) == before
+    assert sorted(p.name for p in mpi_tmp_path.iterdir()) == ["data.h5", "eval"]
+
+
+def test_an_overwrite_cut_between_its_renames_loses_nothing(dataset, mpi_tmp_path, comm):
+    """``--overwrite`` swaps the new evaluation in by two renames (``OUT`` to
+    ``OUT.replaced``, ``OUT.partial`` to ``OUT``); cut between them, the next run puts the old
+    evaluation back (the new one stays in ``OUT.partial`` for the same command to finish)."""
+    out = mpi_tmp_path / "eval"
+    settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
+    evaluate(dataset, out, settings, comm, progress=False)
+    run = out / "estimates" / "ml" / "sample_0.npz"
+    stamp = run.stat().st_mtime_ns
+    comm.Barrier()
+    if comm.rank == 0:
+        out.rename(mpi_tmp_path / "eval.replaced")
+    comm.Barrier()
+    evaluate(dataset, out, settings, comm, progress=False)
+    assert run.stat().st_mtime_ns == stamp  # the old evaluation, resumed
+    assert sorted(p.name for p in mpi_tmp_path.iterdir()) == ["data.h5", "eval"]

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -393,6 +394,28 @@ def test_a_grid_too_large_for_the_memory_is_refused_before_anything_is_allocated
     assert "limit of 100 MB (FENICS_RED_MEMORY_LIMIT)" in capsys.readouterr().err
 
 
+def test_a_denoiser_raster_too_large_for_the_memory_is_refused_before_any_estimate(
+        mpi_tmp_path, comm, capsys, monkeypatch):
+    """``--pixel`` of reconstruct and evaluate sizes the raster over a mesh: the check of
+    simulate's phantom raster refuses one above the memory (a 0.001 mm pixel on the 40 x 30 mm
+    ROI mesh: 1.2e9 pixels, which tried to allocate hundreds of GB and raised a traceback)."""
+    mesh = Path(__file__).resolve().parents[1] / "meshes" / "roi-2d.msh"
+    data = mpi_tmp_path / "roi.h5"
+    assert main(["simulate", "--mesh", str(mesh), "--samples", "1", "--out", str(data),
+                 "--quiet"]) == 0
+    monkeypatch.setenv("FENICS_RED_MEMORY_LIMIT", "8G")
+    started = time.monotonic()
+    for argv, out in ((["reconstruct", str(data), "--sample", "0", "--method", "red"], "r.h5"),
+                      (["evaluate", str(data), "--methods", "ml,red"], "ev")):
+        assert main([*argv, "--pixel", "0.001", "--out", str(mpi_tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(
+            r"a raster of 40000 x 30000 pixels \(--pixel 0.001\) needs about [\d.]+ TB of "
+            r"memory, more than the limit of 8 GB \(FENICS_RED_MEMORY_LIMIT\)", err), err
+        assert not (mpi_tmp_path / out).exists() and not partial_path(mpi_tmp_path / out).exists()
+    assert time.monotonic() - started < 10
+
+
 # -- refused before any work, nothing of the user's touched -------------------------------------
 
 def _digest(path) -> str:
@@ -417,15 +440,50 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(mpi_tmp_path, 
     assert (_digest(data), _digest(modulus)) == before
 
 
+def test_an_extra_output_that_is_the_imported_measurement_is_refused_and_the_file_kept(
+        mpi_tmp_path, comm, capsys):
+    """reconstruct of an imported measurement also writes OUT-modulus.<its suffix>: named so
+    that this is the measurement file itself, it is refused like an --out that is an input
+    (with --overwrite it replaced the user's data)."""
+    from fenics_red.domain import MeshArrays
+
+    data = _tiny_set(mpi_tmp_path, comm, 1)
+    measured = mpi_tmp_path / "clash-modulus.npz"
+    if comm.rank == 0:
+        with load_dataset(data) as d:
+            sample, mesh = d.sample(0), MeshArrays.of_grid(d.grid)
+        np.savez(measured, points=mesh.points, cells=mesh.cells,
+                 displacement=np.stack([sample.ux_noisy.ravel(), sample.uy_noisy.ravel()]))
+    comm.Barrier()
+    imported = mpi_tmp_path / "clash_data.h5"
+    assert main(["import", str(measured), "--out", str(imported), "--noise-std", "1e-3",
+                 "1e-3"]) == 0
+    capsys.readouterr()
+    before = _digest(measured)
+    out = mpi_tmp_path / "clash.h5"
+    assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
+                 str(out), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        f"the estimate's extra output {str(measured)!r} is also this command's input "
+        "(the measurement it was imported from); write the output to another file") in err, err
+    assert _digest(measured) == before and not out.exists()
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["simulate", "--samples", "1", "--grid", "8", "--height", "inf"], "--height: must be"),
     (["simulate", "--samples", "1", "--grid", "8", "--seed", str(2**64)], "[0, 2^63 - 1]"),
     (["forward", "--modulus", "{E16}"], "spans a contrast of 1e+16"),
+    (["simulate", "--samples", "1", "--grid", "4", "--grid-z", "4", "--plane-strain"],
+     "--plane-strain applies to 2-D problems only; a 3-D mesh or grid is solved in 3-D"),
+    (["forward", "--mesh", "{BOX}", "--modulus", "{E16}", "--plane-strain"],
+     "--plane-strain applies to 2-D problems only"),
 ])
 def test_impossible_settings_get_one_line_before_any_work(argv, words, mpi_tmp_path, comm,
                                                           capsys):
     """(A modulus spanning 16 orders of magnitude gave a wrong displacement without a word: the
-    stiffness matrix is too ill-conditioned for double precision.)"""
+    stiffness matrix is too ill-conditioned for double precision; --plane-strain was taken in
+    3-D, where it does not apply.)"""
     E16 = mpi_tmp_path / "E16.npy"
     if comm.rank == 0:
         E = np.ones((9, 9))
@@ -433,7 +491,9 @@ def test_impossible_settings_get_one_line_before_any_work(argv, words, mpi_tmp_p
         np.save(E16, E)
     comm.Barrier()
     out = mpi_tmp_path / ("out.npz" if argv[0] == "forward" else "out.h5")
-    argv = [a.replace("{E16}", str(E16)) for a in argv] + ["--out", str(out)]
+    box = Path(__file__).resolve().parents[1] / "meshes" / "box-3d.msh"
+    argv = [a.replace("{E16}", str(E16)).replace("{BOX}", str(box)) for a in argv]
+    argv += ["--out", str(out)]
     try:
         status = main(argv)
     except SystemExit as stop:  # argparse's refusal of an option's value

@@ -7,6 +7,7 @@ must not depend on the partition).
 """
 
 import math
+import re
 from dataclasses import replace
 
 from mpi4py import MPI
@@ -279,6 +280,41 @@ def test_the_command_line_writes_std_beside_the_estimate(mpi_tmp_path, comm, cap
     if comm.rank == 0:
         assert "--uncertainty applies to the methods gn-tikhonov and ml, not 'gn-tv'" in err
         assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("snr", "rank", "words"), [
+    (5.0, 10, r"because the ML estimate fits the data no better than its uniform start \(it "
+              r"stopped at step 0\), so std \(largest .*\) is only a bound; check the data's "
+              r"noise level .* or use --method gn-tikhonov --uncertainty$"),
+    (35.0, 10, r"because the ML estimate fits the data more closely than the 10 kept "
+               r"eigenpairs can represent, so std .* is only a bound; raise --uncertainty-rank "
+               "or use"),
+    (35.0, 20, None),
+])
+def test_an_ml_map_without_a_matched_prior_weight_is_said_to_be_not_meaningful(
+        mpi_tmp_path, comm, snr, rank, words):
+    """No prior weight matches the ML estimate's misfit (this phantom: seed 0) when at 5 dB its
+    uniform start already fits the data to the noise level (it stops at step 0: std near zero),
+    or when it fits more closely than 10 eigenpairs reach (std understated): one warning
+    (rank 0) says the map is not meaningful and what to do. 20 eigenpairs match: no warning."""
+    import warnings
+
+    data = simulate_dataset(mpi_tmp_path / "set.h5", 1, replace(SETTINGS, snr_db=snr, seed=0),
+                            comm, progress=False)
+    out = mpi_tmp_path / "ml.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["reconstruct", str(data), "--out", str(out), "--sample", "0", "--method",
+                     "ml", "--uncertainty", "--uncertainty-rank", str(rank), "--quiet"]) == 0
+    said = [str(w.message) for w in caught if "uncertainty map" in str(w.message)]
+    with h5py.File(out) as f:
+        assert bool(f["history/0"].attrs["uncertainty_prior_weight_matched"]) == (words is None)
+    if words is None or comm.rank > 0:  # said once, by rank 0
+        assert said == []
+    else:
+        (line,) = said
+        assert re.match(r"the ml uncertainty map \(std\) of sample 0 is not meaningful: no prior "
+                        f"weight matches its misfit {words}", line), line
 
 
 def test_the_evaluation_draws_the_map_and_reports_its_coverage(mpi_tmp_path, comm):

@@ -61,6 +61,10 @@ def test_intervals_and_components():
         validation.per_component([1.0], "sigma")
     with pytest.raises(ValueError, match=r"sigma\[1\] must be finite and > 0, got -1.0"):
         validation.per_component([1.0, -1.0], "sigma")
+    # a value out of range is named before a wrong count (import --noise-std 0 was told it
+    # needed one value per component)
+    with pytest.raises(ValueError, match=r"sigma\[0\] must be finite and > 0, got 0.0"):
+        validation.per_component([0.0], "sigma")
     assert validation.one_of("tv", "regulariser", ("tikhonov", "tv")) == "tv"
     with pytest.raises(ValueError, match=r"regulariser must be one of \('tikhonov', 'tv'\)"):
         validation.one_of("l1", "regulariser", ("tikhonov", "tv"))

@@ -107,21 +107,27 @@ def _check_output(args) -> None:
     out = getattr(args, "out", None)
     if out is not None and not str(out).strip():
         raise ValueError("--out is empty; give the output's name")
+    inputs = [(name.replace("_", "-"), item) for name, value in vars(args).items()
+              if name not in ("out", "func", "command")
+              for item in (value if isinstance(value, list | tuple) else [value])]
+    check_not_input(out, inputs)
+
+
+def check_not_input(out, inputs, what: str = "the output") -> None:
+    """Refuse an output file ``out`` that is one of the ``inputs`` (``(name, path)`` pairs; other
+    values are skipped), with or without ``--overwrite``: one line naming both, before any work.
+    ``what`` names the output (an extra output of the command, say)."""
     if not out or not os.path.exists(out):
         return
-    for name, value in vars(args).items():
-        if name in ("out", "func", "command"):
-            continue
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, str | os.PathLike) and str(item) and os.path.exists(item):
-                try:
-                    same = os.path.samefile(item, out)
-                except OSError:
-                    continue
-                if same:
-                    raise ValueError(f"the output {str(out)!r} is also this command's input "
-                                     f"({name.replace('_', '-')}); write the output to another "
-                                     "file (nothing was changed)")
+    for name, item in inputs:
+        if isinstance(item, str | os.PathLike) and str(item) and os.path.exists(item):
+            try:
+                same = os.path.samefile(item, out)
+            except OSError:
+                continue
+            if same:
+                raise ValueError(f"{what} {str(out)!r} is also this command's input ({name}); "
+                                 "write the output to another file (nothing was changed)")
 
 
 def _one_line(error: BaseException) -> str:
@@ -163,7 +169,14 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
                               f"fenics-red {args.command}: warning: {message}\n")
     try:
         _check_output(args)
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except USER_ERRORS as error:  # Ctrl-C in a PETSc callback comes back as a PETSc error
+            from ..parallel import interrupted
+
+            if interrupted(error):
+                raise KeyboardInterrupt from error
+            raise
     except USER_ERRORS as error:
         from ..parallel import failed_together
 

@@ -8,6 +8,7 @@ from mpi4py import MPI
 
 from ..methods import METHODS, method_names
 from . import add_method_arguments, method_options
+from .simulate import check_pixel_memory
 
 
 def _index_list(text: str) -> tuple[int, ...]:
@@ -53,7 +54,9 @@ def register(subparsers) -> None:
     parser.add_argument("--xdmf", action="store_true",
                         help="also write truth and estimates as XDMF files for ParaView")
     parser.add_argument("--overwrite", action="store_true",
-                        help="discard earlier results in OUT and start again")
+                        help="discard earlier results in OUT and start again (the new results "
+                             "are built in OUT.partial and replace OUT's only when complete; "
+                             "the same command resumes an interrupted run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_method_arguments(parser)
     parser.set_defaults(func=run)
@@ -76,6 +79,7 @@ def run(args) -> int:
 
     comm = MPI.COMM_WORLD
     settings = settings_from_args(args)
+    check_pixel_memory(args.dataset, [o.get("pixel") for o in settings.options.values()], comm)
     summary = evaluate(args.dataset, args.out, settings, comm, overwrite=args.overwrite,
                        progress=not args.quiet)
     if comm.rank == 0:

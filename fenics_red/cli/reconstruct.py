@@ -8,7 +8,8 @@ import numpy as np
 
 from ..methods import DEFAULT_METHOD, METHODS, get_method, method_names, split_uncertainty
 from ..reconstruction import reconstruct_dataset
-from . import add_method_arguments, method_options
+from . import add_method_arguments, check_not_input, method_options
+from .simulate import check_pixel_memory
 
 
 def register(subparsers) -> None:
@@ -64,7 +65,11 @@ def _measurement(data, out, overwrite: bool, comm) -> dict | None:
         with load_dataset(data, check_data=False) as dataset:
             measurement = dataset.measurement
         if measurement is not None:
+            inputs = [("DATA.h5", data),
+                      ("the measurement it was imported from", measurement["source"]["file"]),
+                      ("the mesh it was imported with", measurement["settings"].get("mesh"))]
             for path in export_paths(out, measurement, heavy=True):
+                check_not_input(path, inputs, "the estimate's extra output")
                 check_output_path(path, overwrite)
         return measurement
 
@@ -76,8 +81,10 @@ def run(args) -> int:
     indices = None if args.all else [args.sample]
     if args.sample is not None and args.sample < 0:
         raise ValueError(f"--sample must be a non-negative sample index, got {args.sample}")
+    options = options_from_args(args)
+    check_pixel_memory(args.data, [options.get("pixel")], comm)
     measurement = _measurement(args.data, args.out, args.overwrite, comm)
-    path = reconstruct_dataset(args.data, args.out, comm, args.method, options_from_args(args),
+    path = reconstruct_dataset(args.data, args.out, comm, args.method, options,
                                indices=indices, overwrite=args.overwrite,
                                progress=not args.quiet, batch_size=args.batch_size)
     if measurement is not None:  # the estimate in the user's layout and units, XDMF, figure

@@ -13,6 +13,9 @@ from ..data import load_dataset
 from ..io import check_output_path
 from ..parallel import on_root
 
+#: The nodal fields of a sample that the figure draws (uz in 3-D only).
+_FIELDS = ("E", "ux", "uy", "uz", "ux_noisy", "uy_noisy", "uz_noisy")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -43,13 +46,12 @@ def run(args) -> int:
             from ..raster import ValueRaster
 
             raster = ValueRaster(dataset.mesh, grid)
-            images = {name: raster.image(getattr(sample, name))
-                      for name in ("E", "ux", "uy", "ux_noisy", "uy_noisy")
+            images = {name: raster.image(getattr(sample, name)) for name in _FIELDS
                       if getattr(sample, name) is not None}
             if sample.mask is not None:
                 images["mask"] = raster.labels(sample.mask)
             sample = dataclasses.replace(sample, **images)
-    for name in ("E", "ux", "uy", "ux_noisy", "uy_noisy"):
+    for name in _FIELDS:
         values = getattr(sample, name)
         if values is not None and not np.isfinite(values).all():  # E is None without truth
             raise ValueError(f"sample {args.sample} of {args.dataset!r} has non-finite values in "

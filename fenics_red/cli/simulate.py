@@ -13,7 +13,7 @@ from ..io import check_input_file
 from ..phantoms import FAMILIES, SHAPES, PhantomSettings
 from ..raster import ImageGrid
 from ..threads import ranks_on_node
-from ..validation import check_memory
+from ..validation import check_memory, plane_in
 from .forward import add_forward_arguments, forward_settings
 
 #: Memory of one rank's forward solves: measured 150 MB on a 64² grid and 430 MB on 256² (about
@@ -127,12 +127,9 @@ def run(args) -> int:
             if value is not None:
                 raise ValueError(f"{flag} sizes a grid; a mesh (--mesh) has its own size")
         settings = mesh_settings(read_mesh_arrays(args.mesh, comm), args.pixel, **common)
-    nodes = int(np.prod(settings.grid.shape))
-    if settings.mesh is not None:
-        nodes = max(nodes // 4, settings.mesh.shape[0])
-    here = min(ranks_on_node(), comm.size)  # each rank solves whole samples
-    check_memory(solve_memory(nodes, settings.dim, settings.forward, here, here),
-                 f"simulating on {settings.grid.label()} cells")
+    plane_in(settings.forward.plane, settings.dim)
+    check_raster_memory(settings.grid, settings.mesh, settings.forward, comm,
+                        f"simulating on {settings.grid.label()} cells")
     path = simulate_dataset(args.out, args.samples, settings, comm, masks_dir=args.masks,
                             overwrite=args.overwrite, progress=not args.quiet,
                             batch_size=args.batch_size)
@@ -143,6 +140,36 @@ def run(args) -> int:
                  f"{g.label()})")
         print(f"wrote {path}: {args.samples} samples on {where} at {settings.snr_db:g} dB")
     return 0
+
+
+def check_raster_memory(grid: ImageGrid, mesh: MeshArrays | None, forward, comm: MPI.Comm,
+                        what: str) -> None:
+    """Refuse, before anything is allocated, work on the image ``grid`` (with ``mesh``: the
+    raster over that mesh) above this machine's memory: every rank on it holds whole samples
+    and a whole raster. ``what`` names the work in the message."""
+    nodes = int(np.prod(grid.shape))
+    if mesh is not None:
+        nodes = max(nodes // 4, mesh.shape[0])
+    here = min(ranks_on_node(), comm.size)
+    check_memory(solve_memory(nodes, grid.dim, forward, here, here), what)
+
+
+def check_pixel_memory(data, pixels, comm: MPI.Comm) -> None:
+    """:func:`check_raster_memory` of the denoiser's raster over a mesh data set for each
+    ``--pixel`` given (``None``: the default, the mean node spacing), before any work."""
+    pixels = sorted({p for p in pixels if p is not None})
+    if not pixels:
+        return
+    from ..data import load_dataset
+
+    with load_dataset(data, check_data=False) as dataset:
+        mesh, forward = dataset.mesh, dataset.settings.forward
+    if mesh is None:
+        return
+    for pixel in pixels:
+        grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), pixel)
+        check_raster_memory(grid, mesh, forward, comm,
+                            f"a raster of {grid.label()} pixels (--pixel {pixel:g})")
 
 
 def read_mesh_arrays(path, comm: MPI.Comm) -> MeshArrays:
