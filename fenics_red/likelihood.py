@@ -67,7 +67,7 @@ import numpy as np
 from dolfinx import fem
 
 from . import validation
-from .forward import _SOLVER_OPTIONS, AUTO_FACTOR_MAX_DOFS, ElasticityModel
+from .forward import _SOLVER_OPTIONS, AUTO_FACTOR_MAX_DOFS, MUMPS_WORKSPACE, ElasticityModel
 from .linalg import power_iteration
 from .measurements import noise_std_from_energy, set_displacement
 from .petsc_options import set_options
@@ -81,7 +81,8 @@ __all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood",
 GAMMA_PREFIX = "fenics_red_gamma_"
 K_PREFIX = "fenics_red_gamma_k_"
 
-_K_DEFAULTS = {"ksp_type": "preonly", "pc_type": "cholesky", "pc_factor_mat_solver_type": "mumps"}
+_K_DEFAULTS = {"ksp_type": "preonly", "pc_type": "cholesky", "pc_factor_mat_solver_type": "mumps",
+               **MUMPS_WORKSPACE}
 #: Defaults of the ``K`` solver per :attr:`LikelihoodSettings.k_solver`; ``"gamg"`` is the
 #: forward model's (CG, relative tolerance 1e-12, rigid-body near-nullspace).
 _K_OPTIONS = {"cholesky": _K_DEFAULTS, "gamg": _SOLVER_OPTIONS["gamg"]}
@@ -383,10 +384,14 @@ class Gamma:
             self._form_explicit()
             self.ksp.setOperators(self.mat, self.G)
             pc = self.ksp.getPC()
-            mumps = (self.settings.logdet and pc.getType() in ("lu", "cholesky")
-                     and pc.getFactorSolverType() == "mumps")
-            if mumps:
-                _mumps_with_determinant(pc)
+            mumps = (pc.getType() in ("lu", "cholesky") and pc.getFactorSolverType() == "mumps")
+            if mumps:  # on the factor, which exists once G is the operator
+                pc.setFactorSetUpSolverType()
+                for key, value in MUMPS_WORKSPACE.items():
+                    pc.getFactorMatrix().setMumpsIcntl(int(key.rsplit("_", 1)[1]), value)
+                mumps = self.settings.logdet
+                if mumps:
+                    _mumps_with_determinant(pc)
             pc.setUp()
             self._check_reason(self.ksp, "factorisation of Γ(E)", setup=True)
             if mumps:
