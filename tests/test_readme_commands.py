@@ -37,9 +37,11 @@ SHOWN = {
         "scripts/env python -m pytest -q tests/test_forward.py",
     # fenics-red forward
     "scripts/env fenics-red forward --modulus E.npy --out u.npz [--width W --height H --nu 0.495 "
-    "--plane-strain --traction P --support fixed|sliding --solver lu|gamg]":
+    "--plane-strain --traction P --support fixed|sliding --solver lu|gamg] "
+    "[--volumetric auto|nodal|element]":
         "scripts/env fenics-red forward --modulus {tmp}/E.npy --out {tmp}/u2.npz --width 2 "
-        "--height 1.5 --nu 0.495 --plane-strain --traction 0.2 --support sliding --solver gamg",
+        "--height 1.5 --nu 0.495 --plane-strain --traction 0.2 --support sliding --solver gamg "
+        "--volumetric nodal",
     "scripts/env mpirun -n 2 fenics-red forward --mesh meshes/roi-2d.msh --modulus VALUES.npy "
     "--out u.npz":
         "scripts/env mpirun -n 2 fenics-red forward --mesh meshes/roi-2d.msh --modulus "
