@@ -70,7 +70,7 @@ from . import validation
 from .forward import _SOLVER_OPTIONS, AUTO_FACTOR_MAX_DOFS, MUMPS_WORKSPACE, ElasticityModel
 from .linalg import power_iteration
 from .measurements import noise_std_from_energy, set_displacement
-from .petsc_options import set_options
+from .petsc_options import set_mumps_options, set_options
 from .raster import validate_image
 
 __all__ = ["NoiseModel", "LikelihoodSettings", "Gamma", "StatisticalLikelihood",
@@ -384,14 +384,11 @@ class Gamma:
             self._form_explicit()
             self.ksp.setOperators(self.mat, self.G)
             pc = self.ksp.getPC()
-            mumps = (pc.getType() in ("lu", "cholesky") and pc.getFactorSolverType() == "mumps")
-            if mumps:  # on the factor, which exists once G is the operator
-                pc.setFactorSetUpSolverType()
-                for key, value in MUMPS_WORKSPACE.items():
-                    pc.getFactorMatrix().setMumpsIcntl(int(key.rsplit("_", 1)[1]), value)
-                mumps = self.settings.logdet
-                if mumps:
-                    _mumps_with_determinant(pc)
+            set_mumps_options(self.ksp, MUMPS_WORKSPACE)  # the factor exists once G is set
+            mumps = (self.settings.logdet and pc.getType() in ("lu", "cholesky")
+                     and pc.getFactorSolverType() == "mumps")
+            if mumps:
+                _mumps_with_determinant(pc)
             pc.setUp()
             self._check_reason(self.ksp, "factorisation of Γ(E)", setup=True)
             if mumps:

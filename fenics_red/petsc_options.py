@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from petsc4py import PETSc
 
-__all__ = ["set_options"]
+__all__ = ["set_options", "set_mumps_options"]
 
 
 def set_options(obj, prefix: str, defaults: Mapping | None = None,
@@ -55,7 +55,7 @@ def set_options(obj, prefix: str, defaults: Mapping | None = None,
                 mumps[key] = value
         obj.setFromOptions()
         if mumps:
-            _set_mumps_options(obj, mumps)
+            set_mumps_options(obj, mumps)
     finally:
         for key, old in saved.items():
             if old is None:
@@ -67,7 +67,7 @@ def set_options(obj, prefix: str, defaults: Mapping | None = None,
 _MUMPS = re.compile(r"mat_mumps_(icntl|cntl)_(\d+)")
 
 
-def _set_mumps_options(obj, options: Mapping) -> None:
+def set_mumps_options(obj, options: Mapping) -> None:
     """Set ``mat_mumps_icntl_N``/``mat_mumps_cntl_N`` on the MUMPS factor matrix of the KSP
     ``obj`` (created here, before the first factorisation; a no-op without MUMPS)."""
     if not isinstance(obj, PETSc.KSP):
