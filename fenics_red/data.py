@@ -441,11 +441,12 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
     ``MPI.COMM_SELF``; rank 0 writes ``path + ".partial"`` after every batch (``batch_size``
     samples per rank) and renames it to ``path`` when all are done. An existing partial file made
     with the same settings is resumed (a mismatch is a ``ValueError`` listing the differences); an
-    existing ``path`` is a ``FileExistsError`` unless ``overwrite`` (which also discards a
-    partial file). With ``masks_dir`` the phantoms come from the folder's mask images (sample
-    ``i`` uses the ``i mod n_masks``-th by name). ``on_batch(n_done)`` is called on every rank
-    after each batch is written (a hook for tests and progress reports; an exception raised in it
-    stops the run, leaving a resumable partial file). Returns ``path``.
+    existing ``path`` is a ``FileExistsError`` unless ``overwrite`` (which resumes a partial
+    file of the same settings and discards any other). With ``masks_dir`` the phantoms come
+    from the folder's mask images (sample ``i`` uses the ``i mod n_masks``-th by name).
+    ``on_batch(n_done)`` is called on every rank after each batch is written (a hook for tests
+    and progress reports; an exception raised in it stops the run, leaving a resumable partial
+    file). Returns ``path``.
     """
     path = Path(path)
     validation.integer(n_samples, "the number of samples", low=1)

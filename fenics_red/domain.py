@@ -340,48 +340,56 @@ class Domain:
 
 
 def _check_parts_supported(msh: mesh.Mesh, support: np.ndarray) -> None:
-    """Refuse a mesh of which a connected part (cells joined through shared vertices) has no
-    support facet: ``K`` is singular there and a solve returns garbage without a word.
+    """Refuse a mesh of which a connected part (cells joined through shared facets: faces in
+    3-D, edges in 2-D) has no support facet: ``K`` is singular there (a part held only by a node
+    or an edge turns about it) and a solve returns garbage without a word.
 
     Each rank labels the parts of its local cells; rank 0 joins the labels through the global
-    vertex numbers (a graph of vertices and local parts, the size of the vertex count) and says
-    how many parts there are and how many touch no support facet. Collective."""
+    numbers of the facets that may be shared with another rank (those with one local cell, and
+    with ghost cells those of a ghost cell) and says how many parts there are and how many touch
+    no support facet. Collective."""
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
 
     tdim = msh.topology.dim
-    msh.topology.create_connectivity(tdim, 0)
-    msh.topology.create_connectivity(tdim - 1, 0)
-    vertices = msh.topology.index_map(0)
-    n = vertices.size_local + vertices.num_ghosts
-    cells = msh.topology.connectivity(tdim, 0).array.reshape(-1, tdim + 1).astype(np.int64)
-    star = np.concatenate([cells[:, [0, j]] for j in range(1, tdim + 1)])
-    graph = sparse.coo_matrix((np.ones(len(star)), (star[:, 0], star[:, 1])), shape=(n, n))
+    msh.topology.create_connectivity(tdim - 1, tdim)
+    facets = msh.topology.index_map(tdim - 1)
+    n_owned = msh.topology.index_map(tdim).size_local
+    n_cells = n_owned + msh.topology.index_map(tdim).num_ghosts
+    f2c = msh.topology.connectivity(tdim - 1, tdim)
+    offsets, links = f2c.offsets, f2c.array
+    counts = np.diff(offsets)
+    inner = offsets[:-1][counts == 2]
+    graph = sparse.coo_matrix((np.ones(len(inner)), (links[inner], links[inner + 1])),
+                              shape=(n_cells, n_cells))
     n_local, local = connected_components(graph, directed=False)
     touched = np.zeros(n_local, dtype=bool)
-    facet_vertices = msh.topology.connectivity(tdim - 1, 0)
-    for facet in support:
-        touched[local[facet_vertices.links(facet)]] = True
-    glob = vertices.local_to_global(np.arange(n, dtype=np.int32)).astype(np.int64)
-    gathered = msh.comm.gather((glob, local, touched), root=0)
+    touched[local[links[offsets[np.asarray(support, dtype=np.int64)]]]] = True
+    ghostly = np.zeros(len(counts), dtype=bool)  # a facet of a ghost cell
+    ghostly[np.repeat(np.arange(len(counts)), counts)[links >= n_owned]] = True
+    shared = np.flatnonzero((counts == 1) | ghostly).astype(np.int32)
+    glob = facets.local_to_global(shared).astype(np.int64)
+    gathered = msh.comm.gather((glob, local[links[offsets[shared]]], touched), root=0)
     problem = None
     if msh.comm.rank == 0:
-        n_global = vertices.size_global
-        offsets = np.cumsum([0] + [len(t) for _, _, t in gathered])
-        rows = np.concatenate([g for g, _, _ in gathered])
-        cols = np.concatenate([n_global + o + lab
-                               for (_, lab, _), o in zip(gathered, offsets[:-1], strict=True)])
-        size = n_global + int(offsets[-1])
-        joined = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
-        n_parts, label = connected_components(joined, directed=False)
-        supported = np.zeros(n_parts, dtype=bool)
-        supported[label[n_global:][np.concatenate([t for _, _, t in gathered])]] = True
-        loose = int(n_parts - supported.sum())
+        keys, rows = np.unique(np.concatenate([g for g, _, _ in gathered]), return_inverse=True)
+        parts = np.cumsum([0] + [len(t) for _, _, t in gathered])
+        cols = np.concatenate([len(keys) + o + lab
+                               for (_, lab, _), o in zip(gathered, parts[:-1], strict=True)])
+        size = len(keys) + int(parts[-1])
+        joined = sparse.coo_matrix((np.ones(len(rows)), (rows.ravel(), cols)), shape=(size, size))
+        _, label = connected_components(joined, directed=False)
+        label = label[len(keys):]  # the parts of the mesh: the labels of the local parts
+        n_parts = len(np.unique(label))
+        supported = np.unique(label[np.concatenate([t for _, _, t in gathered])])
+        loose = int(n_parts - len(supported))
         if loose:
             them = "it" if loose == 1 else "them"
+            joints = "faces: a shared node or edge" if tdim == 3 else "edges: a shared node"
             problem = (f"the mesh has {n_parts} separate parts (cells joined through shared "
-                       f"nodes) and {loose} of them touch{'es' if loose == 1 else ''} no support "
-                       f"facet: {'its' if loose == 1 else 'their'} displacement is undetermined; "
+                       f"{joints} lets a part turn) and {loose} of them "
+                       f"touch{'es' if loose == 1 else ''} no support facet: "
+                       f"{'its' if loose == 1 else 'their'} displacement is undetermined; "
                        f"remove {them} or connect {them} to a supported part")
     problem = msh.comm.bcast(problem, root=0)
     raise_shared(msh.comm, problem and ("ValueError", problem), collective=False)

@@ -17,6 +17,7 @@ the system drops it when its holder dies, however it dies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import numpy as np
 
 __all__ = ["atomic_output", "check_input_file", "check_output_path", "plain", "to_json",
            "OutputLock", "lock_path", "sync_file", "sync_folder", "replace_checked",
-           "content_digest", "hdf5_digest", "progress_bar"]
+           "content_digest", "hdf5_digest", "progress_bar", "write_error", "write_failure"]
 
 
 def plain(value, *, for_json: bool = False):
@@ -254,6 +255,41 @@ def content_digest(arrays) -> str:
     return digest.hexdigest()
 
 
+def write_error(error: BaseException) -> str:
+    """The reason of a failed write in a few words: the system's message inside HDF5's report
+    (``"No space left on device"``), else the error's text on one line."""
+    import re
+
+    text = str(error)
+    found = re.search(r"error message = '([^']*)'", text)
+    return found.group(1) if found else " ".join(text.split())
+
+
+#: What a full disk (or a file size limit) says through the libraries that write the outputs:
+#: the system (``ENOSPC``, ``EFBIG``, ``EDQUOT``), HDF5 (its report quotes the system) and
+#: torch's zip writer (``file write failed``, ``unexpected pos``: no system message).
+_FULL = ("no space left", "file too large", "quota exceeded", "file write failed",
+         "unexpected pos")
+
+
+def write_failure(path: str | os.PathLike, error: BaseException) -> BaseException:
+    """``error``, raised while writing ``path``, as one line naming the file and what to do (a
+    full disk is named as such; torch and HDF5 do not say which file they were writing).
+    ``error`` itself when it already says so, or is about the path itself (exists, missing,
+    not permitted)."""
+    if getattr(error, "fenics_red_write_failure", False) or isinstance(
+            error, FileExistsError | FileNotFoundError | PermissionError):
+        return error
+    reason = write_error(error)
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        word in reason.lower() for word in _FULL)
+    advice = ("; the disk is full (or a file size limit was reached): free space and run the "
+              "same command again (train: with --resume)" if full else "")
+    failure = OSError(f"could not write {str(path)!r} ({reason}){advice}")
+    failure.fenics_red_write_failure = True
+    return failure
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it to ``path``, else delete it.
@@ -276,6 +312,8 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
             os.chmod(tmp, 0o666 & ~umask)
             sync_file(tmp)
             replace_checked(tmp, path, overwrite)
+        except (OSError, RuntimeError) as error:  # a writer's error, said with the file's name
+            raise write_failure(path, error) from error
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -32,22 +32,11 @@ from mpi4py import MPI
 
 import numpy as np
 
-from .io import OutputLock, check_output_path, plain, progress_bar, replace_checked
+from .io import OutputLock, check_output_path, plain, progress_bar, replace_checked, write_error
 from .parallel import on_root, raise_local_or_shared
 
 # ``plain`` lives in :mod:`fenics_red.io`; it is re-exported here for existing importers
-__all__ = ["ResumableOutput", "ResumableFile", "run_batches", "partial_path", "plain",
-           "write_error"]
-
-
-def write_error(error: BaseException) -> str:
-    """The reason of a failed write in a few words: the system's message inside HDF5's report
-    (``"No space left on device"``), else the error's text on one line."""
-    import re
-
-    text = str(error)
-    found = re.search(r"error message = '([^']*)'", text)
-    return found.group(1) if found else " ".join(text.split())
+__all__ = ["ResumableOutput", "ResumableFile", "run_batches", "partial_path", "plain"]
 
 
 def open_for_writing(path: Path, mode: str):
@@ -132,7 +121,9 @@ class ResumableFile(ResumableOutput):
         path: the final output ``OUT.h5`` (its folder must exist).
         attrs: the file attributes (written to a new file, compared by :meth:`check` on resume).
         n_rows: the number of rows (length of ``done``).
-        overwrite: replace an existing ``OUT.h5`` and discard an existing partial file.
+        overwrite: replace an existing ``OUT.h5``; a partial file of the same settings is
+            resumed (the same command continues an interrupted ``--overwrite`` run), any other
+            (other settings, unreadable, damaged) discarded.
     """
 
     UNREADABLE = "not a readable HDF5 file ({error}); delete it or pass --overwrite"
@@ -143,18 +134,16 @@ class ResumableFile(ResumableOutput):
         check_output_path(path, overwrite)
         self.lock = OutputLock(path)  # one run at a time on OUT and OUT.partial
         try:
-            if self.partial.exists() and not overwrite:
+            resume = self.partial.exists()
+            if resume and overwrite:  # the same --overwrite command continues its own run
                 try:
-                    self.file = open_for_writing(self.partial, "r+")
-                except OSError as error:
-                    raise ValueError(f"cannot resume from {str(self.partial)!r}: "
-                                     + self.UNREADABLE.format(error=error)) from None
-                self.check(attrs, f"the unfinished run {str(self.partial)!r}")
-                damage = self.damage()
-                if damage is not None:
-                    raise ValueError(f"cannot resume from {str(self.partial)!r}: it is damaged "
-                                     f"({damage}); delete it or pass --overwrite")
-            else:
+                    self._resume(attrs)
+                except Exception:  # another run's, unreadable or damaged: discarded
+                    self._close_file()
+                    resume = False
+            elif resume:
+                self._resume(attrs)
+            if not resume:
                 if self.partial.exists():
                     self.partial.unlink()
                 self.file = open_for_writing(self.partial, "w")
@@ -171,6 +160,27 @@ class ResumableFile(ResumableOutput):
                     error, FileNotFoundError | FileExistsError):
                 raise OSError(self._failed(error)) from None
             raise
+
+    def _resume(self, attrs: dict) -> None:
+        """Open the partial file for writing; refuse one of other settings or a damaged one."""
+        try:
+            self.file = open_for_writing(self.partial, "r+")
+        except OSError as error:
+            raise ValueError(f"cannot resume from {str(self.partial)!r}: "
+                             + self.UNREADABLE.format(error=error)) from None
+        self.check(attrs, f"the unfinished run {str(self.partial)!r}")
+        damage = self.damage()
+        if damage is not None:
+            raise ValueError(f"cannot resume from {str(self.partial)!r}: it is damaged "
+                             f"({damage}); delete it or pass --overwrite")
+
+    def _close_file(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                pass  # a failed write: the flags on the disk say what is done
+        self.file = None
 
     # -- what subclasses define ----------------------------------------------------------------
 
@@ -205,7 +215,8 @@ class ResumableFile(ResumableOutput):
     def _failed(self, error: BaseException) -> str:
         return (f"writing {str(self.partial)!r} failed ({write_error(error)}); no row was "
                 "marked done that is not on the disk: free space (or remove the cause) and run "
-                "the same command again to resume (--overwrite to start again)")
+                f"the same command again to resume (delete {self.partial.name!r} to start "
+                "again)")
 
     def damage(self, file=None) -> str | None:
         """Why ``file`` (default: the open one) cannot be resumed: a dataset that does not
@@ -281,11 +292,7 @@ class ResumableFile(ResumableOutput):
         """Close the file (if open) and release the lock. A file this run created in which no
         row was finished is removed: a refused or failed run leaves nothing to resume."""
         try:
-            if self.file is not None and self.file.id.valid:
-                try:
-                    self.file.close()
-                except (OSError, RuntimeError):
-                    pass  # a failed write: the flags on the disk say what is done
+            self._close_file()
             if self.created and self.partial.exists() and not np.any(getattr(self, "done", ())):
                 self.partial.unlink()
         finally:

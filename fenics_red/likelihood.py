@@ -295,7 +295,7 @@ class Gamma:
         #: the explicit sparse ``Γ`` and the ``K`` copy scaled by ``Σn`` it is formed from,
         #: allocated at the first refresh that needs them (force noise with ``gamma_pc="gamma"``)
         self.G = self._scaled_K = None
-        self._k_factored = self._frozen = False
+        self._k_factored = self._frozen = self._gamma_pending = False
         self.ksp = PETSc.KSP().create(self.comm)
         self.ksp.setOperators(self.mat)
         self.set_noise(noise)
@@ -349,7 +349,8 @@ class Gamma:
         self._logdet_sigma = float(sum(counts[c] * math.log(s2[c])
                                        for c in range(self.n_components)))
         self._logdet_gamma = None
-        if self._frozen:  # Γ's factorisation (if any) belongs to the old noise
+        # Γ's factorisation (if any) belongs to the old noise; one put off is made at first use
+        if self._frozen and not (self._gamma_pending and self.gamma_pc == "gamma"):
             self._factorise()
 
     @property
@@ -359,11 +360,13 @@ class Gamma:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def refresh(self, E: PETSc.Vec) -> None:
+    def refresh(self, E: PETSc.Vec, gamma: bool = True) -> None:
         """Freeze ``Γ`` at the modulus ``E`` (nodal values, a vector of the modulus space).
 
         Assembles ``K(E)`` and factorises it once (numeric factorisation; the symbolic analysis
         is kept from the first call). Collective. Raises ``ValueError`` for a non-positive ``E``.
+        ``gamma=False``: for ``K⁻¹`` alone (:meth:`apply_K_inverse`); a factorisation of the
+        explicit ``Γ`` (``gamma_pc="gamma"``) is then made at its first use, if any.
         """
         model = self.model
         n = model.Q.dofmap.index_map.size_local
@@ -375,26 +378,37 @@ class Gamma:
         self.E.x.array[:] = model.E.x.array
         self._k_factored = False
         self._frozen = True
-        self._factorise()
+        if gamma or self.gamma_pc != "gamma":
+            self._factorise()
+        else:
+            self._logdet_K, self._logdet_gamma = math.nan, None
+            self._factorise_K()
+            self._gamma_pending = True
 
     def _factorise(self) -> None:
         """The one factorisation while ``Γ`` is frozen: of ``K``, or of the explicit ``Γ``."""
         self._logdet_K, self._logdet_gamma = math.nan, None
+        self._gamma_pending = False
         if self.gamma_pc == "gamma":
-            self._form_explicit()
-            self.ksp.setOperators(self.mat, self.G)
-            pc = self.ksp.getPC()
-            set_mumps_options(self.ksp, MUMPS_WORKSPACE)  # the factor exists once G is set
-            mumps = (self.settings.logdet and pc.getType() in ("lu", "cholesky")
-                     and pc.getFactorSolverType() == "mumps")
-            if mumps:
-                _mumps_with_determinant(pc)
-            pc.setUp()
-            self._check_reason(self.ksp, "factorisation of Γ(E)", setup=True)
-            if mumps:
-                self._logdet_gamma = _mumps_logdet(pc.getFactorMatrix())
+            self._factorise_gamma()
         else:
             self._factorise_K()
+
+    def _factorise_gamma(self) -> None:
+        """Factorise the explicit ``Γ`` (MUMPS; its log-determinant with it)."""
+        self._gamma_pending = False
+        self._form_explicit()
+        self.ksp.setOperators(self.mat, self.G)
+        pc = self.ksp.getPC()
+        set_mumps_options(self.ksp, MUMPS_WORKSPACE)  # the factor exists once G is set
+        mumps = (self.settings.logdet and pc.getType() in ("lu", "cholesky")
+                 and pc.getFactorSolverType() == "mumps")
+        if mumps:
+            _mumps_with_determinant(pc)
+        pc.setUp()
+        self._check_reason(self.ksp, "factorisation of Γ(E)", setup=True)
+        if mumps:
+            self._logdet_gamma = _mumps_logdet(pc.getFactorMatrix())
 
     def _factorise_K(self) -> None:
         self.k_ksp.getPC().setUp()
@@ -413,9 +427,12 @@ class Gamma:
         self.G = self.K.matMult(self._scaled_K, result=self.G)
         self.G.setDiagonal(self.force2, addv=PETSc.InsertMode.ADD_VALUES)
 
-    def _require_frozen(self):
+    def _require_frozen(self, factor: bool = False):
+        """``factor``: what follows needs ``Γ``'s factorisation (made now if it was put off)."""
         if not self._frozen:
             raise RuntimeError("Gamma.refresh(E) must be called before Γ is applied or solved")
+        if factor and self._gamma_pending:
+            self._factorise_gamma()
 
     def _check_reason(self, ksp, what, setup=False):
         reason = ksp.getPC().getFailedReason() if setup else ksp.getConvergedReason()
@@ -462,7 +479,7 @@ class Gamma:
 
     def solve(self, r: PETSc.Vec, out: PETSc.Vec) -> PETSc.Vec:
         """``out = Γ⁻¹ r`` by the KSP (exact two back-substitutions when ``Σw = 0``)."""
-        self._require_frozen()
+        self._require_frozen(factor=True)
         self.ksp.solve(r, out)
         self._check_reason(self.ksp, "Γ solve")
         return out
@@ -483,7 +500,7 @@ class Gamma:
 
     def logdet(self) -> float:
         """``log|Γ_ff|`` at the frozen modulus (module docstring); ``nan`` if unavailable."""
-        self._require_frozen()
+        self._require_frozen(factor=True)
         if self.noise.force_std == 0.0:
             return 2.0 * self._logdet_K + self._logdet_sigma
         if self._logdet_gamma is None:  # no sparse factorisation where K is not factorised
@@ -801,12 +818,12 @@ class StatisticalLikelihood:
         """The uniform modulus whose displacement best fits ``u_m`` (``Σn⁻¹``-weighted, free dofs;
         ``Σw`` is ignored here): :func:`best_uniform_modulus` with ``u₁ = K(1)⁻¹ f``.
 
-        Costs one factorisation, and leaves ``Γ`` frozen at ``E = 1``.
+        Costs one factorisation of ``K`` (not of ``Γ``), and leaves ``Γ`` frozen at ``E = 1``.
         """
         self._require_data()
         ones = self.create_vector(1.0)
         try:
-            self.refresh(ones)
+            self.gamma.refresh(ones, gamma=False)
             u1 = self._s
             self.gamma.apply_K_inverse(self.f, u1)
             self._v.pointwiseMult(self.gamma.sigma2_inv, self.gamma.free)

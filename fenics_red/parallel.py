@@ -21,13 +21,13 @@ _ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, FileExistsError, FileN
                                               IndexError, TypeError, KeyboardInterrupt)}
 
 
-def interrupted(error: BaseException | None) -> bool:
-    """Whether ``error`` is, or was caused by, a ``KeyboardInterrupt``: Ctrl-C inside a PETSc
-    callback (a Python preconditioner) comes back from PETSc as ``PETSc.Error`` (error code -1)
-    with the ``KeyboardInterrupt`` as its cause."""
+def interrupted(error: BaseException | None, kind: type = KeyboardInterrupt) -> bool:
+    """Whether ``error`` is, or was caused by, a ``KeyboardInterrupt`` (or the subclass
+    ``kind``): Ctrl-C inside a PETSc callback (a Python preconditioner) comes back from PETSc as
+    ``PETSc.Error`` (error code -1) with the ``KeyboardInterrupt`` as its cause."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, kind):
             return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__

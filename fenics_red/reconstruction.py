@@ -166,7 +166,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
         indices: the samples to reconstruct, in output order (default: all).
         distribute: ``"samples"`` (each rank solves its own on ``COMM_SELF``) or ``"mesh"``
             (every sample on all ranks); default ``"mesh"`` for one sample, else ``"samples"``.
-        overwrite: replace an existing output and discard an unfinished run.
+        overwrite: replace an existing output (an unfinished run of the same settings is
+            continued, any other discarded).
         progress: a tqdm progress bar on rank 0.
         batch_size: samples per rank between two writes.
         on_batch: ``on_batch(n_done)`` on every rank after each write (tests, progress hooks).

@@ -15,7 +15,7 @@ from io import BytesIO
 
 import numpy as np
 
-from .io import atomic_output, check_output_path
+from .io import atomic_output, check_output_path, write_failure
 from .raster import ImageGrid, ValueRaster, central_slice, validate_image
 
 __all__ = ["plot_sample", "plot_forward", "plot_comparison", "plot_profiles",
@@ -397,16 +397,19 @@ def write_xdmf(fields: dict[str, np.ndarray], path: str | os.PathLike, grid, com
             tmp.write_text(text)
 
     try:
-        with io.XDMFFile(comm, work, "w") as xdmf:
-            xdmf.write_mesh(msh)
-            for name, image in fields.items():
-                f = fem.Function(Q, name=name)
-                values = np.asarray(image, dtype=np.float64)
-                if values.shape != domain.value_shape or not np.isfinite(values).all():
-                    raise ValueError(f"field {name!r} must hold finite values of shape "
-                                     f"{domain.value_shape}, got {values.shape}")
-                order.scatter(values, f.x.array)
-                xdmf.write_function(f)
+        try:
+            with io.XDMFFile(comm, work, "w") as xdmf:
+                xdmf.write_mesh(msh)
+                for name, image in fields.items():
+                    f = fem.Function(Q, name=name)
+                    values = np.asarray(image, dtype=np.float64)
+                    if values.shape != domain.value_shape or not np.isfinite(values).all():
+                        raise ValueError(f"field {name!r} must hold finite values of shape "
+                                         f"{domain.value_shape}, got {values.shape}")
+                    order.scatter(values, f.x.array)
+                    xdmf.write_function(f)
+        except (OSError, RuntimeError) as error:  # HDF5's report does not name the file
+            raise write_failure(path, error) from error
         comm.Barrier()
         on_root(comm, publish)
     finally:

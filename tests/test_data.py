@@ -13,6 +13,7 @@ from fenics_red.data import (
     simulate_dataset,
     simulate_sample,
 )
+from fenics_red.jobs import partial_path
 from fenics_red.measurements import measured_snr_db
 from fenics_red.raster import ImageGrid
 
@@ -108,6 +109,47 @@ def test_an_interrupted_run_resumes_to_the_same_file(reference, mpi_tmp_path, co
         resumed, serial = _stacks(path), _stacks(reference)
         for name, array in serial.items():
             np.testing.assert_array_equal(resumed[name], array, err_msg=name)
+
+
+def test_an_interrupted_overwrite_is_continued_by_the_same_command(reference, mpi_tmp_path,
+                                                                  comm):
+    """``--overwrite`` resumes its own unfinished run (same settings) instead of starting again,
+    as the interruption's message says; the old output stays until the new one is complete."""
+    path = mpi_tmp_path / "replaced.h5"
+    simulate_dataset(path, 5, SimulationSettings(GRID, snr_db=25.0, seed=7), comm,
+                     progress=False)
+
+    def stop(n_done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(path, 5, SETTINGS, comm, progress=False, batch_size=1, overwrite=True,
+                         on_batch=stop)
+    with load_dataset(path) as old:
+        assert old.settings.snr_db == 25.0
+    comm.Barrier()
+    done = []
+    simulate_dataset(path, 5, SETTINGS, comm, progress=False, batch_size=1, overwrite=True,
+                     on_batch=done.append)
+    assert done[0] > comm.size  # the first batch was not simulated again
+    if comm.rank == 0:
+        replaced, serial = _stacks(path), _stacks(reference)
+        for name, array in serial.items():
+            np.testing.assert_array_equal(replaced[name], array, err_msg=name)
+
+
+def test_an_unreadable_partial_file_is_refused_and_discarded_by_overwrite(reference,
+                                                                         mpi_tmp_path, comm):
+    path = mpi_tmp_path / "broken.h5"
+    if comm.rank == 0:
+        partial_path(path).write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    comm.Barrier()
+    with pytest.raises(ValueError, match="not a readable HDF5 file.*pass --overwrite"):
+        simulate_dataset(path, 5, SETTINGS, comm, progress=False)
+    simulate_dataset(path, 5, SETTINGS, comm, progress=False, overwrite=True)
+    if comm.rank == 0:
+        for name, array in _stacks(reference).items():
+            np.testing.assert_array_equal(_stacks(path)[name], array, err_msg=name)
 
 
 def test_a_partial_file_with_other_settings_is_not_resumed(mpi_tmp_path, comm):

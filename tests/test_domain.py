@@ -319,6 +319,75 @@ def test_a_mesh_with_a_part_that_touches_no_support_is_refused_on_every_rank(com
     assert "\n" not in str(error.value)
 
 
+def test_a_part_held_by_a_single_node_is_refused_as_it_turns_about_that_node(comm):
+    """A square standing on the corner of the supported one shares a node with it and no edge:
+    it rotates about that node, so ``K`` is singular. Cells are joined through facets."""
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0],
+                       [2.0, 1.0], [2.0, 2.0], [1.0, 2.0]])
+    cells = np.array([[0, 1, 2], [0, 2, 3], [2, 4, 5], [2, 5, 6]])
+    with pytest.raises(ValueError, match=r"the mesh has 2 separate parts \(cells joined through "
+                                         r"shared edges: a shared node lets a part turn\) and 1 "
+                                         "of them touches no support facet"):
+        Domain.from_arrays(points, cells, comm)
+    # the square on top of the supported one shares an edge: one part, held through it
+    points = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 2.0], [0.0, 2.0]])
+    cells = np.array([[0, 1, 2], [0, 2, 3], [3, 2, 4], [3, 4, 5]])
+    assert Domain.from_arrays(points, cells, comm).num_file_nodes == len(points)
+
+
+def _island_mesh(comm, ghosted: bool, n: int = 10):
+    """The unit square of ``2 n²`` triangles, its middle quarter on the last rank and the rest
+    on rank 0; ``ghosted``: each cell also a ghost on the ranks of its facet neighbours (as
+    DOLFINx reads an XDMF mesh)."""
+    import basix.ufl
+    import ufl
+    from dolfinx import graph, mesh
+
+    xs = np.linspace(0.0, 1.0, n + 1)
+    points = np.column_stack([c.ravel() for c in np.meshgrid(xs, xs, indexing="ij")])
+    i, j = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(n), indexing="ij"))
+    a, d = i * (n + 1) + j, i * (n + 1) + j + 1
+    b, c = a + n + 1, d + n + 1
+    cells = np.concatenate([np.column_stack([a, b, c]), np.column_stack([a, c, d])])
+    owner = np.where((np.abs(points[cells].mean(axis=1) - 0.5) < 0.25).all(axis=1),
+                     comm.size - 1, 0)
+    edges = {}
+    for k, cell in enumerate(cells):
+        for e in ((0, 1), (1, 2), (0, 2)):
+            edges.setdefault(tuple(sorted(cell[list(e)])), []).append(k)
+    index = {tuple(sorted(cell)): k for k, cell in enumerate(cells)}
+
+    def partition(_comm, _nparts, _types, topology):
+        local = np.asarray(topology[0]).reshape(-1, 3)
+        dest, offsets = [], [0]
+        for cell in local:
+            k = index[tuple(sorted(cell))]
+            ranks = [int(owner[k])]
+            for e in ((0, 1), (1, 2), (0, 2)) if ghosted else ():
+                ranks += [int(owner[m]) for m in edges[tuple(sorted(cell[list(e)]))]
+                          if int(owner[m]) not in ranks]
+            dest += ranks
+            offsets.append(len(dest))
+        return graph.adjacencylist(np.array(dest, np.int32), np.array(offsets, np.int32))
+
+    root = comm.rank == 0
+    element = ufl.Mesh(basix.ufl.element("Lagrange", "triangle", 1, shape=(2,)))
+    return mesh.create_mesh(comm, cells if root else np.zeros((0, 3), np.int64),
+                            points if root else np.zeros((0, 2)), element, partition)
+
+
+@pytest.mark.parametrize("ghosted", [False, True])
+def test_one_part_spread_over_ranks_is_one_part_with_or_without_ghost_cells(comm, ghosted):
+    """A rank's cells in the middle of another's, joined to them only across the ranks' cut;
+    with ghost cells the facets of that cut have two local cells on both ranks. (With ghosts it
+    was refused as two parts, one unsupported.)"""
+    msh = _island_mesh(comm, ghosted)
+    ghosts = comm.allreduce(msh.topology.index_map(2).num_ghosts, op=MPI.SUM)
+    assert (ghosts > 0) == (ghosted and comm.size > 1)
+    domain = Domain.from_mesh(msh)
+    assert comm.allreduce(len(domain.facets(SUPPORT)), op=MPI.SUM) >= 10
+
+
 def test_separate_parts_that_each_touch_the_support_are_taken(comm):
     """Two squares side by side on the support: two parts, each held."""
     points, cells = _squares((2.0, 0.0))

@@ -152,6 +152,48 @@ def test_a_failed_write_in_the_run_is_an_error_and_marks_no_row_done(
     assert not out.exists()
 
 
+def test_a_full_disk_during_train_names_the_file_and_the_same_command_resumes(mpi_tmp_path,
+                                                                            on_rank_0):
+    """(torch's zip writer said only ``. unexpected pos 8137 vs 8078``.)"""
+    data, pairs, model = (mpi_tmp_path / name for name in ("set.h5", "pairs.h5", "model.pt"))
+    simulate_dataset(data, 8, SimulationSettings(ImageGrid(16, 16, 1.0, 1.0), seed=5),
+                     MPI.COMM_SELF, progress=False)
+    made = _cli(["reconstruct", data, "--all", "--method", "ml", "--max-steps", "10", "--out",
+                 pairs, "--quiet"])
+    assert made.returncode == 0, made.stderr
+    args = ["train", "--data", pairs, "--out", model, "--epochs", "2", "--channels", "4",
+            "--depth", "1", "--quiet"]
+    full = _cli(args, file_limit=3000)
+    assert full.returncode == 2, full.stderr
+    error = _error_line(full.stderr)
+    assert f"could not write {str(model.with_suffix('.last.pt'))!r} (" in error, error
+    assert "the disk is full (or a file size limit was reached): free space and run the same " \
+           "command again (train: with --resume)" in error
+    assert not model.exists() and not list(mpi_tmp_path.glob(".*.partial"))
+    again = _cli([*args, "--resume"])
+    assert again.returncode == 0, again.stderr
+    assert model.exists()
+
+
+def test_a_failed_xdmf_write_names_the_file_and_leaves_nothing(mpi_tmp_path, comm, monkeypatch):
+    """HDF5's report of a full disk does not say which file it was writing."""
+    from dolfinx import io
+    from fenics_red.visualise import write_xdmf
+
+    def full(self, *args, **kwargs):
+        raise RuntimeError("HDF5-DIAG: Error detected in HDF5: H5Dwrite(): can't write data; "
+                           "error message = 'No space left on device'")
+
+    monkeypatch.setattr(io.XDMFFile, "write_function", full)
+    out = mpi_tmp_path / "sample.xdmf"
+    grid = ImageGrid(8, 8, 1.0, 1.0)
+    with pytest.raises(OSError, match=re.escape(
+            f"could not write {str(out)!r} (No space left on device); the disk is full")):
+        write_xdmf({"truth": np.ones(grid.shape)}, out, grid, comm)
+    comm.Barrier()
+    assert list(mpi_tmp_path.iterdir()) == []
+
+
 # -- refused and failed runs leave nothing behind ------------------------------------------------
 
 def test_a_refused_run_leaves_no_partial_file_that_would_block_the_corrected_command(
@@ -281,6 +323,34 @@ def test_ranks_stop_soon_after_their_launcher_is_killed(mpi_tmp_path, on_rank_0)
         time.sleep(0.1)
     with OutputLock(out):  # its lock went with it
         pass
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_the_same_command_resumes_it(mpi_tmp_path,
+                                                                          on_rank_0):
+    """A batch system's time limit sends SIGTERM: the run says it was terminated (status 143),
+    releases its lock and keeps the finished samples for the same command to continue."""
+    out = mpi_tmp_path / "set.h5"
+    args = ["simulate", "--samples", "400", "--grid", "16", "--batch-size", "1", "--quiet",
+            "--out", str(out)]
+    run = subprocess.Popen([sys.executable, "-c", _RANK, *args], env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while not (partial_path(out).exists() and lock_path(out).exists()
+               and "pid" in lock_path(out).read_text()):
+        assert run.poll() is None and time.monotonic() - started < 120, run.communicate()
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few samples in
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "fenics-red simulate: terminated (SIGTERM); what was finished is kept: the same command "
+        "continues it (train: with --resume)"]
+    with OutputLock(out):  # released
+        pass
+    with h5py.File(partial_path(out)) as partial:
+        done = int(np.sum(partial["done"][...]))
+    assert 0 < done < 400 and not out.exists()
 
 
 def test_a_launch_starts_beside_the_leftovers_of_a_killed_launcher_that_had_its_pid(

@@ -11,8 +11,14 @@ import pytest
 from dense import dense_matrix, gather
 
 from fenics_red.data import SimulationSettings, simulate_sample
+from fenics_red.domain import make_domain
 from fenics_red.forward import ElasticityModel
-from fenics_red.likelihood import LikelihoodSettings, NoiseModel, StatisticalLikelihood
+from fenics_red.likelihood import (
+    LikelihoodSettings,
+    NoiseModel,
+    StatisticalLikelihood,
+    best_uniform_modulus,
+)
 from fenics_red.raster import ImageGrid
 
 _GRID = ImageGrid(10, 8, 1.0, 0.8)
@@ -350,6 +356,58 @@ def test_a_gamma_solve_that_runs_out_of_iterations_says_why_in_one_line(comm):
         _destroy(fid)
 
 
+def test_the_uniform_fit_factorises_k_alone_and_gamma_only_when_it_is_used(comm, rng,
+                                                                          monkeypatch):
+    """Under force noise the uniform fit needs ``K(1)⁻¹ f`` only: ``Γ``'s factorisation (3-5
+    times ``K``'s) is put off until a ``Γ`` solve asks for it, and a refresh before that (the
+    solver's, at the fitted level) makes none at ``E = 1``. Same fit, same ``Γ⁻¹`` as before."""
+    grid = ImageGrid(16, 16)
+    sample = simulate_sample(0, SimulationSettings(grid, seed=3))
+    noise = NoiseModel(sample.noise_std, 1e-6)
+    domain = make_domain(grid, comm)  # one mesh: the two likelihoods' vectors conform
+    fid = StatisticalLikelihood(ElasticityModel(domain), (sample.ux_noisy, sample.uy_noisy),
+                                noise)
+    reference = StatisticalLikelihood(ElasticityModel(domain),
+                                      (sample.ux_noisy, sample.uy_noisy), noise)
+    calls = []
+    factorise = type(fid.gamma)._factorise_gamma
+    monkeypatch.setattr(type(fid.gamma), "_factorise_gamma",  # counted for fid's Γ only
+                        lambda self: (self is fid.gamma and calls.append(1), factorise(self))[1])
+    try:
+        assert fid.gamma.gamma_pc == "gamma"
+        level = fid.homogeneous_fit()
+        assert not calls
+        ones = reference.create_vector(1.0)
+        reference.refresh(ones)
+        u1 = reference.f.duplicate()
+        reference.gamma.apply_K_inverse(reference.f, u1)
+        weights = reference.f.duplicate()
+        weights.pointwiseMult(reference.gamma.sigma2_inv, reference.gamma.free)
+        assert level == pytest.approx(best_uniform_modulus(u1, reference.u_m, weights),
+                                      rel=1e-12)
+        r = fid.f.duplicate()
+        r.setArray(rng.standard_normal(r.getLocalSize()))
+        r.pointwiseMult(r, fid.gamma.free)
+        x, expected = fid.gamma.solve(r, r.duplicate()), reference.gamma.solve(r, r.duplicate())
+        assert len(calls) == 1 and (x - expected).norm() <= 1e-9 * expected.norm()
+        assert fid.logdet() == pytest.approx(reference.logdet(), rel=1e-12)
+        calls.clear()
+        fid.homogeneous_fit()
+        fid.gamma.set_noise(NoiseModel(sample.noise_std, 3e-6))  # still put off
+        fid.refresh(fid.create_vector(level))
+        assert len(calls) == 1  # the refresh's own, none at E = 1
+        calls.clear()
+        fid.homogeneous_fit()
+        fid.gamma.set_noise(NoiseModel(sample.noise_std, 0.0))  # no Γ to factorise any more
+        fid.gamma.solve(r, x)
+        fid.refresh(fid.create_vector(level))
+        fid.gamma.solve(r, x)
+        assert fid.gamma.gamma_pc == "k" and not calls
+    finally:
+        _destroy(fid)
+        _destroy(reference)
+
+
 def test_with_force_noise_gamma_is_factorised_and_solved_in_one_or_two_cg_iterations(comm, rng):
     """The default preconditioner under force noise is a factorisation of the explicit ``Γ``: CG
     converges at once where ``K⁻¹ Σn⁻¹ K⁻¹`` needs tens of iterations, to the same ``Γ⁻¹ r``
@@ -357,7 +415,8 @@ def test_with_force_noise_gamma_is_factorised_and_solved_in_one_or_two_cg_iterat
     grid = ImageGrid(16, 16)
     sample = simulate_sample(0, SimulationSettings(grid, seed=3))
     noise = NoiseModel(sample.noise_std, 1e-6)
-    fids = {pc: StatisticalLikelihood(ElasticityModel.on_grid(grid, comm),
+    domain = make_domain(grid, comm)  # one mesh: the two likelihoods' vectors conform
+    fids = {pc: StatisticalLikelihood(ElasticityModel(domain),
                                       (sample.ux_noisy, sample.uy_noisy), noise,
                                       LikelihoodSettings(gamma_pc=pc))
             for pc in ("auto", "k")}

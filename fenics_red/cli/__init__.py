@@ -16,10 +16,11 @@ import importlib
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 
-__all__ = ["main", "build_parser", "add_method_arguments", "method_options"]
+__all__ = ["main", "Terminated", "build_parser", "add_method_arguments", "method_options"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ["demo", "forward", "simulate", "import", "reconstruct", "train", "evaluate", "show"]
@@ -143,6 +144,15 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """``SIGTERM`` (a batch system's time limit, ``kill``): ends a command as Ctrl-C does, so
+    its files are closed and released and the same command resumes it; status 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> int:
     """Run the command line; return the exit status.
 
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         from ..parallel import exit_with_launcher
 
         exit_with_launcher()
+    if argv is None:  # run as a program: SIGTERM (Slurm's time limit) ends it as Ctrl-C does
+        signal.signal(signal.SIGTERM, _terminate)
     # a warning is one line, as an error is (Python's format adds a line of the package's code)
     formatwarning = warnings.formatwarning
     warnings.formatwarning = (lambda message, category, *_, **__:
@@ -175,7 +187,8 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
             from ..parallel import interrupted
 
             if interrupted(error):
-                raise KeyboardInterrupt from error
+                raise (Terminated if interrupted(error, Terminated) else KeyboardInterrupt) \
+                    from error
             raise
     except USER_ERRORS as error:
         from ..parallel import failed_together
@@ -189,12 +202,14 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         if abort_on_error and not everywhere:
             comm.Abort(2)
         return 2
-    except KeyboardInterrupt:
-        print(f"fenics-red {args.command}: interrupted; what was finished is kept: the same "
+    except KeyboardInterrupt as stop:
+        status, what = ((128 + signal.SIGTERM, "terminated (SIGTERM)")
+                        if isinstance(stop, Terminated) else (130, "interrupted"))
+        print(f"fenics-red {args.command}: {what}; what was finished is kept: the same "
               "command continues it (train: with --resume)", file=sys.stderr, flush=True)
         if abort_on_error:
-            comm.Abort(130)
-        return 130
+            comm.Abort(status)
+        return status
     except BaseException:
         if abort_on_error:
             import traceback

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     which.add_argument("--all", action="store_true", help="reconstruct every sample")
     parser.add_argument("--out", required=True, help="output HDF5 file")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (and discard an unfinished run)")
+                        help="replace an existing output (an unfinished run of other settings is "
+                             "discarded; one of these settings is continued)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="samples per rank between two writes of the file (default "
@@ -67,7 +68,8 @@ def _measurement(data, out, overwrite: bool, comm) -> dict | None:
         if measurement is not None:
             inputs = [("DATA.h5", data),
                       ("the measurement it was imported from", measurement["source"]["file"]),
-                      ("the mesh it was imported with", measurement["settings"].get("mesh"))]
+                      ("the mesh it was imported with",  # absolute, as resolved at import
+                       measurement["source"].get("mesh_file", measurement["settings"].get("mesh")))]
             for path in export_paths(out, measurement, heavy=True):
                 check_not_input(path, inputs, "the estimate's extra output")
                 check_output_path(path, overwrite)

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
                         help="folder of PNG/.npy mask images; each connected component becomes "
                              "an inclusion (sample i uses the (i mod n)-th mask by name)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (and discard an unfinished run)")
+                        help="replace an existing output (an unfinished run of other settings is "
+                             "discarded; one of these settings is continued)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="samples per rank between two writes of the file (default "
                              "%(default)s)")
