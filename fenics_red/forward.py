@@ -8,7 +8,7 @@ rectangular operator ``D(u)`` (vector dofs x scalar dofs) with ``D(u) E = K(E) u
 Forms are compiled once per model and matrices reassembled in place when ``E`` or ``u`` change.
 
 Near ``nu = 1/2`` (tissue: 0.495) plain P1 elements lock in 3-D and plane strain: at 16³ cells
-their displacement is 14 % (axial) and 41 % (lateral) from P2's, ten times the noise at 35 dB,
+their displacement is 14 % (axial) and 41 % (lateral) from P2's, thirteen times the noise at 35 dB,
 and an ML estimate from data that no P1 model made (P2's plus noise) has 2.5 times the error.
 There the bulk part of the stress is integrated per node by default (:class:`_NodalVolumetric`,
 ``ForwardSettings.volumetric``): 2 % and 5 % from P2, at 3-5 times the memory
