@@ -25,7 +25,7 @@ import numpy as np
 
 from dolfinx import fem, mesh
 
-from .parallel import on_root, raise_shared
+from .parallel import on_every_rank, on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
            "planar_points", "read_meshio"]
@@ -36,16 +36,27 @@ LOAD, SUPPORT = 1, 2
 _MESH_SUFFIXES = (".msh", ".xdmf")
 #: gmsh element types the package takes: 3-node triangles (2-D) and 4-node tetrahedra (3-D).
 _GMSH_CELLS = {2: 2, 3: 4}
+#: meshio cell types of the dimension of its triangles / tetrahedra that the package refuses.
+_SAME_DIMENSION = {
+    "triangle": {"quad", "quad8", "quad9", "triangle6", "triangle7", "polygon"},
+    "tetra": {"hexahedron", "hexahedron20", "hexahedron27", "wedge", "wedge15", "pyramid",
+              "pyramid13", "tetra10"}}
 
 
 def planar_points(points: np.ndarray, nodes_per_cell: int) -> np.ndarray:
     """``points`` ``(N, 2)`` of triangles given as ``(N, 3)`` with a constant third coordinate
     (how meshio and many codes store a 2-D mesh); other points unchanged."""
     points = np.asarray(points)
-    if (points.ndim == 2 and points.shape[1] == 3 and nodes_per_cell == 3 and len(points)
-            and np.ptp(points[:, 2]) <= 1e-12 * max(float(np.ptp(points[:, :2])), 1e-300)):
+    if not (points.ndim == 2 and points.shape[1] == 3 and nodes_per_cell == 3 and len(points)
+            and points.dtype.kind in "fiu" and np.isfinite(points).all()):
+        return points
+    extent = np.ptp(points, axis=0)
+    if extent[2] <= 1e-12 * max(float(extent[:2].max()), 1e-300):
         return points[:, :2]
-    return points
+    plane = "x-z" if extent[1] <= 1e-12 * extent.max() else "a plane other than x-y"
+    raise ValueError(f"the triangles lie in {plane} (z from {points[:, 2].min():g} to "
+                     f"{points[:, 2].max():g}); 2-D meshes must lie in the x-y plane with the "
+                     "depth along y: rotate the mesh there")
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +107,11 @@ class MeshArrays:
             arrays[name] = a.astype(np.int64)
         if len(arrays["cells"]) == 0:
             raise ValueError("the mesh has no cells")
+        unused = np.setdiff1d(np.arange(n), arrays["cells"])
+        if len(unused):
+            raise ValueError(f"the mesh has {len(unused)} node(s) that no cell uses (first: node "
+                             f"{int(unused[0])}, 0-based); remove them (a node's values would "
+                             "have nothing to hold them)")
         if self.force is not None:
             force = np.asarray(self.force)
             if (force.shape != (n, gdim) or force.dtype.kind not in "fiu"
@@ -206,7 +222,8 @@ class Domain:
                 raise ValueError(f"the mesh has no {what} facets: name a physical group "
                                  f"'{what}' in the mesh file or check the depth axis (the last "
                                  "coordinate)")
-        if kwargs.get("grid") is None:  # a grid is one piece
+        if kwargs.get("grid") is None:  # a grid is one piece of regular cells
+            _check_cell_sizes(msh)
             _check_parts_supported(msh, parts[SUPPORT])
         facets = np.concatenate([parts[LOAD], parts[SUPPORT]]).astype(np.int32)
         values = np.concatenate([np.full(len(parts[LOAD]), LOAD, np.int32),
@@ -337,6 +354,29 @@ class Domain:
         if self.grid is not None:
             return self.grid.pixel_index(V.tabulate_dof_coordinates())
         return p1_input_indices(V)
+
+
+def _check_cell_sizes(msh: mesh.Mesh) -> None:
+    """Refuse cells of zero area (volume): collinear (coplanar) nodes make ``K`` singular, and
+    the solve failed with a message about the modulus. Collective."""
+    tdim = msh.topology.dim
+    nodes = msh.geometry.dofmap
+    x = msh.geometry.x
+    edges = x[nodes[:, 1:]] - x[nodes[:, :1]]  # (cells, tdim, 3)
+    size = (np.linalg.norm(np.cross(edges[:, 0], edges[:, 1]), axis=1) if tdim == 2
+            else np.abs(np.linalg.det(edges)))
+    total = msh.comm.allreduce((float(size.sum()), len(size)), op=MPI.SUM)
+    bad = np.flatnonzero(size <= 1e-10 * total[0] / max(total[1], 1))
+    first = (None if len(bad) == 0 else
+             np.asarray(msh.geometry.input_global_indices)[nodes[bad[0]]].tolist())
+    counts = msh.comm.allgather((len(bad), first))
+    count = sum(c for c, _ in counts)
+    if count:
+        example = next(f for c, f in counts if c)
+        what = "area (collinear nodes)" if tdim == 2 else "volume (coplanar nodes)"
+        raise on_every_rank(ValueError(
+            f"the mesh has {count} cell(s) of zero {what}, e.g. the cell of nodes "
+            f"{', '.join(map(str, example))} (0-based, file order): remove or mend them"))
 
 
 def _check_parts_supported(msh: mesh.Mesh, support: np.ndarray) -> None:
@@ -512,6 +552,7 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                 else:
                     others.append(name or str(tag))
             problem = (problem or _gmsh_cell_problem(gmsh, gdim, path)
+                       or _gmsh_empty_group_problem(path, gdim, names)
                        or _gmsh_node_problem(gmsh, gdim, path)
                        or _gmsh_group_problem(gmsh, gdim, names, path))
             if not problem and others and not names:
@@ -563,6 +604,29 @@ def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:
     return None
 
 
+def _gmsh_empty_group_problem(path: Path, gdim: int, names: dict[str, int]) -> str | None:
+    """A 'load' or 'support' group named in the file's ``$PhysicalNames`` (near its start, text
+    even in binary files) that holds no elements (a .geo that named missing curves), or None:
+    gmsh drops such a group, and the depth-axis default would silently take its place."""
+    import re
+
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 20)
+    section = re.search(rb"\$PhysicalNames\s+\d+\s+(.*?)\$EndPhysicalNames", head, re.S)
+    declared = [(int(d), name.decode(errors="replace")) for d, name in re.findall(
+        rb'^\s*(\d+)\s+\d+\s+"([^"]*)"', section.group(1), re.M)] if section else []
+    empty = sorted({name for d, name in declared
+                    if d == gdim - 1 and name in ("load", "support") and name not in names})
+    if not empty:
+        return None
+    kind = "curve" if gdim == 2 else "surface"
+    several = len(empty) > 1
+    return (f"mesh file {str(path)!r} names the group{'s' if several else ''} "
+            f"{' and '.join(repr(n) for n in empty)} but {'they hold' if several else 'it holds'} "
+            f"no elements (the physical {kind}s it lists do not exist?): check its {kind} tags "
+            "in the .geo or script and mesh it again")
+
+
 def _gmsh_group_problem(gmsh, gdim: int, names: dict[str, int], path: Path) -> str | None:
     """The 'load' and 'support' groups sharing boundary entities (DOLFINx keeps one tag per
     facet, so one group would lose them), or None."""
@@ -611,7 +675,23 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
                 tags = None
     except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
         return _read_meshio(path, comm, error), None, {}
-    names = {"load": LOAD, "support": SUPPORT} if tags is not None else {}
+    cell = msh.topology.cell_type.name
+    if cell not in ("triangle", "tetrahedron") or msh.geometry.cmap.degree != 1:
+        order = "" if msh.geometry.cmap.degree == 1 else f"order-{msh.geometry.cmap.degree} "
+        raise on_every_rank(ValueError(
+            f"mesh file {str(path)!r} has {order}{cell} cells; the package takes first-order "
+            "triangles or tetrahedra only: mesh it again with those"))
+    names = {}
+    if tags is not None:
+        values = msh.comm.allgather(np.unique(tags.values).tolist())
+        found = sorted(set().union(*map(set, values)))
+        if found and not {LOAD, SUPPORT} & set(found):
+            raise on_every_rank(ValueError(
+                f"mesh file {str(path)!r}: its facet tags ('facet_tags') hold the values "
+                f"{', '.join(map(str, found))}, and an XDMF mesh's tags are read as {LOAD} = "
+                f"load, {SUPPORT} = support: renumber them, or give the gmsh .msh file, whose "
+                "groups are read by name"))
+        names = {"load": LOAD, "support": SUPPORT}
     return msh, tags, names
 
 
@@ -637,14 +717,23 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception) -> mesh.M
             raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF: DOLFINx: "
                              f"{dolfinx_error}; meshio: {error}") from None
         kind = "tetra" if any(b.type == "tetra" for b in blocks) else "triangle"
+        others = sorted({b.type for b in data.cells if b.type in _SAME_DIMENSION[kind]})
+        if others:
+            raise ValueError(f"mesh file {str(path)!r} holds {', '.join(others)} cells as well "
+                             f"as {kind}s; the package takes first-order "
+                             f"{'tetrahedra' if kind == 'tetra' else 'triangles'} only: mesh it "
+                             "again without recombination and with element order 1")
         blocks = [b.data for b in blocks if b.type == kind]
         if not blocks:
             raise ValueError(f"mesh file {str(path)!r} holds no triangles or tetrahedra (cells: "
                              f"{', '.join(b.type for b in data.cells) or 'none'})")
         cells = np.vstack(blocks).astype(np.int64)
-        points = planar_points(data.points, cells.shape[1])
-        MeshArrays(points, cells, np.zeros((0, points.shape[1]), np.int64),
-                   np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
+        try:
+            points = planar_points(data.points, cells.shape[1])
+            MeshArrays(points, cells, np.zeros((0, points.shape[1]), np.int64),
+                       np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
+        except ValueError as error:
+            raise ValueError(f"mesh file {str(path)!r}: {error}") from None
         return points, cells
 
     points, cells = on_root(comm, read)

@@ -191,6 +191,7 @@ def test_an_xdmf_mesh_with_facet_tags_gives_the_same_solution_as_its_gmsh_source
     (lambda p, c: (p, c + 0.5), "integer node indices"),
     (lambda p, c: (p, c[:, :2]), "triangles"),
     (lambda p, c: (np.full_like(p, np.nan), c), "finite coordinates"),
+    (lambda p, c: (np.vstack([p, [[2.0, 2.0]]]), c), r"1 node\(s\) that no cell uses"),
 ])
 def test_malformed_mesh_arrays_fail_with_one_clear_error_on_every_rank(comm, change, message):
     points = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
@@ -283,6 +284,106 @@ def test_boundary_groups_of_other_names_are_said_to_be_unused(comm, mpi_tmp_path
         domain = Domain.from_file(path, comm)
     top = domain.to_arrays()
     assert np.allclose(top.points[np.unique(top.load)][:, 1], 30.0)  # the depth rule applies
+
+
+def _unused_node(points, cells):
+    """Node 5 moved out of the cells' numbering: no cell uses it."""
+    return (np.vstack([points[:5], [[100.0, 100.0, 0.0]], points[5:]]),
+            [("triangle", np.where(cells >= 5, cells + 1, cells))])
+
+
+def _with_quads(points, cells):
+    quads = np.array([[0, 1, 2, 3]]) + len(points)
+    square = np.array([[50.0, 0, 0], [51, 0, 0], [51, 1, 0], [50, 1, 0]])
+    return np.vstack([points, square]), [("triangle", cells), ("quad", quads)]
+
+
+def _in_xz(points, cells):
+    return points[:, [0, 2, 1]], [("triangle", cells)]
+
+
+def _flat_cell(points, cells):
+    cells = cells.copy()
+    cells[0, 2] = cells[0, 1]  # two corners at one node: a cell of zero area
+    return points, [("triangle", cells)]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_unused_node, r"has 1 node\(s\) that no cell uses \(first: node 5, 0-based\); remove them"),
+    (_with_quads, "holds quad cells as well as triangles; the package takes first-order "
+                  "triangles only"),
+    (_in_xz, "the triangles lie in x-z .*; 2-D meshes must lie in the x-y plane"),
+    (_flat_cell, r"the mesh has 1 cell\(s\) of zero area \(collinear nodes\), e.g. the cell of "
+                 "nodes"),
+])
+def test_meshio_xdmf_meshes_that_cannot_be_solved_are_refused_in_one_line(comm, mpi_tmp_path,
+                                                                         change, message):
+    """(An unused node made ``simulate`` abort the MPI run and ``forward`` write wrong node
+    coordinates; quads next to triangles were dropped; a flat cell failed as a solver error.)"""
+    path = mpi_tmp_path / "bad.xdmf"
+    data, _, cells, _ = _read("roi-2d")
+    if comm.rank == 0:
+        meshio.write(path, meshio.Mesh(*change(data.points, cells)))
+    comm.Barrier()
+    with pytest.raises(ValueError, match=message) as error:
+        Domain.from_file(path, comm)
+    assert "\n" not in str(error.value)
+
+
+def test_dolfinx_xdmf_meshes_of_quadrilaterals_or_unknown_tags_are_refused(comm, mpi_tmp_path):
+    from dolfinx import mesh
+    from dolfinx.io import XDMFFile
+
+    quads = mpi_tmp_path / "quads.xdmf"
+    square = mesh.create_unit_square(comm, 4, 4, mesh.CellType.quadrilateral)
+    with XDMFFile(comm, quads, "w") as xdmf:
+        xdmf.write_mesh(square)
+    with pytest.raises(ValueError, match="has quadrilateral cells; the package takes "
+                                         "first-order triangles or tetrahedra only"):
+        Domain.from_file(quads, comm)
+    tagged = mpi_tmp_path / "tags.xdmf"
+    square = mesh.create_unit_square(comm, 4, 4)
+    fdim = square.topology.dim - 1
+    square.topology.create_connectivity(fdim, fdim + 1)
+    top = mesh.locate_entities_boundary(square, fdim, lambda x: np.isclose(x[1], 1.0))
+    bottom = mesh.locate_entities_boundary(square, fdim, lambda x: np.isclose(x[1], 0.0))
+    order = np.argsort(np.concatenate([top, bottom]))
+    tags = mesh.meshtags(square, fdim, np.concatenate([top, bottom])[order].astype(np.int32),
+                         np.concatenate([np.full(len(top), 5), np.full(len(bottom), 6)])[order]
+                         .astype(np.int32))
+    tags.name = "facet_tags"
+    with XDMFFile(comm, tagged, "w") as xdmf:
+        xdmf.write_mesh(square)
+        xdmf.write_meshtags(tags, square.geometry)
+    with pytest.raises(ValueError, match=r"its facet tags \('facet_tags'\) hold the values 5, 6, "
+                                         "and an XDMF mesh's tags are read as 1 = load, 2 = "
+                                         "support"):
+        Domain.from_file(tagged, comm)
+
+
+def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_path):
+    """A .geo naming missing curves keeps the names and drops the groups: the depth-axis default
+    took their place without a word."""
+    path = mpi_tmp_path / "empty-groups.msh"
+    if comm.rank == 0:
+        import gmsh
+
+        if not gmsh.isInitialized():
+            gmsh.initialize(["-noenv"], readConfigFiles=False)
+        gmsh.option.setNumber("General.Terminal", 0)
+        gmsh.clear()
+        gmsh.model.occ.addRectangle(0, 0, 0, 40, 30)
+        gmsh.model.occ.synchronize()
+        gmsh.model.addPhysicalGroup(2, [1], 3, name="tissue")
+        gmsh.model.addPhysicalGroup(1, [], 1, name="load")
+        gmsh.model.addPhysicalGroup(1, [3], 2, name="support")
+        gmsh.option.setNumber("Mesh.MeshSizeMax", 6.0)
+        gmsh.model.mesh.generate(2)
+        gmsh.write(str(path))
+        gmsh.clear()
+    comm.Barrier()
+    with pytest.raises(ValueError, match="names the group 'load' but it holds no elements"):
+        Domain.from_file(path, comm)
 
 
 def test_an_xdmf_mesh_written_by_meshio_reads_as_its_gmsh_source(comm, mpi_tmp_path):
