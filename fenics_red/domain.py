@@ -251,8 +251,6 @@ class Domain:
         (triangles or tetrahedra), given on rank 0 (ignored elsewhere). ``load``/``support``:
         optional boundary facets as node lists ``(F, gdim)``; missing ones follow the depth
         axis. Node ``i`` of ``points`` is node ``i`` of the file order. Collective."""
-        from dolfinx.graph import adjacencylist
-        from dolfinx.io import distribute_entity_data
 
         def header():
             empty = np.zeros((0, np.shape(points)[-1] if np.ndim(points) == 2 else 2), np.int64)
@@ -261,23 +259,7 @@ class Domain:
             return checked.dim, len(checked.points)
 
         gdim, n_nodes = on_root(comm, header)
-        msh = _create_mesh(comm, points, cells, gdim)
-        root = comm.rank == 0
-        fdim = gdim - 1
-        msh.topology.create_connectivity(fdim, gdim)
-        given = {name: facets for name, facets in (("load", load), ("support", support))
-                 if comm.bcast(facets is not None if root else None, root=0)}
-        tags, names = None, {}
-        if given:
-            entities = [np.asarray(given[n], np.int64) if root else np.zeros((0, gdim), np.int64)
-                        for n in given]
-            values = [np.full(len(e), LOAD if n == "load" else SUPPORT, np.int32)
-                      for n, e in zip(given, entities, strict=True)]
-            local, local_values = distribute_entity_data(msh, fdim, np.vstack(entities),
-                                                         np.concatenate(values))
-            tags = mesh.meshtags_from_entities(msh, fdim, adjacencylist(local.astype(np.int32)),
-                                               local_values.astype(np.int32))
-            names = {n: LOAD if n == "load" else SUPPORT for n in given}
+        msh, tags, names = _tagged_mesh(comm, points, cells, gdim, load, support)
         force = None if force is None else np.asarray(force, dtype=np.float64)
         return cls.from_mesh(msh, tags, names, source=source, num_file_nodes=n_nodes,
                              force=force)
@@ -488,6 +470,43 @@ def _depth_facets(msh: mesh.Mesh, top: bool) -> np.ndarray:
                                          lambda p: np.isclose(p[axis], level, atol=tol))
 
 
+def _tagged_mesh(comm: MPI.Comm, points, cells, gdim: int, load=None, support=None):
+    """``(mesh, facet tags or None, names)`` from checked arrays on rank 0: ``load`` /
+    ``support`` boundary facets as node lists (``None``: not given, the depth axis decides).
+    Collective."""
+    from dolfinx.graph import adjacencylist
+    from dolfinx.io import distribute_entity_data
+
+    msh = _create_mesh(comm, points, cells, gdim)
+    root = comm.rank == 0
+    fdim = gdim - 1
+    msh.topology.create_connectivity(fdim, gdim)
+    given = {name: facets for name, facets in (("load", load), ("support", support))
+             if comm.bcast(facets is not None if root else None, root=0)}
+    tags, names = None, {}
+    if given:
+        entities = [np.asarray(given[n], np.int64) if root else np.zeros((0, gdim), np.int64)
+                    for n in given]
+        values = [np.full(len(e), LOAD if n == "load" else SUPPORT, np.int32)
+                  for n, e in zip(given, entities, strict=True)]
+        local, local_values = distribute_entity_data(msh, fdim, np.vstack(entities),
+                                                     np.concatenate(values))
+        tags = mesh.meshtags_from_entities(msh, fdim, adjacencylist(local.astype(np.int32)),
+                                           local_values.astype(np.int32))
+        names = {n: LOAD if n == "load" else SUPPORT for n in given}
+    return msh, tags, names
+
+
+def _tag_values_problem(path: Path, found: list[int], where: str) -> str | None:
+    """XDMF facet tags that hold neither 1 (load) nor 2 (support), or None."""
+    if not found or {LOAD, SUPPORT} & set(found):
+        return None
+    return (f"mesh file {str(path)!r}: its facet tags ({where}) hold the values "
+            f"{', '.join(map(str, found))}, and an XDMF mesh's tags are read as {LOAD} = load, "
+            f"{SUPPORT} = support: renumber them, or give the gmsh .msh file, whose groups are "
+            "read by name")
+
+
 def _create_mesh(comm: MPI.Comm, points, cells, gdim: int) -> mesh.Mesh:
     """A P1 triangle/tetrahedron mesh from checked points and 0-based cells given on rank 0
     (ignored elsewhere), distributed over ``comm``. Collective."""
@@ -674,7 +693,7 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
             except RuntimeError:
                 tags = None
     except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
-        return _read_meshio(path, comm, error), None, {}
+        return _read_meshio(path, comm, error)
     cell = msh.topology.cell_type.name
     if cell not in ("triangle", "tetrahedron") or msh.geometry.cmap.degree != 1:
         order = "" if msh.geometry.cmap.degree == 1 else f"order-{msh.geometry.cmap.degree} "
@@ -684,13 +703,10 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
     names = {}
     if tags is not None:
         values = msh.comm.allgather(np.unique(tags.values).tolist())
-        found = sorted(set().union(*map(set, values)))
-        if found and not {LOAD, SUPPORT} & set(found):
-            raise on_every_rank(ValueError(
-                f"mesh file {str(path)!r}: its facet tags ('facet_tags') hold the values "
-                f"{', '.join(map(str, found))}, and an XDMF mesh's tags are read as {LOAD} = "
-                f"load, {SUPPORT} = support: renumber them, or give the gmsh .msh file, whose "
-                "groups are read by name"))
+        problem = _tag_values_problem(path, sorted(set().union(*map(set, values))),
+                                      "'facet_tags'")
+        if problem:
+            raise on_every_rank(ValueError(problem))
         names = {"load": LOAD, "support": SUPPORT}
     return msh, tags, names
 
@@ -706,9 +722,12 @@ def read_meshio(path: str | os.PathLike):
     return data, [b for b in data.cells if b.type in ("triangle", "tetra")]
 
 
-def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception) -> mesh.Mesh:
-    """An XDMF mesh that DOLFINx's reader does not take (meshio writes one block of triangles
-    or tetrahedra, 2-D points with a zero z), read by meshio on rank 0. Collective."""
+def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception):
+    """``(mesh, facet tags or None, names)`` of an XDMF mesh that DOLFINx's reader does not take
+    (meshio writes blocks of cells, 2-D points with a zero z), read by meshio on rank 0. Its
+    facet cells (lines in 2-D, triangles in 3-D) with integer cell data (``gmsh:physical`` from
+    ``meshio convert`` of a .msh, which keeps the numbers, not the names) are the load (1) and
+    the support (2). Collective."""
 
     def read():
         try:
@@ -734,7 +753,35 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception) -> mesh.M
                        np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
         except ValueError as error:
             raise ValueError(f"mesh file {str(path)!r}: {error}") from None
-        return points, cells
+        facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle")
+        problem = _tag_values_problem(path, sorted({int(v) for _, v in facets}),
+                                      "the facet cells' integer data")
+        if problem:
+            raise ValueError(problem)
+        load, support = ([f for f, v in facets if v == value] for value in (LOAD, SUPPORT))
+        load, support = (np.vstack(f).astype(np.int64) if f else None for f in (load, support))
+        empty = np.zeros((0, points.shape[1]), np.int64)
+        try:  # facet node indices in range, of the right width
+            MeshArrays(points, cells, *(empty if f is None else f for f in (load, support)))
+        except ValueError as error:
+            raise ValueError(f"mesh file {str(path)!r}: {error}") from None
+        return points, cells, load, support
 
-    points, cells = on_root(comm, read)
-    return _create_mesh(comm, points, cells, points.shape[1])
+    points, cells, load, support = on_root(comm, read)
+    return _tagged_mesh(comm, points, cells, points.shape[1], load, support)
+
+
+def _meshio_facets(data, kind: str) -> list[tuple[np.ndarray, int]]:
+    """``(nodes, value)`` of each facet cell of type ``kind`` that carries an integer in the
+    file's cell data (``gmsh:physical`` first)."""
+    keys = sorted(data.cell_data, key=lambda k: k != "gmsh:physical")
+    facets = []
+    for k, block in enumerate(data.cells):
+        if block.type != kind:
+            continue
+        for key in keys:
+            values = np.asarray(data.cell_data[key][k])
+            if values.ndim == 1 and values.dtype.kind in "iu" and len(values) == len(block.data):
+                facets += list(zip(np.asarray(block.data), values.tolist(), strict=True))
+                break
+    return facets

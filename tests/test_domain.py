@@ -386,6 +386,33 @@ def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_p
         Domain.from_file(path, comm)
 
 
+@pytest.mark.parametrize("numbers", [{1: 2, 2: 1}, {1: 7, 2: 8}])
+def test_meshio_converted_boundary_groups_are_read_as_1_load_and_2_support(comm, mpi_tmp_path,
+                                                                           numbers):
+    """``meshio convert roi.msh roi.xdmf`` keeps the boundary lines and their ``gmsh:physical``
+    numbers (not the names): 1 and 2 are the load and the support, as in DOLFINx's XDMF tags
+    (here swapped: the probe at the bottom; they were ignored and the depth default took their
+    place); numbers that are neither are refused."""
+    path = mpi_tmp_path / "converted.xdmf"
+    data = meshio.read(MESHES / "roi-2d.msh")  # load 1 (top), support 2 (bottom)
+    if comm.rank == 0:
+        meshio.write(path, meshio.Mesh(data.points, data.cells, cell_data={
+            "gmsh:physical": [np.vectorize(numbers.get)(v) if c.type == "line" else v
+                              for c, v in zip(data.cells, data.cell_data["gmsh:physical"],
+                                              strict=True)]}))
+    comm.Barrier()
+    if 7 in numbers.values():
+        with pytest.raises(ValueError, match="the facet cells' integer data\\) hold the values "
+                                             "7, 8, and an XDMF mesh's tags are read as 1"):
+            Domain.from_file(path, comm)
+        return
+    source, copy = (Domain.from_file(p, comm).to_arrays() for p in (MESHES / "roi-2d.msh", path))
+    np.testing.assert_array_equal(copy.points, source.points)
+    for mine, theirs in (("load", "support"), ("support", "load")):
+        assert (sorted(map(tuple, np.sort(getattr(copy, mine), axis=1)))
+                == sorted(map(tuple, np.sort(getattr(source, theirs), axis=1)))), mine
+
+
 def test_an_xdmf_mesh_written_by_meshio_reads_as_its_gmsh_source(comm, mpi_tmp_path):
     """meshio's XDMF (one block of triangles, points with z = 0) is not DOLFINx's layout: it is
     read through meshio, the same nodes and cells in the same order, on any number of ranks."""
