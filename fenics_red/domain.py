@@ -773,8 +773,9 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception):
 
 def _meshio_facets(data, kind: str) -> list[tuple[np.ndarray, int]]:
     """``(nodes, value)`` of each facet cell of type ``kind`` that carries an integer in the
-    file's cell data (``gmsh:physical`` first)."""
-    keys = sorted(data.cell_data, key=lambda k: k != "gmsh:physical")
+    file's cell data (``gmsh:physical`` first; never gmsh's geometrical entity numbers)."""
+    keys = sorted((k for k in data.cell_data if k != "gmsh:geometrical"),
+                  key=lambda k: k != "gmsh:physical")
     facets = []
     for k, block in enumerate(data.cells):
         if block.type != kind:

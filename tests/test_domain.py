@@ -399,7 +399,8 @@ def test_meshio_converted_boundary_groups_are_read_as_1_load_and_2_support(comm,
         meshio.write(path, meshio.Mesh(data.points, data.cells, cell_data={
             "gmsh:physical": [np.vectorize(numbers.get)(v) if c.type == "line" else v
                               for c, v in zip(data.cells, data.cell_data["gmsh:physical"],
-                                              strict=True)]}))
+                                              strict=True)],
+            "gmsh:geometrical": data.cell_data["gmsh:geometrical"]}))  # not read
     comm.Barrier()
     if 7 in numbers.values():
         with pytest.raises(ValueError, match="the facet cells' integer data\\) hold the values "
