@@ -29,6 +29,17 @@ def _read(name: str):
     return data, data.points[:, :dim], data.cells_dict[_CELLS[dim]], dim
 
 
+def _gmsh():
+    """gmsh, started quietly (once) with an empty model; rank 0 only."""
+    import gmsh
+
+    if not gmsh.isInitialized():
+        gmsh.initialize(["-noenv"], readConfigFiles=False)
+    gmsh.option.setNumber("General.Terminal", 0)
+    gmsh.clear()
+    return gmsh
+
+
 def _modulus(points: np.ndarray) -> np.ndarray:
     """A smooth, clearly non-uniform modulus (values per node in file order)."""
     depth = points[:, -1] / points[:, -1].max()
@@ -209,12 +220,7 @@ def test_gmsh_files_that_dolfinx_cannot_read_are_refused_before_it_aborts(comm, 
         geo = mpi_tmp_path / "orphan.geo"
         geo.write_text(text + '\nPoint(9999) = {1000, 1000, 0, 1};\nPhysical Point("apex") = '
                        '{9999};\n')
-        import gmsh
-
-        if not gmsh.isInitialized():
-            gmsh.initialize(["-noenv"], readConfigFiles=False)
-        gmsh.option.setNumber("General.Terminal", 0)
-        gmsh.clear()
+        gmsh = _gmsh()
         gmsh.open(str(geo))
         gmsh.model.mesh.generate(2)
         gmsh.write(str(path))
@@ -229,12 +235,7 @@ def _gmsh_rectangle(path: Path, *, recombine: bool = False, order: int = 1, plan
                     edges: tuple[int, int] = (2, 0)) -> None:
     """A 40 x 30 rectangle meshed by gmsh (rank 0): the top and bottom edges (``edges``: 0
     bottom, 1 right, 2 top, 3 left) in facet groups named ``groups`` (``None``: no group)."""
-    import gmsh
-
-    if not gmsh.isInitialized():
-        gmsh.initialize(["-noenv"], readConfigFiles=False)
-    gmsh.option.setNumber("General.Terminal", 0)
-    gmsh.clear()
+    gmsh = _gmsh()
     geo = gmsh.model.geo
     corners = [(0, 0), (40, 0), (40, 30), (0, 30)]
     points = [geo.addPoint(x, 0, y, 4) if plane == "xz" else geo.addPoint(x, y, 0, 4)
@@ -267,6 +268,11 @@ def test_gmsh_meshes_of_other_cells_or_planes_are_refused_in_one_line(comm, mpi_
     if comm.rank == 0:
         _gmsh_rectangle(path, **kind)
     comm.Barrier()
+    _refused_in_one_line(path, comm, message)
+
+
+def _refused_in_one_line(path: Path, comm, message: str) -> None:
+    """Reading the mesh file ``path`` fails with ``message``, on one line."""
     with pytest.raises(ValueError, match=message) as error:
         Domain.from_file(path, comm)
     assert "\n" not in str(error.value)
@@ -325,9 +331,7 @@ def test_meshio_xdmf_meshes_that_cannot_be_solved_are_refused_in_one_line(comm, 
     if comm.rank == 0:
         meshio.write(path, meshio.Mesh(*change(data.points, cells)))
     comm.Barrier()
-    with pytest.raises(ValueError, match=message) as error:
-        Domain.from_file(path, comm)
-    assert "\n" not in str(error.value)
+    _refused_in_one_line(path, comm, message)
 
 
 def test_dolfinx_xdmf_meshes_of_quadrilaterals_or_unknown_tags_are_refused(comm, mpi_tmp_path):
@@ -366,12 +370,7 @@ def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_p
     took their place without a word."""
     path = mpi_tmp_path / "empty-groups.msh"
     if comm.rank == 0:
-        import gmsh
-
-        if not gmsh.isInitialized():
-            gmsh.initialize(["-noenv"], readConfigFiles=False)
-        gmsh.option.setNumber("General.Terminal", 0)
-        gmsh.clear()
+        gmsh = _gmsh()
         gmsh.model.occ.addRectangle(0, 0, 0, 40, 30)
         gmsh.model.occ.synchronize()
         gmsh.model.addPhysicalGroup(2, [1], 3, name="tissue")
@@ -382,8 +381,7 @@ def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_p
         gmsh.write(str(path))
         gmsh.clear()
     comm.Barrier()
-    with pytest.raises(ValueError, match="names the group 'load' but it holds no elements"):
-        Domain.from_file(path, comm)
+    _refused_in_one_line(path, comm, "names the group 'load' but it holds no elements")
 
 
 @pytest.mark.parametrize("numbers", [{1: 2, 2: 1}, {1: 7, 2: 8}])
@@ -567,12 +565,7 @@ def test_a_mesh_naming_only_one_of_load_and_support_says_where_the_other_goes(
 
 
 def _gmsh_box_without_a_volume_group(path: Path) -> None:
-    import gmsh
-
-    if not gmsh.isInitialized():
-        gmsh.initialize(["-noenv"], readConfigFiles=False)
-    gmsh.option.setNumber("General.Terminal", 0)
-    gmsh.clear()
+    gmsh = _gmsh()
     gmsh.model.occ.addBox(0, 0, 0, 10, 10, 10)
     gmsh.model.occ.synchronize()
     faces = [tag for _, tag in gmsh.model.getEntities(2)]
