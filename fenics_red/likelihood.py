@@ -378,18 +378,15 @@ class Gamma:
         self.E.x.array[:] = model.E.x.array
         self._k_factored = False
         self._frozen = True
-        if gamma or self.gamma_pc != "gamma":
-            self._factorise()
-        else:
-            self._logdet_K, self._logdet_gamma = math.nan, None
-            self._factorise_K()
-            self._gamma_pending = True
+        self._factorise(gamma)
 
-    def _factorise(self) -> None:
-        """The one factorisation while ``Γ`` is frozen: of ``K``, or of the explicit ``Γ``."""
+    def _factorise(self, gamma: bool = True) -> None:
+        """The one factorisation while ``Γ`` is frozen: of ``K``, or of the explicit ``Γ``
+        (``gamma=False``: of ``K`` now, and of ``Γ`` at its first use)."""
         self._logdet_K, self._logdet_gamma = math.nan, None
-        self._gamma_pending = False
-        if self.gamma_pc == "gamma":
+        explicit = self.gamma_pc == "gamma"
+        self._gamma_pending = explicit and not gamma
+        if explicit and gamma:
             self._factorise_gamma()
         else:
             self._factorise_K()
