@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from mpi4py import MPI
 
-__all__ = ["describe", "interrupted", "raise_shared", "on_root", "raise_local_or_shared",
+__all__ = ["describe", "interruption", "raise_shared", "on_root", "raise_local_or_shared",
            "check_all", "exit_with_launcher", "on_every_rank", "raised_on_every_rank",
            "failed_together"]
 
@@ -21,23 +21,24 @@ _ERROR_TYPES = {cls.__name__: cls for cls in (ValueError, FileExistsError, FileN
                                               IndexError, TypeError, KeyboardInterrupt)}
 
 
-def interrupted(error: BaseException | None, kind: type = KeyboardInterrupt) -> bool:
-    """Whether ``error`` is, or was caused by, a ``KeyboardInterrupt`` (or the subclass
-    ``kind``): Ctrl-C inside a PETSc callback (a Python preconditioner) comes back from PETSc as
-    ``PETSc.Error`` (error code -1) with the ``KeyboardInterrupt`` as its cause."""
+def interruption(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` (or subclass, e.g. the command line's SIGTERM) that ``error``
+    is or was caused by, or None: Ctrl-C inside a PETSc callback (a Python preconditioner) comes
+    back from PETSc as ``PETSc.Error`` (error code -1) with the ``KeyboardInterrupt`` as its
+    cause."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, kind):
-            return True
+        if isinstance(error, KeyboardInterrupt):
+            return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
 def describe(error: BaseException | None):
     """``(type name, message)`` of an exception (``None`` for no error): small and picklable;
-    an interruption (:func:`interrupted`) is described as ``KeyboardInterrupt``."""
-    if error is not None and interrupted(error):
+    an interruption (:func:`interruption`) is described as ``KeyboardInterrupt``."""
+    if interruption(error) is not None:
         return "KeyboardInterrupt", ""
     return None if error is None else (type(error).__name__, str(error))
 

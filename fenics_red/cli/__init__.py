@@ -184,10 +184,11 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
         try:
             return int(args.func(args) or 0)
         except USER_ERRORS as error:  # Ctrl-C in a PETSc callback comes back as a PETSc error
-            from ..parallel import interrupted
+            from ..parallel import interruption
 
-            if interrupted(error):
-                raise (Terminated if interrupted(error, Terminated) else KeyboardInterrupt) \
+            stop = interruption(error)
+            if stop is not None:
+                raise (Terminated if isinstance(stop, Terminated) else KeyboardInterrupt) \
                     from error
             raise
     except USER_ERRORS as error:
