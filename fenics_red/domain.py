@@ -50,13 +50,21 @@ def planar_points(points: np.ndarray, nodes_per_cell: int) -> np.ndarray:
     if not (points.ndim == 2 and points.shape[1] == 3 and nodes_per_cell == 3 and len(points)
             and points.dtype.kind in "fiu" and np.isfinite(points).all()):
         return points
+    problem = _off_plane(points)
+    if problem is None:
+        return points[:, :2]
+    raise ValueError(f"the triangles lie in {problem}; 2-D meshes must lie in the x-y plane "
+                     "with the depth along y: rotate the mesh there")
+
+
+def _off_plane(points: np.ndarray) -> str | None:
+    """Where the points ``(N, 3)`` of a 2-D mesh lie when z is not constant (``"x-z (z from a
+    to b)"``), or None: DOLFINx would read their x and y only."""
     extent = np.ptp(points, axis=0)
     if extent[2] <= 1e-12 * max(float(extent[:2].max()), 1e-300):
-        return points[:, :2]
+        return None
     plane = "x-z" if extent[1] <= 1e-12 * extent.max() else "a plane other than x-y"
-    raise ValueError(f"the triangles lie in {plane} (z from {points[:, 2].min():g} to "
-                     f"{points[:, 2].max():g}); 2-D meshes must lie in the x-y plane with the "
-                     "depth along y: rotate the mesh there")
+    return f"{plane} (z from {points[:, 2].min():g} to {points[:, 2].max():g})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -613,13 +621,10 @@ def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:
                 f"{'triangles' if gdim == 2 else 'tetrahedra'} only: mesh it again without "
                 "recombination (no Recombine) and with Mesh.ElementOrder = 1")
     if gdim == 2:
-        xyz = np.asarray(gmsh.model.mesh.getNodes()[1]).reshape(-1, 3)
-        extent = np.ptp(xyz, axis=0)
-        if extent[2] > 1e-12 * max(float(extent.max()), 1e-300):
-            plane = "x-z" if extent[1] <= 1e-12 * extent.max() else "a plane other than x-y"
-            return (f"mesh file {str(path)!r} is a 2-D mesh in {plane} (z from "
-                    f"{xyz[:, 2].min():g} to {xyz[:, 2].max():g}); 2-D meshes must lie in the "
-                    "x-y plane with the depth along y: draw or rotate it there")
+        problem = _off_plane(np.asarray(gmsh.model.mesh.getNodes()[1]).reshape(-1, 3))
+        if problem is not None:
+            return (f"mesh file {str(path)!r} is a 2-D mesh in {problem}; 2-D meshes must lie "
+                    "in the x-y plane with the depth along y: draw or rotate it there")
     return None
 
 
@@ -681,19 +686,58 @@ def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
     return None
 
 
+def _xdmf_grids(path: Path) -> list[tuple[str, str, bool]]:
+    """``(name, topology type, has an attribute)`` of each grid of an XDMF file's domain (none
+    when its XML does not parse: the XDMF readers then say what is wrong). Serial."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError):
+        return []
+    grids = []
+    for grid in root.iterfind("Domain/Grid"):
+        topology = grid.find("Topology")
+        grids.append((grid.get("Name", ""),
+                      "" if topology is None else topology.get("TopologyType", ""),
+                      grid.find("Attribute") is not None))
+    return grids
+
+
+def _xdmf_tags_name(path: Path, grids: list[tuple[str, str, bool]]) -> str | None:
+    """The name of the facet tags of the grid ``mesh`` in a DOLFINx-written XDMF file:
+    ``facet_tags`` (this package's), else the one grid of tagged facets whatever its name
+    (``gmshio`` names its tags "Facet tags"), or None. Several candidates are refused in one
+    line. (Other layouts, meshio's, are read by :func:`_read_meshio`.)"""
+    facets_of = {"triangle": "polyline", "tetrahedron": "triangle"}
+    cells = next((t.lower() for n, t, tagged in grids if n == "mesh" and not tagged), "")
+    facets = [n for n, t, tagged in grids if tagged and t.lower() == facets_of.get(cells)]
+    if len(facets) > 1 and "facet_tags" not in facets:
+        raise ValueError(f"mesh file {str(path)!r} holds several sets of facet tags ("
+                         f"{', '.join(map(repr, facets))}); name the one that marks the load "
+                         f"({LOAD}) and the support ({SUPPORT}) 'facet_tags', or keep only it")
+    return None if not facets else "facet_tags" if "facet_tags" in facets else facets[0]
+
+
 def _read_xdmf(path: Path, comm: MPI.Comm):
     from dolfinx.io import XDMFFile
 
-    try:
-        with XDMFFile(comm, str(path), "r") as xdmf:
+    tags_name = on_root(comm, lambda: _xdmf_tags_name(path, _xdmf_grids(path)))
+    with XDMFFile(comm, str(path), "r") as xdmf:
+        try:
             msh = xdmf.read_mesh(name="mesh")
+        except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
+            msh, dolfinx_error = None, error
+        if msh is not None:
             msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
             try:
-                tags = xdmf.read_meshtags(msh, name="facet_tags")
-            except RuntimeError:
-                tags = None
-    except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
-        return _read_meshio(path, comm, error)
+                tags = None if tags_name is None else xdmf.read_meshtags(msh, name=tags_name)
+            except RuntimeError as error:
+                raise on_every_rank(ValueError(
+                    f"mesh file {str(path)!r}: cannot read its facet tags {tags_name!r}: "
+                    f"{error}")) from None
+    if msh is None:
+        return _read_meshio(path, comm, dolfinx_error)
     cell = msh.topology.cell_type.name
     if cell not in ("triangle", "tetrahedron") or msh.geometry.cmap.degree != 1:
         order = "" if msh.geometry.cmap.degree == 1 else f"order-{msh.geometry.cmap.degree} "
@@ -704,7 +748,7 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
     if tags is not None:
         values = msh.comm.allgather(np.unique(tags.values).tolist())
         problem = _tag_values_problem(path, sorted(set().union(*map(set, values))),
-                                      "'facet_tags'")
+                                      repr(tags_name))
         if problem:
             raise on_every_rank(ValueError(problem))
         names = {"load": LOAD, "support": SUPPORT}

@@ -196,6 +196,52 @@ def test_an_xdmf_mesh_with_facet_tags_gives_the_same_solution_as_its_gmsh_source
                                atol=1e-12 * np.abs(solutions[0]).max())
 
 
+def _tagged_depths(domain: Domain) -> list[float]:
+    """The mean depth coordinate of the load's and of the support's facets."""
+    import ufl
+    from dolfinx import fem
+
+    ds = ufl.Measure("ds", domain=domain.mesh, subdomain_data=domain.facet_tags)
+    depth = ufl.SpatialCoordinate(domain.mesh)[domain.mesh.geometry.dim - 1]
+    means = []
+    for tag in (LOAD, SUPPORT):
+        integrals = [domain.mesh.comm.allreduce(fem.assemble_scalar(fem.form(f * ds(tag))))
+                     for f in (depth, 1.0 + 0.0 * depth)]
+        means.append(integrals[0] / integrals[1])
+    return means
+
+
+def test_xdmf_facet_tags_are_read_under_any_name_and_several_are_refused(comm, mpi_tmp_path):
+    """DOLFINx's ``gmshio`` names its facet tags "Facet tags": such a file's tags were ignored
+    and the depth default took their place. Here the tags are swapped (load at the bottom) so
+    that the default would differ; a grid of cell tags beside them is not taken for them."""
+    from dolfinx import mesh
+    from dolfinx.io import XDMFFile
+
+    source = Domain.from_file(MESHES / "roi-2d.msh", comm)
+    tags = source.facet_tags
+    swapped = mesh.meshtags(source.mesh, 1, tags.indices, np.where(tags.values == LOAD, SUPPORT,
+                                                                   LOAD).astype(np.int32))
+    n_cells = source.mesh.topology.index_map(2).size_local
+    cell_tags = mesh.meshtags(source.mesh, 2, np.arange(n_cells, dtype=np.int32),
+                              np.ones(n_cells, np.int32))
+    swapped.name, cell_tags.name, tags.name = "Facet tags", "Cell tags", "boundary"
+    path, several = mpi_tmp_path / "gmshio.xdmf", mpi_tmp_path / "several.xdmf"
+    for file, extra in ((path, []), (several, [tags])):
+        with XDMFFile(comm, file, "w") as xdmf:
+            xdmf.write_mesh(source.mesh)
+            for item in (swapped, cell_tags, *extra):
+                xdmf.write_meshtags(item, source.mesh.geometry)
+    comm.Barrier()
+    load, support = _tagged_depths(source)
+    assert load > support
+    np.testing.assert_allclose(_tagged_depths(Domain.from_file(path, comm)), [support, load],
+                               rtol=1e-12)
+    with pytest.raises(ValueError, match="holds several sets of facet tags \\('Facet tags', "
+                                         "'boundary'\\); name the one that marks the load"):
+        Domain.from_file(several, comm)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda p, c: (p, c + 100), "outside 0"),
     (lambda p, c: (p, c - 1), "outside 0"),

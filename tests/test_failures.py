@@ -546,6 +546,45 @@ def test_an_extra_output_that_is_the_imported_measurement_is_refused_and_the_fil
     assert _digest(measured) == before and not out.exists()
 
 
+def test_an_extra_output_that_is_the_mesh_of_an_import_is_refused_from_any_folder(
+        mpi_tmp_path, comm, capsys, monkeypatch):
+    """A measurement imported with ``--mesh`` given relative to one folder, reconstructed from
+    another with ``--out`` beside the mesh: the estimate's XDMF mesh (``OUT-modulus-mesh.xdmf``)
+    would be the user's mesh file. The check uses the mesh's path as resolved at import (the
+    relative one named nothing in the second folder, and the mesh was replaced)."""
+    import meshio
+
+    from fenics_red.domain import MeshArrays
+
+    data = _tiny_set(mpi_tmp_path, comm, 1)
+    measured, mesh_file = mpi_tmp_path / "measured.npz", mpi_tmp_path / "clash-modulus-mesh.xdmf"
+    if comm.rank == 0:
+        with load_dataset(data) as d:
+            sample, mesh = d.sample(0), MeshArrays.of_grid(d.grid)
+        np.savez(measured, ux=sample.ux_noisy.ravel(), uy=sample.uy_noisy.ravel())
+        meshio.write(mesh_file, meshio.Mesh(mesh.points, [("triangle", mesh.cells)]))
+    comm.Barrier()
+    monkeypatch.chdir(mpi_tmp_path)
+    imported = mpi_tmp_path / "clash_data.h5"
+    assert main(["import", str(measured), "--out", str(imported), "--mesh", mesh_file.name,
+                 "--noise-std", "1e-3", "1e-3"]) == 0
+    elsewhere = mpi_tmp_path / "elsewhere"
+    if comm.rank == 0:
+        elsewhere.mkdir()
+    comm.Barrier()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    before = _digest(mesh_file)
+    out = mpi_tmp_path / "clash.h5"
+    assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
+                 str(out), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (
+        f"the estimate's extra output {str(mesh_file)!r} is also this command's input "
+        "(the mesh it was imported with)") in err, err
+    assert _digest(mesh_file) == before and not out.exists()
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["simulate", "--samples", "1", "--grid", "8", "--height", "inf"], "--height: must be"),
     (["simulate", "--samples", "1", "--grid", "8", "--seed", str(2**64)], "[0, 2^63 - 1]"),
