@@ -688,13 +688,21 @@ def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
 
 def _xdmf_grids(path: Path) -> list[tuple[str, str, bool]]:
     """``(name, topology type, has an attribute)`` of each grid of an XDMF file's domain (none
-    when its XML does not parse: the XDMF readers then say what is wrong). Serial."""
+    when its XML does not parse: the XDMF readers then say what is wrong). An HDF5 file that
+    it refers to is refused in one line when missing, unless the one of the same name is there
+    (which DOLFINx reads whatever the reference says). Serial."""
     import xml.etree.ElementTree as ElementTree
 
     try:
         root = ElementTree.parse(path).getroot()
     except (ElementTree.ParseError, OSError):
         return []
+    for item in root.iter("DataItem"):
+        if item.get("Format", "").upper() == "HDF" and ":" in (item.text or ""):
+            h5 = path.parent / item.text.strip().rsplit(":", 1)[0]
+            if not h5.is_file() and not path.with_suffix(".h5").is_file():  # DOLFINx's
+                raise ValueError(f"mesh file {str(path)!r} keeps its data in {str(h5)!r}, "
+                                 "which does not exist: copy that file beside it")
     grids = []
     for grid in root.iterfind("Domain/Grid"):
         topology = grid.find("Topology")
@@ -719,25 +727,27 @@ def _xdmf_tags_name(path: Path, grids: list[tuple[str, str, bool]]) -> str | Non
     return None if not facets else "facet_tags" if "facet_tags" in facets else facets[0]
 
 
+def _read_xdmf_tags(xdmf, msh, path: Path, name: str):
+    """The facet tags ``name`` of an open DOLFINx XDMF file; a failure is a ``ValueError`` (the
+    caller takes a ``RuntimeError`` for another layout). Collective."""
+    try:
+        return xdmf.read_meshtags(msh, name=name)
+    except RuntimeError as error:
+        raise on_every_rank(ValueError(f"mesh file {str(path)!r}: cannot read its facet tags "
+                                       f"{name!r}: {error}")) from None
+
+
 def _read_xdmf(path: Path, comm: MPI.Comm):
     from dolfinx.io import XDMFFile
 
     tags_name = on_root(comm, lambda: _xdmf_tags_name(path, _xdmf_grids(path)))
-    with XDMFFile(comm, str(path), "r") as xdmf:
-        try:
+    try:
+        with XDMFFile(comm, str(path), "r") as xdmf:
             msh = xdmf.read_mesh(name="mesh")
-        except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
-            msh, dolfinx_error = None, error
-        if msh is not None:
             msh.topology.create_connectivity(msh.topology.dim - 1, msh.topology.dim)
-            try:
-                tags = None if tags_name is None else xdmf.read_meshtags(msh, name=tags_name)
-            except RuntimeError as error:
-                raise on_every_rank(ValueError(
-                    f"mesh file {str(path)!r}: cannot read its facet tags {tags_name!r}: "
-                    f"{error}")) from None
-    if msh is None:
-        return _read_meshio(path, comm, dolfinx_error)
+            tags = None if tags_name is None else _read_xdmf_tags(xdmf, msh, path, tags_name)
+    except RuntimeError as error:  # not DOLFINx's layout: meshio's (one block of cells)?
+        return _read_meshio(path, comm, error)
     cell = msh.topology.cell_type.name
     if cell not in ("triangle", "tetrahedron") or msh.geometry.cmap.degree != 1:
         order = "" if msh.geometry.cmap.degree == 1 else f"order-{msh.geometry.cmap.degree} "
@@ -758,11 +768,20 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
 def read_meshio(path: str | os.PathLike):
     """``(data, blocks)``: a file read by meshio (its warnings silenced) and its blocks of
     triangles and tetrahedra. Serial."""
+    import contextlib
+    import io
+
     import meshio
 
-    with warnings.catch_warnings():
+    printed = io.StringIO()
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(printed),
+          contextlib.redirect_stderr(printed)):
         warnings.simplefilter("ignore")
-        data = meshio.read(path)
+        try:
+            data = meshio.read(path)
+        except SystemExit:  # meshio 5 prints why no reader took the file, then exits
+            raise ValueError(" ".join(printed.getvalue().split())
+                             or "no meshio reader takes it") from None
     return data, [b for b in data.cells if b.type in ("triangle", "tetra")]
 
 

@@ -411,6 +411,33 @@ def test_dolfinx_xdmf_meshes_of_quadrilaterals_or_unknown_tags_are_refused(comm,
         Domain.from_file(tagged, comm)
 
 
+def test_an_xdmf_file_without_its_data_or_readable_by_neither_reader_is_refused(comm,
+                                                                                 mpi_tmp_path):
+    """A missing .h5 is named (DOLFINx named the .h5 of the XDMF's name); a file that neither
+    DOLFINx nor meshio takes (two grids, none named ``mesh``) is a one-line error: meshio
+    printed to stdout and ended the process (``SystemExit``)."""
+    from dolfinx import mesh
+    from dolfinx.io import XDMFFile
+
+    square = mesh.create_unit_square(comm, 4, 4)
+    good = mpi_tmp_path / "good.xdmf"
+    with XDMFFile(comm, good, "w") as xdmf:
+        xdmf.write_mesh(square)
+        xdmf.write_meshtags(mesh.meshtags(square, 2, np.zeros(0, np.int32),
+                                          np.zeros(0, np.int32)), square.geometry)
+    moved, renamed = mpi_tmp_path / "moved.xdmf", mpi_tmp_path / "renamed.xdmf"
+    if comm.rank == 0:
+        text = good.read_text()
+        moved.write_text(text.replace("good.h5:", "elsewhere/good.h5:"))
+        renamed.write_text(text.replace('Name="mesh"', 'Name="domain"'))
+        (mpi_tmp_path / "renamed.h5").write_bytes((mpi_tmp_path / "good.h5").read_bytes())
+    comm.Barrier()
+    _refused_in_one_line(moved, comm, "keeps its data in '.*elsewhere/good.h5', which does not "
+                                      "exist: copy that file beside it")
+    _refused_in_one_line(renamed, comm, "cannot read mesh file .* as XDMF: DOLFINx: .*; meshio: "
+                                        ".*one grid")
+
+
 def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_path):
     """A .geo naming missing curves keeps the names and drops the groups: the depth-axis default
     took their place without a word."""
