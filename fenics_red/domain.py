@@ -34,6 +34,8 @@ __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh"
 LOAD, SUPPORT = 1, 2
 
 _MESH_SUFFIXES = (".msh", ".xdmf")
+#: other mesh files, read by meshio: VTK (XML and legacy), Abaqus, Medit, Salome MED.
+_MESHIO_SUFFIXES = (".vtu", ".vtk", ".inp", ".mesh", ".med")
 #: gmsh element types the package takes: 3-node triangles (2-D) and 4-node tetrahedra (3-D).
 _GMSH_CELLS = {2: 2, 3: 4}
 #: meshio cell types of the dimension of its triangles / tetrahedra that the package refuses.
@@ -531,7 +533,8 @@ def _create_mesh(comm: MPI.Comm, points, cells, gdim: int) -> mesh.Mesh:
 
 
 def read_mesh(path: str | os.PathLike, comm: MPI.Comm):
-    """``(mesh, facet_tags or None, names)`` from a gmsh ``.msh`` or XDMF file. Collective.
+    """``(mesh, facet_tags or None, names)`` from a gmsh ``.msh``, an XDMF file or another format
+    that meshio reads (:data:`_MESHIO_SUFFIXES`). Collective.
 
     ``names`` maps the physical names ``load``/``support`` to their tag values. Errors (missing
     file, unknown suffix, unreadable content) are raised on every rank with one clear line.
@@ -541,13 +544,15 @@ def read_mesh(path: str | os.PathLike, comm: MPI.Comm):
     if comm.rank == 0:
         if not path.is_file():
             problem = f"mesh file {str(path)!r} does not exist"
-        elif path.suffix.lower() not in _MESH_SUFFIXES:
-            problem = (f"mesh file {str(path)!r} has an unknown suffix; use a gmsh .msh or an "
-                       ".xdmf file")
+        elif path.suffix.lower() not in _MESH_SUFFIXES + _MESHIO_SUFFIXES:
+            problem = (f"mesh file {str(path)!r} has an unknown suffix; use a gmsh .msh, an "
+                       f".xdmf or a {', '.join(_MESHIO_SUFFIXES)} file")
     raise_shared(comm, problem and ("ValueError", problem))
     if path.suffix.lower() == ".msh":
         return _read_gmsh(path, comm)
-    return _read_xdmf(path, comm)
+    if path.suffix.lower() == ".xdmf":
+        return _read_xdmf(path, comm)
+    return _read_meshio(path, comm)
 
 
 def _read_gmsh(path: Path, comm: MPI.Comm):
@@ -785,19 +790,20 @@ def read_meshio(path: str | os.PathLike):
     return data, [b for b in data.cells if b.type in ("triangle", "tetra")]
 
 
-def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception):
-    """``(mesh, facet tags or None, names)`` of an XDMF mesh that DOLFINx's reader does not take
-    (meshio writes blocks of cells, 2-D points with a zero z), read by meshio on rank 0. Its
-    facet cells (lines in 2-D, triangles in 3-D) with integer cell data (``gmsh:physical`` from
-    ``meshio convert`` of a .msh, which keeps the numbers, not the names) are the load (1) and
-    the support (2). Collective."""
+def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = None):
+    """``(mesh, facet tags or None, names)`` of a mesh file read by meshio on rank 0: an XDMF
+    mesh that DOLFINx's reader does not take (``dolfinx_error``; meshio writes blocks of cells,
+    2-D points with a zero z) or another format meshio reads. The load and support facets as
+    :func:`_meshio_facets` finds them (``meshio convert`` of a .msh keeps the physical numbers
+    as ``gmsh:physical``, not the names). Collective."""
 
     def read():
         try:
             data, blocks = read_meshio(path)
         except Exception as error:
-            raise ValueError(f"cannot read mesh file {str(path)!r} as XDMF: DOLFINx: "
-                             f"{dolfinx_error}; meshio: {error}") from None
+            raise ValueError(f"cannot read mesh file {str(path)!r}" + (
+                f" as XDMF: DOLFINx: {dolfinx_error}; meshio: {error}" if dolfinx_error
+                else f": {error}")) from None
         kind = "tetra" if any(b.type == "tetra" for b in blocks) else "triangle"
         others = sorted({b.type for b in data.cells if b.type in _SAME_DIMENSION[kind]})
         if others:
@@ -816,7 +822,7 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception):
                        np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
         except ValueError as error:
             raise ValueError(f"mesh file {str(path)!r}: {error}") from None
-        facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle")
+        facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle", cells)
         problem = _tag_values_problem(path, sorted({int(v) for _, v in facets}),
                                       "the facet cells' integer data")
         if problem:
@@ -834,9 +840,15 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception):
     return _tagged_mesh(comm, points, cells, points.shape[1], load, support)
 
 
-def _meshio_facets(data, kind: str) -> list[tuple[np.ndarray, int]]:
-    """``(nodes, value)`` of each facet cell of type ``kind`` that carries an integer in the
-    file's cell data (``gmsh:physical`` first; never gmsh's geometrical entity numbers)."""
+def _meshio_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """``(nodes, value)`` of the load (1) and support (2) facets of a file read by meshio: its
+    sets named ``load`` and ``support`` (any case: facet cells of type ``kind``, else the
+    boundary facets of ``cells`` whose nodes all lie in a node set, as Abaqus and MED files
+    mark them), else each facet cell that carries an integer in the file's cell data
+    (``gmsh:physical`` first; never gmsh's geometrical entity numbers)."""
+    named = _meshio_named_facets(data, kind, cells)
+    if named:
+        return named
     keys = sorted((k for k in data.cell_data if k != "gmsh:geometrical"),
                   key=lambda k: k != "gmsh:physical")
     facets = []
@@ -849,3 +861,32 @@ def _meshio_facets(data, kind: str) -> list[tuple[np.ndarray, int]]:
                 facets += list(zip(np.asarray(block.data), values.tolist(), strict=True))
                 break
     return facets
+
+
+def _meshio_named_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """The facets of :func:`_meshio_facets`'s sets named ``load`` and ``support``."""
+    facets = []
+    for name, indices in data.cell_sets.items():
+        value = {"load": LOAD, "support": SUPPORT}.get(name.lower())
+        for block, index in zip(data.cells, indices if value else [], strict=False):
+            if block.type == kind and index is not None and len(index):
+                facets += [(nodes, value) for nodes in block.data[np.asarray(index, np.int64)]]
+    if facets:
+        return facets
+    node_sets = {name.lower(): np.asarray(nodes, np.int64) for name, nodes in
+                 data.point_sets.items() if name.lower() in ("load", "support")}
+    if node_sets:
+        boundary = _boundary_facets(cells)
+        for name, value in (("load", LOAD), ("support", SUPPORT)):
+            if name in node_sets:
+                inside = np.isin(boundary, node_sets[name]).all(axis=1)
+                facets += [(nodes, value) for nodes in boundary[inside]]
+    return facets
+
+
+def _boundary_facets(cells: np.ndarray) -> np.ndarray:
+    """The facets (node lists, sorted) that belong to one cell only: the boundary."""
+    n = cells.shape[1]
+    facets = np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(n)]), axis=1)
+    unique, counts = np.unique(facets, axis=0, return_counts=True)
+    return unique[counts == 1]

@@ -20,11 +20,11 @@ Two layouts (:class:`ImportSettings`):
   nodes of a given ``mesh`` (:mod:`fenics_red.raster`).
 
 Files: ``.npy`` (one array, the displacement), ``.npz``, MATLAB ``.mat`` (v5 by
-:func:`scipy.io.loadmat`, v7.3 by h5py, transposed back to MATLAB's shapes), ``.h5`` and XDMF
-(meshio: its points, cells and point data). Missing values (NaN, or 0 in a validity mask) carry no
-data: they are filled by harmonic interpolation over the mesh so that ``D(u)`` can be assembled,
-kept out of the noise estimate, and flagged in the data set's ``valid`` dataset (the estimate there
-is drawn but not trusted).
+:func:`scipy.io.loadmat`, v7.3 by h5py, transposed back to MATLAB's shapes), ``.h5``, XDMF and
+VTK ``.vtu``/``.vtk`` (meshio: its points, cells and point data). Missing values (NaN, or 0 in
+a validity mask) carry no data: they are filled by harmonic interpolation over the mesh so that
+``D(u)`` can be assembled, kept out of the noise estimate, and flagged in the data set's
+``valid`` dataset (the estimate there is drawn but not trusted).
 
 Units: lengths and displacements in m, mm or µm are stored in mm; the modulus is computed in the
 package's unit (1 = 100 kPa) and reported in Pa or kPa. With a known ``traction`` (Pa) the modulus
@@ -72,7 +72,9 @@ LENGTH_UNITS = {"m": 1e3, "mm": 1.0, "um": 1e-3, "µm": 1e-3}
 MODULUS_UNITS = {"Pa": 1e-3, "kPa": 1.0}
 #: The package's modulus unit in kPa (normalised moduli: 1 = 100 kPa).
 KPA = 100.0
-SUFFIXES = (".npy", ".npz", ".mat", ".h5", ".hdf5", ".xdmf")
+SUFFIXES = (".npy", ".npz", ".mat", ".h5", ".hdf5", ".xdmf", ".vtu", ".vtk")
+#: the mesh formats among them: a mesh with data at its nodes, read and written by meshio
+MESH_SUFFIXES = (".xdmf", ".vtu", ".vtk")
 NORMALISATIONS = ("background", "reference")
 
 _DEFAULT_NAMES = {
@@ -108,8 +110,8 @@ class ImportSettings:
         interleaved: a 1-D ``displacement`` is interleaved by node.
         index_base: 0 or 1 for the cells (default: detected; a file that contradicts it is
             refused).
-        mesh: a gmsh ``.msh`` or XDMF mesh file: nodal data are in its node order; images are
-            sampled at its nodes.
+        mesh: a mesh file (gmsh ``.msh``, XDMF, VTK, ...): nodal data are in its node order;
+            images are sampled at its nodes.
         spacing: image pixel size ``(axial, lateral)`` in ``length_unit``.
         roi: image region ``(depth_from, depth_to, lateral_from, lateral_to)`` in ``length_unit``
             (depth from the first row, lateral from the first column).
@@ -243,8 +245,9 @@ class VariableFile:
             raise ValueError(f"measurement file {str(self.path)!r}: unknown suffix "
                              f"{self.path.suffix!r}; use one of {', '.join(SUFFIXES)}")
         self.kind = {".hdf5": ".h5"}.get(self.suffix, self.suffix)
+        reader = "mesh" if self.kind in MESH_SUFFIXES else self.kind[1:]
         try:
-            self._arrays = getattr(self, "_read_" + self.kind[1:])()
+            self._arrays = getattr(self, "_read_" + reader)()
         except (ValueError, KeyError) as error:
             raise ValueError(f"measurement file {str(self.path)!r}: {error}") from None
         except Exception as error:  # a reader's own exception on a corrupt file
@@ -319,11 +322,11 @@ class VariableFile:
             f.visititems(visit)
         return arrays
 
-    def _read_xdmf(self) -> dict:
+    def _read_mesh(self) -> dict:  # XDMF, VTK: a mesh with point data, read by meshio
         data, cells = read_meshio(self.path)
         if len(cells) != 1:
-            raise ValueError("an XDMF measurement needs one block of triangles or tetrahedra, "
-                             f"got {[block.type for block in data.cells]}")
+            raise ValueError(f"a {self.kind} measurement needs one block of triangles or "
+                             f"tetrahedra, got {[block.type for block in data.cells]}")
         arrays = {"nodes": data.points, "cells": cells[0].data}
         for name, values in data.point_data.items():
             arrays[name] = values
@@ -456,8 +459,15 @@ def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int
 
 def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, what: str
            ) -> tuple[np.ndarray, dict]:
-    """A nodal vector field ``(d, N)`` stored as ``(N, d)``, ``(d, N)`` or interleaved."""
+    """A nodal vector field ``(d, N)`` stored as ``(N, d)``, ``(d, N)`` or interleaved; in
+    2-D also as three components whose third is zero (how VTK and meshio store 2-D vectors)."""
     array = _vector(file.get(name, what))
+    how = {}
+    if d == 2 and array.ndim == 2 and n != 3 and array.shape in ((n, 3), (3, n)):
+        z = array[:, 2] if array.shape == (n, 3) else array[2]
+        if not (np.abs(z) > 1e-12 * np.nanmax(np.abs(array), initial=0.0)).any():  # NaN: False
+            array, how = (array[:, :2] if array.shape == (n, 3) else array[:2],
+                          {"third_component": "zero, dropped"})
     if array.ndim == 1:
         if array.size != d * n:
             raise ValueError(f"{what} {name!r} has {array.size} values, but {n} nodes in "
@@ -467,9 +477,9 @@ def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, wha
                              "--interleaved if it is [x0, y0, x1, y1, ...]")
         return array.reshape(n, d).T.astype(np.float64), {"vector": name, "interleaved": True}
     if array.shape == (n, d):
-        return array.T.astype(np.float64), {"vector": name, "shape": "nodes x components"}
+        return array.T.astype(np.float64), {"vector": name, "shape": "nodes x components", **how}
     if array.shape == (d, n):
-        return array.astype(np.float64), {"vector": name, "shape": "components x nodes"}
+        return array.astype(np.float64), {"vector": name, "shape": "components x nodes", **how}
     raise ValueError(f"{what} {name!r} has shape {array.shape}; {n} nodes in {d}-D need "
                      f"({n}, {d}), ({d}, {n}) or {d * n} interleaved values: a mesh and a "
                      f"{what} that do not match")
@@ -1026,7 +1036,7 @@ def _write_layout(path: Path, values: list[np.ndarray], valid: np.ndarray, sourc
             with h5py.File(tmp, "w") as f:
                 for key, value in variables.items():
                     f[key] = value
-        else:  # XDMF: meshio writes the .xdmf and its .h5 beside it
+        else:  # XDMF (meshio writes the .xdmf and its .h5 beside it), VTK
             _write_meshio(path, tmp, mesh, variables, overwrite)
 
 
@@ -1035,11 +1045,15 @@ def _write_meshio(path: Path, tmp: Path, mesh: MeshArrays, variables: Mapping,
     import meshio
 
     kind = "triangle" if mesh.dim == 2 else "tetra"
-    work = tmp.with_name(tmp.name + ".xdmf")
+    suffix = path.suffix.lower()
+    work = tmp.with_name(tmp.name + suffix)
     point_data = {"E": np.asarray(variables["E"], dtype=np.float64)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meshio.write(work, meshio.Mesh(mesh.points, [(kind, mesh.cells)], point_data=point_data))
+    if suffix != ".xdmf":
+        os.replace(work, tmp)
+        return
     h5 = work.with_suffix(".h5")
     final_h5 = path.with_suffix(".h5")
     text = work.read_text().replace(h5.name, final_h5.name)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from reference_fe import facets_from_meshio, solve_elasticity
 
-from fenics_red.domain import LOAD, SUPPORT, Domain
+from fenics_red.domain import LOAD, SUPPORT, Domain, MeshArrays
 from fenics_red.forward import ElasticityModel, ForwardSettings
 from fenics_red.raster import ImageGrid
 
@@ -436,6 +436,53 @@ def test_an_xdmf_file_without_its_data_or_readable_by_neither_reader_is_refused(
                                       "exist: copy that file beside it")
     _refused_in_one_line(renamed, comm, "cannot read mesh file .* as XDMF: DOLFINx: .*; meshio: "
                                         ".*one grid")
+
+
+def _grid_for_meshio(width: float = 6.0, height: float = 4.0):
+    """A 6 x 4 grid's points ``(N, 3)`` (z = 0, as most formats store 2-D meshes), triangles,
+    and its bottom and top boundary lines."""
+    from fenics_red.domain import _boundary_facets
+
+    arrays = MeshArrays.of_grid(ImageGrid(6, 4, width, height))
+    lines = _boundary_facets(arrays.cells)
+    depth = arrays.points[lines].mean(axis=1)[:, 1]
+    return (np.c_[arrays.points, np.zeros(len(arrays.points))], arrays.cells,
+            lines[depth == 0.0], lines[depth == height])
+
+
+@pytest.mark.parametrize("suffix", [".vtu", ".vtk", ".inp", ".mesh", ".med"])
+def test_meshes_in_vtk_abaqus_medit_and_med_files_are_read_through_meshio(suffix, comm,
+                                                                          mpi_tmp_path):
+    """Without boundary sets the depth default applies: the load on top, the support below."""
+    path = mpi_tmp_path / f"grid{suffix}"
+    points, cells, _, _ = _grid_for_meshio()
+    if comm.rank == 0:
+        meshio.write(path, meshio.Mesh(points, [("triangle", cells)]))
+    comm.Barrier()
+    domain = Domain.from_file(path, comm)
+    assert domain.num_file_nodes == len(points) and domain.mesh.geometry.dim == 2
+    np.testing.assert_allclose(_tagged_depths(domain), [4.0, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("sets", ["nodes", "lines"])
+def test_abaqus_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
+    """Node sets (``*NSET``: the boundary facets whose nodes all lie in one) or sets of line
+    elements (``*ELSET``), in any case; here the load at the bottom, unlike the default."""
+    path = mpi_tmp_path / f"marked-{sets}.inp"
+    points, cells, bottom, top = _grid_for_meshio()
+    if comm.rank == 0:
+        if sets == "nodes":
+            marked = meshio.Mesh(points, [("triangle", cells)], point_sets={
+                "LOAD": np.unique(bottom), "Support": np.unique(top)})
+        else:
+            none = np.zeros(0, np.int64)
+            marked = meshio.Mesh(points, [("triangle", cells), ("line", np.vstack([bottom, top]))],
+                                 cell_sets={"load": [none, np.arange(len(bottom))],
+                                            "support": [none, len(bottom) + np.arange(len(top))]})
+        meshio.write(path, marked)
+    comm.Barrier()
+    np.testing.assert_allclose(_tagged_depths(Domain.from_file(path, comm)), [0.0, 4.0],
+                               atol=1e-12)
 
 
 def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_path):

@@ -104,11 +104,18 @@ def _export(layout: str, path: Path, sample, mesh) -> list[str]:
         meshio.write(path, meshio.Mesh(p, [("triangle", c)],
                                        point_data={"displacement": np.column_stack([ux, uy])}))
         return []
+    if layout == "vtu":  # VTK's 2-D mesh and vectors: three coordinates, a zero z component
+        import meshio
+
+        zero = np.zeros(len(p))
+        meshio.write(path, meshio.Mesh(np.column_stack([p, zero]), [("triangle", c)],
+                                       point_data={"u": np.column_stack([ux, uy, zero])}))
+        return []
     raise AssertionError(layout)
 
 
 SUFFIX = {"mat-interleaved": ".mat", "mat-separate": ".mat", "mat-v73": ".mat", "npz": ".npz",
-          "h5": ".h5", "xdmf": ".xdmf"}
+          "h5": ".h5", "xdmf": ".xdmf", "vtu": ".vtu"}
 SIGMA_FLAG = {"m": 1e-3, "mm": 1.0, "um": 1e3}
 
 
@@ -133,7 +140,7 @@ def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulat
     np.testing.assert_allclose(estimate, simulated["estimate"], rtol=1e-9)
     # the user's layout: same names, node order and units, the modulus in Pa
     written = out.with_name(f"est-{layout}-modulus{SUFFIX[layout]}")
-    if layout == "xdmf":
+    if layout in ("xdmf", "vtu"):
         import meshio
 
         E = meshio.read(written).point_data["E"]

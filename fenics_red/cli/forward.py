@@ -1,7 +1,7 @@
 """``fenics-red forward``: displacements of a modulus on a grid or a mesh (paper, equation 1).
 
 On a grid the modulus and the displacements are images ``(ny+1, nx+1)``; on a mesh (``--mesh``,
-gmsh or XDMF) they are one value per node in the mesh file's own node order.
+gmsh, XDMF, VTK, ...) they are one value per node in the mesh file's own node order.
 """
 
 from __future__ import annotations
@@ -132,13 +132,15 @@ def register(subparsers) -> None:
         "forward", help="simulate displacements from a modulus (image or per mesh node)",
         description="Solve K(E) u = f. Without --mesh, E.npy is an image of shape (ny+1, nx+1) "
                     "(row 0 at the transducer) and the output holds images ux, uy. With --mesh "
-                    "FILE (gmsh .msh with physical groups 'load'/'support', or XDMF), E.npy holds "
-                    "one modulus per mesh node in the file's node order, and the output holds "
-                    "ux, uy (uz in 3-D) per node in the same order, and the node coordinates.")
+                    "FILE (gmsh .msh with physical groups 'load'/'support', XDMF, VTK, ...), "
+                    "E.npy holds one modulus per mesh node in the file's node order, and the "
+                    "output holds ux, uy (uz in 3-D) per node in the same order, and the node "
+                    "coordinates.")
     parser.add_argument("--modulus", required=True,
                         help="modulus (.npy): an image (ny+1, nx+1), or one value per mesh node")
     parser.add_argument("--mesh", default=None,
-                        help="mesh file (.msh or .xdmf); default: the grid of the modulus image")
+                        help="mesh file (.msh, .xdmf, .vtu, .vtk, .inp, .mesh, .med); default: "
+                             "the grid of the modulus image")
     parser.add_argument("--out", required=True, help="output .npz with the displacement and the "
                         "settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

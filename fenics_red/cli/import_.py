@@ -43,8 +43,9 @@ def register(subparsers) -> None:
                        help="a 1-D --displacement is [ux0, uy0, ux1, uy1, ...]")
     names.add_argument("--index-base", type=int, choices=[0, 1], default=None,
                        help="cells are 0- or 1-based (default: detected, and said)")
-    names.add_argument("--mesh", metavar="FILE", help="a gmsh .msh or XDMF mesh: nodal data in its "
-                       "node order, or the mesh the images are sampled on (in --length-unit)")
+    names.add_argument("--mesh", metavar="FILE",
+                       help="a mesh file (gmsh .msh, XDMF, VTK, ...): nodal data in its node "
+                            "order, or the mesh the images are sampled on (in --length-unit)")
     image = parser.add_argument_group("displacement images")
     image.add_argument("--spacing", type=float, nargs=2, metavar=("AXIAL", "LATERAL"),
                        help="pixel size along depth and across, in --length-unit (images)")

@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--samples", type=int, required=True, help="number of samples")
     parser.add_argument("--mesh", default=None, metavar="FILE",
                         help="simulate on this mesh (gmsh .msh with physical groups 'load' and "
-                             "'support', or XDMF) instead of a grid; writes a data set of format "
-                             "2 (one value per mesh node)")
+                             "'support', XDMF, VTK, ...) instead of a grid; writes a data set of "
+                             "format 2 (one value per mesh node)")
     parser.add_argument("--pixel", type=float, default=None,
                         help="with --mesh: pixel size of the raster the phantoms are drawn on, "
                              "in the mesh's length unit (default: its mean node spacing)")
