@@ -579,8 +579,12 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
             others = []
             for dim, tag in gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []:
                 name = gmsh.model.getPhysicalName(dim, tag)
-                if name in ("load", "support"):
-                    names[name] = tag
+                if name.lower() in ("load", "support"):  # any case: "Load", "SUPPORT"
+                    if name.lower() in names:
+                        problem = problem or (f"mesh file {str(path)!r} has two boundary groups "
+                                              f"named {name.lower()!r} (in some case): merge "
+                                              "them into one")
+                    names[name.lower()] = tag
                 else:
                     others.append(name or str(tag))
             problem = (problem or _gmsh_cell_problem(gmsh, gdim, path)
@@ -642,7 +646,7 @@ def _gmsh_empty_group_problem(path: Path, gdim: int, names: dict[str, int]) -> s
     with open(path, "rb") as stream:
         head = stream.read(1 << 20)
     section = re.search(rb"\$PhysicalNames\s+\d+\s+(.*?)\$EndPhysicalNames", head, re.S)
-    declared = [(int(d), name.decode(errors="replace")) for d, name in re.findall(
+    declared = [(int(d), name.decode(errors="replace").lower()) for d, name in re.findall(
         rb'^\s*(\d+)\s+\d+\s+"([^"]*)"', section.group(1), re.M)] if section else []
     empty = sorted({name for d, name in declared
                     if d == gdim - 1 and name in ("load", "support") and name not in names})

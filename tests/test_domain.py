@@ -338,6 +338,24 @@ def test_boundary_groups_of_other_names_are_said_to_be_unused(comm, mpi_tmp_path
     assert np.allclose(top.points[np.unique(top.load)][:, 1], 30.0)  # the depth rule applies
 
 
+def test_gmsh_groups_named_load_and_support_in_any_case_mark_the_boundary(comm, mpi_tmp_path):
+    """"Load" on the bottom edge and "SUPPORT" on the top, unlike the depth default (such names
+    were taken for other groups: the default applied, with a warning)."""
+    path = mpi_tmp_path / "cased.msh"
+    if comm.rank == 0:
+        _gmsh_rectangle(path, groups=("Load", "SUPPORT"), edges=(0, 2))
+    comm.Barrier()
+    arrays = Domain.from_file(path, comm).to_arrays()
+    assert np.allclose(arrays.points[np.unique(arrays.load)][:, 1], 0.0)
+    assert np.allclose(arrays.points[np.unique(arrays.support)][:, 1], 30.0)
+    twice = mpi_tmp_path / "twice.msh"
+    if comm.rank == 0:
+        _gmsh_rectangle(twice, groups=("load", "Load"))
+    comm.Barrier()
+    _refused_in_one_line(twice, comm, "has two boundary groups named 'load' \\(in some case\\): "
+                                      "merge them into one")
+
+
 def _unused_node(points, cells):
     """Node 5 moved out of the cells' numbering: no cell uses it."""
     return (np.vstack([points[:5], [[100.0, 100.0, 0.0]], points[5:]]),
