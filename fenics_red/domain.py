@@ -872,7 +872,9 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.nd
     facets = []
     for name, indices in data.cell_sets.items():
         value = {"load": LOAD, "support": SUPPORT}.get(name.lower())
-        for block, index in zip(data.cells, indices if value else [], strict=False):
+        if value is None:
+            continue
+        for block, index in zip(data.cells, indices, strict=False):
             if block.type == kind and index is not None and len(index):
                 facets += [(nodes, value) for nodes in block.data[np.asarray(index, np.int64)]]
     if facets:
