@@ -129,7 +129,8 @@ def header(title: str, notes: str = "") -> str:
 def merge_rows(name: str, rows: list[dict], key: tuple[str, ...], section: str = "rows"
                ) -> list[dict]:
     """Merge ``rows`` into ``section`` of ``benchmarks/results/NAME.json`` (rows with the same
-    key replace older ones; other sections are kept) and return that section, sorted."""
+    key replace older ones; other sections are kept) and return that section, sorted. Rank 0
+    only."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{name}.json"
     old = json.loads(store.read_text()) if store.exists() else {}
@@ -137,7 +138,9 @@ def merge_rows(name: str, rows: list[dict], key: tuple[str, ...], section: str =
     merged.update({tuple(r[k] for k in key): r for r in rows})
     ordered = [merged[k] for k in sorted(merged, key=_natural)]
     old[section] = ordered
-    store.write_text(json.dumps({"rows": [], **old}, indent=1))
+    partial = store.with_name(store.name + ".partial")  # replaced whole: never read half-written
+    partial.write_text(json.dumps({"rows": [], **old}, indent=1))
+    os.replace(partial, store)
     return ordered
 
 

@@ -108,11 +108,10 @@ def main():
             rows.append(_row(grid, plane, volumetric, comm))
             if comm.rank == 0:
                 print(rows[-1], flush=True)
-    table = record("volumetric", rows, ("cells", "plane", "volumetric"),
-                   "P1 locking at ν = 0.495: plain P1 against the nodal bulk part",
-                   "One rank, MUMPS LU. See the docstring of benchmarks/volumetric.py.")
     if comm.rank == 0:
-        print(table)
+        print(record("volumetric", rows, ("cells", "plane", "volumetric"),
+                     "P1 locking at ν = 0.495: plain P1 against the nodal bulk part",
+                     "One rank, MUMPS LU. See the docstring of benchmarks/volumetric.py."))
 
 
 if __name__ == "__main__":
