@@ -28,7 +28,7 @@ from dolfinx import fem, mesh
 from .parallel import on_every_rank, on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
-           "planar_points", "read_meshio"]
+           "planar_points", "read_facets", "read_meshio"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
@@ -275,10 +275,20 @@ class Domain:
                              force=force)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, comm: MPI.Comm) -> Domain:
-        """Read a gmsh ``.msh`` or an XDMF mesh, distributed over ``comm``."""
+    def from_file(cls, path: str | os.PathLike, comm: MPI.Comm,
+                  facets: str | os.PathLike | None = None) -> Domain:
+        """Read a mesh file (:func:`read_mesh`), distributed over ``comm``. ``facets``: a second
+        file that holds the load and support facets instead (:func:`read_facets`: the layout
+        of meshio's conversion, the cells in ``mesh.xdmf``, the boundary lines in another).
+        Collective."""
         msh, tags, names = read_mesh(path, comm)
-        return cls.from_mesh(msh, tags, names, source=str(path))
+        domain = cls.from_mesh(msh, tags, names, source=str(path))
+        if facets is None:
+            return domain
+        arrays = domain.to_arrays()
+        load, support = on_root(comm, lambda: read_facets(facets, arrays.points))
+        return cls.from_arrays(arrays.points, arrays.cells, comm, load, support,
+                               source=f"{path} (facets: {facets})")
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -844,11 +854,53 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
     return _tagged_mesh(comm, points, cells, points.shape[1], load, support)
 
 
-def _meshio_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.ndarray, int]]:
+def read_facets(path: str | os.PathLike, points: np.ndarray
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The load and support facets ``(F, gdim)`` (``None``: none in the file) of the mesh with
+    nodes ``points`` from a second file read by meshio (XDMF, VTK, ...): its facet cells in sets
+    named ``load``/``support`` or with integer data 1 / 2 (:func:`_meshio_facets`). Their nodes
+    are matched to the mesh's by coordinates (to 1e-9 of the mesh's size), so the two files may
+    number nodes differently. Serial."""
+    from scipy.spatial import cKDTree
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"facets file {str(path)!r} does not exist")
+    try:
+        data, _ = read_meshio(path)
+    except Exception as error:
+        raise ValueError(f"cannot read facets file {str(path)!r}: {error}") from None
+    gdim = points.shape[1]
+    facets = _meshio_facets(data, "line" if gdim == 2 else "triangle", None)
+    problem = _tag_values_problem(path, sorted({v for _, v in facets}),
+                                  "the facet cells' integer data")
+    if problem or not facets:
+        raise ValueError(problem or f"facets file {str(path)!r} holds no "
+                         f"{'lines' if gdim == 2 else 'triangles'} marked as load (1) or "
+                         f"support (2) (cells: {', '.join(b.type for b in data.cells) or 'none'})")
+    file_points = np.asarray(data.points, dtype=np.float64)
+    if gdim == 2 and file_points.shape[1] == 3 and np.ptp(file_points[:, 2]) == 0.0:
+        file_points = file_points[:, :2]  # 2-D facets stored with a constant z
+    nodes = np.unique(np.concatenate([f for f, _ in facets]))
+    size = float(np.ptp(points, axis=0).max())
+    distance = np.full(len(nodes), np.inf)
+    lookup = np.full(len(file_points), -1, dtype=np.int64)  # facets file node -> mesh node
+    if file_points.shape[1] == gdim and nodes.max() < len(file_points):
+        distance, lookup[nodes] = cKDTree(points).query(file_points[nodes])
+    if (distance > 1e-9 * size).any():
+        first = int(nodes[np.flatnonzero(distance > 1e-9 * size)[0]])
+        raise ValueError(f"facets file {str(path)!r}: its node {first} (0-based) is not a node "
+                         f"of the {gdim}-D mesh; the facets must be drawn on the mesh's nodes "
+                         "(the same mesh, the same length unit)")
+    load, support = ([lookup[f] for f, v in facets if v == tag] for tag in (LOAD, SUPPORT))
+    return tuple(np.vstack(f) if f else None for f in (load, support))
+
+
+def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.ndarray, int]]:
     """``(nodes, value)`` of the load (1) and support (2) facets of a file read by meshio: its
     sets named ``load`` and ``support`` (any case: facet cells of type ``kind``, else the
-    boundary facets of ``cells`` whose nodes all lie in a node set, as Abaqus and MED files
-    mark them), else each facet cell that carries an integer in the file's cell data
+    boundary facets of ``cells`` (unless None) whose nodes all lie in a node set, as Abaqus and
+    MED files mark them), else each facet cell that carries an integer in the file's cell data
     (``gmsh:physical`` first; never gmsh's geometrical entity numbers)."""
     named = _meshio_named_facets(data, kind, cells)
     if named:
@@ -867,7 +919,8 @@ def _meshio_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.ndarray,
     return facets
 
 
-def _meshio_named_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.ndarray, int]]:
+def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
+                         ) -> list[tuple[np.ndarray, int]]:
     """The facets of :func:`_meshio_facets`'s sets named ``load`` and ``support``."""
     facets = []
     for name, indices in data.cell_sets.items():
@@ -881,7 +934,7 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray) -> list[tuple[np.nd
         return facets
     node_sets = {name.lower(): np.asarray(nodes, np.int64) for name, nodes in
                  data.point_sets.items() if name.lower() in ("load", "support")}
-    if node_sets:
+    if node_sets and cells is not None:
         boundary = _boundary_facets(cells)
         for name, value in (("load", LOAD), ("support", SUPPORT)):
             if name in node_sets:

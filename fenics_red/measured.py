@@ -147,6 +147,7 @@ class ImportSettings:
     interleaved: bool = False
     index_base: int | None = None
     mesh: str | None = None
+    mesh_facets: str | None = None
     spacing: tuple[float, float] | None = None
     roi: tuple[float, float, float, float] | None = None
     valid: str | None = None
@@ -176,6 +177,8 @@ class ImportSettings:
         validation.one_of(self.normalise, "normalise", NORMALISATIONS)
         if self.index_base is not None:
             validation.one_of(self.index_base, "the cells' index base", (0, 1))
+        if self.mesh_facets is not None and self.mesh is None:
+            raise ValueError("--facets marks the boundary of a mesh file; give --mesh too")
         if self.spacing is not None:
             set_(self, "spacing", validation.per_component(
                 self.spacing, "the pixel spacing", (2,), shape_hint="two sizes (axial, lateral)"))
@@ -533,12 +536,27 @@ def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.n
     return array != 0
 
 
+def _mesh_file(s: ImportSettings, comm_self: MPI.Comm) -> MeshArrays:
+    """The mesh of ``s.mesh`` (its boundary from ``s.mesh_facets`` when given) as arrays."""
+    facets = None if s.mesh_facets is None else check_input_file(s.mesh_facets, "facets file")
+    return Domain.from_file(check_input_file(s.mesh, "mesh file"), comm_self,
+                            facets=facets).to_arrays()
+
+
+def _mesh_files(s: ImportSettings) -> dict:
+    """The mesh (and facets) file as resolved at import, for the layout record."""
+    files = {"mesh_file": str(Path(s.mesh).resolve())}
+    if s.mesh_facets is not None:
+        files["facets_file"] = str(Path(s.mesh_facets).resolve())
+    return files
+
+
 def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tuple:
     """Mesh arrays (file length unit), displacement (file unit), validity, reference, layout."""
     layout: dict = {"layout": "nodal"}
     if s.mesh is not None:
-        mesh = Domain.from_file(check_input_file(s.mesh, "mesh file"), comm_self).to_arrays()
-        layout.update(mesh_file=str(Path(s.mesh).resolve()))
+        mesh = _mesh_file(s, comm_self)
+        layout.update(_mesh_files(s))
         points = mesh.points
     else:
         nodes = file.find(s.nodes, "nodes", "the node coordinates")
@@ -644,7 +662,7 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
         return (MeshArrays.of_grid(grid), u.reshape(2, -1), ok.ravel(),
                 None if ref is None else ref.ravel(), layout)
     # a mesh of the region: sample the images (missing pixels filled first) at its nodes
-    mesh = Domain.from_file(check_input_file(s.mesh, "mesh file"), MPI.COMM_SELF).to_arrays()
+    mesh = _mesh_file(s, MPI.COMM_SELF)
     if mesh.dim != 2:
         raise ValueError("displacement images go onto a 2-D mesh; the mesh file is 3-D")
     points = mesh.points  # in the file's length unit, like the spacing
@@ -659,7 +677,7 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
     B = _multilinear_matrix(grid, points)
     node_ok = (B @ (~ok.ravel()).astype(float)) < 1e-12
     node_ref = None if ref is None else (B @ ref.ravel().astype(float)) > 0.5
-    layout["mesh_file"] = str(Path(s.mesh).resolve())
+    layout.update(_mesh_files(s))
     return mesh, np.stack([B @ c for c in filled]), node_ok, node_ref, layout
 
 

@@ -482,6 +482,39 @@ def test_meshes_in_vtk_abaqus_medit_and_med_files_are_read_through_meshio(suffix
     np.testing.assert_allclose(_tagged_depths(domain), [4.0, 0.0], atol=1e-12)
 
 
+def test_facets_from_a_second_file_mark_the_boundary_matched_by_coordinates(comm, mpi_tmp_path):
+    """The layout of meshio's conversion (``mesh.xdmf`` with the triangles, ``facets.xdmf`` with
+    the boundary lines and their ``name_to_read`` numbers): the facets file numbers its points
+    in another order here, and marks the load at the bottom (unlike the default). Facets off the
+    mesh, or none marked, are refused in one line."""
+    points, cells, bottom, top = _grid_for_meshio()
+    mesh_file, facets = mpi_tmp_path / "mesh.xdmf", mpi_tmp_path / "facets.xdmf"
+    shifted, unmarked = mpi_tmp_path / "shifted.xdmf", mpi_tmp_path / "unmarked.vtu"
+    order = np.random.default_rng(3).permutation(len(points))  # facets file point i = order[i]
+    new_index = np.argsort(order)
+    lines = new_index[np.vstack([bottom, top])]
+    values = [np.r_[np.full(len(bottom), LOAD), np.full(len(top), SUPPORT)]]
+    if comm.rank == 0:
+        meshio.write(mesh_file, meshio.Mesh(points, [("triangle", cells)],
+                                            cell_data={"name_to_read": [np.ones(len(cells))]}))
+        meshio.write(facets, meshio.Mesh(points[order], [("line", lines)],
+                                         cell_data={"name_to_read": values}))
+        meshio.write(shifted, meshio.Mesh(points[order] + [0.5, 0.0, 0.0], [("line", lines)],
+                                          cell_data={"name_to_read": values}))
+        meshio.write(unmarked, meshio.Mesh(points, [("triangle", cells)]))
+    comm.Barrier()
+    np.testing.assert_allclose(_tagged_depths(Domain.from_file(mesh_file, comm)), [4.0, 0.0])
+    domain = Domain.from_file(mesh_file, comm, facets=facets)
+    np.testing.assert_allclose(_tagged_depths(domain), [0.0, 4.0], atol=1e-12)
+    assert domain.num_file_nodes == len(points)
+    for path, message in ((shifted, "is not a node of the 2-D mesh; the facets must be drawn on "
+                                    "the mesh's nodes"),
+                          (unmarked, "holds no lines marked as load \\(1\\) or support")):
+        with pytest.raises(ValueError, match=message) as error:
+            Domain.from_file(mesh_file, comm, facets=path)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("sets", ["nodes", "lines"])
 def test_abaqus_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
     """Node sets (``*NSET``: the boundary facets whose nodes all lie in one) or sets of line

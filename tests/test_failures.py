@@ -588,6 +588,10 @@ def test_an_extra_output_that_is_the_mesh_of_an_import_is_refused_from_any_folde
 @pytest.mark.parametrize(("argv", "words"), [
     (["simulate", "--samples", "1", "--grid", "8", "--height", "inf"], "--height: must be"),
     (["simulate", "--samples", "1", "--grid", "8", "--seed", str(2**64)], "[0, 2^63 - 1]"),
+    (["simulate", "--samples", "1", "--grid", "8", "--facets", "facets.xdmf"],
+     "--facets marks the boundary of a mesh file; give --mesh too"),
+    (["forward", "--modulus", "{E16}", "--facets", "facets.xdmf"],
+     "--facets marks the boundary of a mesh file; give --mesh too"),
     (["forward", "--modulus", "{E16}"], "spans a contrast of 1e+16"),
     (["simulate", "--samples", "1", "--grid", "4", "--grid-z", "4", "--plane-strain"],
      "--plane-strain applies to 2-D problems only; a 3-D mesh or grid is solved in 3-D"),

@@ -165,6 +165,35 @@ def test_every_nodal_layout_round_trips_to_the_internal_estimate(layout, simulat
         assert (folder / name).exists()
 
 
+def test_a_mesh_whose_facets_are_in_a_second_file_keeps_them_in_the_data_set(simulated, folder):
+    """``--mesh cells.xdmf --facets lines.xdmf`` (meshio's conversion writes the cells and the
+    boundary lines to two files). The lines here swap the gmsh file's groups (load at the
+    bottom), which the depth default would not give."""
+    import meshio
+
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source, mesh_file, facets = (folder / name for name in ("at-nodes.npz", "cells.xdmf",
+                                                             "lines.xdmf"))
+    lines = np.vstack([mesh.support, mesh.load])
+    values = np.r_[np.full(len(mesh.support), 1), np.full(len(mesh.load), 2)]
+    _on_root(lambda: (np.savez(source, ux=sample.ux_noisy, uy=sample.uy_noisy),
+                      meshio.write(mesh_file, meshio.Mesh(mesh.points, [("triangle", mesh.cells)])),
+                      meshio.write(facets, meshio.Mesh(mesh.points, [("line", lines)],
+                                                       cell_data={"name_to_read": [values]}))))
+    data = folder / "data-facets.h5"
+    assert main(["import", str(source), "--out", str(data), "--mesh", str(mesh_file), "--facets",
+                 str(facets), "--traction", str(TRACTION_PA), "--modulus-unit", "Pa",
+                 *_sigma_flags([], sample)]) == 0
+    with load_dataset(data) as d:
+        stored = d.mesh
+
+    def as_set(facets):
+        return {tuple(sorted(f)) for f in np.asarray(facets).tolist()}
+
+    assert as_set(stored.load) == as_set(mesh.support) and len(stored.load)
+    assert as_set(stored.support) == as_set(mesh.load)
+
+
 def test_a_3d_nodal_measurement_round_trips_to_the_internal_estimate(folder):
     """Points (N, 3) and tetrahedra in mm, ``(3, N)`` displacements in µm: the data set gets
     ``uz_noisy`` and the ML estimate equals the internal path's; the modulus goes back in Pa. So

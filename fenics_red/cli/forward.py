@@ -53,6 +53,24 @@ def add_forward_arguments(parser) -> None:
                             "dofs, CG + GAMG with the rigid-body modes above; or force lu/gamg")
 
 
+def add_facets_argument(parser) -> None:
+    """``--facets FILE``: the boundary of a ``--mesh`` from a second file."""
+    parser.add_argument("--facets", default=None, metavar="FILE",
+                        help="with --mesh: its load and support facets from a second file read "
+                             "by meshio (boundary lines in 2-D, triangles in 3-D, with integer "
+                             "cell data 1 = load, 2 = support or in sets named load/support), "
+                             "as meshio's conversion writes them beside the cells (mesh.xdmf + "
+                             "facets.xdmf); default: those in the mesh file")
+
+
+def mesh_domain(mesh, facets, comm: MPI.Comm) -> Domain:
+    """The :class:`Domain` of ``--mesh`` (and ``--facets``), the files checked first."""
+    if mesh is None:
+        raise ValueError("--facets marks the boundary of a mesh file; give --mesh too")
+    return Domain.from_file(check_input_file(mesh, "mesh file"), comm, facets=(
+        None if facets is None else check_input_file(facets, "facets file")))
+
+
 def forward_settings(args) -> ForwardSettings:
     return ForwardSettings(nu=args.nu, plane="strain" if args.plane_strain else "stress",
                            traction=args.traction, support=args.support, solver=args.solver,
@@ -141,6 +159,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mesh", default=None,
                         help="mesh file (.msh, .xdmf, .vtu, .vtk, .inp, .mesh, .med); default: "
                              "the grid of the modulus image")
+    add_facets_argument(parser)
     parser.add_argument("--out", required=True, help="output .npz with the displacement and the "
                         "settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -152,6 +171,8 @@ def run(args) -> int:
     comm = MPI.COMM_WORLD
     settings = forward_settings(args)
     check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
+    if args.mesh is None and args.facets is not None:
+        mesh_domain(None, args.facets, comm)  # refused: --facets without --mesh
     if args.mesh is None:  # the image's size from the file's header, before reading it
         shape = npy_shape(args.modulus, "modulus")
         if len(shape) == 2:
@@ -169,12 +190,13 @@ def run(args) -> int:
     else:
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
-        domain = Domain.from_file(check_input_file(args.mesh, "mesh file"), comm)
+        domain = mesh_domain(args.mesh, args.facets, comm)
         plane_in(settings.plane, domain.dim)
         check_solve_memory(domain.num_file_nodes, domain.dim, settings, comm,
                            f"a forward solve on the {domain.num_file_nodes}-node mesh")
         modulus = _nodal_modulus(modulus, domain.num_file_nodes, args.modulus)
-        meta = {"mesh": str(args.mesh), "num_nodes": domain.num_file_nodes, "dim": domain.dim}
+        meta = {"mesh": str(args.mesh), "facets": args.facets,
+                "num_nodes": domain.num_file_nodes, "dim": domain.dim}
     model = ElasticityModel(domain, settings)
     try:
         model.solve(model.from_values(modulus, np.empty_like(model.E.x.array), name="modulus"))

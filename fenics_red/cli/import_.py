@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     names.add_argument("--mesh", metavar="FILE",
                        help="a mesh file (gmsh .msh, XDMF, VTK, ...): nodal data in its node "
                             "order, or the mesh the images are sampled on (in --length-unit)")
+    names.add_argument("--facets", metavar="FILE", default=None,
+                       help="with --mesh: its load and support facets from a second file "
+                            "(fenics-red forward --help says how they are read)")
     image = parser.add_argument_group("displacement images")
     image.add_argument("--spacing", type=float, nargs=2, metavar=("AXIAL", "LATERAL"),
                        help="pixel size along depth and across, in --length-unit (images)")
@@ -95,7 +98,7 @@ def settings_from_args(args) -> ImportSettings:
         layout="image" if args.spacing is not None else "nodal", nodes=args.nodes,
         cells=args.cells, displacement=args.displacement, ux=args.ux, uy=args.uy, uz=args.uz,
         axial=args.axial, lateral=args.lateral, interleaved=args.interleaved,
-        index_base=args.index_base, mesh=args.mesh,
+        index_base=args.index_base, mesh=args.mesh, mesh_facets=args.facets,
         spacing=None if args.spacing is None else tuple(args.spacing),
         roi=None if args.roi is None else tuple(args.roi), valid=args.valid,
         reference=args.reference, load_facets=args.load_facets,

@@ -69,7 +69,9 @@ def _measurement(data, out, overwrite: bool, comm) -> dict | None:
             inputs = [("DATA.h5", data),
                       ("the measurement it was imported from", measurement["source"]["file"]),
                       ("the mesh it was imported with",  # absolute, as resolved at import
-                       measurement["source"].get("mesh_file", measurement["settings"].get("mesh")))]
+                       measurement["source"].get("mesh_file", measurement["settings"].get("mesh"))),
+                      ("the facets file it was imported with",
+                       measurement["source"].get("facets_file"))]
             for path in export_paths(out, measurement, heavy=True):
                 check_not_input(path, inputs, "the estimate's extra output")
                 check_output_path(path, overwrite)

@@ -7,14 +7,13 @@ from mpi4py import MPI
 import numpy as np
 
 from ..data import SimulationSettings, mesh_settings, simulate_dataset
-from ..domain import Domain, MeshArrays
+from ..domain import MeshArrays
 from ..forward import solve_memory
-from ..io import check_input_file
 from ..phantoms import FAMILIES, SHAPES, PhantomSettings
 from ..raster import ImageGrid
 from ..threads import ranks_on_node
 from ..validation import check_memory, plane_in
-from .forward import add_forward_arguments, forward_settings
+from .forward import add_facets_argument, add_forward_arguments, forward_settings, mesh_domain
 
 #: Memory of one rank's forward solves: measured 150 MB on a 64² grid and 430 MB on 256² (about
 #: 4.4 kB per node with a direct solver; 6 kB allows for the fill-in of larger grids).
@@ -33,6 +32,7 @@ def register(subparsers) -> None:
                         help="simulate on this mesh (gmsh .msh with physical groups 'load' and "
                              "'support', XDMF, VTK, ...) instead of a grid; writes a data set of "
                              "format 2 (one value per mesh node)")
+    add_facets_argument(parser)
     parser.add_argument("--pixel", type=float, default=None,
                         help="with --mesh: pixel size of the raster the phantoms are drawn on, "
                              "in the mesh's length unit (default: its mean node spacing)")
@@ -118,6 +118,8 @@ def run(args) -> int:
     common = dict(forward=forward_settings(args), snr_db=args.snr, noise_ratio=args.noise_ratio,
                   force_noise=args.force_noise, seed=args.seed, phantoms=phantoms)
     if args.mesh is None:
+        if args.facets is not None:
+            mesh_domain(None, args.facets, comm)  # refused: --facets without --mesh
         if args.pixel is not None:
             raise ValueError("--pixel sizes the phantom raster of a mesh; give --mesh too")
         settings = SimulationSettings(grid_from_args(args), **common)
@@ -127,7 +129,8 @@ def run(args) -> int:
                             ("--height", args.height)):
             if value is not None:
                 raise ValueError(f"{flag} sizes a grid; a mesh (--mesh) has its own size")
-        settings = mesh_settings(read_mesh_arrays(args.mesh, comm), args.pixel, **common)
+        settings = mesh_settings(mesh_domain(args.mesh, args.facets, comm).to_arrays(),
+                                 args.pixel, **common)
     plane_in(settings.forward.plane, settings.dim)
     check_raster_memory(settings.grid, settings.mesh, settings.forward, comm,
                         f"simulating on {settings.grid.label()} cells")
@@ -171,8 +174,3 @@ def check_pixel_memory(data, pixels, comm: MPI.Comm) -> None:
         grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), pixel)
         check_raster_memory(grid, mesh, forward, comm,
                             f"a raster of {grid.label()} pixels (--pixel {pixel:g})")
-
-
-def read_mesh_arrays(path, comm: MPI.Comm) -> MeshArrays:
-    """The mesh of a file as :class:`MeshArrays` on every rank (what a data set stores)."""
-    return Domain.from_file(check_input_file(path, "mesh file"), comm).to_arrays()
