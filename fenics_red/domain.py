@@ -232,6 +232,11 @@ class Domain:
                 raise ValueError(f"the mesh has no {what} facets: name a physical group "
                                  f"'{what}' in the mesh file or check the depth axis (the last "
                                  "coordinate)")
+        parts[SUPPORT] = np.setdiff1d(parts[SUPPORT], parts[LOAD])  # a facet in both: the load's
+        if msh.comm.allreduce(len(parts[SUPPORT]), op=MPI.SUM) == 0:
+            raise ValueError("every support facet is also a load facet (the load's group covers "
+                             "the support, given or by the depth default): mark a support apart "
+                             "from the load")
         if kwargs.get("grid") is None:  # a grid is one piece of regular cells
             _check_cell_sizes(msh)
             _check_parts_supported(msh, parts[SUPPORT])
@@ -239,9 +244,7 @@ class Domain:
         values = np.concatenate([np.full(len(parts[LOAD]), LOAD, np.int32),
                                  np.full(len(parts[SUPPORT]), SUPPORT, np.int32)])
         order = np.argsort(facets, kind="stable")
-        facets, values = facets[order], values[order]
-        unique, first = np.unique(facets, return_index=True)  # a facet in both parts: load wins
-        tags = mesh.meshtags(msh, fdim, unique, values[first])
+        tags = mesh.meshtags(msh, fdim, facets[order], values[order])
         if kwargs.get("grid") is not None:  # a grid's nodes are its pixels
             kwargs.setdefault("num_file_nodes", int(np.prod(kwargs["grid"].shape)))
         elif "num_file_nodes" not in kwargs:  # nodes of the file that no cell uses are dropped
@@ -517,14 +520,25 @@ def _tagged_mesh(comm: MPI.Comm, points, cells, gdim: int, load=None, support=No
     return msh, tags, names
 
 
-def _tag_values_problem(path: Path, found: list[int], where: str) -> str | None:
-    """XDMF facet tags that hold neither 1 (load) nor 2 (support), or None."""
-    if not found or {LOAD, SUPPORT} & set(found):
+def _tag_values_problem(path: Path, found: list[int], where: str, warn: bool = True
+                        ) -> str | None:
+    """Facet tags that hold neither 1 (load) nor 2 (support): the problem, or None. Other
+    values beside them are left free, with a warning (``warn``: on the rank that reports)."""
+    if not found:
         return None
-    return (f"mesh file {str(path)!r}: its facet tags ({where}) hold the values "
-            f"{', '.join(map(str, found))}, and an XDMF mesh's tags are read as {LOAD} = load, "
-            f"{SUPPORT} = support: renumber them, or give the gmsh .msh file, whose groups are "
-            "read by name")
+    if not {LOAD, SUPPORT} & set(found):
+        return (f"mesh file {str(path)!r}: its facet tags ({where}) hold the values "
+                f"{', '.join(map(str, found))}, and a mesh file's facet numbers are read as "
+                f"{LOAD} = load, {SUPPORT} = support: renumber them, or name the groups or sets "
+                "'load' and 'support' (gmsh .msh, Abaqus, MED)")
+    others = sorted(set(found) - {LOAD, SUPPORT})
+    if others and warn:
+        warnings.warn(f"mesh file {str(path)!r}: its facet tags ({where}) hold "
+                      f"{', '.join(map(str, others))} beside {LOAD} (load) and {SUPPORT} "
+                      "(support); those facets are left free. If the numbers are not load and "
+                      "support markers (a mesher's own curve numbers), renumber them",
+                      UserWarning, stacklevel=3)
+    return None
 
 
 def _create_mesh(comm: MPI.Comm, points, cells, gdim: int) -> mesh.Mesh:
@@ -777,7 +791,7 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
     if tags is not None:
         values = msh.comm.allgather(np.unique(tags.values).tolist())
         problem = _tag_values_problem(path, sorted(set().union(*map(set, values))),
-                                      repr(tags_name))
+                                      repr(tags_name), warn=msh.comm.rank == 0)
         if problem:
             raise on_every_rank(ValueError(problem))
         names = {"load": LOAD, "support": SUPPORT}
@@ -898,14 +912,14 @@ def read_facets(path: str | os.PathLike, points: np.ndarray
 
 def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.ndarray, int]]:
     """``(nodes, value)`` of the load (1) and support (2) facets of a file read by meshio: its
-    sets named ``load`` and ``support`` (any case: facet cells of type ``kind``, else the
-    boundary facets of ``cells`` (unless None) whose nodes all lie in a node set, as Abaqus and
-    MED files mark them), else each facet cell that carries an integer in the file's cell data
-    (``gmsh:physical`` first; never gmsh's geometrical entity numbers)."""
+    sets or groups named ``load`` and ``support`` (:func:`_meshio_named_facets`), else each
+    facet cell of type ``kind`` that carries an integer in the file's cell data
+    (``gmsh:physical`` first, Medit's ``medit:ref``; never gmsh's geometrical entity numbers
+    or MED's family numbers)."""
     named = _meshio_named_facets(data, kind, cells)
     if named:
         return named
-    keys = sorted((k for k in data.cell_data if k != "gmsh:geometrical"),
+    keys = sorted((k for k in data.cell_data if k not in ("gmsh:geometrical", "cell_tags")),
                   key=lambda k: k != "gmsh:physical")
     facets = []
     for k, block in enumerate(data.cells):
@@ -921,26 +935,39 @@ def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.n
 
 def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
                          ) -> list[tuple[np.ndarray, int]]:
-    """The facets of :func:`_meshio_facets`'s sets named ``load`` and ``support``."""
-    facets = []
+    """The facets in sets named ``load`` and ``support`` (any case): element sets of facet
+    cells of type ``kind`` (Abaqus ``*ELSET``) or MED groups of them; for a name without such
+    a set, the boundary facets of ``cells`` (unless None) whose nodes all lie in a node set of
+    that name (Abaqus ``*NSET``). Two sets of one name in different cases are refused."""
+    def role(name: str) -> int | None:
+        return {"load": LOAD, "support": SUPPORT}.get(str(name).lower())
+
+    for sets in (data.cell_sets, data.point_sets):
+        names = [str(n).lower() for n in sets if role(n)]
+        if len(names) != len(set(names)):
+            raise ValueError(f"two sets are named {max(names, key=names.count)!r} (in some "
+                             "case): merge them into one")
+    chosen = {LOAD: [], SUPPORT: []}
     for name, indices in data.cell_sets.items():
-        value = {"load": LOAD, "support": SUPPORT}.get(name.lower())
-        if value is None:
-            continue
-        for block, index in zip(data.cells, indices, strict=False):
+        for block, index in zip(data.cells, indices if role(name) else [], strict=False):
             if block.type == kind and index is not None and len(index):
-                facets += [(nodes, value) for nodes in block.data[np.asarray(index, np.int64)]]
-    if facets:
-        return facets
-    node_sets = {name.lower(): np.asarray(nodes, np.int64) for name, nodes in
-                 data.point_sets.items() if name.lower() in ("load", "support")}
+                chosen[role(name)] += list(block.data[np.asarray(index, np.int64)])
+    families = {family: role(group) for family, groups in (getattr(data, "cell_tags", None)
+                                                           or {}).items()
+                for group in groups if role(group)}  # MED: family number -> its groups
+    for block, numbers in zip(data.cells, data.cell_data.get("cell_tags", []) if families
+                              else [], strict=False):
+        if block.type == kind:
+            for nodes, number in zip(block.data, np.asarray(numbers).tolist(), strict=True):
+                if number in families:
+                    chosen[families[number]].append(nodes)
+    node_sets = {role(name): np.asarray(nodes, np.int64) for name, nodes in
+                 data.point_sets.items() if role(name) and not chosen[role(name)]}
     if node_sets and cells is not None:
         boundary = _boundary_facets(cells)
-        for name, value in (("load", LOAD), ("support", SUPPORT)):
-            if name in node_sets:
-                inside = np.isin(boundary, node_sets[name]).all(axis=1)
-                facets += [(nodes, value) for nodes in boundary[inside]]
-    return facets
+        for value, nodes in node_sets.items():
+            chosen[value] += list(boundary[np.isin(boundary, nodes).all(axis=1)])
+    return [(nodes, value) for value in (LOAD, SUPPORT) for nodes in chosen[value]]
 
 
 def _boundary_facets(cells: np.ndarray) -> np.ndarray:

@@ -468,9 +468,12 @@ def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, wha
     how = {}
     if d == 2 and array.ndim == 2 and n != 3 and array.shape in ((n, 3), (3, n)):
         z = array[:, 2] if array.shape == (n, 3) else array[2]
-        if not (np.abs(z) > 1e-12 * np.nanmax(np.abs(array), initial=0.0)).any():  # NaN: False
-            array, how = (array[:, :2] if array.shape == (n, 3) else array[:2],
-                          {"third_component": "zero, dropped"})
+        if (np.abs(z) > 1e-12 * np.nanmax(np.abs(array), initial=0.0)).any():  # NaN: False
+            raise ValueError(f"{what} {name!r} has three components on a 2-D mesh and the "
+                             f"third is not zero (largest {np.nanmax(np.abs(z)):.3g}): give the "
+                             "3-D mesh it belongs to, or two components")
+        array, how = (array[:, :2] if array.shape == (n, 3) else array[:2],
+                      {"third_component": "zero, dropped"})
     if array.ndim == 1:
         if array.size != d * n:
             raise ValueError(f"{what} {name!r} has {array.size} values, but {n} nodes in "

@@ -424,8 +424,8 @@ def test_dolfinx_xdmf_meshes_of_quadrilaterals_or_unknown_tags_are_refused(comm,
         xdmf.write_mesh(square)
         xdmf.write_meshtags(tags, square.geometry)
     with pytest.raises(ValueError, match=r"its facet tags \('facet_tags'\) hold the values 5, 6, "
-                                         "and an XDMF mesh's tags are read as 1 = load, 2 = "
-                                         "support"):
+                                         "and a mesh file's facet numbers are read as 1 = "
+                                         "load, 2 = support"):
         Domain.from_file(tagged, comm)
 
 
@@ -515,25 +515,70 @@ def test_facets_from_a_second_file_mark_the_boundary_matched_by_coordinates(comm
         assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("sets", ["nodes", "lines"])
-def test_abaqus_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
-    """Node sets (``*NSET``: the boundary facets whose nodes all lie in one) or sets of line
-    elements (``*ELSET``), in any case; here the load at the bottom, unlike the default."""
-    path = mpi_tmp_path / f"marked-{sets}.inp"
+@pytest.mark.parametrize("sets", ["nodes", "lines", "mixed", "med"])
+def test_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
+    """Abaqus node sets (``*NSET``: the boundary facets whose nodes all lie in one), sets of
+    line elements (``*ELSET``), one of each, or MED groups, in any case; here the load at the
+    bottom, unlike the default."""
+    path = mpi_tmp_path / f"marked-{sets}{'.med' if sets == 'med' else '.inp'}"
     points, cells, bottom, top = _grid_for_meshio()
+    none, lines = np.zeros(0, np.int64), np.vstack([bottom, top])
+    load_lines, support_lines = np.arange(len(bottom)), len(bottom) + np.arange(len(top))
     if comm.rank == 0:
         if sets == "nodes":
             marked = meshio.Mesh(points, [("triangle", cells)], point_sets={
                 "LOAD": np.unique(bottom), "Support": np.unique(top)})
-        else:
-            none = np.zeros(0, np.int64)
-            marked = meshio.Mesh(points, [("triangle", cells), ("line", np.vstack([bottom, top]))],
-                                 cell_sets={"load": [none, np.arange(len(bottom))],
-                                            "support": [none, len(bottom) + np.arange(len(top))]})
+        elif sets == "lines":
+            marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)],
+                                 cell_sets={"load": [none, load_lines],
+                                            "support": [none, support_lines]})
+        elif sets == "mixed":  # the load's line elements, the support's nodes
+            marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)],
+                                 cell_sets={"load": [none, load_lines]},
+                                 point_sets={"support": np.unique(top)})
+        else:  # MED: groups of families, the family numbers in cell data
+            marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)], cell_data={
+                "cell_tags": [np.zeros(len(cells), int),
+                              np.r_[np.full(len(bottom), -1), np.full(len(top), -2)]]})
+            marked.cell_tags = {-1: ["Load"], -2: ["support"]}
         meshio.write(path, marked)
     comm.Barrier()
     np.testing.assert_allclose(_tagged_depths(Domain.from_file(path, comm)), [0.0, 4.0],
                                atol=1e-12)
+
+
+def test_boundary_marks_that_cannot_be_meant_are_refused_or_said(comm, mpi_tmp_path):
+    """Medit references beside 1 and 2 are left free with a warning (they may be a mesher's own
+    curve numbers); a load that covers the default support, and two sets of one name, are
+    refused in one line (the first solved a system without support)."""
+    points, cells, bottom, top = _grid_for_meshio()
+    refs, covered, twice = (mpi_tmp_path / name for name in ("refs.mesh", "covered.inp",
+                                                              "twice.inp"))
+    from fenics_red.domain import _boundary_facets
+
+    sides = [f for f in _boundary_facets(cells).tolist()
+             if f not in np.vstack([bottom, top]).tolist()]
+    if comm.rank == 0:
+        meshio.write(refs, meshio.Mesh(points, [("triangle", cells),
+                                                ("line", np.vstack([bottom, top, sides]))],
+                                       cell_data={"medit:ref": [
+                                           np.zeros(len(cells), int),
+                                           np.r_[np.full(len(bottom), 1), np.full(len(top), 2),
+                                                 np.full(len(sides), 3)]]}))
+        meshio.write(covered, meshio.Mesh(points, [("triangle", cells)],
+                                          point_sets={"load": np.unique(bottom)}))
+        meshio.write(twice, meshio.Mesh(points, [("triangle", cells)], point_sets={
+            "LOAD": np.unique(bottom), "Load": np.unique(top)}))
+    comm.Barrier()
+    if comm.rank == 0:
+        with pytest.warns(UserWarning, match="hold 3 beside 1 \\(load\\) and 2 \\(support\\); "
+                                             "those facets are left free"):
+            domain = Domain.from_file(refs, comm)
+    else:
+        domain = Domain.from_file(refs, comm)
+    np.testing.assert_allclose(_tagged_depths(domain), [0.0, 4.0], atol=1e-12)
+    _refused_in_one_line(covered, comm, "every support facet is also a load facet")
+    _refused_in_one_line(twice, comm, "two sets are named 'load' \\(in some case\\): merge them")
 
 
 def test_a_gmsh_group_named_load_that_holds_no_curves_is_refused(comm, mpi_tmp_path):
@@ -573,7 +618,7 @@ def test_meshio_converted_boundary_groups_are_read_as_1_load_and_2_support(comm,
     comm.Barrier()
     if 7 in numbers.values():
         with pytest.raises(ValueError, match="the facet cells' integer data\\) hold the values "
-                                             "7, 8, and an XDMF mesh's tags are read as 1"):
+                                             "7, 8, and a mesh file's facet numbers are read as 1"):
             Domain.from_file(path, comm)
         return
     source, copy = (Domain.from_file(p, comm).to_arrays() for p in (MESHES / "roi-2d.msh", path))

@@ -532,6 +532,9 @@ def _bad_files(folder: Path, mesh, sample) -> dict:
                        ["--displacement-unit", "m"], "check --displacement-unit m"),
         "no-displacement": ({"nodes": p, "cells": c, "ux": ux, "vy": uy}, [],
                             "name it with --displacement, or its components with --ux --uy"),
+        "third-component": ({"nodes": p, "cells": c,
+                             "displacement": np.column_stack([ux, uy, 1e-3 * uy])}, [],
+                            "has three components on a 2-D mesh and the third is not zero"),
     }
     for name, (arrays, _, _) in cases.items():
         np.savez(folder / f"bad-{name}.npz", **arrays)
