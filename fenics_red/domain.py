@@ -919,7 +919,8 @@ def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.n
     named = _meshio_named_facets(data, kind, cells)
     if named:
         return named
-    keys = sorted((k for k in data.cell_data if k not in ("gmsh:geometrical", "cell_tags")),
+    keys = sorted((k for k in data.cell_data if k not in ("gmsh:geometrical", "cell_tags")
+                   and not any(_role(n) for n in k.split("-"))),  # set indices, not numbers
                   key=lambda k: k != "gmsh:physical")
     facets = []
     for k, block in enumerate(data.cells):
@@ -933,36 +934,52 @@ def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.n
     return facets
 
 
+def _role(name) -> int | None:
+    """``LOAD``/``SUPPORT`` for a set named ``load``/``support`` in any case, else None."""
+    return {"load": LOAD, "support": SUPPORT}.get(str(name).lower())
+
+
 def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
                          ) -> list[tuple[np.ndarray, int]]:
     """The facets in sets named ``load`` and ``support`` (any case): element sets of facet
-    cells of type ``kind`` (Abaqus ``*ELSET``) or MED groups of them; for a name without such
+    cells of type ``kind`` (Abaqus ``*ELSET``), MED groups of them, or such sets written to VTK
+    by meshio (cell data ``load-support``: the index of the set); for a name without such
     a set, the boundary facets of ``cells`` (unless None) whose nodes all lie in a node set of
     that name (Abaqus ``*NSET``). Two sets of one name in different cases are refused."""
-    def role(name: str) -> int | None:
-        return {"load": LOAD, "support": SUPPORT}.get(str(name).lower())
-
     for sets in (data.cell_sets, data.point_sets):
-        names = [str(n).lower() for n in sets if role(n)]
+        names = [str(n).lower() for n in sets if _role(n)]
         if len(names) != len(set(names)):
             raise ValueError(f"two sets are named {max(names, key=names.count)!r} (in some "
                              "case): merge them into one")
     chosen = {LOAD: [], SUPPORT: []}
     for name, indices in data.cell_sets.items():
-        for block, index in zip(data.cells, indices if role(name) else [], strict=False):
+        if not _role(name):
+            continue
+        for block, index in zip(data.cells, indices, strict=False):
             if block.type == kind and index is not None and len(index):
-                chosen[role(name)] += list(block.data[np.asarray(index, np.int64)])
-    families = {family: role(group) for family, groups in (getattr(data, "cell_tags", None)
+                chosen[_role(name)] += list(block.data[np.asarray(index, np.int64)])
+    for key, arrays in data.cell_data.items():  # sets that meshio's VTK writer turned into
+        names = key.split("-")  # cell data "load-support": value i = names[i], -1 = none
+        if len(names) < 2 or not any(_role(n) for n in names):
+            continue
+        for block, values in zip(data.cells, arrays, strict=False):
+            values = np.asarray(values)
+            if (block.type == kind and values.dtype.kind in "iu" and values.ndim == 1
+                    and values.min(initial=0) >= -1 and values.max(initial=0) < len(names)):
+                for nodes, value in zip(block.data, values.tolist(), strict=True):
+                    if value >= 0 and _role(names[value]):
+                        chosen[_role(names[value])].append(nodes)
+    families = {family: _role(group) for family, groups in (getattr(data, "cell_tags", None)
                                                            or {}).items()
-                for group in groups if role(group)}  # MED: family number -> its groups
+                for group in groups if _role(group)}  # MED: family number -> its groups
     for block, numbers in zip(data.cells, data.cell_data.get("cell_tags", []) if families
                               else [], strict=False):
         if block.type == kind:
             for nodes, number in zip(block.data, np.asarray(numbers).tolist(), strict=True):
                 if number in families:
                     chosen[families[number]].append(nodes)
-    node_sets = {role(name): np.asarray(nodes, np.int64) for name, nodes in
-                 data.point_sets.items() if role(name) and not chosen[role(name)]}
+    node_sets = {_role(name): np.asarray(nodes, np.int64) for name, nodes in
+                 data.point_sets.items() if _role(name) and not chosen[_role(name)]}
     if node_sets and cells is not None:
         boundary = _boundary_facets(cells)
         for value, nodes in node_sets.items():

@@ -515,12 +515,13 @@ def test_facets_from_a_second_file_mark_the_boundary_matched_by_coordinates(comm
         assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("sets", ["nodes", "lines", "mixed", "med"])
+@pytest.mark.parametrize("sets", ["nodes", "lines", "mixed", "med", "vtu"])
 def test_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
     """Abaqus node sets (``*NSET``: the boundary facets whose nodes all lie in one), sets of
-    line elements (``*ELSET``), one of each, or MED groups, in any case; here the load at the
-    bottom, unlike the default."""
-    path = mpi_tmp_path / f"marked-{sets}{'.med' if sets == 'med' else '.inp'}"
+    line elements (``*ELSET``), one of each, MED groups, or sets that meshio wrote to VTK (cell
+    data ``load-support``: 0 = load, 1 = support, -1 = none; its 1 was read as the load), in
+    any case; here the load at the bottom, unlike the default."""
+    path = mpi_tmp_path / f"marked-{sets}.{sets if sets in ('med', 'vtu') else 'inp'}"
     points, cells, bottom, top = _grid_for_meshio()
     none, lines = np.zeros(0, np.int64), np.vstack([bottom, top])
     load_lines, support_lines = np.arange(len(bottom)), len(bottom) + np.arange(len(top))
@@ -528,7 +529,7 @@ def test_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path)
         if sets == "nodes":
             marked = meshio.Mesh(points, [("triangle", cells)], point_sets={
                 "LOAD": np.unique(bottom), "Support": np.unique(top)})
-        elif sets == "lines":
+        elif sets in ("lines", "vtu"):  # VTK: meshio writes the sets as cell data
             marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)],
                                  cell_sets={"load": [none, load_lines],
                                             "support": [none, support_lines]})
