@@ -285,11 +285,16 @@ class Domain:
         of meshio's conversion, the cells in ``mesh.xdmf``, the boundary lines in another).
         Collective."""
         msh, tags, names = read_mesh(path, comm)
-        domain = cls.from_mesh(msh, tags, names, source=str(path))
         if facets is None:
-            return domain
-        arrays = domain.to_arrays()
-        load, support = on_root(comm, lambda: read_facets(facets, arrays.points))
+            return cls.from_mesh(msh, tags, names, source=str(path))
+        # the facets file replaces the mesh file's boundary: the mesh in file order, untagged
+        fdim = msh.topology.dim - 1
+        msh.topology.create_connectivity(fdim, fdim + 1)
+        none = np.zeros(0, dtype=np.int32)
+        last = np.max(msh.geometry.input_global_indices, initial=-1)
+        arrays = cls(msh, mesh.meshtags(msh, fdim, none, none), source=str(path),
+                     num_file_nodes=comm.allreduce(int(last), op=MPI.MAX) + 1).to_arrays()
+        load, support = on_root(comm, lambda: read_facets(facets, arrays.points, arrays.cells))
         return cls.from_arrays(arrays.points, arrays.cells, comm, load, support,
                                source=f"{path} (facets: {facets})")
 
@@ -520,20 +525,20 @@ def _tagged_mesh(comm: MPI.Comm, points, cells, gdim: int, load=None, support=No
     return msh, tags, names
 
 
-def _tag_values_problem(path: Path, found: list[int], where: str, warn: bool = True
-                        ) -> str | None:
+def _tag_values_problem(path: Path, found: list[int], where: str, warn: bool = True,
+                        what: str = "mesh file") -> str | None:
     """Facet tags that hold neither 1 (load) nor 2 (support): the problem, or None. Other
     values beside them are left free, with a warning (``warn``: on the rank that reports)."""
     if not found:
         return None
     if not {LOAD, SUPPORT} & set(found):
-        return (f"mesh file {str(path)!r}: its facet tags ({where}) hold the values "
+        return (f"{what} {str(path)!r}: its facet tags ({where}) hold the values "
                 f"{', '.join(map(str, found))}, and a mesh file's facet numbers are read as "
                 f"{LOAD} = load, {SUPPORT} = support: renumber them, or name the groups or sets "
                 "'load' and 'support' (gmsh .msh, Abaqus, MED)")
     others = sorted(set(found) - {LOAD, SUPPORT})
     if others and warn:
-        warnings.warn(f"mesh file {str(path)!r}: its facet tags ({where}) hold "
+        warnings.warn(f"{what} {str(path)!r}: its facet tags ({where}) hold "
                       f"{', '.join(map(str, others))} beside {LOAD} (load) and {SUPPORT} "
                       "(support); those facets are left free. If the numbers are not load and "
                       "support markers (a mesher's own curve numbers), renumber them",
@@ -851,6 +856,7 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
         except ValueError as error:
             raise ValueError(f"mesh file {str(path)!r}: {error}") from None
         facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle", cells)
+        _check_marked_facets(facets, cells, f"mesh file {str(path)!r}")
         problem = _tag_values_problem(path, sorted({int(v) for _, v in facets}),
                                       "the facet cells' integer data")
         if problem:
@@ -868,13 +874,15 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
     return _tagged_mesh(comm, points, cells, points.shape[1], load, support)
 
 
-def read_facets(path: str | os.PathLike, points: np.ndarray
+def read_facets(path: str | os.PathLike, points: np.ndarray, cells: np.ndarray
                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The load and support facets ``(F, gdim)`` (``None``: none in the file) of the mesh with
-    nodes ``points`` from a second file read by meshio (XDMF, VTK, ...): its facet cells in sets
-    named ``load``/``support`` or with integer data 1 / 2 (:func:`_meshio_facets`). Their nodes
-    are matched to the mesh's by coordinates (to 1e-9 of the mesh's size), so the two files may
-    number nodes differently. Serial."""
+    """The load and support facets ``(F, gdim)`` (``None``: none in the file) of the mesh
+    ``points``/``cells`` from a second file read by meshio (XDMF, VTK, ...), marked as in a
+    mesh file (:func:`_meshio_facets`: sets or groups named ``load``/``support``, node sets
+    too, or facet numbers 1 / 2). Its points are matched to the mesh's nodes by coordinates (to
+    1e-9 of the mesh's size), so the two files may number nodes differently; every marked
+    facet must be a boundary facet of the mesh. Serial."""
+    import meshio
     from scipy.spatial import cKDTree
 
     path = Path(path)
@@ -885,29 +893,52 @@ def read_facets(path: str | os.PathLike, points: np.ndarray
     except Exception as error:
         raise ValueError(f"cannot read facets file {str(path)!r}: {error}") from None
     gdim = points.shape[1]
-    facets = _meshio_facets(data, "line" if gdim == 2 else "triangle", None)
+    file_points = np.asarray(data.points, dtype=np.float64)
+    if gdim == 2 and file_points.shape[1] == 3 and np.ptp(file_points[:, 2]) == 0.0:
+        file_points = file_points[:, :2]  # 2-D facets stored with a constant z
+    lookup = np.full(len(file_points), -1, dtype=np.int64)  # facets file node -> mesh node
+    if file_points.shape[1] == gdim and len(file_points):
+        distance, nearest = cKDTree(points).query(file_points)
+        size = float(np.ptp(points, axis=0).max())
+        lookup = np.where(distance <= 1e-9 * size, nearest, -1)
+    # the file in the mesh's numbering (a node off the mesh: -1), its sets and groups kept
+    node_sets = {**data.point_sets, **_med_node_sets(data)}
+    renumbered = meshio.Mesh(points, [(b.type, lookup[b.data]) for b in data.cells],
+                             cell_data=data.cell_data, cell_sets=data.cell_sets,
+                             point_sets={k: lookup[np.asarray(v, np.int64)]
+                                         for k, v in node_sets.items()})
+    renumbered.cell_tags = getattr(data, "cell_tags", None) or {}
+    facets = _meshio_facets(renumbered, "line" if gdim == 2 else "triangle", cells)
     problem = _tag_values_problem(path, sorted({v for _, v in facets}),
-                                  "the facet cells' integer data")
+                                  "the facet cells' integer data", what="facets file")
     if problem or not facets:
         raise ValueError(problem or f"facets file {str(path)!r} holds no "
                          f"{'lines' if gdim == 2 else 'triangles'} marked as load (1) or "
                          f"support (2) (cells: {', '.join(b.type for b in data.cells) or 'none'})")
-    file_points = np.asarray(data.points, dtype=np.float64)
-    if gdim == 2 and file_points.shape[1] == 3 and np.ptp(file_points[:, 2]) == 0.0:
-        file_points = file_points[:, :2]  # 2-D facets stored with a constant z
-    nodes = np.unique(np.concatenate([f for f, _ in facets]))
-    size = float(np.ptp(points, axis=0).max())
-    distance = np.full(len(nodes), np.inf)
-    lookup = np.full(len(file_points), -1, dtype=np.int64)  # facets file node -> mesh node
-    if file_points.shape[1] == gdim and nodes.max() < len(file_points):
-        distance, lookup[nodes] = cKDTree(points).query(file_points[nodes])
-    if (distance > 1e-9 * size).any():
-        first = int(nodes[np.flatnonzero(distance > 1e-9 * size)[0]])
-        raise ValueError(f"facets file {str(path)!r}: its node {first} (0-based) is not a node "
-                         f"of the {gdim}-D mesh; the facets must be drawn on the mesh's nodes "
-                         "(the same mesh, the same length unit)")
-    load, support = ([lookup[f] for f, v in facets if v == tag] for tag in (LOAD, SUPPORT))
-    return tuple(np.vstack(f) if f else None for f in (load, support))
+    off = [f for f, _ in facets if (f < 0).any()] + [
+        v for k, v in renumbered.point_sets.items() if _role(k) and (v < 0).any()]
+    if off:
+        raise ValueError(f"facets file {str(path)!r} marks nodes that are not nodes of the "
+                         f"{gdim}-D mesh; the facets must be drawn on the mesh's nodes (the same "
+                         "mesh, the same length unit)")
+    _check_marked_facets(facets, cells, f"facets file {str(path)!r}")
+    load, support = ([f for f, v in facets if v == tag] for tag in (LOAD, SUPPORT))
+    return tuple(np.vstack(f).astype(np.int64) if f else None for f in (load, support))
+
+
+def _check_marked_facets(facets: list[tuple[np.ndarray, int]], cells: np.ndarray, where: str):
+    """Refuse marked facets that are not boundary facets of ``cells`` (a traction there is
+    never applied, a support would hold inner nodes), or that are both load and support."""
+    boundary = {tuple(f) for f in _boundary_facets(cells).tolist()}
+    marked = {}
+    for nodes, value in facets:
+        key = tuple(sorted(int(n) for n in nodes))
+        if key not in boundary:
+            raise ValueError(f"{where} marks a facet (nodes {', '.join(map(str, key))}, 0-based) "
+                             "that is not on the mesh's boundary: mark boundary facets only")
+        if marked.setdefault(key, value) != value:
+            raise ValueError(f"{where} marks a facet (nodes {', '.join(map(str, key))}, 0-based) "
+                             "as both load and support: a facet is loaded or supported")
 
 
 def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.ndarray, int]]:
@@ -919,8 +950,10 @@ def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.n
     named = _meshio_named_facets(data, kind, cells)
     if named:
         return named
-    keys = sorted((k for k in data.cell_data if k not in ("gmsh:geometrical", "cell_tags")
-                   and not any(_role(n) for n in k.split("-"))),  # set indices, not numbers
+    med = bool(getattr(data, "cell_tags", None))  # then cell_tags are MED family numbers
+    keys = sorted((k for k in data.cell_data if k != "gmsh:geometrical"
+                   and not (med and k == "cell_tags")
+                   and not any(_role(n) for n in k.split("-"))),  # sets, not numbers
                   key=lambda k: k != "gmsh:physical")
     facets = []
     for k, block in enumerate(data.cells):
@@ -960,18 +993,23 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
                 chosen[_role(name)] += list(block.data[np.asarray(index, np.int64)])
     for key, arrays in data.cell_data.items():  # sets that meshio's VTK writer turned into
         names = key.split("-")  # cell data "load-support": value i = names[i], -1 = none
-        if len(names) < 2 or not any(_role(n) for n in names):
+        if not any(_role(n) for n in names):
             continue
+        arrays = [np.asarray(values) for values in arrays]
+        found = set().union(*(np.unique(v).tolist() for v in arrays))  # all blocks: one rule
+        if not found <= set(range(-1, len(names))) | {1}:
+            raise ValueError(f"cell data {key!r} holds {sorted(found)}: a set's cell data holds "
+                             "the set's index (-1: none), or 1 / 0 for one set")
+        indicator = len(names) == 1 and -1 not in found  # 1 = in the set, 0 = not
         for block, values in zip(data.cells, arrays, strict=False):
-            values = np.asarray(values)
-            if (block.type == kind and values.dtype.kind in "iu" and values.ndim == 1
-                    and values.min(initial=0) >= -1 and values.max(initial=0) < len(names)):
-                for nodes, value in zip(block.data, values.tolist(), strict=True):
-                    if value >= 0 and _role(names[value]):
-                        chosen[_role(names[value])].append(nodes)
-    families = {family: _role(group) for family, groups in (getattr(data, "cell_tags", None)
-                                                           or {}).items()
-                for group in groups if _role(group)}  # MED: family number -> its groups
+            if block.type != kind or values.ndim != 1:
+                continue
+            for nodes, value in zip(block.data, values.tolist(), strict=True):
+                name = (names[0] if value == 1 else None) if indicator else (
+                    names[value] if 0 <= value < len(names) else None)
+                if name is not None and _role(name):
+                    chosen[_role(name)].append(nodes)
+    families = _med_families(getattr(data, "cell_tags", None))
     for block, numbers in zip(data.cells, data.cell_data.get("cell_tags", []) if families
                               else [], strict=False):
         if block.type == kind:
@@ -979,12 +1017,40 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
                 if number in families:
                     chosen[families[number]].append(nodes)
     node_sets = {_role(name): np.asarray(nodes, np.int64) for name, nodes in
-                 data.point_sets.items() if _role(name) and not chosen[_role(name)]}
+                 {**data.point_sets, **_med_node_sets(data)}.items()
+                 if _role(name) and not chosen[_role(name)]}
     if node_sets and cells is not None:
         boundary = _boundary_facets(cells)
         for value, nodes in node_sets.items():
             chosen[value] += list(boundary[np.isin(boundary, nodes).all(axis=1)])
     return [(nodes, value) for value in (LOAD, SUPPORT) for nodes in chosen[value]]
+
+
+def _med_families(tags) -> dict[int, int]:
+    """MED: family number -> ``LOAD``/``SUPPORT`` from its groups (meshio's ``cell_tags`` or
+    ``point_tags``: number -> group names); a family in both groups is refused."""
+    families = {}
+    for family, groups in (tags or {}).items():
+        roles = {_role(g) for g in groups} - {None}
+        if len(roles) > 1:
+            raise ValueError(f"MED family {family} is in both a 'load' and a 'support' group: "
+                             "a facet is loaded or supported")
+        if roles:
+            families[family] = roles.pop()
+    return families
+
+
+def _med_node_sets(data) -> dict[str, np.ndarray]:
+    """MED node groups named load/support as node sets (meshio: ``point_tags`` and the
+    ``point_tags`` point data of family numbers)."""
+    families = _med_families(getattr(data, "point_tags", None))
+    numbers = data.point_data.get("point_tags")
+    if not families or numbers is None:
+        return {}
+    numbers = np.asarray(numbers)
+    return {("load" if role == LOAD else "support"):
+            np.flatnonzero(np.isin(numbers, [f for f, r in families.items() if r == role]))
+            for role in set(families.values())}
 
 
 def _boundary_facets(cells: np.ndarray) -> np.ndarray:

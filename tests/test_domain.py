@@ -485,43 +485,85 @@ def test_meshes_in_vtk_abaqus_medit_and_med_files_are_read_through_meshio(suffix
 def test_facets_from_a_second_file_mark_the_boundary_matched_by_coordinates(comm, mpi_tmp_path):
     """The layout of meshio's conversion (``mesh.xdmf`` with the triangles, ``facets.xdmf`` with
     the boundary lines and their ``name_to_read`` numbers): the facets file numbers its points
-    in another order here, and marks the load at the bottom (unlike the default). Facets off the
-    mesh, or none marked, are refused in one line."""
+    in another order here, and marks the load at the bottom (unlike the default); an Abaqus
+    facets file with node sets does the same. Facets off the mesh, inside it (a cell's
+    diagonal: a traction there was never applied), both load and support, or none marked are
+    refused in one line."""
     points, cells, bottom, top = _grid_for_meshio()
-    mesh_file, facets = mpi_tmp_path / "mesh.xdmf", mpi_tmp_path / "facets.xdmf"
-    shifted, unmarked = mpi_tmp_path / "shifted.xdmf", mpi_tmp_path / "unmarked.vtu"
     order = np.random.default_rng(3).permutation(len(points))  # facets file point i = order[i]
     new_index = np.argsort(order)
     lines = new_index[np.vstack([bottom, top])]
-    values = [np.r_[np.full(len(bottom), LOAD), np.full(len(top), SUPPORT)]]
+    values = np.r_[np.full(len(bottom), LOAD), np.full(len(top), SUPPORT)]
+    inner = next(c[[0, 2]] for c in cells if not np.isin(c[[0, 2]], np.r_[bottom.ravel(),
+                                                                           top.ravel()]).any())
+    files = {name: mpi_tmp_path / name for name in (
+        "mesh.xdmf", "facets.xdmf", "nodes.inp", "shifted.xdmf", "inside.xdmf", "both.xdmf",
+        "unmarked.vtu")}
+
+    def facets_file(name, lines, values, shift=0.0):
+        meshio.write(files[name], meshio.Mesh(points[order] + [shift, 0.0, 0.0], [("line", lines)],
+                                              cell_data={"name_to_read": [values]}))
+
     if comm.rank == 0:
-        meshio.write(mesh_file, meshio.Mesh(points, [("triangle", cells)],
-                                            cell_data={"name_to_read": [np.ones(len(cells))]}))
-        meshio.write(facets, meshio.Mesh(points[order], [("line", lines)],
-                                         cell_data={"name_to_read": values}))
-        meshio.write(shifted, meshio.Mesh(points[order] + [0.5, 0.0, 0.0], [("line", lines)],
-                                          cell_data={"name_to_read": values}))
-        meshio.write(unmarked, meshio.Mesh(points, [("triangle", cells)]))
+        meshio.write(files["mesh.xdmf"], meshio.Mesh(points, [("triangle", cells)], cell_data={
+            "name_to_read": [np.ones(len(cells))]}))
+        facets_file("facets.xdmf", lines, values)
+        facets_file("shifted.xdmf", lines, values, shift=0.5)
+        facets_file("inside.xdmf", np.vstack([lines, new_index[inner]]), np.r_[values, LOAD])
+        facets_file("both.xdmf", np.vstack([lines, lines[:1]]), np.r_[values, SUPPORT])
+        meshio.write(files["nodes.inp"], meshio.Mesh(points[order], [("line", lines)],
+                                                     point_sets={"load": new_index[bottom[:, 0]],
+                                                                 "support": new_index[top[:, 0]]}))
+        meshio.write(files["unmarked.vtu"], meshio.Mesh(points, [("triangle", cells)]))
     comm.Barrier()
+    mesh_file = files["mesh.xdmf"]
     np.testing.assert_allclose(_tagged_depths(Domain.from_file(mesh_file, comm)), [4.0, 0.0])
-    domain = Domain.from_file(mesh_file, comm, facets=facets)
-    np.testing.assert_allclose(_tagged_depths(domain), [0.0, 4.0], atol=1e-12)
-    assert domain.num_file_nodes == len(points)
-    for path, message in ((shifted, "is not a node of the 2-D mesh; the facets must be drawn on "
-                                    "the mesh's nodes"),
-                          (unmarked, "holds no lines marked as load \\(1\\) or support")):
+    for name in ("facets.xdmf", "nodes.inp"):
+        domain = Domain.from_file(mesh_file, comm, facets=files[name])
+        np.testing.assert_allclose(_tagged_depths(domain), [0.0, 4.0], atol=1e-12)
+        assert domain.num_file_nodes == len(points)
+    for name, message in (("shifted.xdmf", "marks nodes that are not nodes of the 2-D mesh; the "
+                                           "facets must be drawn on the mesh's nodes"),
+                          ("inside.xdmf", "that is not on the mesh's boundary"),
+                          ("both.xdmf", "as both load and support"),
+                          ("unmarked.vtu", "holds no lines marked as load \\(1\\) or support")):
         with pytest.raises(ValueError, match=message) as error:
-            Domain.from_file(mesh_file, comm, facets=path)
+            Domain.from_file(mesh_file, comm, facets=files[name])
         assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("sets", ["nodes", "lines", "mixed", "med", "vtu"])
+def test_facets_from_a_second_file_serve_a_curved_probe(comm, mpi_tmp_path):
+    """The curved-probe sector (``meshes/sector-2d.msh``) converted to two files: its top is one
+    node, so the mesh file alone has no load by the depth default (a first tagging pass of the
+    mesh file alone refused it); its facets file gives the same boundary as the gmsh file."""
+    source = meshio.read(MESHES / "sector-2d.msh")
+    mesh_file, facets = mpi_tmp_path / "sector.xdmf", mpi_tmp_path / "sector-facets.xdmf"
+    if comm.rank == 0:
+        meshio.write(mesh_file, meshio.Mesh(source.points, [
+            ("triangle", source.get_cells_type("triangle"))]))
+        meshio.write(facets, meshio.Mesh(source.points, [("line", source.get_cells_type("line"))],
+                                         cell_data={"name_to_read": [
+                                             source.get_cell_data("gmsh:physical", "line")]}))
+    comm.Barrier()
+    copy = Domain.from_file(mesh_file, comm, facets=facets).to_arrays()
+    gmsh = Domain.from_file(MESHES / "sector-2d.msh", comm).to_arrays()
+
+    def as_set(facets):
+        return {tuple(sorted(f)) for f in np.asarray(facets).tolist()}
+
+    np.testing.assert_allclose(copy.points, gmsh.points, atol=1e-12)
+    assert as_set(copy.load) == as_set(gmsh.load) and as_set(copy.support) == as_set(gmsh.support)
+
+
+@pytest.mark.parametrize("sets", ["nodes", "lines", "mixed", "med", "med-nodes", "vtu",
+                                  "vtu-numbers"])
 def test_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path):
     """Abaqus node sets (``*NSET``: the boundary facets whose nodes all lie in one), sets of
-    line elements (``*ELSET``), one of each, MED groups, or sets that meshio wrote to VTK (cell
-    data ``load-support``: 0 = load, 1 = support, -1 = none; its 1 was read as the load), in
-    any case; here the load at the bottom, unlike the default."""
-    path = mpi_tmp_path / f"marked-{sets}.{sets if sets in ('med', 'vtu') else 'inp'}"
+    line elements (``*ELSET``), one of each, MED groups of cells or nodes, sets that meshio
+    wrote to VTK (cell data ``load-support``: 0 = load, 1 = support, -1 = none; its 1 was read
+    as the load), in any case, or VTK numbers under MED's name ``cell_tags``; here the load at
+    the bottom, unlike the default."""
+    path = mpi_tmp_path / f"marked-{sets}.{sets[:3] if sets[:3] in ('med', 'vtu') else 'inp'}"
     points, cells, bottom, top = _grid_for_meshio()
     none, lines = np.zeros(0, np.int64), np.vstack([bottom, top])
     load_lines, support_lines = np.arange(len(bottom)), len(bottom) + np.arange(len(top))
@@ -537,15 +579,41 @@ def test_sets_named_load_and_support_mark_the_boundary(sets, comm, mpi_tmp_path)
             marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)],
                                  cell_sets={"load": [none, load_lines]},
                                  point_sets={"support": np.unique(top)})
-        else:  # MED: groups of families, the family numbers in cell data
+        elif sets == "med":  # MED: groups of families, the family numbers in cell data
             marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)], cell_data={
                 "cell_tags": [np.zeros(len(cells), int),
                               np.r_[np.full(len(bottom), -1), np.full(len(top), -2)]]})
             marked.cell_tags = {-1: ["Load"], -2: ["support"]}
+        elif sets == "med-nodes":  # MED groups of nodes
+            families = np.zeros(len(points), int)
+            families[np.unique(bottom)], families[np.unique(top)] = 1, 2
+            marked = meshio.Mesh(points, [("triangle", cells)],
+                                 point_data={"point_tags": families})
+            marked.point_tags = {1: ["load"], 2: ["Support"]}
+        else:  # VTK cell data that is not MED's: its numbers, 1 = load, 2 = support
+            marked = meshio.Mesh(points, [("triangle", cells), ("line", lines)], cell_data={
+                "cell_tags": [np.zeros(len(cells), int), np.r_[np.full(len(bottom), 1),
+                                                               np.full(len(top), 2)]]})
         meshio.write(path, marked)
     comm.Barrier()
     np.testing.assert_allclose(_tagged_depths(Domain.from_file(path, comm)), [0.0, 4.0],
                                atol=1e-12)
+
+
+def test_one_set_that_meshio_wrote_to_vtk_is_read(comm, mpi_tmp_path):
+    """meshio writes one set as cell data of its own name (0 in the set, -1 elsewhere): a load
+    on the left half of the bottom, the support by the default on the rest of the bottom."""
+    points, cells, bottom, _ = _grid_for_meshio()
+    left = bottom[points[bottom].mean(axis=1)[:, 0] < 3.0]
+    path = mpi_tmp_path / "one-set.vtu"
+    if comm.rank == 0:
+        meshio.write(path, meshio.Mesh(points, [("triangle", cells), ("line", left)], cell_sets={
+            "load": [np.zeros(0, np.int64), np.arange(len(left))]}))
+    comm.Barrier()
+    domain = Domain.from_file(path, comm)
+    np.testing.assert_allclose(_tagged_depths(domain), [0.0, 0.0], atol=1e-12)
+    arrays = domain.to_arrays()
+    assert len(arrays.load) == len(left) and len(arrays.support) == len(bottom) - len(left)
 
 
 def test_boundary_marks_that_cannot_be_meant_are_refused_or_said(comm, mpi_tmp_path):

@@ -60,7 +60,8 @@ def add_facets_argument(parser) -> None:
                              "by meshio (boundary lines in 2-D, triangles in 3-D, with integer "
                              "cell data 1 = load, 2 = support or in sets named load/support), "
                              "as meshio's conversion writes them beside the cells (mesh.xdmf + "
-                             "facets.xdmf); default: those in the mesh file")
+                             "facets.xdmf), in place of the mesh file's; default: those in the "
+                             "mesh file")
 
 
 def mesh_domain(mesh, facets, comm: MPI.Comm) -> Domain:
