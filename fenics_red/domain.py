@@ -927,11 +927,13 @@ def read_facets(path: str | os.PathLike, points: np.ndarray, cells: np.ndarray
 
 
 def _check_marked_facets(facets: list[tuple[np.ndarray, int]], cells: np.ndarray, where: str):
-    """Refuse marked facets that are not boundary facets of ``cells`` (a traction there is
-    never applied, a support would hold inner nodes), or that are both load and support."""
+    """Refuse load or support facets that are not boundary facets of ``cells`` (a traction
+    there is never applied, a support would hold inner nodes), or that are both."""
     boundary = {tuple(f) for f in _boundary_facets(cells).tolist()}
     marked = {}
     for nodes, value in facets:
+        if value not in (LOAD, SUPPORT):  # other numbers (an inner interface, say) are free
+            continue
         key = tuple(sorted(int(n) for n in nodes))
         if key not in boundary:
             raise ValueError(f"{where} marks a facet (nodes {', '.join(map(str, key))}, 0-based) "

@@ -627,13 +627,14 @@ def test_boundary_marks_that_cannot_be_meant_are_refused_or_said(comm, mpi_tmp_p
 
     sides = [f for f in _boundary_facets(cells).tolist()
              if f not in np.vstack([bottom, top]).tolist()]
+    inner = cells[len(cells) // 2, :2]  # an inner edge numbered 3 too: an interface, not refused
     if comm.rank == 0:
         meshio.write(refs, meshio.Mesh(points, [("triangle", cells),
-                                                ("line", np.vstack([bottom, top, sides]))],
+                                                ("line", np.vstack([bottom, top, sides, inner]))],
                                        cell_data={"medit:ref": [
                                            np.zeros(len(cells), int),
                                            np.r_[np.full(len(bottom), 1), np.full(len(top), 2),
-                                                 np.full(len(sides), 3)]]}))
+                                                 np.full(len(sides) + 1, 3)]]}))
         meshio.write(covered, meshio.Mesh(points, [("triangle", cells)],
                                           point_sets={"load": np.unique(bottom)}))
         meshio.write(twice, meshio.Mesh(points, [("triangle", cells)], point_sets={
