@@ -805,22 +805,44 @@ def _read_xdmf(path: Path, comm: MPI.Comm):
 
 def read_meshio(path: str | os.PathLike):
     """``(data, blocks)``: a file read by meshio (its warnings silenced) and its blocks of
-    triangles and tetrahedra. Serial."""
+    triangles and tetrahedra. An XDMF time series (DOLFINx's ``write_function``: the mesh and
+    a collection of steps) is read as its mesh with the point data of its last step. Serial."""
     import contextlib
     import io
 
     import meshio
 
-    printed = io.StringIO()
+    printed, series = io.StringIO(), None
     with (warnings.catch_warnings(), contextlib.redirect_stdout(printed),
           contextlib.redirect_stderr(printed)):
         warnings.simplefilter("ignore")
         try:
             data = meshio.read(path)
         except SystemExit:  # meshio 5 prints why no reader took the file, then exits
-            raise ValueError(" ".join(printed.getvalue().split())
-                             or "no meshio reader takes it") from None
+            series = _xdmf_time_series(path) if str(path).lower().endswith(".xdmf") else None
+            if series is None:
+                raise ValueError(" ".join(printed.getvalue().split())
+                                 or "no meshio reader takes it") from None
+            data, steps, time = series
+    if series is not None and steps > 1:
+        warnings.warn(f"{str(path)!r} holds {steps} time steps; the last (t = {time:g}) is read",
+                      UserWarning, stacklevel=2)
     return data, [b for b in data.cells if b.type in ("triangle", "tetra")]
+
+
+def _xdmf_time_series(path):
+    """``(mesh with the point data of the last step, steps, its time)`` of an XDMF time
+    series, or None when meshio does not read it as one."""
+    import meshio
+
+    try:
+        with meshio.xdmf.TimeSeriesReader(path) as reader:
+            points, cells = reader.read_points_cells()
+            steps = reader.num_steps
+            time, point_data, _ = reader.read_data(steps - 1)
+    except Exception:  # not a time series that meshio reads: the caller says so
+        return None
+    return meshio.Mesh(points, cells, point_data=point_data), steps, time
 
 
 def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = None):

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
+from scipy.spatial import cKDTree
 
 from fenics_red.cli import main
 from fenics_red.data import SimulationSettings, load_dataset, mesh_settings, simulate_dataset
@@ -192,6 +193,46 @@ def test_a_mesh_whose_facets_are_in_a_second_file_keeps_them_in_the_data_set(sim
 
     assert as_set(stored.load) == as_set(mesh.support) and len(stored.load)
     assert as_set(stored.support) == as_set(mesh.load)
+
+
+def test_a_displacement_written_by_dolfinx_round_trips_to_the_internal_estimate(simulated,
+                                                                                folder):
+    """``XDMFFile.write_function`` (the mesh and a time series; here two steps, the last the
+    measurement): read as the mesh in DOLFINx's node order with the last step's ``u`` (three
+    components, z zero); the estimate is the internal path's, node by node."""
+    from dolfinx.io import XDMFFile
+    from fenics_red.forward import ElasticityModel
+
+    comm, sample = MPI.COMM_WORLD, simulated["sample"]
+    model = ElasticityModel(Domain.from_file(MESHES / "roi-2d.msh", comm))
+    u = model.u.copy()
+    u.name = "u"
+    source = folder / "dolfinx-u.xdmf"
+    with XDMFFile(comm, source, "w") as xdmf:
+        xdmf.write_mesh(model.mesh)
+        for time, scale in ((0.0, 0.5), (1.0, 1.0)):
+            model.from_values(scale * np.stack([sample.ux_noisy, sample.uy_noisy]), u.x.array,
+                              "V")
+            xdmf.write_function(u, time)
+    model.destroy()
+    data, out = folder / "data-dolfinx.h5", folder / "est-dolfinx.h5"
+    if comm.rank == 0:
+        with pytest.warns(UserWarning, match="holds 2 time steps; the last \\(t = 1\\) is read"):
+            status = main(["import", str(source), "--out", str(data), "--traction",
+                           str(TRACTION_PA), "--modulus-unit", "Pa", *_sigma_flags([], sample)])
+    else:
+        status = main(["import", str(source), "--out", str(data), "--traction", str(TRACTION_PA),
+                       "--modulus-unit", "Pa", *_sigma_flags([], sample)])
+    assert status == 0
+    assert main(["reconstruct", str(data), "--sample", "0", "--method", "ml", "--out", str(out),
+                 "--quiet"]) == 0
+    with load_dataset(data) as d:
+        points = d.mesh.points
+    mesh = simulated["mesh"]
+    order = cKDTree(mesh.points).query(points)[1]  # DOLFINx's node order -> the file's
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(mesh.points)))
+    np.testing.assert_allclose(load_reconstructions(out).estimates[0],
+                               simulated["estimate"][order], rtol=1e-9)
 
 
 def test_a_3d_nodal_measurement_round_trips_to_the_internal_estimate(folder):
