@@ -21,7 +21,8 @@ Two layouts (:class:`ImportSettings`):
 
 Files: ``.npy`` (one array, the displacement), ``.npz``, MATLAB ``.mat`` (v5 by
 :func:`scipy.io.loadmat`, v7.3 by h5py, transposed back to MATLAB's shapes), ``.h5``, XDMF and
-VTK ``.vtu``/``.vtk`` (meshio: its points, cells and point data). Missing values (NaN, or 0 in
+VTK ``.vtu``/``.vtk`` (meshio: its points, cells and point data; an XDMF time series such as
+DOLFINx's ``write_function`` output: its last step). Missing values (NaN, or 0 in
 a validity mask) carry no data: they are filled by harmonic interpolation over the mesh so that
 ``D(u)`` can be assembled, kept out of the noise estimate, and flagged in the data set's
 ``valid`` dataset (the estimate there is drawn but not trusted).
