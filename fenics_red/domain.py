@@ -25,10 +25,11 @@ import numpy as np
 
 from dolfinx import fem, mesh
 
+from .io import check_input_file
 from .parallel import on_every_rank, on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
-           "planar_points", "read_facets", "read_meshio"]
+           "planar_points", "read_domain", "read_facets", "read_meshio"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
@@ -248,8 +249,7 @@ class Domain:
         if kwargs.get("grid") is not None:  # a grid's nodes are its pixels
             kwargs.setdefault("num_file_nodes", int(np.prod(kwargs["grid"].shape)))
         elif "num_file_nodes" not in kwargs:  # nodes of the file that no cell uses are dropped
-            last = np.max(msh.geometry.input_global_indices, initial=-1)
-            kwargs["num_file_nodes"] = msh.comm.allreduce(int(last), op=MPI.MAX) + 1
+            kwargs["num_file_nodes"] = _num_file_nodes(msh)
         return cls(msh, tags, **kwargs)
 
     @classmethod
@@ -291,9 +291,8 @@ class Domain:
         fdim = msh.topology.dim - 1
         msh.topology.create_connectivity(fdim, fdim + 1)
         none = np.zeros(0, dtype=np.int32)
-        last = np.max(msh.geometry.input_global_indices, initial=-1)
         arrays = cls(msh, mesh.meshtags(msh, fdim, none, none), source=str(path),
-                     num_file_nodes=comm.allreduce(int(last), op=MPI.MAX) + 1).to_arrays()
+                     num_file_nodes=_num_file_nodes(msh)).to_arrays()
         load, support = on_root(comm, lambda: read_facets(facets, arrays.points, arrays.cells))
         return cls.from_arrays(arrays.points, arrays.cells, comm, load, support,
                                source=f"{path} (facets: {facets})")
@@ -364,6 +363,20 @@ class Domain:
         if self.grid is not None:
             return self.grid.pixel_index(V.tabulate_dof_coordinates())
         return p1_input_indices(V)
+
+
+def read_domain(path: str | os.PathLike, comm: MPI.Comm,
+                facets: str | os.PathLike | None = None) -> Domain:
+    """:meth:`Domain.from_file` of a user's mesh file (and facets file), each checked to exist
+    first (the command line's and the importer's one way to read them). Collective."""
+    return Domain.from_file(check_input_file(path, "mesh file"), comm, facets=(
+        None if facets is None else check_input_file(facets, "facets file")))
+
+
+def _num_file_nodes(msh: mesh.Mesh) -> int:
+    """Nodes in the file a mesh was read from: one past its largest input index. Collective."""
+    last = np.max(msh.geometry.input_global_indices, initial=-1)
+    return msh.comm.allreduce(int(last), op=MPI.MAX) + 1
 
 
 def _check_cell_sizes(msh: mesh.Mesh) -> None:
@@ -606,13 +619,14 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                            "DOLFINx reads only cells in physical groups (add e.g. Physical "
                            f"{'Surface' if gdim == 2 else 'Volume'}(\"tissue\") to the .geo)")
             others = []
-            for dim, tag in gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []:
+            groups = gmsh.model.getPhysicalGroups(gdim - 1) if gdim else []
+            twice = _twice_named(gmsh.model.getPhysicalName(d, t) for d, t in groups)
+            if twice:
+                problem = problem or (f"mesh file {str(path)!r} has two boundary groups named "
+                                      f"{twice!r} (in some case): merge them into one")
+            for dim, tag in groups:
                 name = gmsh.model.getPhysicalName(dim, tag)
-                if name.lower() in ("load", "support"):  # any case: "Load", "SUPPORT"
-                    if name.lower() in names:
-                        problem = problem or (f"mesh file {str(path)!r} has two boundary groups "
-                                              f"named {name.lower()!r} (in some case): merge "
-                                              "them into one")
+                if _role(name):  # any case: "Load", "SUPPORT"
                     names[name.lower()] = tag
                 else:
                     others.append(name or str(tag))
@@ -678,7 +692,7 @@ def _gmsh_empty_group_problem(path: Path, gdim: int, names: dict[str, int]) -> s
     declared = [(int(d), name.decode(errors="replace").lower()) for d, name in re.findall(
         rb'^\s*(\d+)\s+\d+\s+"([^"]*)"', section.group(1), re.M)] if section else []
     empty = sorted({name for d, name in declared
-                    if d == gdim - 1 and name in ("load", "support") and name not in names})
+                    if d == gdim - 1 and _role(name) and name not in names})
     if not empty:
         return None
     kind = "curve" if gdim == 2 else "surface"
@@ -878,19 +892,12 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
         except ValueError as error:
             raise ValueError(f"mesh file {str(path)!r}: {error}") from None
         facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle", cells)
-        _check_marked_facets(facets, cells, f"mesh file {str(path)!r}")
+        _check_marked_facets(facets, cells, f"mesh file {str(path)!r}")  # so: valid nodes
         problem = _tag_values_problem(path, sorted({int(v) for _, v in facets}),
                                       "the facet cells' integer data")
         if problem:
             raise ValueError(problem)
-        load, support = ([f for f, v in facets if v == value] for value in (LOAD, SUPPORT))
-        load, support = (np.vstack(f).astype(np.int64) if f else None for f in (load, support))
-        empty = np.zeros((0, points.shape[1]), np.int64)
-        try:  # facet node indices in range, of the right width
-            MeshArrays(points, cells, *(empty if f is None else f for f in (load, support)))
-        except ValueError as error:
-            raise ValueError(f"mesh file {str(path)!r}: {error}") from None
-        return points, cells, load, support
+        return (points, cells, *_load_and_support(facets))
 
     points, cells, load, support = on_root(comm, read)
     return _tagged_mesh(comm, points, cells, points.shape[1], load, support)
@@ -944,6 +951,13 @@ def read_facets(path: str | os.PathLike, points: np.ndarray, cells: np.ndarray
                          f"{gdim}-D mesh; the facets must be drawn on the mesh's nodes (the same "
                          "mesh, the same length unit)")
     _check_marked_facets(facets, cells, f"facets file {str(path)!r}")
+    return _load_and_support(facets)
+
+
+def _load_and_support(facets: list[tuple[np.ndarray, int]]
+                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The load's and the support's facets ``(F, gdim)`` of ``(nodes, value)`` pairs (``None``:
+    none marked)."""
     load, support = ([f for f, v in facets if v == tag] for tag in (LOAD, SUPPORT))
     return tuple(np.vstack(f).astype(np.int64) if f else None for f in (load, support))
 
@@ -996,6 +1010,13 @@ def _role(name) -> int | None:
     return {"load": LOAD, "support": SUPPORT}.get(str(name).lower())
 
 
+def _twice_named(names) -> str | None:
+    """``"load"`` or ``"support"`` when two of ``names`` give that role (in any case), else
+    None."""
+    roles = [str(n).lower() for n in names if _role(n)]
+    return next((r for r in roles if roles.count(r) > 1), None)
+
+
 def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
                          ) -> list[tuple[np.ndarray, int]]:
     """The facets in sets named ``load`` and ``support`` (any case): element sets of facet
@@ -1004,10 +1025,9 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
     a set, the boundary facets of ``cells`` (unless None) whose nodes all lie in a node set of
     that name (Abaqus ``*NSET``). Two sets of one name in different cases are refused."""
     for sets in (data.cell_sets, data.point_sets):
-        names = [str(n).lower() for n in sets if _role(n)]
-        if len(names) != len(set(names)):
-            raise ValueError(f"two sets are named {max(names, key=names.count)!r} (in some "
-                             "case): merge them into one")
+        twice = _twice_named(sets)
+        if twice:
+            raise ValueError(f"two sets are named {twice!r} (in some case): merge them into one")
     chosen = {LOAD: [], SUPPORT: []}
     for name, indices in data.cell_sets.items():
         if not _role(name):

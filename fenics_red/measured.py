@@ -60,7 +60,7 @@ from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from . import validation
-from .domain import Domain, MeshArrays, planar_points, read_meshio
+from .domain import Domain, MeshArrays, planar_points, read_domain, read_meshio
 from .io import atomic_output, check_input_file, check_output_path, file_sha256, plain, to_json
 from .parallel import on_root
 
@@ -540,13 +540,6 @@ def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.n
     return array != 0
 
 
-def _mesh_file(s: ImportSettings, comm_self: MPI.Comm) -> MeshArrays:
-    """The mesh of ``s.mesh`` (its boundary from ``s.mesh_facets`` when given) as arrays."""
-    facets = None if s.mesh_facets is None else check_input_file(s.mesh_facets, "facets file")
-    return Domain.from_file(check_input_file(s.mesh, "mesh file"), comm_self,
-                            facets=facets).to_arrays()
-
-
 def _mesh_files(s: ImportSettings) -> dict:
     """The mesh (and facets) file as resolved at import, for the layout record."""
     files = {"mesh_file": str(Path(s.mesh).resolve())}
@@ -559,7 +552,7 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
     """Mesh arrays (file length unit), displacement (file unit), validity, reference, layout."""
     layout: dict = {"layout": "nodal"}
     if s.mesh is not None:
-        mesh = _mesh_file(s, comm_self)
+        mesh = read_domain(s.mesh, comm_self, s.mesh_facets).to_arrays()
         layout.update(_mesh_files(s))
         points = mesh.points
     else:
@@ -666,7 +659,7 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
         return (MeshArrays.of_grid(grid), u.reshape(2, -1), ok.ravel(),
                 None if ref is None else ref.ravel(), layout)
     # a mesh of the region: sample the images (missing pixels filled first) at its nodes
-    mesh = _mesh_file(s, MPI.COMM_SELF)
+    mesh = read_domain(s.mesh, MPI.COMM_SELF, s.mesh_facets).to_arrays()
     if mesh.dim != 2:
         raise ValueError("displacement images go onto a 2-D mesh; the mesh file is 3-D")
     points = mesh.points  # in the file's length unit, like the spacing

@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 import numpy as np
 
-from ..domain import Domain
+from ..domain import Domain, read_domain
 from ..forward import ElasticityModel, ForwardSettings
 from ..io import atomic_output, check_input_file, check_output_path, to_json
 from ..raster import ImageGrid, validate_image
@@ -64,12 +64,10 @@ def add_facets_argument(parser) -> None:
                              "mesh file")
 
 
-def mesh_domain(mesh, facets, comm: MPI.Comm) -> Domain:
-    """The :class:`Domain` of ``--mesh`` (and ``--facets``), the files checked first."""
-    if mesh is None:
+def check_facets_flag(args) -> None:
+    """Refuse ``--facets`` without ``--mesh`` (before any work)."""
+    if args.facets is not None and args.mesh is None:
         raise ValueError("--facets marks the boundary of a mesh file; give --mesh too")
-    return Domain.from_file(check_input_file(mesh, "mesh file"), comm, facets=(
-        None if facets is None else check_input_file(facets, "facets file")))
 
 
 def forward_settings(args) -> ForwardSettings:
@@ -172,8 +170,7 @@ def run(args) -> int:
     comm = MPI.COMM_WORLD
     settings = forward_settings(args)
     check_output_path(args.out, args.overwrite)  # on every rank, so all fail together
-    if args.mesh is None and args.facets is not None:
-        mesh_domain(None, args.facets, comm)  # refused: --facets without --mesh
+    check_facets_flag(args)
     if args.mesh is None:  # the image's size from the file's header, before reading it
         shape = npy_shape(args.modulus, "modulus")
         if len(shape) == 2:
@@ -191,7 +188,7 @@ def run(args) -> int:
     else:
         if args.width is not None or args.height is not None:
             raise ValueError("--width/--height size a grid; a mesh (--mesh) has its own size")
-        domain = mesh_domain(args.mesh, args.facets, comm)
+        domain = read_domain(args.mesh, comm, args.facets)
         plane_in(settings.plane, domain.dim)
         check_solve_memory(domain.num_file_nodes, domain.dim, settings, comm,
                            f"a forward solve on the {domain.num_file_nodes}-node mesh")

@@ -7,13 +7,13 @@ from mpi4py import MPI
 import numpy as np
 
 from ..data import SimulationSettings, mesh_settings, simulate_dataset
-from ..domain import MeshArrays
+from ..domain import MeshArrays, read_domain
 from ..forward import solve_memory
 from ..phantoms import FAMILIES, SHAPES, PhantomSettings
 from ..raster import ImageGrid
 from ..threads import ranks_on_node
 from ..validation import check_memory, plane_in
-from .forward import add_facets_argument, add_forward_arguments, forward_settings, mesh_domain
+from .forward import add_facets_argument, add_forward_arguments, check_facets_flag, forward_settings
 
 #: Memory of one rank's forward solves: measured 150 MB on a 64² grid and 430 MB on 256² (about
 #: 4.4 kB per node with a direct solver; 6 kB allows for the fill-in of larger grids).
@@ -117,9 +117,8 @@ def run(args) -> int:
         raise ValueError("--family draws random phantoms and --masks gives them: choose one")
     common = dict(forward=forward_settings(args), snr_db=args.snr, noise_ratio=args.noise_ratio,
                   force_noise=args.force_noise, seed=args.seed, phantoms=phantoms)
+    check_facets_flag(args)
     if args.mesh is None:
-        if args.facets is not None:
-            mesh_domain(None, args.facets, comm)  # refused: --facets without --mesh
         if args.pixel is not None:
             raise ValueError("--pixel sizes the phantom raster of a mesh; give --mesh too")
         settings = SimulationSettings(grid_from_args(args), **common)
@@ -129,7 +128,7 @@ def run(args) -> int:
                             ("--height", args.height)):
             if value is not None:
                 raise ValueError(f"{flag} sizes a grid; a mesh (--mesh) has its own size")
-        settings = mesh_settings(mesh_domain(args.mesh, args.facets, comm).to_arrays(),
+        settings = mesh_settings(read_domain(args.mesh, comm, args.facets).to_arrays(),
                                  args.pixel, **common)
     plane_in(settings.forward.plane, settings.dim)
     check_raster_memory(settings.grid, settings.mesh, settings.forward, comm,
