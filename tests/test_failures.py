@@ -534,16 +534,24 @@ def test_an_extra_output_that_is_the_imported_measurement_is_refused_and_the_fil
     imported = mpi_tmp_path / "clash_data.h5"
     assert main(["import", str(measured), "--out", str(imported), "--noise-std", "1e-3",
                  "1e-3"]) == 0
+    _reconstruct_refused_keeping(imported, mpi_tmp_path / "clash.h5", measured,
+                                 "(the measurement it was imported from); write the output to "
+                                 "another file", capsys)
+
+
+def _reconstruct_refused_keeping(imported, out, kept, reason: str, capsys) -> None:
+    """``reconstruct IMPORTED --out OUT --overwrite`` fails in one line: its extra output would
+    be the input ``kept`` (``reason``: which input); ``kept`` is unchanged and OUT not
+    written."""
     capsys.readouterr()
-    before = _digest(measured)
-    out = mpi_tmp_path / "clash.h5"
+    before = _digest(kept)
     assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
                  str(out), "--overwrite", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and (
-        f"the estimate's extra output {str(measured)!r} is also this command's input "
-        "(the measurement it was imported from); write the output to another file") in err, err
-    assert _digest(measured) == before and not out.exists()
+        f"the estimate's extra output {str(kept)!r} is also this command's input "
+        f"{reason}") in err, err
+    assert _digest(kept) == before and not out.exists()
 
 
 def test_an_extra_output_that_is_the_mesh_of_an_import_is_refused_from_any_folder(
@@ -573,16 +581,8 @@ def test_an_extra_output_that_is_the_mesh_of_an_import_is_refused_from_any_folde
         elsewhere.mkdir()
     comm.Barrier()
     monkeypatch.chdir(elsewhere)
-    capsys.readouterr()
-    before = _digest(mesh_file)
-    out = mpi_tmp_path / "clash.h5"
-    assert main(["reconstruct", str(imported), "--sample", "0", "--method", "ml", "--out",
-                 str(out), "--overwrite", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and (
-        f"the estimate's extra output {str(mesh_file)!r} is also this command's input "
-        "(the mesh it was imported with)") in err, err
-    assert _digest(mesh_file) == before and not out.exists()
+    _reconstruct_refused_keeping(imported, mpi_tmp_path / "clash.h5", mesh_file,
+                                 "(the mesh it was imported with)", capsys)
 
 
 @pytest.mark.parametrize(("argv", "words"), [
