@@ -29,7 +29,7 @@ from .io import check_input_file
 from .parallel import on_every_rank, on_root, raise_shared
 
 __all__ = ["Domain", "LOAD", "SUPPORT", "MeshArrays", "make_domain", "read_mesh", "mesh_bounds",
-           "planar_points", "read_domain", "read_facets", "read_meshio"]
+           "planar_points", "read_domain", "read_facets", "read_meshio", "check_cells"]
 
 #: Facet tag values of the loaded and the supported boundary in every :class:`Domain`.
 LOAD, SUPPORT = 1, 2
@@ -68,6 +68,60 @@ def _off_plane(points: np.ndarray) -> str | None:
         return None
     plane = "x-z" if extent[1] <= 1e-12 * extent.max() else "a plane other than x-y"
     return f"{plane} (z from {points[:, 2].min():g} to {points[:, 2].max():g})"
+
+
+def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
+    """Refuse unused nodes, repeated nodes in a cell, zero-size cells and inverted cells (a
+    fold: two cells on one side of the facet they share)."""
+    n, d = points.shape
+    if cells.shape[1] != d + 1:
+        raise ValueError(f"{d}-D nodes need {'triangles (M, 3)' if d == 2 else 'tetrahedra (M, 4)'}"
+                         f" as cells, got cells of {cells.shape[1]} nodes")
+    used = np.zeros(n, dtype=bool)
+    used[cells.ravel()] = True
+    if not used.all():
+        raise ValueError(f"{int((~used).sum())} node(s) are used by no cell (first: node "
+                         f"{int(np.flatnonzero(~used)[0])}, 0-based); remove them or check the "
+                         "cells")
+    edges = points[cells[:, 1:]] - points[cells[:, :1]]
+    size = np.linalg.det(edges)  # twice the area / six times the volume, signed
+    scale = np.max(np.abs(edges)) ** d
+    tiny = np.abs(size) <= 1e-12 * scale
+    if tiny.any():
+        raise ValueError(f"{int(tiny.sum())} cell(s) have zero {'area' if d == 2 else 'volume'} "
+                         f"(first: cell {int(np.flatnonzero(tiny)[0])}, 0-based): repeated or "
+                         "collinear nodes")
+    folded = _folded_facets(points, cells)
+    if len(folded):
+        raise ValueError(f"{len(folded)} interior facet(s) have both their cells on one side "
+                         f"(first: between cells {folded[0][0]} and {folded[0][1]}, 0-based): "
+                         "inverted cells, a tangled mesh or cells that do not match the nodes")
+
+
+def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs of cells that share a facet but lie on the same side of it (a fold: one of them is
+    inverted). The test does not depend on the cells' orientation, which meshers choose freely."""
+    d = points.shape[1]
+    k = d + 1
+    local = [[j for j in range(k) if j != i] for i in range(k)]  # facet i: all nodes but i
+    facets = np.concatenate([np.sort(cells[:, f], axis=1) for f in local])
+    opposite = np.concatenate([cells[:, i] for i in range(k)])
+    owner = np.tile(np.arange(len(cells)), k)
+    order = np.lexsort(facets.T[::-1])
+    facets, opposite, owner = facets[order], opposite[order], owner[order]
+    same = (facets[1:] == facets[:-1]).all(axis=1)
+    first = np.flatnonzero(same)
+    if not len(first):
+        return []
+    f, a, b = facets[first], opposite[first], opposite[first + 1]
+    base = points[f[:, 0]]
+    edges = np.stack([points[f[:, j]] - base for j in range(1, d)], axis=1)  # (n, d-1, d)
+
+    def side(node):
+        return np.linalg.det(np.concatenate([edges, (points[node] - base)[:, None]], axis=1))
+
+    bad = np.flatnonzero(side(a) * side(b) > 0)
+    return [(int(owner[first[i]]), int(owner[first[i] + 1])) for i in bad]
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,19 +274,20 @@ class Domain:
         names = names or {}
         fdim = msh.topology.dim - 1
         msh.topology.create_connectivity(fdim, msh.topology.dim)
-        parts = {}
+        parts, tagged = {}, {}
         for name, tag in (("load", LOAD), ("support", SUPPORT)):
             if facet_tags is not None and name in names:
-                parts[tag] = facet_tags.find(names[name])
+                parts[tag] = tagged[tag] = facet_tags.find(names[name])
             else:
                 parts[tag] = _depth_facets(msh, top=(name == "load"))
+        _check_on_boundary(msh, tagged)
         for tag, facets in parts.items():
             count = msh.comm.allreduce(len(facets), op=MPI.SUM)
             if count == 0:
                 what = "load" if tag == LOAD else "support"
-                raise ValueError(f"the mesh has no {what} facets: name a physical group "
-                                 f"'{what}' in the mesh file or check the depth axis (the last "
-                                 "coordinate)")
+                raise ValueError(f"the mesh has no {what} facets: name them (a physical group "
+                                 f"or set '{what}' in a mesh file, --{what}-facets for nodal "
+                                 "arrays) or check the depth axis (the last coordinate)")
         parts[SUPPORT] = np.setdiff1d(parts[SUPPORT], parts[LOAD])  # a facet in both: the load's
         if msh.comm.allreduce(len(parts[SUPPORT]), op=MPI.SUM) == 0:
             raise ValueError("every support facet is also a load facet (the load's group covers "
@@ -402,6 +457,30 @@ def _check_cell_sizes(msh: mesh.Mesh) -> None:
             f"{', '.join(map(str, example))} (0-based, file order): remove or mend them"))
 
 
+def _check_on_boundary(msh: mesh.Mesh, tagged: dict[int, np.ndarray]) -> None:
+    """Refuse load or support facets (``tagged``: tag -> local facets) that are not on the
+    mesh's boundary: a traction there is never applied (the load's work is zero) and a support
+    there holds inner nodes, and the solve runs without a word. Collective."""
+    fdim = msh.topology.dim - 1
+    msh.topology.create_connectivity(fdim, fdim + 1)
+    exterior = mesh.exterior_facet_indices(msh.topology)
+    owned = msh.topology.index_map(fdim).size_local  # a shared facet: its owner checks it
+    inner = {tag: f[(f < owned) & ~np.isin(f, exterior)] for tag, f in tagged.items()}
+    example = next(((tag, f[:1]) for tag, f in inner.items() if len(f)), None)
+    if example is not None:
+        nodes = mesh.entities_to_geometry(msh, fdim, example[1].astype(np.int32), False)[0]
+        example = (example[0], np.asarray(msh.geometry.input_global_indices)[nodes].tolist())
+    found = msh.comm.allgather((sum(len(f) for f in inner.values()), example))
+    count = sum(c for c, _ in found)
+    if count:
+        tag, nodes = next(e for _, e in found if e is not None)
+        raise on_every_rank(ValueError(
+            f"the mesh marks {count} load or support facet(s) inside it, not on its boundary, "
+            f"e.g. the {'load' if tag == LOAD else 'support'} facet of nodes "
+            f"{', '.join(map(str, sorted(nodes)))} (0-based, file order): a traction there is "
+            "never applied and a support there holds inner nodes; mark boundary facets only"))
+
+
 def _check_parts_supported(msh: mesh.Mesh, support: np.ndarray) -> None:
     """Refuse a mesh of which a connected part (cells joined through shared facets: faces in
     3-D, edges in 2-D) has no support facet: ``K`` is singular there (a part held only by a node
@@ -518,6 +597,7 @@ def _tagged_mesh(comm: MPI.Comm, points, cells, gdim: int, load=None, support=No
     from dolfinx.graph import adjacencylist
     from dolfinx.io import distribute_entity_data
 
+    on_root(comm, lambda: _check_marked(load, support, cells))
     msh = _create_mesh(comm, points, cells, gdim)
     root = comm.rank == 0
     fdim = gdim - 1
@@ -572,6 +652,21 @@ def _create_mesh(comm: MPI.Comm, points, cells, gdim: int) -> mesh.Mesh:
     topology = (np.asarray(cells, dtype=np.int64) if root
                 else np.zeros((0, gdim + 1), dtype=np.int64))
     return mesh.create_mesh(comm, topology, x, element)
+
+
+def _checked_arrays(path: Path, points, cells: np.ndarray) -> np.ndarray:
+    """The points of a mesh file's arrays (``points``: the array or a function giving it) once
+    they are whole (:class:`MeshArrays`) and its cells sound (:func:`check_cells`: no repeated
+    nodes, zero sizes or folds, which DOLFINx does not check and on which it crashes under
+    MPI); a problem is a ``ValueError`` naming the file. Serial, before the mesh is built."""
+    try:
+        points = points() if callable(points) else points
+        empty = np.zeros((0, points.shape[1]), np.int64)
+        MeshArrays(points, cells, empty, empty)  # raises if malformed
+        check_cells(points, cells)
+    except ValueError as error:
+        raise ValueError(f"mesh file {str(path)!r}: {error}") from None
+    return points
 
 
 def read_mesh(path: str | os.PathLike, comm: MPI.Comm):
@@ -634,6 +729,8 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                        or _gmsh_empty_group_problem(path, gdim, names)
                        or _gmsh_node_problem(gmsh, gdim, path)
                        or _gmsh_group_problem(gmsh, gdim, names, path))
+            if not problem:
+                _checked_arrays(path, *_gmsh_arrays(gmsh, gdim))
             if not problem and others and not names:
                 warnings.warn(f"mesh file {str(path)!r} has boundary groups {', '.join(others)} "
                               "but none named 'load' or 'support': the load goes on the top "
@@ -657,6 +754,20 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
     if comm.rank == 0:
         gmsh.clear()
     return msh, facet_tags, names
+
+
+def _gmsh_arrays(gmsh, gdim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(points, 0-based cells)`` of the cells in the physical groups of dimension ``gdim``
+    (nodes numbered 1..N without gaps: :func:`_gmsh_node_problem` checked)."""
+    tags, coordinates, _ = gmsh.model.mesh.getNodes()
+    points = np.empty((len(tags), 3))
+    points[np.asarray(tags, dtype=np.int64) - 1] = np.asarray(coordinates).reshape(-1, 3)
+    cells = [np.asarray(nodes, dtype=np.int64).reshape(-1, gdim + 1) - 1
+             for _, group in gmsh.model.getPhysicalGroups(gdim)
+             for entity in gmsh.model.getEntitiesForPhysicalGroup(gdim, group)
+             for kind, _, nodes in zip(*gmsh.model.mesh.getElements(gdim, entity), strict=True)
+             if kind == _GMSH_CELLS[gdim]]
+    return points[:, :gdim], np.vstack(cells)
 
 
 def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:
@@ -764,6 +875,44 @@ def _xdmf_grids(path: Path) -> list[tuple[str, str, bool]]:
     return grids
 
 
+def _xdmf_arrays(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(points, cells)`` of the grid ``mesh`` of a DOLFINx-written XDMF file of P1 triangles
+    or tetrahedra (data in HDF5), or None for another layout (its reader then says what is
+    wrong). Serial."""
+    import xml.etree.ElementTree as ElementTree
+
+    import h5py
+
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError):
+        return None
+    grid = next((g for g in root.iterfind("Domain/Grid") if g.get("Name") == "mesh"), None)
+    arrays = []
+    for part in ("Geometry", "Topology"):
+        item = None if grid is None else grid.find(f"{part}/DataItem")
+        if item is None or item.get("Format", "").upper() != "HDF" or ":" not in (item.text or ""):
+            return None
+        name, dataset = item.text.strip().rsplit(":", 1)
+        h5 = path.parent / name
+        try:
+            with h5py.File(h5 if h5.is_file() else path.with_suffix(".h5"), "r") as file:
+                arrays.append(np.asarray(file[dataset]))
+        except (OSError, KeyError, TypeError):
+            return None
+    points, cells = arrays
+    if points.ndim == 2 and cells.ndim == 2 and cells.shape[1] == 3 and points.shape[1] == 3:
+        try:
+            points = planar_points(points, 3)  # a 2-D mesh stored with a zero z
+        except ValueError:  # off the x-y plane: the reader says so
+            return None
+    if (cells.ndim != 2 or points.ndim != 2 or cells.dtype.kind not in "iu"
+            or cells.shape[1] != points.shape[1] + 1 or cells.shape[1] not in (3, 4)
+            or cells.size == 0 or cells.min() < 0 or cells.max() >= len(points)):
+        return None
+    return points, cells.astype(np.int64)
+
+
 def _xdmf_tags_name(path: Path, grids: list[tuple[str, str, bool]]) -> str | None:
     """The name of the facet tags of the grid ``mesh`` in a DOLFINx-written XDMF file:
     ``facet_tags`` (this package's), else the one grid of tagged facets whatever its name
@@ -792,7 +941,13 @@ def _read_xdmf_tags(xdmf, msh, path: Path, name: str):
 def _read_xdmf(path: Path, comm: MPI.Comm):
     from dolfinx.io import XDMFFile
 
-    tags_name = on_root(comm, lambda: _xdmf_tags_name(path, _xdmf_grids(path)))
+    def check():
+        arrays = _xdmf_arrays(path)
+        if arrays is not None:
+            _checked_arrays(path, *arrays)
+        return _xdmf_tags_name(path, _xdmf_grids(path))
+
+    tags_name = on_root(comm, check)
     try:
         with XDMFFile(comm, str(path), "r") as xdmf:
             msh = xdmf.read_mesh(name="mesh")
@@ -870,14 +1025,18 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
         try:
             data, blocks = read_meshio(path)
         except Exception as error:
+            why = (f"a cell type meshio does not know ({error.args[0]}): first-order triangles "
+                   "or tetrahedra only?" if isinstance(error, KeyError) else str(error))
             raise ValueError(f"cannot read mesh file {str(path)!r}" + (
-                f" as XDMF: DOLFINx: {dolfinx_error}; meshio: {error}" if dolfinx_error
-                else f": {error}")) from None
-        kind = "tetra" if any(b.type == "tetra" for b in blocks) else "triangle"
+                f" as XDMF: DOLFINx: {dolfinx_error}; meshio: {why}" if dolfinx_error
+                else f": {why}")) from None
+        kind = ("tetra" if any(b.type in _SAME_DIMENSION["tetra"] | {"tetra"}
+                               for b in data.cells) else "triangle")
         others = sorted({b.type for b in data.cells if b.type in _SAME_DIMENSION[kind]})
         if others:
-            raise ValueError(f"mesh file {str(path)!r} holds {', '.join(others)} cells as well "
-                             f"as {kind}s; the package takes first-order "
+            beside = f" as well as {kind}s" if any(b.type == kind for b in blocks) else ""
+            raise ValueError(f"mesh file {str(path)!r} holds {', '.join(others)} cells{beside}; "
+                             "the package takes first-order "
                              f"{'tetrahedra' if kind == 'tetra' else 'triangles'} only: mesh it "
                              "again without recombination and with element order 1")
         blocks = [b.data for b in blocks if b.type == kind]
@@ -885,14 +1044,9 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
             raise ValueError(f"mesh file {str(path)!r} holds no triangles or tetrahedra (cells: "
                              f"{', '.join(b.type for b in data.cells) or 'none'})")
         cells = np.vstack(blocks).astype(np.int64)
-        try:
-            points = planar_points(data.points, cells.shape[1])
-            MeshArrays(points, cells, np.zeros((0, points.shape[1]), np.int64),
-                       np.zeros((0, points.shape[1]), np.int64))  # raises if malformed
-        except ValueError as error:
-            raise ValueError(f"mesh file {str(path)!r}: {error}") from None
+        points = _checked_arrays(path, lambda: planar_points(data.points, cells.shape[1]),
+                                 cells)
         facets = _meshio_facets(data, "line" if kind == "triangle" else "triangle", cells)
-        _check_marked_facets(facets, cells, f"mesh file {str(path)!r}")  # so: valid nodes
         problem = _tag_values_problem(path, sorted({int(v) for _, v in facets}),
                                       "the facet cells' integer data")
         if problem:
@@ -950,7 +1104,6 @@ def read_facets(path: str | os.PathLike, points: np.ndarray, cells: np.ndarray
         raise ValueError(f"facets file {str(path)!r} marks nodes that are not nodes of the "
                          f"{gdim}-D mesh; the facets must be drawn on the mesh's nodes (the same "
                          "mesh, the same length unit)")
-    _check_marked_facets(facets, cells, f"facets file {str(path)!r}")
     return _load_and_support(facets)
 
 
@@ -962,21 +1115,35 @@ def _load_and_support(facets: list[tuple[np.ndarray, int]]
     return tuple(np.vstack(f).astype(np.int64) if f else None for f in (load, support))
 
 
-def _check_marked_facets(facets: list[tuple[np.ndarray, int]], cells: np.ndarray, where: str):
-    """Refuse load or support facets that are not boundary facets of ``cells`` (a traction
-    there is never applied, a support would hold inner nodes), or that are both."""
-    boundary = {tuple(f) for f in _boundary_facets(cells).tolist()}
-    marked = {}
-    for nodes, value in facets:
-        if value not in (LOAD, SUPPORT):  # other numbers (an inner interface, say) are free
-            continue
-        key = tuple(sorted(int(n) for n in nodes))
-        if key not in boundary:
-            raise ValueError(f"{where} marks a facet (nodes {', '.join(map(str, key))}, 0-based) "
-                             "that is not on the mesh's boundary: mark boundary facets only")
-        if marked.setdefault(key, value) != value:
-            raise ValueError(f"{where} marks a facet (nodes {', '.join(map(str, key))}, 0-based) "
-                             "as both load and support: a facet is loaded or supported")
+def _check_marked(load: np.ndarray | None, support: np.ndarray | None, cells) -> None:
+    """Refuse load or support facets (node lists) that are no side of any cell (DOLFINx would
+    drop them without a word) or that are marked both (it keeps one tag per facet). Whether
+    they lie on the boundary :meth:`Domain.from_mesh` checks. Serial, on the arrays."""
+    given = {tag: np.sort(np.asarray(f, dtype=np.int64), axis=1)
+             for tag, f in ((LOAD, load), (SUPPORT, support)) if f is not None and len(f)}
+    if not given:
+        return
+    cells = np.asarray(cells, dtype=np.int64)
+    sides = np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(cells.shape[1])]), axis=1)
+    rows = np.vstack([sides, *given.values()])
+    _, ids = np.unique(rows, axis=0, return_inverse=True)
+    ids = ids.ravel()
+    known, start = set(ids[:len(sides)].tolist()), len(sides)
+    seen = {}
+    for tag, facets in given.items():
+        name = "load" if tag == LOAD else "support"
+        for row, key in zip(facets.tolist(), ids[start:start + len(facets)].tolist(),
+                            strict=True):
+            nodes = ", ".join(map(str, row))
+            if key not in known:
+                raise ValueError(f"the {name} facet of nodes {nodes} (0-based) is no side of any "
+                                 "cell: give facets as the nodes of a cell's side (an edge in "
+                                 "2-D, a triangle in 3-D)")
+            if seen.setdefault(key, tag) != tag:
+                raise ValueError(f"the facet of nodes {nodes} (0-based) is marked as both load "
+                                 "and support: a facet is loaded or supported; give the two "
+                                 "parts different facets")
+        start += len(facets)
 
 
 def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.ndarray, int]]:
@@ -1045,14 +1212,18 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
             raise ValueError(f"cell data {key!r} holds {sorted(found)}: a set's cell data holds "
                              "the set's index (-1: none), or 1 / 0 for one set")
         indicator = len(names) == 1 and -1 not in found  # 1 = in the set, 0 = not
-        for block, values in zip(data.cells, arrays, strict=False):
+        physical = data.cell_data.get("gmsh:physical", [None] * len(data.cells))
+        for block, values, numbers in zip(data.cells, arrays, physical, strict=False):
             if block.type != kind or values.ndim != 1:
                 continue
-            for nodes, value in zip(block.data, values.tolist(), strict=True):
-                name = (names[0] if value == 1 else None) if indicator else (
-                    names[value] if 0 <= value < len(names) else None)
-                if name is not None and _role(name):
-                    chosen[_role(name)].append(nodes)
+            roles = np.array([_role(names[0] if value == 1 else None) if indicator else
+                              _role(names[value]) if 0 <= value < len(names) else None
+                              for value in values.tolist()], dtype=object)
+            if numbers is not None and len(numbers) == len(values):
+                roles = _roles_by_number(roles, np.asarray(numbers), key)
+            for nodes, role in zip(block.data, roles, strict=True):
+                if role is not None:
+                    chosen[role].append(nodes)
     families = _med_families(getattr(data, "cell_tags", None))
     for block, numbers in zip(data.cells, data.cell_data.get("cell_tags", []) if families
                               else [], strict=False):
@@ -1068,6 +1239,23 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
         for value, nodes in node_sets.items():
             chosen[value] += list(boundary[np.isin(boundary, nodes).all(axis=1)])
     return [(nodes, value) for value in (LOAD, SUPPORT) for nodes in chosen[value]]
+
+
+def _roles_by_number(roles: np.ndarray, numbers: np.ndarray, key: str) -> np.ndarray:
+    """The roles of facet cells from meshio's sets array ``key`` completed by their gmsh
+    physical numbers: meshio writes the sets of a converted .msh as one index per cell, so a
+    facet in two sets (``load`` and ``gmsh:bounding_entities``) keeps only the last, while its
+    physical number is whole. A number takes the one role its cells show; two are refused."""
+    out = np.full(len(roles), None, dtype=object)
+    for number in np.unique(numbers):
+        here = numbers == number
+        found = {r for r in roles[here] if r is not None}
+        if len(found) > 1:
+            raise ValueError(f"cell data {key!r} puts facets of gmsh physical number {number} "
+                             "in both 'load' and 'support': a facet is loaded or supported")
+        if found:
+            out[here] = found.pop()
+    return out
 
 
 def _med_families(tags) -> dict[int, int]:

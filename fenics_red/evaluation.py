@@ -62,7 +62,7 @@ from .methods import get_method
 from .metrics import METRIC_NAMES, SSIM_WINDOW, evaluate_metrics
 from .parallel import check_all, on_root
 from .raster import ImageGrid, ValueRaster, central_slice
-from .reconstruction import Result, has_truth, method_settings, run_method
+from .reconstruction import Result, has_truth, method_settings, misfit_problem, run_method
 from .uncertainty import coverage
 
 __all__ = ["EvaluationSettings", "evaluate", "summarise", "read_estimate", "read_std",
@@ -503,6 +503,11 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     stds = {}  # posterior standard deviations (runs with the option uncertainty), as images
     nodal_stds = {}  # ... and as stored, for the XDMF files
     coverages = {}  # {method: [share of nodes with |truth - estimate| <= 2 sigma, per sample]}
+    measurement, units = dataset.measurement, None
+    if measurement is not None:  # figures and XDMF in the user's unit, as reconstruct writes
+        from .measured import output_scale
+
+        units = measurement["output"]["label"]
     for i in indices:
         sample = None if no_truth else dataset.sample(i)
         if sample is not None and dataset.mesh is not None:
@@ -517,9 +522,13 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
                 raise ValueError(f"estimate file {str(_run_path(out, method, i))!r} has shape "
                                  f"{estimate.shape}, the data set {tuple(dataset.value_shape)}; "
                                  "delete it to recompute it")
+            std = read_std(_run_path(out, method, i))
+            if measurement is not None:
+                scale = output_scale(estimate, measurement, dataset.valid(i),
+                                     dataset.reference(i))
+                estimate, std = estimate * scale, None if std is None else std * scale
             estimates[i][method] = raster.image(estimate)
             nodal[i][method] = estimate
-            std = read_std(_run_path(out, method, i))
             if std is not None:
                 nodal_stds[i][method] = std
                 stds.setdefault(i, {})[method] = raster.image(std)
@@ -539,7 +548,10 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
         for name in ("metrics.csv", "metrics.json"):  # of an earlier evaluation with the truth
             (out / name).unlink(missing_ok=True)
         text = (f"{heading} No metrics: {no_truth}. The estimates are in "
-                "`estimates/<method>/sample_<i>.npz`.\n")
+                "`estimates/<method>/sample_<i>.npz`" + (
+                    "" if units is None else
+                    f" in the package's unit (100 kPa; the figures show {units}, as `fenics-red "
+                    "reconstruct` writes them)") + ".\n")
     else:
         summary = summarise(rows, settings.methods)
         columns = ["sample", "method", *METRIC_NAMES, "time"]
@@ -561,6 +573,10 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
                  f"(mean over {len(values)} sample(s)).\n")
     missed = {method: [i for i in indices if infos[i][method].get("discrepancy_reached") is False]
               for method in settings.methods}
+    for method in settings.methods:
+        where = [i for i in indices if misfit_problem(infos[i][method])]
+        if where:
+            text += f"\n{method} on sample(s) {where}: {misfit_problem(infos[where[0]][method])}.\n"
     for method, where in missed.items():
         if where:
             text += (f"\n{method} did not reach its discrepancy target (the noise level) on "
@@ -572,11 +588,12 @@ def _report(out: Path, dataset, indices: Sequence[int], settings: EvaluationSett
     if settings.figures or settings.xdmf:
         truths = {i: None if no_truth else dataset.sample(i).E for i in samples}
         _figures(out, raster.grid, samples, estimates, rows, settings,
-                 (dataset.settings.space, truths, nodal, nodal_stds), stds)
+                 (dataset.settings.space, truths, nodal, nodal_stds), stds, units=units)
     return summary
 
 
-def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) -> None:
+def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None,
+             units: str | None = None) -> None:
     """Per sample: the comparison and the profile figure (images), the XDMF file (on the data
     set's grid or mesh: ``nodal = (space, truths, estimates, stds)`` as stored); a sample of
     ``None``:
@@ -584,6 +601,7 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) ->
     from .visualise import plot_comparison, plot_profiles, plot_uncertainty, write_xdmf
 
     error = {(r["sample"], r["method"]): r["relative_rmse"] for r in rows}
+    unit = {} if units is None else {"units": units}  # a measurement's: its modulus unit
     chosen = list(samples.items())[:settings.figure_limit]
     for i, sample in chosen:
         truth = None if sample is None else sample.E
@@ -596,9 +614,9 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) ->
                       if (i, m) in error}
             (out / "figures").mkdir(exist_ok=True)
             plot_comparison(truth, shown, out / "figures" / f"sample_{i}.png", plane,
-                            labels=labels)
+                            labels=labels, **unit)
             plot_profiles(truth, shown, out / "figures" / f"profile_{i}.png", plane,
-                          mask=None if sample is None else sample.mask[:, j, :])
+                          mask=None if sample is None else sample.mask[:, j, :], **unit)
         elif settings.figures:
             (out / "figures").mkdir(exist_ok=True)
             labels = {m: f"rel. RMSE {error[(i, m)]:.3f}" for m in estimates[i]
@@ -606,15 +624,15 @@ def _figures(out, grid, samples, estimates, rows, settings, nodal, stds=None) ->
             space, truths, values, _ = nodal
             if hasattr(space, "cells") and space.dim == 2:  # drawn on the mesh itself
                 plot_comparison(truths[i], values[i], out / "figures" / f"sample_{i}.png",
-                                space, labels=labels)
+                                space, labels=labels, **unit)
             else:
                 plot_comparison(truth, estimates[i], out / "figures" / f"sample_{i}.png", grid,
-                                labels=labels)
+                                labels=labels, **unit)
             plot_profiles(truth, estimates[i], out / "figures" / f"profile_{i}.png", grid,
-                          mask=None if sample is None else sample.mask)
+                          mask=None if sample is None else sample.mask, **unit)
             if stds and stds.get(i):
                 plot_uncertainty(truth, {m: estimates[i][m] for m in stds[i]}, stds[i],
-                                 out / "figures" / f"uncertainty_{i}.png", grid)
+                                 out / "figures" / f"uncertainty_{i}.png", grid, **unit)
         if settings.xdmf:
             (out / "xdmf").mkdir(exist_ok=True)
             space, truths, values, value_stds = nodal

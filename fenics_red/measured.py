@@ -45,6 +45,7 @@ measured relative to their mean over the support nodes (a rigid translation, inv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -60,7 +61,7 @@ from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
 
 from . import validation
-from .domain import Domain, MeshArrays, planar_points, read_domain, read_meshio
+from .domain import Domain, MeshArrays, check_cells, planar_points, read_domain, read_meshio
 from .io import atomic_output, check_input_file, check_output_path, file_sha256, plain, to_json
 from .parallel import on_root
 
@@ -203,6 +204,25 @@ class ImportSettings:
         if self.normalise == "reference" and self.reference is None:
             raise ValueError("normalising to a reference region needs the region: name its mask "
                              "variable (--reference NAME)")
+        if self.reference is not None and self.normalise != "reference":
+            raise ValueError("--reference names the region that --normalise reference divides by: "
+                             "add --normalise reference, or leave --reference out")
+        if self.noise_ratio != 1.0 and self.snr_db is None:
+            raise ValueError("--noise-ratio splits the noise of --snr between the components: "
+                             "give --snr too, or sigma per component with --noise-std")
+        if self.interleaved and self.displacement is None and (self.ux or self.uy or self.uz):
+            raise ValueError("--interleaved is for one --displacement variable with every "
+                             "component, not for --ux/--uy/--uz")
+        nodal_only = [flag for flag, value in (
+            ("--nodes", self.nodes), ("--cells", self.cells), ("--ux", self.ux),
+            ("--uy", self.uy), ("--uz", self.uz), ("--index-base", self.index_base),
+            ("--load-facets", self.load_facets), ("--support-facets", self.support_facets),
+            ("--force", self.force), ("--interleaved", self.interleaved or None))
+            if value is not None]
+        if self.image and nodal_only:
+            raise ValueError(f"{', '.join(nodal_only)} {'is' if len(nodal_only) == 1 else 'are'} "
+                             "for nodal data, and --spacing makes these images (--axial, "
+                             "--lateral): leave them out, or drop --spacing for nodal data")
         if self.snr_db is not None and self.noise_std is not None:
             raise ValueError("give the noise level once: an SNR or sigma per component, not both")
         if self.snr_db is not None:
@@ -237,6 +257,20 @@ class ImportSettings:
 
 
 # -- reading named arrays ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _no_pickles():
+    """numpy's refusal of pickled objects (also what it makes of bytes that are no numpy
+    file) said for a user."""
+    try:
+        yield
+    except ValueError as error:
+        if "pickle" not in str(error):
+            raise
+        raise ValueError("it is not a numpy file of arrays (numpy finds pickled Python objects, "
+                         "which are never loaded: a corrupt file, or one saved with objects)"
+                         ) from None
+
 
 class VariableFile:
     """The named arrays of a measurement file (``.npy``, ``.npz``, ``.mat`` v5/v7.3, ``.h5``,
@@ -294,10 +328,11 @@ class VariableFile:
     # one reader per format --------------------------------------------------------------------
 
     def _read_npy(self) -> dict:
-        return {"displacement": np.load(self.path, allow_pickle=False)}
+        with _no_pickles():
+            return {"displacement": np.load(self.path, allow_pickle=False)}
 
     def _read_npz(self) -> dict:
-        with np.load(self.path, allow_pickle=False) as archive:
+        with _no_pickles(), np.load(self.path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
 
     def _read_mat(self) -> dict:
@@ -393,72 +428,21 @@ def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str,
                              f"uses node 0 or node {n_nodes}); pass --index-base 0 or 1")
     else:
         how = "given"
+        fix = (f"drop --index-base {base}" if width is None else
+               f"the cells are {base}-based: number the facets as the cells")
         if base == 0 and high == n_nodes:
-            raise ValueError(f"cells {name!r} use node {n_nodes} of {n_nodes} nodes: they look "
-                             "1-based, not 0-based (drop --index-base 0)")
+            raise ValueError(f"{'cells' if width is None else 'facets'} {name!r} use node "
+                             f"{n_nodes} of {n_nodes} nodes: they look 1-based, not 0-based "
+                             f"({fix})")
         if base == 1 and low == 0:
-            raise ValueError(f"cells {name!r} use node 0: they are 0-based, not 1-based (drop "
-                             "--index-base 1)")
+            raise ValueError(f"{'cells' if width is None else 'facets'} {name!r} use node 0: "
+                             f"they are 0-based, not 1-based ({fix})")
     cells = cells - base
     if cells.min() < 0 or cells.max() >= n_nodes:
         bad = int(cells.min() + base if cells.min() < 0 else cells.max() + base)
         raise ValueError(f"cells {name!r} reference node {bad}, but there are {n_nodes} nodes "
                          f"({base}-based: {base} to {n_nodes - 1 + base})")
     return cells, base, how
-
-
-def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
-    """Refuse unused nodes, repeated nodes in a cell, zero-size cells and inverted cells (a
-    fold: two cells on one side of the facet they share)."""
-    n, d = points.shape
-    if cells.shape[1] != d + 1:
-        raise ValueError(f"{d}-D nodes need {'triangles (M, 3)' if d == 2 else 'tetrahedra (M, 4)'}"
-                         f" as cells, got cells of {cells.shape[1]} nodes")
-    used = np.zeros(n, dtype=bool)
-    used[cells.ravel()] = True
-    if not used.all():
-        raise ValueError(f"{int((~used).sum())} node(s) are used by no cell (first: node "
-                         f"{int(np.flatnonzero(~used)[0])}, 0-based); remove them or check the "
-                         "cells")
-    edges = points[cells[:, 1:]] - points[cells[:, :1]]
-    size = np.linalg.det(edges)  # twice the area / six times the volume, signed
-    scale = np.max(np.abs(edges)) ** d
-    tiny = np.abs(size) <= 1e-12 * scale
-    if tiny.any():
-        raise ValueError(f"{int(tiny.sum())} cell(s) have zero {'area' if d == 2 else 'volume'} "
-                         f"(first: cell {int(np.flatnonzero(tiny)[0])}, 0-based): repeated or "
-                         "collinear nodes")
-    folded = _folded_facets(points, cells)
-    if len(folded):
-        raise ValueError(f"{len(folded)} interior facet(s) have both their cells on one side "
-                         f"(first: between cells {folded[0][0]} and {folded[0][1]}, 0-based): "
-                         "inverted cells, a tangled mesh or cells that do not match the nodes")
-
-
-def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs of cells that share a facet but lie on the same side of it (a fold: one of them is
-    inverted). The test does not depend on the cells' orientation, which meshers choose freely."""
-    d = points.shape[1]
-    k = d + 1
-    local = [[j for j in range(k) if j != i] for i in range(k)]  # facet i: all nodes but i
-    facets = np.concatenate([np.sort(cells[:, f], axis=1) for f in local])
-    opposite = np.concatenate([cells[:, i] for i in range(k)])
-    owner = np.tile(np.arange(len(cells)), k)
-    order = np.lexsort(facets.T[::-1])
-    facets, opposite, owner = facets[order], opposite[order], owner[order]
-    same = (facets[1:] == facets[:-1]).all(axis=1)
-    first = np.flatnonzero(same)
-    if not len(first):
-        return []
-    f, a, b = facets[first], opposite[first], opposite[first + 1]
-    base = points[f[:, 0]]
-    edges = np.stack([points[f[:, j]] - base for j in range(1, d)], axis=1)  # (n, d-1, d)
-
-    def side(node):
-        return np.linalg.det(np.concatenate([edges, (points[node] - base)[:, None]], axis=1))
-
-    bad = np.flatnonzero(side(a) * side(b) > 0)
-    return [(int(owner[first[i]]), int(owner[first[i] + 1])) for i in bad]
 
 
 def _field(file: VariableFile, name: str, n: int, d: int, interleaved: bool, what: str
@@ -523,6 +507,38 @@ def _components(file: VariableFile, s: ImportSettings, n: int, d: int) -> tuple[
     return _field(file, name, n, d, s.interleaved, "displacement")
 
 
+def _check_own_nodes(file: VariableFile, s: ImportSettings, points: np.ndarray) -> None:
+    """With ``--mesh`` the displacement is read in the mesh file's node order: refuse
+    ``--nodes``/``--cells`` (the file's own mesh, which ``--mesh`` replaces), and node
+    coordinates in the file that are not the mesh file's, node for node (another order, another
+    mesh), which would pair each value with the wrong node without a word."""
+    if s.nodes is not None or s.cells is not None:
+        raise ValueError("--nodes/--cells name the file's own mesh and --mesh replaces it: give "
+                         "one or the other")
+    name = file.find(None, "nodes", "the node coordinates", required=False)
+    if name is None:
+        return
+    own = np.asarray(file.get(name, "the node coordinates"))
+    if own.ndim == 2 and own.shape[0] in (2, 3) and own.shape[1] not in (2, 3):
+        own = own.T
+    if own.ndim == 2 and own.shape[1] == 3 and points.shape[1] == 2:
+        own = own[:, :2] if np.ptp(own[:, 2]) == 0 else own
+    where = f"{str(file.path)!r} has node coordinates {name!r}"
+    if own.shape != points.shape:
+        raise ValueError(f"{where} of shape {own.shape}, but mesh file {str(s.mesh)!r} has "
+                         f"{points.shape}: the displacement belongs to another mesh; drop --mesh "
+                         "to use the file's own nodes and cells")
+    gap = np.abs(own.astype(np.float64) - points).max(axis=1)
+    size = float(np.ptp(points, axis=0).max())
+    if gap.max() > 1e-6 * size:
+        node = int(np.argmax(gap))
+        raise ValueError(f"{where} that are not the nodes of mesh file {str(s.mesh)!r}, node "
+                         f"for node (node {node}, 0-based, is {gap[node]:.3g} away; the same "
+                         "length unit?): the "
+                         "displacement is read in the mesh file's node order, so drop --mesh to "
+                         "use the file's own nodes and cells, or reorder it")
+
+
 def _valid_name(file: VariableFile, s: ImportSettings) -> str | None:
     """The validity mask's variable: ``--valid``, or a usual name (``valid``, ...) in the file."""
     return file.find(s.valid, "valid", "the validity mask", required=False)
@@ -537,6 +553,9 @@ def _mask(file: VariableFile, name: str | None, shape: tuple, what: str) -> np.n
         raise ValueError(f"{what} {name!r} has shape {array.shape}, expected {shape}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{what} {name!r} has non-finite values; use 0 and 1")
+    if array.dtype.kind == "f" and not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{what} {name!r} holds values other than 0 and 1 (e.g. "
+                         f"{array[~np.isin(array, (0, 1))].flat[0]:g}): is it a mask?")
     return array != 0
 
 
@@ -555,6 +574,7 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         mesh = read_domain(s.mesh, comm_self, s.mesh_facets).to_arrays()
         layout.update(_mesh_files(s))
         points = mesh.points
+        _check_own_nodes(file, s, points)
     else:
         nodes = file.find(s.nodes, "nodes", "the node coordinates")
         points = file.get(nodes, "the node coordinates")
@@ -675,7 +695,24 @@ def _image(file: VariableFile, s: ImportSettings) -> tuple:
     node_ok = (B @ (~ok.ravel()).astype(float)) < 1e-12
     node_ref = None if ref is None else (B @ ref.ravel().astype(float)) > 0.5
     layout.update(_mesh_files(s))
+    if s.snr_db is None and s.noise_std is None:
+        layout["sampled_noise_std"] = _sampled_noise(image_mesh, u.reshape(2, -1), ok.ravel(),
+                                                     B, node_ok)
     return mesh, np.stack([B @ c for c in filled]), node_ok, node_ref, layout
+
+
+def _sampled_noise(pixels: MeshArrays, u: np.ndarray, ok: np.ndarray, B, node_ok: np.ndarray
+                   ) -> list[float]:
+    """``σ`` per component of images sampled at a mesh's nodes (``B``: the bilinear weights),
+    in the images' unit: estimated on the pixels, where the noise is white (on the smooth
+    interpolant at finer nodes the local fits see almost none: 5 times too low), times the
+    root mean square over the measured nodes of ``sqrt(Σ_j B_ij²)``, the noise a weighted sum
+    of independent pixels keeps."""
+    from .measurements import estimate_noise_std
+
+    sigma = estimate_noise_std(pixels, np.where(ok, u, 0.0), valid=ok)
+    gain = float(np.sqrt(np.mean(np.asarray(B.multiply(B).sum(axis=1)).ravel()[node_ok])))
+    return [gain * float(v) for v in sigma]
 
 
 def _fill(mesh: MeshArrays, u: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -702,6 +739,11 @@ def _check_values(u: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """The validity of each node: ``valid`` (checked against the values) or where ``u`` is
     finite. Non-finite values where the mask says measured are refused."""
     finite = np.isfinite(u).all(axis=0)
+    if np.isinf(u).any():  # NaN marks a node without data; an infinity is a broken value
+        node = int(np.flatnonzero(np.isinf(u).any(axis=0))[0])
+        raise ValueError(f"the displacement has {int(np.isinf(u).sum())} infinite value(s) "
+                         f"(first: node {node}, 0-based): mark nodes without data with NaN or "
+                         "a validity mask")
     if valid is None:
         return finite
     bad = valid & ~finite
@@ -779,8 +821,28 @@ def _nominal_traction(mesh: MeshArrays, u: np.ndarray, valid: np.ndarray) -> flo
     return float(strain)
 
 
-def _noise(s: ImportSettings, mesh: MeshArrays, u: np.ndarray, valid: np.ndarray, u_to_mm: float
-           ) -> tuple[tuple[float, ...], str]:
+def _check_noise_floor(sigma, u_mm: np.ndarray, how: str) -> None:
+    """Refuse a noise level below double precision's round-off of the data (the data set's own
+    check, :data:`fenics_red.data.NOISE_FLOOR`), before a data set that no method takes is
+    written."""
+    from .data import NOISE_FLOOR
+
+    largest = float(np.abs(u_mm).max()) if u_mm.size else 0.0
+    if min(sigma) < NOISE_FLOOR * largest:
+        raise ValueError(f"the noise level {min(sigma):.3g} mm ({how}) is below {NOISE_FLOOR:g} "
+                         f"of the largest displacement ({largest:.3g} mm), where double "
+                         "precision's round-off dominates: give the measurement's real noise "
+                         "level")
+
+
+#: An SNR estimated below this (dB) is warned about: ultrasound displacements have 20-50 dB.
+LOW_SNR_DB = 10.0
+
+
+def _noise(s: ImportSettings, mesh: MeshArrays, u: np.ndarray, valid: np.ndarray, u_to_mm: float,
+           sampled: list[float] | None = None) -> tuple[tuple[float, ...], str]:
+    """The noise ``σ`` per component in mm and how it was found: given, from the SNR, from
+    images sampled at a mesh's nodes (``sampled``, in the images' unit), or estimated."""
     from .measurements import estimate_noise_std, noise_std_from_energy
 
     d = mesh.dim
@@ -795,6 +857,9 @@ def _noise(s: ImportSettings, mesh: MeshArrays, u: np.ndarray, valid: np.ndarray
         energy = float(np.sum(u[:, free] ** 2))
         return (noise_std_from_energy(energy, [int(free.sum())] * d, s.snr_db, s.noise_ratio,
                                       noisy=True), f"given ({s.snr_db:g} dB)")
+    if sampled is not None and all(v > 0 for v in sampled):
+        return (tuple(v * u_to_mm for v in sampled),
+                "estimated on the images' pixels, as sampled at the mesh's nodes")
     sigma = estimate_noise_std(mesh, u, valid=valid)
     if not all(v > 0 for v in sigma):
         raise ValueError(f"the noise level estimated from the data is {sigma}: the displacement is "
@@ -862,10 +927,16 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
             u[c] -= offset[c]
     u_to_mm = LENGTH_UNITS[s.displacement_unit]
     _check_size(u[:, valid], mesh, s)  # u in mm (read_measurement converted it)
-    sigma, noise_how = _noise(s, mesh, u, valid, u_to_mm)
+    sigma, noise_how = _noise(s, mesh, u, valid, u_to_mm, m.layout.get("sampled_noise_std"))
+    _check_noise_floor(sigma, u[:, valid], noise_how)
     free = valid.copy()
     free[support] = False
     snr = _snr_db(u, free, sigma)
+    if s.snr_db is None and s.noise_std is None and snr < LOW_SNR_DB:
+        warnings.warn(f"the noise estimated from the data is as large as the displacement (SNR "
+                      f"{snr:.1f} dB, below {LOW_SNR_DB:g}): the values may not belong to these "
+                      "nodes (another node order or mesh), or be mostly noise; check them, or "
+                      "give the noise level with --snr or --noise-std", UserWarning, stacklevel=2)
     if s.force is not None:
         traction, force = 0.0, "known (nodal forces)"
     elif s.known_force:
@@ -931,17 +1002,24 @@ def describe_output(s: ImportSettings) -> dict:
                        f"{s.reference_modulus:g} {s.modulus_unit} (unknown force)"}
 
 
+def output_scale(estimate: np.ndarray, measurement: Mapping, valid: np.ndarray,
+                 reference: np.ndarray | None) -> float:
+    """The factor that turns an estimate in the package's unit into the user's modulus (see
+    :func:`describe_output`): a unit's, or one over the estimate's median over the background
+    or the reference region (times the reference modulus when given)."""
+    s = ImportSettings.from_dict(measurement["settings"])
+    if s.known_force:
+        return KPA / MODULUS_UNITS[s.modulus_unit]
+    region = valid if s.normalise == "background" else valid & reference
+    level = float(np.median(np.asarray(estimate, dtype=np.float64)[region]))
+    return (1.0 if s.reference_modulus is None else s.reference_modulus) / level
+
+
 def output_modulus(estimate: np.ndarray, measurement: Mapping, valid: np.ndarray,
                    reference: np.ndarray | None) -> np.ndarray:
     """The user's modulus of an estimate in the package's unit (see :func:`describe_output`)."""
-    s = ImportSettings.from_dict(measurement["settings"])
-    estimate = np.asarray(estimate, dtype=np.float64)
-    if s.known_force:
-        return estimate * KPA / MODULUS_UNITS[s.modulus_unit]
-    region = valid if s.normalise == "background" else valid & reference
-    level = float(np.median(estimate[region]))
-    relative = estimate / level
-    return relative if s.reference_modulus is None else relative * s.reference_modulus
+    return (np.asarray(estimate, dtype=np.float64)
+            * output_scale(estimate, measurement, valid, reference))
 
 
 def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.PathLike,

@@ -411,6 +411,26 @@ def load_reconstructions(path: str | os.PathLike) -> Reconstructions:
     return Reconstructions(values["estimate"], values.get("truth"), index, attrs)
 
 
+#: An ML data misfit above this many times its expected value ``n`` (a χ²_n at the truth) is
+#: warned about. The 150-step budget leaves 1-4 times ``n`` at 45 dB; plane strain for data in
+#: plane stress gave 31 (ROI mesh) and 116 (a user's trapezoid), a sliding support for a fixed
+#: one 21 on that trapezoid but only 3 on the ROI mesh, which the warning cannot tell from 45 dB.
+MISFIT_WARNING = 10.0
+
+
+def misfit_problem(info: Mapping) -> str | None:
+    """What a run's info (``misfit`` or RED's ``ml_misfit``, and ``n_equations``) says when
+    the ML estimate fits the data far worse than their noise level, else None."""
+    misfit = info.get("misfit", info.get("ml_misfit"))
+    n = info.get("n_equations")
+    if misfit is None or not n or not misfit > MISFIT_WARNING * n:
+        return None
+    return (f"the ML estimate's data misfit is {misfit / n:.3g} times its expected value at the "
+            "noise level: the model does not fit these data (check --support, --plane-strain, "
+            "--nu, the units and the noise level) or its steps ran out (--max-steps); do not "
+            "trust the estimate until that is mended")
+
+
 def load_history(path: str | os.PathLike, row: int) -> tuple[dict[str, np.ndarray], dict]:
     """The solver history (columns) and info (attributes) of output row ``row``."""
     with _open(path) as f:

@@ -622,7 +622,8 @@ class REDReconstructor:
         floor = self.ml_settings.floor * float(np.mean(ml_values))
         denoised = np.maximum(denoised, floor)
         info = {"ml_steps": int(ml_history.final["step"]), "ml_stop": ml_history.stop_reason,
-                "ml_time": float(ml_history.final["time"])}
+                "ml_time": float(ml_history.final["time"]),
+                "ml_misfit": float(ml_history.final["misfit"]), "n_equations": fid.n_equations}
         if truth is not None:
             norm = np.linalg.norm(truth)
             info.update(ml_error=float(np.linalg.norm(ml_values - truth) / norm),

@@ -7,7 +7,9 @@ get one line and no output.
 """
 
 import contextlib
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from mpi4py import MPI
@@ -420,6 +422,31 @@ def test_displacement_images_go_onto_a_users_mesh_of_the_region(folder):
     assert error < 1.5 * grid_error  # as good as on the pixels, up to the resampling
 
 
+def test_the_noise_of_images_sampled_at_a_mesh_is_estimated_on_their_pixels(folder):
+    """Images on a finer mesh: the nodes' values are bilinear sums of noisy pixels, smooth over
+    a node spacing, so local fits at the nodes saw a fifth of their noise (a 35 dB measurement
+    came out at 48 dB). Estimated on the pixels and carried through the weights, ``σ`` matches
+    the noise the nodes hold (the sampled difference of noisy and clean images)."""
+    grid = ImageGrid(40, 30, 40.0, 30.0)
+    data = simulate_dataset(folder / "sampled.h5", 1, SimulationSettings(grid, snr_db=35.0, seed=8),
+                            MPI.COMM_WORLD, progress=False)
+    with load_dataset(data) as d:
+        s = d.sample(0)
+    sampled = {}
+    for name, (axial, lateral) in (("noisy", (s.uy_noisy, s.ux_noisy)), ("clean", (s.uy, s.ux))):
+        source = folder / f"sampled-{name}.npz"
+        _on_root(lambda a=axial, b=lateral, p=source: np.savez(p, axial=-a, lateral=b))
+        flags = ["--noise-std", "1e-3", "1e-3"] if name == "clean" else []
+        assert main(["import", str(source), "--out", str(folder / f"sampled-{name}.h5"),
+                     "--spacing", "1", "1", "--mesh", str(MESHES / "roi-2d.msh"), "--traction",
+                     str(TRACTION_PA), *flags]) == 0
+        with load_dataset(folder / f"sampled-{name}.h5") as d:
+            sampled[name] = d.sample(0)
+    noise = [np.std(getattr(sampled["noisy"], c) - getattr(sampled["clean"], c))
+             for c in ("ux_noisy", "uy_noisy")]
+    np.testing.assert_allclose(sampled["noisy"].noise_std, noise, rtol=0.2)
+
+
 def test_missing_pixels_carry_no_data_and_stay_empty_in_the_output(folder):
     grid = ImageGrid(24, 16, 24.0, 16.0)
     comm = MPI.COMM_WORLD
@@ -522,6 +549,55 @@ def test_a_reference_modulus_recovers_the_true_moduli_as_the_known_force_does(si
     assert error(E) < 0.3
 
 
+def test_evaluate_shows_a_measurement_in_its_own_unit(simulated, folder):
+    """``evaluate`` on an unknown-force measurement scaled to a reference modulus draws and
+    writes the estimates in that unit, as ``reconstruct`` does. (Its figures said "E (100
+    kPa)" over values of about 0.7 where the user's background is 20 kPa.)"""
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source, data = folder / "evaluated.npz", folder / "evaluated.h5"
+    _on_root(lambda: np.savez(source, nodes=mesh.points, cells=mesh.cells,
+                              displacement=np.column_stack([sample.ux_noisy, sample.uy_noisy])))
+    sigma = ["--noise-std", *(repr(v) for v in sample.noise_std)]
+    assert main(["import", str(source), "--out", str(data), *sigma,
+                 "--reference-modulus", "20"]) == 0
+    out = folder / "evaluated"
+    assert main(["evaluate", str(data), "--methods", "ml", "--out", str(out), "--xdmf",
+                 "--quiet"]) == 0
+    if MPI.COMM_WORLD.rank == 0:
+        with h5py.File(out / "xdmf" / "sample_0.h5", "r") as f:
+            values = np.concatenate([np.ravel(f[f"Function/ml/{step}"][...])
+                                     for step in f["Function/ml"]])
+        # every node measured: the background median is the reference modulus, exactly
+        assert abs(float(np.median(values)) - 20.0) < 1e-9
+        assert "in the package's unit (100 kPa; the figures show E [kPa]" in (
+            out / "summary.md").read_text()
+    MPI.COMM_WORLD.Barrier()
+
+
+def test_a_model_that_does_not_fit_the_data_is_warned_about(simulated, folder):
+    """Plane strain for data made in plane stress: the ML estimate's misfit stays 31 times the
+    noise level's, and ``reconstruct`` says so. (A user's trapezoid with a sliding support, or
+    plane strain, gave medians of 0.4 and 0.2 kPa against 20, half the nodes on the floor,
+    status 0 and no word.) The right model gets no warning."""
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source = folder / "mismatch.npz"
+    _on_root(lambda: np.savez(source, nodes=mesh.points, cells=mesh.cells,
+                              displacement=np.column_stack([sample.ux_noisy, sample.uy_noisy])))
+    sigma = ["--noise-std", *(repr(v) for v in sample.noise_std)]
+    for model, warned in (("strain", True), ("stress", False)):
+        data = folder / f"mismatch-{model}.h5"
+        assert main(["import", str(source), "--out", str(data), *sigma, "--traction",
+                     repr(TRACTION_PA), *(["--plane-strain"] if model == "strain" else [])]) == 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["reconstruct", str(data), "--sample", "0", "--method", "ml", "--out",
+                         str(folder / f"mismatch-{model}-est.h5"), "--quiet"]) == 0
+        said = [str(w.message) for w in caught]
+        if MPI.COMM_WORLD.rank == 0:
+            assert any("times its expected value at the noise level: the model does not fit" in s
+                       for s in said) == warned, (model, said)
+
+
 def test_the_noise_level_is_estimated_from_the_data_when_not_given(simulated, folder):
     sample, mesh = simulated["sample"], simulated["mesh"]
     source = folder / "noise.npz"
@@ -576,6 +652,23 @@ def _bad_files(folder: Path, mesh, sample) -> dict:
         "third-component": ({"nodes": p, "cells": c,
                              "displacement": np.column_stack([ux, uy, 1e-3 * uy])}, [],
                             "has three components on a 2-D mesh and the third is not zero"),
+        "infinite": ({"nodes": p, "cells": c, "ux": np.where(np.arange(n) == 7, np.inf, ux),
+                      "uy": uy}, ["--ux", "ux", "--uy", "uy"],
+                     "1 infinite value(s) (first: node 7"),
+        "float-mask": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
+                       ["--ux", "ux", "--uy", "uy", "--valid", "ux"], "other than 0 and 1"),
+        # the file's own nodes in another order than the mesh file's (each value went to the
+        # wrong node: a constant estimate, status 0)
+        "mesh-other-order": ({"nodes": p[::-1], "cells": (n - 1) - c, "ux": ux[::-1],
+                              "uy": uy[::-1]},
+                             ["--ux", "ux", "--uy", "uy", "--mesh", str(MESHES / "roi-2d.msh")],
+                             "that are not the nodes of mesh file"),
+        "mesh-and-nodes": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
+                           ["--ux", "ux", "--uy", "uy", "--nodes", "nodes", "--mesh",
+                            str(MESHES / "roi-2d.msh")], "--mesh replaces it"),
+        "round-off-noise": ({"nodes": p, "cells": c, "ux": ux, "uy": uy},
+                            ["--ux", "ux", "--uy", "uy", "--snr", "400"],
+                            "where double precision's round-off dominates"),
     }
     for name, (arrays, _, _) in cases.items():
         np.savez(folder / f"bad-{name}.npz", **arrays)
@@ -598,7 +691,7 @@ def test_bad_measurements_get_one_line_and_no_output(simulated, folder, capsys):
 
 
 def test_cells_in_any_orientation_are_accepted_and_folds_refused():
-    from fenics_red.measured import check_cells
+    from fenics_red.domain import check_cells
 
     grid = MeshArrays.of_grid(ImageGrid(6, 4, 6.0, 4.0))  # DOLFINx orients cells both ways
     cells = grid.cells.copy()
@@ -612,8 +705,11 @@ def test_missing_corrupt_and_unknown_files_are_refused(folder, capsys):
     comm = MPI.COMM_WORLD
     corrupt = folder / "corrupt.mat"
     _on_root(lambda: corrupt.write_bytes(b"MATLAB 5.0 MAT-file" + b"\x01" * 40))
+    garbage = folder / "garbage.npz"
+    _on_root(lambda: garbage.write_bytes(bytes(range(256)) * 4))
     for path, words in ((folder / "absent.mat", "does not exist"),
                         (corrupt, "cannot be read"),
+                        (garbage, "not a numpy file of arrays"),
                         (folder / "sim.h5", "has none of the usual names")):
         status = main(["import", str(path), "--out", str(folder / "x.h5")], abort_on_error=False)
         assert status == 2 and words in capsys.readouterr().err
@@ -621,6 +717,15 @@ def test_missing_corrupt_and_unknown_files_are_refused(folder, capsys):
         ImportSettings(length_unit="furlong")
     with pytest.raises(ValueError, match="known traction gives absolute moduli"):
         ImportSettings(traction=100.0, reference_modulus=20.0)
+    # options that would be ignored without a word
+    for settings, words in (({"reference": "gel"}, "add --normalise reference"),
+                            ({"noise_ratio": 2.0}, "give --snr too"),
+                            ({"interleaved": True, "ux": "ux", "uy": "uy"},
+                             "not for --ux/--uy/--uz"),
+                            ({"spacing": (0.1, 0.1), "index_base": 1, "ux": "a"},
+                             "--ux, --index-base are for nodal data")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ImportSettings(**settings)
     assert not (folder / "x.h5").exists()
     comm.Barrier()
 

@@ -80,6 +80,21 @@ def _measurement(data, out, overwrite: bool, comm) -> dict | None:
     return on_root(comm, read)
 
 
+def _warn_about_fits(path) -> None:
+    """One warning for the samples whose ML estimate fits the data far worse than their noise
+    level (:func:`fenics_red.reconstruction.misfit_problem`), whatever the run's verbosity."""
+    import warnings
+
+    from ..reconstruction import load_history, load_reconstructions, misfit_problem
+
+    index = load_reconstructions(path).index
+    problems = {int(i): misfit_problem(load_history(path, row)[1]) for row, i in enumerate(index)}
+    bad = [i for i, problem in problems.items() if problem]
+    if bad:
+        which = f"sample {bad[0]}" if len(bad) == 1 else f"{len(bad)} samples (first {bad[0]})"
+        warnings.warn(f"{which}: {problems[bad[0]]}", UserWarning, stacklevel=2)
+
+
 def run(args) -> int:
     comm = MPI.COMM_WORLD
     indices = None if args.all else [args.sample]
@@ -98,6 +113,8 @@ def run(args) -> int:
         if comm.rank == 0 and not args.quiet:
             print(f"{measurement['output']['meaning']}: wrote "
                   + ", ".join(str(p) for p in written))
+    if comm.rank == 0:
+        _warn_about_fits(path)
     if comm.rank == 0 and not args.quiet:
         from ..reconstruction import load_reconstructions
 
