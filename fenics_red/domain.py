@@ -77,6 +77,13 @@ def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
     if cells.shape[1] != d + 1:
         raise ValueError(f"{d}-D nodes need {'triangles (M, 3)' if d == 2 else 'tetrahedra (M, 4)'}"
                          f" as cells, got cells of {cells.shape[1]} nodes")
+    nodes = np.sort(cells, axis=1)
+    unique, counts = np.unique(nodes, axis=0, return_counts=True)
+    if (counts > 1).any():
+        twice = np.flatnonzero((nodes == unique[counts > 1][0]).all(axis=1))
+        raise ValueError(f"{int((counts - 1).sum())} cell(s) appear twice (first: cells "
+                         f"{int(twice[0])} and {int(twice[1])}, 0-based, of the same nodes): a "
+                         "cell in two cell groups? keep each cell once")
     used = np.zeros(n, dtype=bool)
     used[cells.ravel()] = True
     if not used.all():
@@ -726,11 +733,15 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
                 else:
                     others.append(name or str(tag))
             problem = (problem or _gmsh_cell_problem(gmsh, gdim, path)
+                       or _gmsh_shared_cells_problem(gmsh, gdim, path)
                        or _gmsh_empty_group_problem(path, gdim, names)
                        or _gmsh_node_problem(gmsh, gdim, path)
                        or _gmsh_group_problem(gmsh, gdim, names, path))
             if not problem:
-                _checked_arrays(path, *_gmsh_arrays(gmsh, gdim))
+                try:
+                    _checked_arrays(path, *_gmsh_arrays(gmsh, gdim))
+                except ValueError as error:  # one line, not inside "cannot read" below
+                    problem = str(error)
             if not problem and others and not names:
                 warnings.warn(f"mesh file {str(path)!r} has boundary groups {', '.join(others)} "
                               "but none named 'load' or 'support': the load goes on the top "
@@ -768,6 +779,26 @@ def _gmsh_arrays(gmsh, gdim: int) -> tuple[np.ndarray, np.ndarray]:
              for kind, _, nodes in zip(*gmsh.model.mesh.getElements(gdim, entity), strict=True)
              if kind == _GMSH_CELLS[gdim]]
     return points[:, :gdim], np.vstack(cells)
+
+
+def _gmsh_shared_cells_problem(gmsh, gdim: int, path: Path) -> str | None:
+    """Cell groups that share entities (a "tissue" of every surface beside an "inclusion" of
+    one), or None: DOLFINx's reader takes each group's cells, so shared cells come twice and
+    the mesh is broken (it crashed)."""
+    owner, shared = {}, []
+    for _, group in gmsh.model.getPhysicalGroups(gdim):
+        name = gmsh.model.getPhysicalName(gdim, group) or str(group)
+        for entity in gmsh.model.getEntitiesForPhysicalGroup(gdim, group):
+            if entity in owner:
+                shared.append((owner[entity], name, int(entity)))
+            owner.setdefault(entity, name)
+    if not shared:
+        return None
+    first, second, entity = shared[0]
+    kind = "surface" if gdim == 2 else "volume"
+    return (f"mesh file {str(path)!r}: the cell groups {first!r} and {second!r} share {kind} "
+            f"{entity}, so its cells would be read twice: put each {kind} in one physical group "
+            "(the package reads the cells of every group, whatever their names)")
 
 
 def _gmsh_cell_problem(gmsh, gdim: int, path: Path) -> str | None:

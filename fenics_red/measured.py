@@ -919,7 +919,11 @@ def _import(path: Path, out: Path, s: ImportSettings, overwrite: bool) -> dict:
         warnings.warn("no measured node on the supported boundary: the displacement there is "
                       "extrapolated from the measured nodes and its offset cannot be removed, so "
                       "the estimate next to the support is unreliable; measure down to the "
-                      "support, or name the measured deepest facets with --support-facets",
+                      "support, or " + ("cut the images to the measured rows with --roi"
+                                        if s.image and s.mesh is None else
+                                        "give a mesh of the measured region (--mesh) whose "
+                                        "bottom is measured" if s.image else
+                                        "name the measured deepest facets with --support-facets"),
                       UserWarning, stacklevel=2)
     for c in held:  # the support holds these components: measure them relative to it
         if len(ok):

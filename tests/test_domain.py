@@ -444,8 +444,33 @@ def _degenerate_vtu(path: Path) -> None:
     meshio.write(path, meshio.Mesh(points, [("tetra", cells)]))
 
 
+def _twice_vtu(path: Path) -> None:
+    """The ROI mesh as VTU with its first triangle twice (rank 0)."""
+    _, points, cells, _ = _read("roi-2d")
+    meshio.write(path, meshio.Mesh(points, [("triangle", np.vstack([cells, cells[:1]]))]))
+
+
+def _overlapping_groups_msh(path: Path) -> None:
+    """A rectangle with a disc, the cell groups 'tissue' (both surfaces) and 'inclusion' (the
+    disc) sharing the disc (rank 0)."""
+    gmsh = _gmsh()
+    occ = gmsh.model.occ
+    occ.fragment([(2, occ.addRectangle(0, 0, 0, 40, 30))], [(2, occ.addDisk(20, 15, 0, 5, 5))])
+    occ.synchronize()
+    surfaces = [s for _, s in gmsh.model.getEntities(2)]
+    gmsh.model.addPhysicalGroup(2, surfaces, -1, "tissue")
+    gmsh.model.addPhysicalGroup(2, surfaces[:1], -1, "inclusion")
+    gmsh.option.setNumber("Mesh.MeshSizeMax", 4.0)
+    gmsh.model.mesh.generate(2)
+    gmsh.write(str(path))
+    gmsh.clear()
+
+
 @pytest.mark.parametrize(("name", "write", "message"), [
     ("tangled.msh", _tangled_msh, "interior facet\\(s\\) have both their cells on one side"),
+    ("twice.vtu", _twice_vtu, "1 cell\\(s\\) appear twice \\(first: cells 0 and"),
+    ("overlap.msh", _overlapping_groups_msh,
+     "the cell groups 'tissue' and 'inclusion' share surface"),
     ("tangled.xdmf", _tangled_dolfinx_xdmf,
      "interior facet\\(s\\) have both their cells on one side"),
     ("repeated.vtu", _degenerate_vtu, "1 cell\\(s\\) have zero volume"),
@@ -456,7 +481,7 @@ def test_tangled_and_degenerate_meshes_are_refused_before_dolfinx_builds_them(co
     """Every mesh file is checked as arrays on rank 0 before DOLFINx builds the mesh. (A folded
     mesh in a .msh or XDMF file was solved without a word; a tetrahedron with a repeated node
     crashed DOLFINx's topology builder under ``mpirun -n 2`` with ``munmap_chunk(): invalid
-    pointer``.)"""
+    pointer``, and so did a .msh whose cell groups shared a surface, even serially.)"""
     path = mpi_tmp_path / name
     if comm.rank == 0:
         write(path)
