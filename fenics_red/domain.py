@@ -95,14 +95,18 @@ def check_cells(points: np.ndarray, cells: np.ndarray) -> None:
     scale = np.max(np.abs(edges)) ** d
     tiny = np.abs(size) <= 1e-12 * scale
     if tiny.any():
+        first = int(np.flatnonzero(tiny)[0])
         raise ValueError(f"{int(tiny.sum())} cell(s) have zero {'area' if d == 2 else 'volume'} "
-                         f"(first: cell {int(np.flatnonzero(tiny)[0])}, 0-based): repeated or "
-                         "collinear nodes")
+                         f"(first: cell {first}, 0-based, of nodes "
+                         f"{', '.join(map(str, cells[first]))}): repeated or collinear nodes")
     folded = _folded_facets(points, cells)
     if len(folded):
+        a, b = folded[0]
+        shared = sorted(set(cells[a].tolist()) & set(cells[b].tolist()))
         raise ValueError(f"{len(folded)} interior facet(s) have both their cells on one side "
-                         f"(first: between cells {folded[0][0]} and {folded[0][1]}, 0-based): "
-                         "inverted cells, a tangled mesh or cells that do not match the nodes")
+                         f"(first: between cells {a} and {b}, 0-based, across nodes "
+                         f"{', '.join(map(str, shared))}): inverted cells, a tangled mesh or "
+                         "cells that do not match the nodes")
 
 
 def _folded_facets(points: np.ndarray, cells: np.ndarray) -> list[tuple[int, int]]:
@@ -846,20 +850,29 @@ def _gmsh_empty_group_problem(path: Path, gdim: int, names: dict[str, int]) -> s
 
 
 def _gmsh_group_problem(gmsh, gdim: int, names: dict[str, int], path: Path) -> str | None:
-    """The 'load' and 'support' groups sharing boundary entities (DOLFINx keeps one tag per
-    facet, so one group would lose them), or None."""
-    if len(names) < 2:
-        return None
-    load, support = (set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, names[n]))
-                     for n in ("load", "support"))
-    shared = sorted(load & support)
-    if not shared:
-        return None
-    kind = "curve" if gdim == 2 else "surface"
-    return (f"mesh file {str(path)!r}: the groups 'load' and 'support' overlap (they share "
-            f"{len(shared)} boundary {kind}{'s' if len(shared) > 1 else ''}, gmsh tag"
-            f"{'s' if len(shared) > 1 else ''} {', '.join(map(str, shared))}); a boundary part is "
-            "either loaded or supported: give each group its own")
+    """A 'load' or 'support' group sharing boundary entities with another boundary group (the
+    other role's, or any: DOLFINx keeps one tag per facet, so one group would lose them, and a
+    lost load was said as "no load facets"), or None."""
+    groups = {gmsh.model.getPhysicalName(gdim - 1, tag) or str(tag):
+              set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, tag))
+              for _, tag in gmsh.model.getPhysicalGroups(gdim - 1)}
+    for role in ("load", "support"):
+        if role not in names:
+            continue
+        mine = set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, names[role]))
+        for other, entities in groups.items():
+            shared = sorted(mine & entities)
+            if other.lower() == role or not shared:
+                continue
+            kind = "curve" if gdim == 2 else "surface"
+            several = "s" if len(shared) > 1 else ""
+            what = ("a boundary part is either loaded or supported" if _role(other) else
+                    f"DOLFINx keeps one group per facet, so '{role}' would lose them")
+            return (f"mesh file {str(path)!r}: the groups '{role}' and {other!r} overlap (they "
+                    f"share {len(shared)} boundary {kind}{several}, gmsh tag{several} "
+                    f"{', '.join(map(str, shared))}); {what}: give each group its own "
+                    f"{kind}s")
+    return None
 
 
 def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
@@ -1056,8 +1069,10 @@ def _read_meshio(path: Path, comm: MPI.Comm, dolfinx_error: Exception | None = N
         try:
             data, blocks = read_meshio(path)
         except Exception as error:
+            numbered = isinstance(error, KeyError) and isinstance(error.args[0], int | np.integer)
             why = (f"a cell type meshio does not know ({error.args[0]}): first-order triangles "
-                   "or tetrahedra only?" if isinstance(error, KeyError) else str(error))
+                   "or tetrahedra only?" if numbered else f"{type(error).__name__}: {error}"
+                   if isinstance(error, KeyError) else str(error))
             raise ValueError(f"cannot read mesh file {str(path)!r}" + (
                 f" as XDMF: DOLFINx: {dolfinx_error}; meshio: {why}" if dolfinx_error
                 else f": {why}")) from None
@@ -1156,25 +1171,26 @@ def _check_marked(load: np.ndarray | None, support: np.ndarray | None, cells) ->
         return
     cells = np.asarray(cells, dtype=np.int64)
     sides = np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(cells.shape[1])]), axis=1)
-    rows = np.vstack([sides, *given.values()])
-    _, ids = np.unique(rows, axis=0, return_inverse=True)
+    _, ids = np.unique(np.vstack([sides, *given.values()]), axis=0, return_inverse=True)
     ids = ids.ravel()
-    known, start = set(ids[:len(sides)].tolist()), len(sides)
-    seen = {}
+    known = np.zeros(ids.max() + 1, dtype=bool)
+    known[ids[:len(sides)]] = True
+    start, marked = len(sides), {}
     for tag, facets in given.items():
-        name = "load" if tag == LOAD else "support"
-        for row, key in zip(facets.tolist(), ids[start:start + len(facets)].tolist(),
-                            strict=True):
-            nodes = ", ".join(map(str, row))
-            if key not in known:
-                raise ValueError(f"the {name} facet of nodes {nodes} (0-based) is no side of any "
-                                 "cell: give facets as the nodes of a cell's side (an edge in "
-                                 "2-D, a triangle in 3-D)")
-            if seen.setdefault(key, tag) != tag:
-                raise ValueError(f"the facet of nodes {nodes} (0-based) is marked as both load "
-                                 "and support: a facet is loaded or supported; give the two "
-                                 "parts different facets")
+        marked[tag] = ids[start:start + len(facets)]
         start += len(facets)
+        stray = np.flatnonzero(~known[marked[tag]])
+        if len(stray):
+            raise ValueError(f"{len(stray)} {'load' if tag == LOAD else 'support'} facet(s) are "
+                             f"no side of any cell (first: nodes "
+                             f"{', '.join(map(str, facets[stray[0]]))}, 0-based): give facets as "
+                             "the nodes of a cell's side (an edge in 2-D, a triangle in 3-D)")
+    if len(marked) == 2:
+        both = np.flatnonzero(np.isin(marked[LOAD], marked[SUPPORT]))
+        if len(both):
+            raise ValueError(f"{len(both)} facet(s) are marked as both load and support (first: "
+                             f"nodes {', '.join(map(str, given[LOAD][both[0]]))}, 0-based): a "
+                             "facet is loaded or supported; give the two parts different facets")
 
 
 def _meshio_facets(data, kind: str, cells: np.ndarray | None) -> list[tuple[np.ndarray, int]]:
@@ -1250,8 +1266,8 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
             roles = np.array([_role(names[0] if value == 1 else None) if indicator else
                               _role(names[value]) if 0 <= value < len(names) else None
                               for value in values.tolist()], dtype=object)
-            if numbers is not None and len(numbers) == len(values):
-                roles = _roles_by_number(roles, np.asarray(numbers), key)
+            if numbers is not None and len(numbers) == len(values) and not indicator:
+                roles = _roles_by_number(roles, np.asarray(numbers), values, names, key)
             for nodes, role in zip(block.data, roles, strict=True):
                 if role is not None:
                     chosen[role].append(nodes)
@@ -1272,20 +1288,32 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
     return [(nodes, value) for value in (LOAD, SUPPORT) for nodes in chosen[value]]
 
 
-def _roles_by_number(roles: np.ndarray, numbers: np.ndarray, key: str) -> np.ndarray:
-    """The roles of facet cells from meshio's sets array ``key`` completed by their gmsh
-    physical numbers: meshio writes the sets of a converted .msh as one index per cell, so a
-    facet in two sets (``load`` and ``gmsh:bounding_entities``) keeps only the last, while its
-    physical number is whole. A number takes the one role its cells show; two are refused."""
-    out = np.full(len(roles), None, dtype=object)
+def _roles_by_number(roles: np.ndarray, numbers: np.ndarray, values: np.ndarray,
+                     names: list[str], key: str) -> np.ndarray:
+    """The roles of facet cells from meshio's sets array ``key`` (set index ``values`` into
+    ``names``), completed by their gmsh physical numbers: meshio writes the sets of a
+    converted .msh as one index per cell, so a facet in ``load`` and in meshio's own
+    ``gmsh:bounding_entities`` keeps only the latter. A number whose other cells show one set
+    only, a role, gives that role to its cells that show a ``gmsh:`` set. A number shared with
+    another set (gmsh keeps one physical number per entity) cannot say which such cells were in
+    the role's set: they are left out, with a warning."""
+    internal = np.array([0 <= v < len(names) and names[v].startswith("gmsh:")
+                         for v in values.tolist()], dtype=bool)
+    out = roles.copy()
     for number in np.unique(numbers):
         here = numbers == number
-        found = {r for r in roles[here] if r is not None}
-        if len(found) > 1:
-            raise ValueError(f"cell data {key!r} puts facets of gmsh physical number {number} "
-                             "in both 'load' and 'support': a facet is loaded or supported")
-        if found:
-            out[here] = found.pop()
+        shown = {names[v] for v in values[here & ~internal].tolist() if 0 <= v < len(names)}
+        hidden = here & internal
+        if not hidden.any() or not any(_role(n) for n in shown):
+            continue
+        if len(shown) == 1:
+            out[hidden] = _role(shown.pop())
+        else:
+            warnings.warn(f"cell data {key!r}: {int(hidden.sum())} facet(s) of gmsh physical "
+                          f"number {number} show only a gmsh set, and that number is shared by "
+                          f"the sets {', '.join(sorted(shown))}: meshio keeps one set per facet, "
+                          "so some load or support facets may be missing; read the .msh itself",
+                          UserWarning, stacklevel=4)
     return out
 
 

@@ -204,6 +204,20 @@ class ImportSettings:
         if self.normalise == "reference" and self.reference is None:
             raise ValueError("normalising to a reference region needs the region: name its mask "
                              "variable (--reference NAME)")
+        if self.snr_db is not None and self.noise_std is not None:
+            raise ValueError("give the noise level once: an SNR or sigma per component, not both")
+        if self.snr_db is not None:
+            set_(self, "snr_db", validation.finite(self.snr_db, "the SNR",
+                                                   what="a finite number of dB"))
+        if self.noise_std is not None:
+            set_(self, "noise_std", validation.per_component(self.noise_std, "the noise sigma"))
+        set_(self, "noise_ratio", validation.positive(self.noise_ratio, "the noise ratio"))
+        # the forward model's own checks (nu, plane, support)
+        self.forward_settings(1.0)
+
+    def check_flags(self) -> None:
+        """Refuse options that this import would ignore without a word. At import only: a data
+        set keeps its settings as given, and reading them back must not fail."""
         if self.reference is not None and self.normalise != "reference":
             raise ValueError("--reference names the region that --normalise reference divides by: "
                              "add --normalise reference, or leave --reference out")
@@ -223,16 +237,6 @@ class ImportSettings:
             raise ValueError(f"{', '.join(nodal_only)} {'is' if len(nodal_only) == 1 else 'are'} "
                              "for nodal data, and --spacing makes these images (--axial, "
                              "--lateral): leave them out, or drop --spacing for nodal data")
-        if self.snr_db is not None and self.noise_std is not None:
-            raise ValueError("give the noise level once: an SNR or sigma per component, not both")
-        if self.snr_db is not None:
-            set_(self, "snr_db", validation.finite(self.snr_db, "the SNR",
-                                                   what="a finite number of dB"))
-        if self.noise_std is not None:
-            set_(self, "noise_std", validation.per_component(self.noise_std, "the noise sigma"))
-        set_(self, "noise_ratio", validation.positive(self.noise_ratio, "the noise ratio"))
-        # the forward model's own checks (nu, plane, support)
-        self.forward_settings(1.0)
 
     @property
     def image(self) -> bool:
@@ -515,12 +519,14 @@ def _check_own_nodes(file: VariableFile, s: ImportSettings, points: np.ndarray) 
     if s.nodes is not None or s.cells is not None:
         raise ValueError("--nodes/--cells name the file's own mesh and --mesh replaces it: give "
                          "one or the other")
-    name = file.find(None, "nodes", "the node coordinates", required=False)
+    name = next((n for n in ("nodes", "points", "coordinates", "coords") if n in file), None)
     if name is None:
         return
     own = np.asarray(file.get(name, "the node coordinates"))
     if own.ndim == 2 and own.shape[0] in (2, 3) and own.shape[1] not in (2, 3):
         own = own.T
+    if own.ndim != 2 or own.shape[1] not in (2, 3) or own.dtype.kind not in "fiu":
+        return  # not coordinates
     if own.ndim == 2 and own.shape[1] == 3 and points.shape[1] == 2:
         own = own[:, :2] if np.ptp(own[:, 2]) == 0 else own
     where = f"{str(file.path)!r} has node coordinates {name!r}"
@@ -739,7 +745,7 @@ def _check_values(u: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """The validity of each node: ``valid`` (checked against the values) or where ``u`` is
     finite. Non-finite values where the mask says measured are refused."""
     finite = np.isfinite(u).all(axis=0)
-    if np.isinf(u).any():  # NaN marks a node without data; an infinity is a broken value
+    if valid is None and np.isinf(u).any():  # NaN marks a node without data, not infinity
         node = int(np.flatnonzero(np.isinf(u).any(axis=0))[0])
         raise ValueError(f"the displacement has {int(np.isinf(u).sum())} infinite value(s) "
                          f"(first: node {node}, 0-based): mark nodes without data with NaN or "
@@ -896,6 +902,7 @@ def import_measurement(path: str | os.PathLike, out: str | os.PathLike, settings
     Rank 0 reads and writes (atomically: a failure leaves no output and an existing one intact);
     every rank raises its error. Returns a summary (noise, force, index base, counts).
     """
+    settings.check_flags()
     return on_root(comm, lambda: _import(Path(path), Path(out), settings, overwrite))
 
 
