@@ -107,6 +107,9 @@ def image_datasets(dim: int) -> tuple[str, ...]:
 #: The smallest noise standard deviation a data set may give, relative to its largest noisy
 #: displacement (an SNR of about 240 dB; double precision's round-off is 1e-16).
 NOISE_FLOOR = 1e-12
+#: The largest SNR a simulation takes: 20 log10(1 / NOISE_FLOOR) less a margin of 20 dB for
+#: the ratio of the largest displacement to its RMS.
+MAX_SNR_DB = 220.0
 
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
 #: Attributes that describe, but do not determine, the data (ignored when resuming).
@@ -149,6 +152,11 @@ class SimulationSettings:
         set_ = object.__setattr__
         set_(self, "snr_db", validation.finite(self.snr_db, "SimulationSettings.snr_db",
                                                what="a finite number of dB"))
+        if self.snr_db > MAX_SNR_DB:
+            raise ValueError(f"SimulationSettings.snr_db must be at most {MAX_SNR_DB:g} dB: above "
+                             "it the noise falls below double precision's round-off of the data "
+                             f"(NOISE_FLOOR), which every method refuses; got {self.snr_db:g} "
+                             "(200 dB is noise-free for every purpose)")
         set_(self, "noise_ratio", validation.positive(self.noise_ratio,
                                                       "SimulationSettings.noise_ratio"))
         set_(self, "force_noise", validation.non_negative(self.force_noise,

@@ -167,6 +167,9 @@ class GaussNewtonSettings:
         for name in ("tv_delta", "discrepancy_tau", "discrepancy_rtol", "max_log_step",
                      "gradient_rtol", "decrement_rtol"):
             set_(self, name, validation.positive(getattr(self, name), name))
+        if self.tv_delta > 1e12:  # TV is then Tikhonov's quadratic, and delta² overflows
+            raise ValueError(f"tv_delta must be at most 1e12 (relative smoothing; far above 1 "
+                             f"TV is a quadratic penalty: use gn-tikhonov), got {self.tv_delta!r}")
         for name in ("alpha_initial", "initial_modulus"):
             if getattr(self, name) is not None:
                 set_(self, name, validation.positive(getattr(self, name), name))
@@ -180,7 +183,8 @@ class GaussNewtonSettings:
                                                low_open=True, high_open=True))
         for name in ("max_alpha_trials", "max_iterations", "cg_max_iterations",
                      "max_backtracks"):
-            set_(self, name, validation.integer(getattr(self, name), name, low=1))
+            set_(self, name, validation.integer(getattr(self, name), name, low=1,
+                                                high=validation.MAX_BUDGET))
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-serialisable; for output files and histories)."""

@@ -35,6 +35,7 @@ import hashlib
 import math
 import os
 import struct
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -517,12 +518,19 @@ _FAMILY_DRAWS = {"textured": _textured, "gradient": _gradient, "field": _field,
 
 # -- user masks ----------------------------------------------------------------------------------
 
+#: Images with at most this many grey levels are label images (see :func:`read_mask`).
+MASK_LEVELS = 16
+
+
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A boolean inclusion mask from a PNG or ``.npy`` file, at the file's own resolution.
 
-    Grey-level, RGB(A) and boolean images are accepted; bright (non-zero) pixels are inclusions:
-    the threshold is halfway between the image's smallest and largest value (the alpha channel is
-    ignored). Raises ``ValueError`` for unreadable files and masks without (or with only) inclusion.
+    Grey-level, RGB(A) and boolean images are accepted (the alpha channel is ignored); bright
+    pixels are inclusions: in a label image (at most :data:`MASK_LEVELS` levels: binary, or
+    labels 0, 1, 2, ...) every pixel above the darkest level, in a grey (anti-aliased) one the
+    pixels above halfway between the smallest and largest value. An image whose inclusions cover
+    more than half of it is warned about (inverted?). Raises ``ValueError`` for unreadable files
+    and masks without (or with only) inclusion.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -569,7 +577,16 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     lo, hi = image.min(), image.max()
     if lo == hi:
         raise ValueError(f"mask image {str(path)!r} is constant ({lo}): it has no inclusion")
-    return image > 0.5 * (lo + hi)
+    levels = np.unique(image)
+    # a label image (few levels: 0 background, 1, 2, 3 ... or 0/255): every level above the
+    # background; a grey (anti-aliased) one: halfway (a middle threshold dropped label 1)
+    mask = image > lo if len(levels) <= MASK_LEVELS else image > 0.5 * (lo + hi)
+    if mask.mean() > 0.5:
+        warnings.warn(f"mask image {str(path)!r}: its inclusions (the pixels brighter than the "
+                      f"background) cover {100 * mask.mean():.0f} % of it; an inverted mask "
+                      "(white background)? Inclusions are bright on a dark background",
+                      UserWarning, stacklevel=2)
+    return mask
 
 
 def _check_mask_memory(path: Path, shape: tuple[int, ...], itemsize: int) -> None:

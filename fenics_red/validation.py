@@ -88,6 +88,11 @@ def seed(value, name: str) -> int:
     return integer(value, name, 0, SEED_MAX, what="an integer in [0, 2^63 - 1]")
 
 
+#: The largest budget of iterations any method takes: more never ends, and overflows the int64
+#: of a stored history.
+MAX_BUDGET = 10**9
+
+
 def integer(value, name: str, low: int | None = None, high: int | None = None,
             what: str | None = None) -> int:
     """A Python or NumPy integer (not a bool, not a float) within optional closed bounds.

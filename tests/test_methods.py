@@ -165,3 +165,24 @@ def test_the_command_line_and_the_registry_do_not_import_torch(comm):
                                 text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "no torch" in result.stdout
+
+
+@pytest.mark.parametrize(("method", "options", "words"), [
+    ("ml", {"max_steps": 10**20}, "max_steps must be an integer in \\[1, 1000000000\\]"),
+    ("gn-tikhonov", {"max_steps": 10**20}, "max_iterations"),
+    ("red", {"max_steps": 10**20}, "max_steps"),
+    ("gn-tv", {"tv_delta": 1e200}, "tv_delta must be at most 1e12"),  # delta² overflowed
+])
+def test_settings_too_large_to_run_are_refused_before_any_work(method, options, words):
+    """(A budget above 2^64 ran the whole solve, then failed to store its history; a TV
+    smoothing above 1e154 overflowed in the solve, both with a traceback.)"""
+    with pytest.raises(ValueError, match=words):
+        get_method(method).options(options)
+
+
+def test_a_simulation_above_the_noise_floor_of_double_precision_is_refused():
+    """Above 220 dB the noise is below the data's round-off, which every method refuses: a data
+    set simulated there was written and then useless."""
+    with pytest.raises(ValueError, match="must be at most 220 dB"):
+        SimulationSettings(ImageGrid(8, 8), snr_db=250.0)
+    SimulationSettings(ImageGrid(8, 8), snr_db=200.0)  # noise-free for every purpose

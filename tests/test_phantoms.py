@@ -197,6 +197,27 @@ def test_masks_are_read_from_png_and_npy_in_grey_colour_and_boolean(mpi_tmp_path
     assert load_mask_folder(folder, GRID)[2] != sha  # that changes with the masks
 
 
+def test_every_label_of_a_label_image_is_an_inclusion_and_an_inverted_mask_is_warned(
+        mpi_tmp_path):
+    """Labels 1, 2, 3 on 0 (as .npy and as an 8-bit PNG, which matplotlib reads as k/255): all
+    three discs are inclusions (a halfway threshold dropped label 1). A mask whose "inclusions"
+    cover most of it, an inverted one, is warned about."""
+    from PIL import Image
+
+    folder = _rank_dir(mpi_tmp_path)
+    y, x = np.mgrid[0:60, 0:90]
+    labels = np.zeros((60, 90), dtype=np.uint8)
+    for k, cx in enumerate((15, 45, 75), start=1):
+        labels[(x - cx) ** 2 + (y - 30) ** 2 < 64] = k
+    np.save(folder / "labels.npy", labels)
+    Image.fromarray(labels).save(folder / "labels.png")
+    for name in ("labels.npy", "labels.png"):
+        assert np.array_equal(read_mask(folder / name), labels > 0), name
+    np.save(folder / "inverted.npy", (labels == 0).astype(np.uint8) * 255)
+    with pytest.warns(UserWarning, match="an inverted mask"):
+        read_mask(folder / "inverted.npy")
+
+
 def test_bad_masks_are_refused_with_the_file_named(mpi_tmp_path):
     folder = _rank_dir(mpi_tmp_path)
     with pytest.raises(ValueError, match="no .png or .npy"):
