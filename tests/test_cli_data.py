@@ -58,6 +58,8 @@ def test_simulate_is_reproducible_and_refuses_to_overwrite(mpi_tmp_path, capsys)
     (["--snr", "nan"], "snr_db must be a finite number"),
     (["--noise-ratio", "-1"], "noise_ratio must be finite and > 0"),
     (["--masks", "/nonexistent/folder"], "does not exist"),
+    (["--masks", ".", "--shapes", "circle", "--inclusions", "1", "2"],
+     "--inclusions, --shapes shape the random phantoms, and --masks gives the inclusions"),
     (["--masks", ".", "--family", "rings"], "--family draws random phantoms and --masks gives "
                                             "them: choose one"),
     (["--grid-z", "4", "--masks", "."], "mask images (--masks) are 2-D; the phantoms of a 3-D "

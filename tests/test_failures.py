@@ -688,3 +688,17 @@ def test_an_interrupted_command_says_that_it_can_be_continued(monkeypatch, capsy
     assert main(["show", "data.h5", "--out", "x.png"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted; what was finished is kept" in err
+
+
+def test_a_denoiser_raster_on_grid_data_is_refused(mpi_tmp_path, capsys):
+    """A grid data set is its own raster: ``--pixel`` changed nothing there and was recorded in
+    the output's settings as if it had."""
+    data = mpi_tmp_path / "grid.h5"
+    assert main(["simulate", "--grid", "8", "--samples", "1", "--out", str(data),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(data), "--sample", "0", "--method", "denoised-ml",
+                 "--pixel", "2", "--out", str(mpi_tmp_path / "r.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "--pixel sets the denoiser's raster over a mesh data set" in err
+    assert not (mpi_tmp_path / "r.h5").exists()

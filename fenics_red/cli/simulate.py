@@ -115,6 +115,15 @@ def run(args) -> int:
                                soft_edge=args.soft_edge, family=args.family)
     if args.masks is not None and args.family != "inclusions":
         raise ValueError("--family draws random phantoms and --masks gives them: choose one")
+    drawn = [flag for flag, value, default in (
+        ("--inclusions", tuple(args.inclusions), PhantomSettings().n_inclusions),
+        ("--shapes", tuple(args.shapes), PhantomSettings().shapes),
+        ("--min-size", args.min_size, PhantomSettings().min_size),
+        ("--max-size", args.max_size, PhantomSettings().max_size)) if value != default]
+    if args.masks is not None and drawn:
+        raise ValueError(f"{', '.join(drawn)} shape{'s' if len(drawn) == 1 else ''} the random "
+                         "phantoms, and --masks gives the inclusions instead: leave "
+                         f"{'it' if len(drawn) == 1 else 'them'} out")
     common = dict(forward=forward_settings(args), snr_db=args.snr, noise_ratio=args.noise_ratio,
                   force_noise=args.force_noise, seed=args.seed, phantoms=phantoms)
     check_facets_flag(args)
@@ -167,8 +176,9 @@ def check_pixel_memory(data, pixels, comm: MPI.Comm) -> None:
 
     with load_dataset(data, check_data=False) as dataset:
         mesh, forward = dataset.mesh, dataset.settings.forward
-    if mesh is None:
-        return
+    if mesh is None:  # a grid data set is its own raster: the option would be recorded only
+        raise ValueError(f"--pixel sets the denoiser's raster over a mesh data set, and "
+                         f"{str(data)!r} is on a grid whose nodes are its pixels: leave it out")
     for pixel in pixels:
         grid = ImageGrid.covering(mesh.points.min(axis=0), mesh.points.max(axis=0), pixel)
         check_raster_memory(grid, mesh, forward, comm,
