@@ -60,6 +60,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -107,8 +108,8 @@ def image_datasets(dim: int) -> tuple[str, ...]:
 #: The smallest noise standard deviation a data set may give, relative to its largest noisy
 #: displacement (an SNR of about 240 dB; double precision's round-off is 1e-16).
 NOISE_FLOOR = 1e-12
-#: The largest SNR a simulation takes: 20 log10(1 / NOISE_FLOOR) less a margin of 20 dB for
-#: the ratio of the largest displacement to its RMS.
+#: The largest SNR a simulation takes (:meth:`SimulationSettings.check_noise_floor`):
+#: 20 log10(1 / NOISE_FLOOR) less 20 dB for the largest displacement over its RMS.
 MAX_SNR_DB = 220.0
 
 _FORWARD_KEYS = ("nu", "plane", "traction", "shear_traction", "support", "solver")
@@ -152,11 +153,6 @@ class SimulationSettings:
         set_ = object.__setattr__
         set_(self, "snr_db", validation.finite(self.snr_db, "SimulationSettings.snr_db",
                                                what="a finite number of dB"))
-        if self.snr_db > MAX_SNR_DB:
-            raise ValueError(f"SimulationSettings.snr_db must be at most {MAX_SNR_DB:g} dB: above "
-                             "it the noise falls below double precision's round-off of the data "
-                             f"(NOISE_FLOOR), which every method refuses; got {self.snr_db:g} "
-                             "(200 dB is noise-free for every purpose)")
         set_(self, "noise_ratio", validation.positive(self.noise_ratio,
                                                       "SimulationSettings.noise_ratio"))
         set_(self, "force_noise", validation.non_negative(self.force_noise,
@@ -184,6 +180,19 @@ class SimulationSettings:
     def dim(self) -> int:
         """Spatial dimension: that of the mesh, or of the grid."""
         return self.grid.dim if self.mesh is None else self.mesh.dim
+
+    def check_noise_floor(self) -> None:
+        """Refuse to simulate noise below the data's round-off, which every method refuses
+        (:data:`NOISE_FLOOR`): the SNR of the component with the smaller noise (``noise_ratio``
+        splits it) above :data:`MAX_SNR_DB`. When simulating only: a data set made before is
+        read back whatever its SNR."""
+        smallest = self.snr_db + 20.0 * abs(math.log10(self.noise_ratio))
+        if smallest > MAX_SNR_DB:
+            raise ValueError(f"an SNR of {self.snr_db:g} dB with a noise ratio of "
+                             f"{self.noise_ratio:g} puts one component's noise at about "
+                             f"{smallest:.0f} dB, above {MAX_SNR_DB:g} dB where it falls below "
+                             "double precision's round-off of the data, which every method "
+                             "refuses: lower --snr (200 dB is noise-free for every purpose)")
 
     def to_attrs(self) -> dict:
         """Flat HDF5 attributes (strings, numbers, JSON for nested values)."""
@@ -461,6 +470,7 @@ def simulate_dataset(path: str | os.PathLike, n_samples: int, settings: Simulati
     if not isinstance(settings, SimulationSettings):
         raise ValueError(f"settings must be SimulationSettings, got {type(settings).__name__}")
     validation.integer(batch_size, "batch_size", low=1)
+    settings.check_noise_floor()
     n_samples = int(n_samples)
     grid = settings.grid
 

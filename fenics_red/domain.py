@@ -764,6 +764,11 @@ def _read_gmsh(path: Path, comm: MPI.Comm):
             problem = f"cannot read mesh file {str(path)!r}: {error}"
     raise_shared(comm, problem and ("ValueError", problem))
     gdim, names = comm.bcast((gdim, names), root=0)
+    unused = [] if comm.rank else [(d, t) for d, t in gmsh.model.getPhysicalGroups(gdim - 1)
+                                   if t not in names.values()]
+    if unused:  # other boundary groups are unused, and DOLFINx keeps one tag per facet: a
+        # 'walls' group over the top took the load's facets when its physical tag was smaller
+        gmsh.model.removePhysicalGroups(unused)  # (an empty list would remove every group)
     msh, _, facet_tags = gmshio.model_to_mesh(gmsh.model if comm.rank == 0 else None, comm, 0,
                                               gdim=gdim)
     if comm.rank == 0:
@@ -850,29 +855,21 @@ def _gmsh_empty_group_problem(path: Path, gdim: int, names: dict[str, int]) -> s
 
 
 def _gmsh_group_problem(gmsh, gdim: int, names: dict[str, int], path: Path) -> str | None:
-    """A 'load' or 'support' group sharing boundary entities with another boundary group (the
-    other role's, or any: DOLFINx keeps one tag per facet, so one group would lose them, and a
-    lost load was said as "no load facets"), or None."""
-    groups = {gmsh.model.getPhysicalName(gdim - 1, tag) or str(tag):
-              set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, tag))
-              for _, tag in gmsh.model.getPhysicalGroups(gdim - 1)}
-    for role in ("load", "support"):
-        if role not in names:
-            continue
-        mine = set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, names[role]))
-        for other, entities in groups.items():
-            shared = sorted(mine & entities)
-            if other.lower() == role or not shared:
-                continue
-            kind = "curve" if gdim == 2 else "surface"
-            several = "s" if len(shared) > 1 else ""
-            what = ("a boundary part is either loaded or supported" if _role(other) else
-                    f"DOLFINx keeps one group per facet, so '{role}' would lose them")
-            return (f"mesh file {str(path)!r}: the groups '{role}' and {other!r} overlap (they "
-                    f"share {len(shared)} boundary {kind}{several}, gmsh tag{several} "
-                    f"{', '.join(map(str, shared))}); {what}: give each group its own "
-                    f"{kind}s")
-    return None
+    """The 'load' and 'support' groups sharing boundary entities (DOLFINx keeps one tag per
+    facet, so one group would lose them), or None. (Other boundary groups are dropped before
+    DOLFINx reads the file: :func:`_read_gmsh`.)"""
+    if len(names) < 2:
+        return None
+    load, support = (set(gmsh.model.getEntitiesForPhysicalGroup(gdim - 1, names[n]))
+                     for n in ("load", "support"))
+    shared = sorted(load & support)
+    if not shared:
+        return None
+    kind = "curve" if gdim == 2 else "surface"
+    return (f"mesh file {str(path)!r}: the groups 'load' and 'support' overlap (they share "
+            f"{len(shared)} boundary {kind}{'s' if len(shared) > 1 else ''}, gmsh tag"
+            f"{'s' if len(shared) > 1 else ''} {', '.join(map(str, shared))}); a boundary part is "
+            "either loaded or supported: give each group its own")
 
 
 def _gmsh_node_problem(gmsh, gdim: int, path: Path) -> str | None:
@@ -1259,18 +1256,26 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
             raise ValueError(f"cell data {key!r} holds {sorted(found)}: a set's cell data holds "
                              "the set's index (-1: none), or 1 / 0 for one set")
         indicator = len(names) == 1 and -1 not in found  # 1 = in the set, 0 = not
-        physical = data.cell_data.get("gmsh:physical", [None] * len(data.cells))
-        for block, values, numbers in zip(data.cells, arrays, physical, strict=False):
+        entities = data.cell_data.get("gmsh:geometrical", [None] * len(data.cells))
+        shown = set()
+        for block, values, numbers in zip(data.cells, arrays, entities, strict=False):
             if block.type != kind or values.ndim != 1:
                 continue
             roles = np.array([_role(names[0] if value == 1 else None) if indicator else
                               _role(names[value]) if 0 <= value < len(names) else None
                               for value in values.tolist()], dtype=object)
+            shown |= set(roles.tolist()) - {None}
             if numbers is not None and len(numbers) == len(values) and not indicator:
-                roles = _roles_by_number(roles, np.asarray(numbers), values, names, key)
+                roles = _roles_by_entity(roles, np.asarray(numbers), values, names, key)
             for nodes, role in zip(block.data, roles, strict=True):
                 if role is not None:
                     chosen[role].append(nodes)
+        hidden = sorted({n for n in names if _role(n) and _role(n) not in shown})
+        if hidden:  # the depth default would take its place: refused, not guessed
+            raise ValueError(f"cell data {key!r} names the set(s) {', '.join(hidden)}, but no "
+                             "facet shows them: meshio keeps one set per facet, and a later set "
+                             "covers them; read the .msh itself, or give them their own cell "
+                             "data")
     families = _med_families(getattr(data, "cell_tags", None))
     for block, numbers in zip(data.cells, data.cell_data.get("cell_tags", []) if families
                               else [], strict=False):
@@ -1288,20 +1293,20 @@ def _meshio_named_facets(data, kind: str, cells: np.ndarray | None
     return [(nodes, value) for value in (LOAD, SUPPORT) for nodes in chosen[value]]
 
 
-def _roles_by_number(roles: np.ndarray, numbers: np.ndarray, values: np.ndarray,
+def _roles_by_entity(roles: np.ndarray, entities: np.ndarray, values: np.ndarray,
                      names: list[str], key: str) -> np.ndarray:
     """The roles of facet cells from meshio's sets array ``key`` (set index ``values`` into
-    ``names``), completed by their gmsh physical numbers: meshio writes the sets of a
-    converted .msh as one index per cell, so a facet in ``load`` and in meshio's own
-    ``gmsh:bounding_entities`` keeps only the latter. A number whose other cells show one set
-    only, a role, gives that role to its cells that show a ``gmsh:`` set. A number shared with
-    another set (gmsh keeps one physical number per entity) cannot say which such cells were in
-    the role's set: they are left out, with a warning."""
+    ``names``), completed by their gmsh entity (``gmsh:geometrical``): meshio writes the sets of
+    a converted .msh as one index per cell, so a facet in ``load`` and in meshio's own
+    ``gmsh:bounding_entities`` keeps only the latter, while every facet of one gmsh curve (or
+    surface) is in the same groups. An entity whose other facets show one set only, a role,
+    gives it to those that show a ``gmsh:`` set; one whose facets show two sets cannot say which
+    such facets were in the role's, which a warning says."""
     internal = np.array([0 <= v < len(names) and names[v].startswith("gmsh:")
                          for v in values.tolist()], dtype=bool)
     out = roles.copy()
-    for number in np.unique(numbers):
-        here = numbers == number
+    for entity in np.unique(entities):
+        here = entities == entity
         shown = {names[v] for v in values[here & ~internal].tolist() if 0 <= v < len(names)}
         hidden = here & internal
         if not hidden.any() or not any(_role(n) for n in shown):
@@ -1309,10 +1314,10 @@ def _roles_by_number(roles: np.ndarray, numbers: np.ndarray, values: np.ndarray,
         if len(shown) == 1:
             out[hidden] = _role(shown.pop())
         else:
-            warnings.warn(f"cell data {key!r}: {int(hidden.sum())} facet(s) of gmsh physical "
-                          f"number {number} show only a gmsh set, and that number is shared by "
-                          f"the sets {', '.join(sorted(shown))}: meshio keeps one set per facet, "
-                          "so some load or support facets may be missing; read the .msh itself",
+            warnings.warn(f"cell data {key!r}: {int(hidden.sum())} facet(s) of gmsh entity "
+                          f"{entity} show only a gmsh set, and the entity's others show "
+                          f"{', '.join(sorted(shown))}: meshio keeps one set per facet, so some "
+                          "load or support facets may be missing; read the .msh itself",
                           UserWarning, stacklevel=4)
     return out
 

@@ -522,7 +522,10 @@ def _check_own_nodes(file: VariableFile, s: ImportSettings, points: np.ndarray) 
     name = next((n for n in ("nodes", "points", "coordinates", "coords") if n in file), None)
     if name is None:
         return
-    own = np.asarray(file.get(name, "the node coordinates"))
+    try:
+        own = np.asarray(file.get(name, "the node coordinates"))
+    except ValueError:  # not an array of numbers: not coordinates
+        return
     if own.ndim == 2 and own.shape[0] in (2, 3) and own.shape[1] not in (2, 3):
         own = own.T
     if own.ndim != 2 or own.shape[1] not in (2, 3) or own.dtype.kind not in "fiu":

@@ -518,17 +518,13 @@ _FAMILY_DRAWS = {"textured": _textured, "gradient": _gradient, "field": _field,
 
 # -- user masks ----------------------------------------------------------------------------------
 
-#: Images with at most this many grey levels are label images (see :func:`read_mask`).
-MASK_LEVELS = 16
-
-
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A boolean inclusion mask from a PNG or ``.npy`` file, at the file's own resolution.
 
     Grey-level, RGB(A) and boolean images are accepted (the alpha channel is ignored); bright
-    pixels are inclusions: in a label image (at most :data:`MASK_LEVELS` levels: binary, or
-    labels 0, 1, 2, ...) every pixel above the darkest level, in a grey (anti-aliased) one the
-    pixels above halfway between the smallest and largest value. An image whose inclusions cover
+    pixels are inclusions: in a label image (two levels, or the levels 0, 1, 2, ..., k) every
+    pixel above the darkest level, in a grey one (anti-aliased, a JPEG's) the pixels above
+    halfway between the smallest and largest value. An image whose inclusions cover
     more than half of it is warned about (inverted?). Raises ``ValueError`` for unreadable files
     and masks without (or with only) inclusion.
     """
@@ -577,16 +573,25 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     lo, hi = image.min(), image.max()
     if lo == hi:
         raise ValueError(f"mask image {str(path)!r} is constant ({lo}): it has no inclusion")
-    levels = np.unique(image)
-    # a label image (few levels: 0 background, 1, 2, 3 ... or 0/255): every level above the
-    # background; a grey (anti-aliased) one: halfway (a middle threshold dropped label 1)
-    mask = image > lo if len(levels) <= MASK_LEVELS else image > 0.5 * (lo + hi)
+    # a label image: every level above the background (halfway dropped label 1); a grey one
+    # (anti-aliased, or a JPEG's noise): halfway (every level above the darkest made dozens of
+    # specks into inclusions)
+    mask = image > lo if _labels(np.unique(image)) else image > 0.5 * (lo + hi)
     if mask.mean() > 0.5:
         warnings.warn(f"mask image {str(path)!r}: its inclusions (the pixels brighter than the "
                       f"background) cover {100 * mask.mean():.0f} % of it; an inverted mask "
                       "(white background)? Inclusions are bright on a dark background",
                       UserWarning, stacklevel=2)
     return mask
+
+
+def _labels(levels: np.ndarray) -> bool:
+    """Whether an image's sorted grey levels are those of a label image: two levels (binary), or
+    0, 1, ..., k in the file's integer steps (an 8- or 16-bit PNG decodes to k/255, k/65535)."""
+    if len(levels) == 2:
+        return True
+    return any(np.allclose(levels / step, np.arange(len(levels)), rtol=0.0, atol=1e-6)
+               for step in (1.0, 1.0 / 255, 1.0 / 65535))
 
 
 def _check_mask_memory(path: Path, shape: tuple[int, ...], itemsize: int) -> None:

@@ -325,8 +325,9 @@ def read_pairs_file(path: str | os.PathLike) -> PairsData:
     except OSError as error:
         raise ValueError(f"{where} is not a readable HDF5 file: {error}") from None
     if truth.ndim == 2 and truth.shape == estimate.shape:
-        raise ValueError(f"{where} holds estimates per mesh node {truth.shape}: the denoiser "
-                         "trains on images, so make its pairs on a grid (simulate --grid, then "
+        raise ValueError(f"{where} holds 2-D arrays {truth.shape}: estimates per mesh node "
+                         "(or images without their sample axis)? The denoiser trains on images "
+                         "(n, ny+1, nx+1): make its pairs on a grid (simulate --grid, then "
                          "reconstruct --method ml --all)")
     if truth.ndim not in (3, 4) or truth.shape != estimate.shape:
         raise ValueError(f"{where}: 'truth' and 'estimate' must both have shape (n, ny+1, nx+1) "

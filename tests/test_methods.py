@@ -180,9 +180,16 @@ def test_settings_too_large_to_run_are_refused_before_any_work(method, options, 
         get_method(method).options(options)
 
 
-def test_a_simulation_above_the_noise_floor_of_double_precision_is_refused():
-    """Above 220 dB the noise is below the data's round-off, which every method refuses: a data
-    set simulated there was written and then useless."""
-    with pytest.raises(ValueError, match="must be at most 220 dB"):
-        SimulationSettings(ImageGrid(8, 8), snr_db=250.0)
-    SimulationSettings(ImageGrid(8, 8), snr_db=200.0)  # noise-free for every purpose
+def test_a_simulation_above_the_noise_floor_of_double_precision_is_refused(tmp_path):
+    """Noise below the data's round-off, which every method refuses, is not simulated: a data
+    set made at 250 dB (or at 200 dB with a noise ratio of 0.01) was written and then useless.
+    Settings themselves take any SNR, so a data set made before still reads back."""
+    from fenics_red.data import simulate_dataset
+
+    for snr, ratio in ((250.0, 1.0), (200.0, 0.01)):
+        settings = SimulationSettings(ImageGrid(8, 8), snr_db=snr, noise_ratio=ratio)
+        with pytest.raises(ValueError, match="above 220 dB where it falls below double"):
+            simulate_dataset(tmp_path / "floor.h5", 1, settings, MPI.COMM_SELF, progress=False)
+        assert not (tmp_path / "floor.h5").exists()
+    simulate_dataset(tmp_path / "floor.h5", 1, SimulationSettings(ImageGrid(8, 8), snr_db=200.0),
+                     MPI.COMM_SELF, progress=False)  # noise-free for every purpose

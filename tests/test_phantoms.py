@@ -200,8 +200,9 @@ def test_masks_are_read_from_png_and_npy_in_grey_colour_and_boolean(mpi_tmp_path
 def test_every_label_of_a_label_image_is_an_inclusion_and_an_inverted_mask_is_warned(
         mpi_tmp_path):
     """Labels 1, 2, 3 on 0 (as .npy and as an 8-bit PNG, which matplotlib reads as k/255): all
-    three discs are inclusions (a halfway threshold dropped label 1). A mask whose "inclusions"
-    cover most of it, an inverted one, is warned about."""
+    three discs are inclusions (a halfway threshold dropped label 1), while a grey mask keeps
+    the halfway threshold. A mask whose "inclusions" cover most of it, an inverted one, is
+    warned about."""
     from PIL import Image
 
     folder = _rank_dir(mpi_tmp_path)
@@ -213,6 +214,12 @@ def test_every_label_of_a_label_image_is_an_inclusion_and_an_inverted_mask_is_wa
     Image.fromarray(labels).save(folder / "labels.png")
     for name in ("labels.npy", "labels.png"):
         assert np.array_equal(read_mask(folder / name), labels > 0), name
+    # a grey mask with a few faint specks (a JPEG's noise) is thresholded halfway: the specks
+    # are no inclusions (every level above the darkest made them 141)
+    speckled = (labels > 0).astype(np.uint8) * 255
+    speckled[::7, ::11] = np.where(speckled[::7, ::11] == 0, 2, 253)
+    Image.fromarray(speckled).save(folder / "speckled.png")
+    assert np.array_equal(read_mask(folder / "speckled.png"), labels > 0)
     np.save(folder / "inverted.npy", (labels == 0).astype(np.uint8) * 255)
     with pytest.warns(UserWarning, match="an inverted mask"):
         read_mask(folder / "inverted.npy")

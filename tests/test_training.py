@@ -150,8 +150,7 @@ def test_read_pairs_refuses_bad_values(tmp_path):
         read_pairs(write_pairs(tmp_path / "one.h5", *make_pairs(1)))
     # estimates per mesh node: the message said only "must have shape (n, ny+1, nx+1)"
     nodal = np.ones((4, 30))
-    with pytest.raises(ValueError, match="holds estimates per mesh node .*make its pairs on a "
-                                         "grid"):
+    with pytest.raises(ValueError, match="estimates per mesh node .*make its pairs on a grid"):
         read_pairs(write_pairs(tmp_path / "mesh.h5", nodal, nodal))
 
 
