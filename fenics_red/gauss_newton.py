@@ -183,8 +183,7 @@ class GaussNewtonSettings:
                                                low_open=True, high_open=True))
         for name in ("max_alpha_trials", "max_iterations", "cg_max_iterations",
                      "max_backtracks"):
-            set_(self, name, validation.integer(getattr(self, name), name, low=1,
-                                                high=validation.MAX_BUDGET))
+            set_(self, name, validation.budget(getattr(self, name), name))
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-serialisable; for output files and histories)."""

@@ -178,8 +178,7 @@ def _lazy(module: str, name: str) -> Callable:
 # -- command-line flags, shared by the methods that list them -------------------------------------
 
 def _positive_steps(value: int | None) -> int | None:
-    return None if value is None else validation.integer(value, "--max-steps", low=1,
-                                                         high=validation.MAX_BUDGET)
+    return None if value is None else validation.budget(value, "--max-steps")
 
 
 MAX_STEPS = Flag("--max-steps", "max_steps", "budget of iterations (default: the method's)",

@@ -138,8 +138,7 @@ class MLSettings:
             raise ValueError(f"MLSettings.stop must be one of {_STOPS}, got {self.stop!r}")
         validation.positive(self.discrepancy, "MLSettings.discrepancy")
         if self.max_steps is not None:
-            validation.integer(self.max_steps, "MLSettings.max_steps", low=1,
-                               high=validation.MAX_BUDGET)
+            validation.budget(self.max_steps, "MLSettings.max_steps")
         validation.integer(self.steps_per_round, "MLSettings.steps_per_round", low=1)
         validation.non_negative(self.rtol, "MLSettings.rtol")
         validation.number(self.floor, "MLSettings.floor", 0.0, 1.0, low_open=True,

@@ -93,6 +93,12 @@ def seed(value, name: str) -> int:
 MAX_BUDGET = 10**9
 
 
+def budget(value, name: str) -> int:
+    """A budget of iterations: a positive integer up to :data:`MAX_BUDGET`."""
+    return integer(value, name, low=1, high=MAX_BUDGET,
+                   what="a positive integer (at most 1e9 steps)")
+
+
 def integer(value, name: str, low: int | None = None, high: int | None = None,
             what: str | None = None) -> int:
     """A Python or NumPy integer (not a bool, not a float) within optional closed bounds.
