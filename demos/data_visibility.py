@@ -56,10 +56,13 @@ from fenics_red.io import atomic_output, to_json
 from fenics_red.likelihood import StatisticalLikelihood
 from fenics_red.measurements import Measurement
 from fenics_red.metrics import relative_rmse, ssim
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.red import REDReconstructor, REDSettings
 from fenics_red.solvers import MLSettings
 
 world = MPI.COMM_WORLD
+if world.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C)
+    exit_with_launcher()
 comm = MPI.COMM_SELF  # one phantom per rank: the dense Hessian lives on one process
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 runs = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs"))

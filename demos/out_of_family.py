@@ -41,10 +41,13 @@ import numpy as np
 from fenics_red.data import SimulationSettings, simulate_dataset
 from fenics_red.evaluation import EvaluationSettings, evaluate, read_estimate
 from fenics_red.methods import get_method
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.phantoms import FAMILIES, HELD_OUT_FAMILIES, PhantomSettings, random_phantom
 from fenics_red.raster import ImageGrid
 
 comm = MPI.COMM_WORLD
+if comm.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C on make paper)
+    exit_with_launcher()
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs")) / "out-of-family"
 cells, n_val, n_test = (16, 2, 2) if small else (64, 16, 24)

@@ -30,6 +30,7 @@ import scipy.io
 from fenics_red.cli import main
 from fenics_red.data import mesh_settings, simulate_sample
 from fenics_red.domain import Domain, MeshArrays
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.raster import ImageGrid
 
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
@@ -37,6 +38,8 @@ folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs")) / "own-data"
 MESH = Path(__file__).resolve().parents[1] / "meshes" / "roi-2d.msh"
 PRESSURE_PA = 100.0  # the probe pressure of the simulation (1e-3 in units of 100 kPa)
 comm = MPI.COMM_WORLD
+if comm.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C on make paper)
+    exit_with_launcher()
 
 
 def make_measurement() -> None:

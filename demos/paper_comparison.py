@@ -39,9 +39,12 @@ from mpi4py import MPI
 
 from fenics_red.data import SimulationSettings, simulate_dataset
 from fenics_red.evaluation import EvaluationSettings, evaluate, summary_table
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.raster import ImageGrid
 
 comm = MPI.COMM_WORLD
+if comm.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C on make paper)
+    exit_with_launcher()
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs"))
 cells, n_samples, seed = (12, 2, 9001) if small else (64, 24, 9001)

@@ -45,10 +45,13 @@ import numpy as np
 
 from fenics_red.data import SimulationSettings, simulate_dataset
 from fenics_red.evaluation import EvaluationSettings, evaluate, read_estimate
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.raster import ImageGrid
 from fenics_red.red import default_denoiser_path
 
 comm = MPI.COMM_WORLD
+if comm.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C on make paper)
+    exit_with_launcher()
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs"))
 cells, n_samples, seed = (10, 1, 41) if small else (24, 4, 41)

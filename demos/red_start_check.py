@@ -35,6 +35,7 @@ from mpi4py import MPI
 import numpy as np
 
 from fenics_red.data import SimulationSettings, load_dataset, simulate_dataset
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.phantoms import PhantomSettings
 from fenics_red.raster import ImageGrid
 from fenics_red.red import REDReconstructor, REDSettings
@@ -43,6 +44,7 @@ comm = MPI.COMM_SELF  # one sample at a time on one rank: a small study
 small = os.environ.get("FENICS_RED_DEMO_SMALL") == "1"  # the tests run it at a tiny size
 folder = Path(os.environ.get("FENICS_RED_DEMO_OUT", "runs")) / "out-of-family"
 if MPI.COMM_WORLD.size > 1:  # a serial study: under mpirun each rank runs it on its own files
+    exit_with_launcher()  # and stops when mpirun is gone (Ctrl-C)
     folder = folder / f"rank{MPI.COMM_WORLD.rank}"
 cells, n = (12, 2) if small else (64, 16)
 snrs = (35.0,) if small else (25.0, 35.0, 45.0)

@@ -33,6 +33,7 @@ import numpy as np
 
 from fenics_red.data import SimulationSettings, simulate_sample
 from fenics_red.methods import get_method
+from fenics_red.parallel import exit_with_launcher
 from fenics_red.phantoms import PhantomSettings
 from fenics_red.raster import ImageGrid
 from fenics_red.uncertainty import UncertaintyRunner, UncertaintySettings, coverage
@@ -49,6 +50,8 @@ families = {"paper": PhantomSettings(),
             "mild": PhantomSettings(inclusion=(0.15, 0.25), soft_edge=3.0)}
 settings = UncertaintySettings(rank=40 if small else 200)
 comm = MPI.COMM_WORLD
+if comm.size > 1:  # a rank of mpirun: stop when mpirun is gone (Ctrl-C on make paper)
+    exit_with_launcher()
 
 jobs = [(family, snr, seed) for family in families for snr in snrs for seed in seeds]
 rows = []

@@ -648,6 +648,16 @@ def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_
         assert main([*base, *bad, "--out", str(mpi_tmp_path / "new")]) == 2
         assert not (mpi_tmp_path / "new").exists(), bad
     capsys.readouterr()
+    # a user's mask in OUT/masks: the demo simulated from it (its sample 0) and could overwrite
+    # the user's file of its own mask's name
+    masks = mpi_tmp_path / "with-masks" / "masks"
+    if comm.rank == 0:
+        masks.mkdir(parents=True)
+        np.save(masks / "mine.npy", np.eye(11, dtype=bool))
+    comm.Barrier()
+    assert main([*base, "--out", str(masks.parent)]) == 2
+    assert "holds mask files the demo did not write (mine.npy)" in capsys.readouterr().err
+    assert sorted(p.name for p in masks.iterdir()) == ["mine.npy"]
 
 
 def test_an_evaluation_too_small_for_its_metrics_is_refused_before_any_estimate(

@@ -37,6 +37,10 @@ def builtin_mask(grid: ImageGrid) -> np.ndarray:
     return circle | ellipse
 
 
+#: The demo's own mask file in ``OUT/masks``.
+DEMO_MASK = "two_inclusions.npy"
+
+
 def _check_own_data(data: Path, masks: Path) -> None:
     """Refuse to replace a ``data.h5`` that an earlier demo did not make (a demo's data set was
     simulated from the masks beside it): a user's data set is never overwritten."""
@@ -52,6 +56,20 @@ def _check_own_data(data: Path, masks: Path) -> None:
     if not made_here:
         raise FileExistsError(f"{str(data)!r} is not the data set of an earlier demo; the demo "
                               "would replace it: choose another --out folder")
+
+
+def _check_own_masks(masks: Path) -> None:
+    """Refuse a ``masks`` folder that holds mask files the demo did not write: the demo
+    simulates from every mask there (a user's became its sample 0) and writes its own."""
+    from ..phantoms import mask_files
+
+    if not masks.is_dir():
+        return
+    others = [p.name for p in mask_files(masks) if p.name != DEMO_MASK]
+    if others:
+        raise FileExistsError(f"{str(masks)!r} holds mask files the demo did not write "
+                              f"({', '.join(others)}); the demo simulates from every mask there: "
+                              "choose another --out folder, or move them")
 
 
 def register(subparsers) -> None:
@@ -97,9 +115,10 @@ def run(args) -> int:
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"--out {str(out)!r} is a file; the demo writes a folder")
         _check_own_data(data, masks)
+        _check_own_masks(masks)
         check_evaluation_folder(out / "results", overwrite=True)
         masks.mkdir(parents=True, exist_ok=True)
-        np.save(masks / "two_inclusions.npy", builtin_mask(grid))
+        np.save(masks / DEMO_MASK, builtin_mask(grid))
 
     on_root(comm, prepare)
     simulate_dataset(data, 1, settings, comm, masks_dir=masks, overwrite=True,
