@@ -1167,7 +1167,7 @@ def _check_marked(load: np.ndarray | None, support: np.ndarray | None, cells) ->
     if not given:
         return
     cells = np.asarray(cells, dtype=np.int64)
-    sides = np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(cells.shape[1])]), axis=1)
+    sides = _cell_sides(cells)
     _, ids = np.unique(np.vstack([sides, *given.values()]), axis=0, return_inverse=True)
     ids = ids.ravel()
     known = np.zeros(ids.max() + 1, dtype=bool)
@@ -1349,9 +1349,13 @@ def _med_node_sets(data) -> dict[str, np.ndarray]:
             for role in set(families.values())}
 
 
+def _cell_sides(cells: np.ndarray) -> np.ndarray:
+    """Every side of every cell (its node list, sorted), once per cell it bounds."""
+    n = cells.shape[1]
+    return np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(n)]), axis=1)
+
+
 def _boundary_facets(cells: np.ndarray) -> np.ndarray:
     """The facets (node lists, sorted) that belong to one cell only: the boundary."""
-    n = cells.shape[1]
-    facets = np.sort(np.vstack([np.delete(cells, i, axis=1) for i in range(n)]), axis=1)
-    unique, counts = np.unique(facets, axis=0, return_counts=True)
+    unique, counts = np.unique(_cell_sides(cells), axis=0, return_counts=True)
     return unique[counts == 1]
