@@ -402,6 +402,14 @@ def _vector(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _rows(array: np.ndarray, widths: tuple = (2, 3)) -> np.ndarray:
+    """A table of one row per node, cell or facet (``(M, w)``, ``w`` in ``widths``), also when
+    stored ``(w, M)``, as MATLAB codes often store them."""
+    if array.ndim == 2 and array.shape[1] not in widths and array.shape[0] in widths:
+        return array.T
+    return array
+
+
 def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str,
            width: int | None = None) -> tuple[np.ndarray, int, str]:
     """0-based integer cells (or facets: ``width`` nodes each), the index base and how it was
@@ -411,8 +419,7 @@ def _cells(array: np.ndarray, n_nodes: int, base: int | None, name: str,
     if array.ndim != 2:
         raise ValueError(f"{name!r} must be a 2-D array of node numbers "
                          f"({' or '.join(f'(M, {w})' for w in widths)}), got shape {array.shape}")
-    if array.shape[1] not in widths and array.shape[0] in widths:
-        array = array.T  # (3, M) as MATLAB codes often store them
+    array = _rows(array, widths)
     if array.size == 0:
         raise ValueError(f"{name!r} holds no cells (shape {array.shape})")
     if array.dtype.kind == "f":
@@ -526,8 +533,7 @@ def _check_own_nodes(file: VariableFile, s: ImportSettings, points: np.ndarray) 
         own = np.asarray(file.get(name, "the node coordinates"))
     except ValueError:  # not an array of numbers: not coordinates
         return
-    if own.ndim == 2 and own.shape[0] in (2, 3) and own.shape[1] not in (2, 3):
-        own = own.T
+    own = _rows(own)
     if own.ndim != 2 or own.shape[1] not in (2, 3) or own.dtype.kind not in "fiu":
         return  # not coordinates
     if own.ndim == 2 and own.shape[1] == 3 and points.shape[1] == 2:
@@ -586,9 +592,7 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         _check_own_nodes(file, s, points)
     else:
         nodes = file.find(s.nodes, "nodes", "the node coordinates")
-        points = file.get(nodes, "the node coordinates")
-        if points.ndim == 2 and points.shape[1] not in (2, 3) and points.shape[0] in (2, 3):
-            points = points.T
+        points = _rows(file.get(nodes, "the node coordinates"))
         if points.ndim != 2 or points.shape[1] not in (2, 3):
             raise ValueError(f"node coordinates {nodes!r} must have shape (N, 2) or (N, 3), got "
                              f"{points.shape}")
@@ -606,10 +610,8 @@ def _nodal(file: VariableFile, s: ImportSettings, comm_self=MPI.COMM_SELF) -> tu
         facets = {}
         for key, given in (("load", s.load_facets), ("support", s.support_facets)):
             if given is not None:
-                array = file.get(given, f"the {key} facets")
-                if array.ndim == 2 and array.shape[0] == points.shape[1] != array.shape[1]:
-                    array = array.T
-                facets[key], _, _ = _cells(array, len(points), base, given, width=points.shape[1])
+                facets[key], _, _ = _cells(file.get(given, f"the {key} facets"), len(points),
+                                           base, given, width=points.shape[1])
         mesh = Domain.from_arrays(points, cells, comm_self, source=str(file.path),
                                   **facets).to_arrays()
         layout.update(nodes=nodes, cells=name, index_base=base, index_base_found=how)

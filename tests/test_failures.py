@@ -648,6 +648,12 @@ def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_
         assert main([*base, *bad, "--out", str(mpi_tmp_path / "new")]) == 2
         assert not (mpi_tmp_path / "new").exists(), bad
     capsys.readouterr()
+    # a method's options and model file are checked before the demo simulates its data set
+    for bad, words in ((["--methods", "red", "--denoiser", str(mpi_tmp_path / "none.pt")],
+                        "does not exist"), (["--methods", "red", "--lam", "-1"], "λ must be")):
+        assert main([*base[:3], *base[5:], *bad, "--out", str(mpi_tmp_path / "new")]) == 2
+        assert words in capsys.readouterr().err, bad
+        assert not (mpi_tmp_path / "new").exists(), bad
     # a user's mask in OUT/masks: the demo simulated from it (its sample 0) and could overwrite
     # the user's file of its own mask's name
     masks = mpi_tmp_path / "with-masks" / "masks"
