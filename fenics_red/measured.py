@@ -1071,8 +1071,12 @@ def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.Path
     layout_path, xdmf, png = export_paths(reconstruction, measurement)
     to_mm = LENGTH_UNITS[s.length_unit]
     user_mesh = MeshArrays(mesh.points / to_mm, mesh.cells, mesh.load, mesh.support)
-    on_root(comm, lambda: [check_output_path(p, overwrite)
-                            for p in export_paths(reconstruction, measurement, heavy=True)])
+    def check():  # an earlier run's files go first: a failed export leaves none beside this one
+        for path in export_paths(reconstruction, measurement, heavy=True):
+            check_output_path(path, overwrite)
+            path.unlink(missing_ok=True)
+
+    on_root(comm, check)
     on_root(comm, lambda: _write_layout(layout_path, values, valid, source, info, user_mesh,
                                          overwrite))
     write_xdmf({"E": values[0]}, xdmf, user_mesh, comm, overwrite=overwrite)

@@ -598,6 +598,36 @@ def test_a_model_that_does_not_fit_the_data_is_warned_about(simulated, folder):
                        for s in said) == warned, (model, said)
 
 
+def test_a_failed_export_leaves_no_earlier_run_files_beside_the_new_estimate(simulated, folder,
+                                                                            monkeypatch):
+    """``reconstruct --overwrite`` stopped while it writes the user-layout files: the figure of
+    the earlier estimate used to stay beside the new one, which it no longer shows."""
+    import fenics_red.visualise
+
+    sample, mesh = simulated["sample"], simulated["mesh"]
+    source, data = folder / "rerun.npz", folder / "rerun.h5"
+    _on_root(lambda: np.savez(source, nodes=mesh.points, cells=mesh.cells,
+                              displacement=np.column_stack([sample.ux_noisy, sample.uy_noisy])))
+    assert main(["import", str(source), "--out", str(data), "--traction", repr(TRACTION_PA),
+                 "--noise-std", *(repr(v) for v in sample.noise_std)]) == 0
+    out = folder / "rerun-est.h5"
+    run = ["reconstruct", str(data), "--sample", "0", "--method", "ml", "--out", str(out),
+           "--quiet"]
+    assert main([*run, "--max-steps", "2"]) == 0
+    figure, layout = folder / "rerun-est-modulus.png", folder / "rerun-est-modulus.npz"
+    assert figure.exists() and layout.exists()
+
+    def interrupted(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fenics_red.visualise, "plot_comparison", interrupted)
+    assert main([*run, "--max-steps", "4", "--overwrite"]) == 2
+    assert not figure.exists()
+    with np.load(layout) as archive:  # the new estimate's, in kPa
+        np.testing.assert_allclose(archive["E"], load_reconstructions(out).estimates[0] * 100.0,
+                                   rtol=1e-12)
+
+
 def test_the_noise_level_is_estimated_from_the_data_when_not_given(simulated, folder):
     sample, mesh = simulated["sample"], simulated["mesh"]
     source = folder / "noise.npz"
