@@ -666,6 +666,32 @@ def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_
     assert sorted(p.name for p in masks.iterdir()) == ["mine.npy"]
 
 
+def test_a_moved_or_copied_demo_folder_runs_again_and_a_user_data_set_beside_it_is_kept(
+        mpi_tmp_path, comm, capsys):
+    """The demo knew its data set by the absolute path of its masks, so a demo folder that was
+    moved (or copied) was refused as a user's. It is known by the masks themselves now."""
+    base = ["demo", "--grid", "10", "--methods", "ml", "--max-steps", "2", "--quiet"]
+    first, moved = mpi_tmp_path / "first", mpi_tmp_path / "moved"
+    assert main([*base, "--out", str(first)]) == 0
+    if comm.rank == 0:
+        first.rename(moved)
+    comm.Barrier()
+    assert main([*base, "--out", str(moved)]) == 0
+    capsys.readouterr()
+    # another data set in the moved folder, simulated from another mask, is still refused
+    other = mpi_tmp_path / "other"
+    if comm.rank == 0:
+        other.mkdir()
+        np.save(other / "mine.npy", np.eye(11, dtype=bool))
+    comm.Barrier()
+    assert main(["simulate", "--samples", "1", "--grid", "10", "--masks", str(other), "--out",
+                 str(moved / "data.h5"), "--overwrite"]) == 0
+    before = _digest(moved / "data.h5")
+    assert main([*base, "--out", str(moved)]) == 2
+    assert "not the data set of an earlier demo" in capsys.readouterr().err
+    assert _digest(moved / "data.h5") == before
+
+
 def test_an_evaluation_too_small_for_its_metrics_is_refused_before_any_estimate(
         mpi_tmp_path, comm, capsys):
     data = _tiny_set(mpi_tmp_path, comm, 1)

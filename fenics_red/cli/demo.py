@@ -42,16 +42,21 @@ DEMO_MASK = "two_inclusions.npy"
 
 
 def _check_own_data(data: Path, masks: Path) -> None:
-    """Refuse to replace a ``data.h5`` that an earlier demo did not make (a demo's data set was
-    simulated from the masks beside it): a user's data set is never overwritten."""
+    """Refuse to replace a ``data.h5`` that an earlier demo did not make: a demo's data set was
+    simulated from the masks beside it (that folder, or, once the output folder was moved or
+    copied, the same masks), so a user's data set is never overwritten."""
     if not data.exists():
         return
-    import h5py
+    from ..data import load_dataset
+    from ..phantoms import load_mask_folder
 
     try:
-        with h5py.File(data, "r") as f:
-            made_here = Path(str(f.attrs.get("masks_dir", ""))).resolve() == masks.resolve()
-    except OSError:
+        with load_dataset(data, check_data=False) as dataset:
+            attrs, grid = dataset.attrs, dataset.grid
+        made_here = (Path(str(attrs.get("masks_dir", ""))).resolve() == masks.resolve()
+                     or (masks.is_dir()
+                         and attrs.get("masks_sha256") == load_mask_folder(masks, grid)[2]))
+    except (OSError, ValueError):
         made_here = False
     if not made_here:
         raise FileExistsError(f"{str(data)!r} is not the data set of an earlier demo; the demo "
