@@ -47,6 +47,8 @@ import math
 import os
 import shutil
 import warnings
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,9 @@ class EvaluationSettings:
                 self.figure_limit, int) or self.figure_limit < 0):
             raise ValueError(f"the number of samples with figures (--figures) must be an integer "
                              f">= 0, got {self.figure_limit!r}")
+        if self.xdmf and self.figure_limit == 0:
+            raise ValueError("--xdmf writes its files for the samples that get figures, and "
+                             "--figures 0 leaves none: drop one of them")
         unknown = sorted(set(self.options) - set(methods))
         if unknown:
             raise ValueError(f"options given for method(s) {unknown} that are not evaluated")
@@ -128,31 +133,43 @@ def _run_path(out: Path, method: str, index: int) -> Path:
     return out / "estimates" / method / f"sample_{index}.npz"
 
 
-def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
-    """``(estimate, settings, info)`` of one run file; ``ValueError`` when it is damaged."""
+def _read_run(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict, np.ndarray | None]:
+    """``(estimate, settings, info, std or None)`` of one run file, checked: a damaged file (cut
+    short, corrupt, edited: a modulus that is not positive, a negative σ) is a ``ValueError``
+    saying so, never a score."""
+    def damaged(why):
+        return ValueError(f"estimate file {str(path)!r} is damaged ({why}); delete it to "
+                          "recompute it")
+
     try:
         with np.load(path, allow_pickle=False) as data:
             estimate = np.asarray(data["estimate"], dtype=np.float64)
             settings = json.loads(str(data["settings"]))
             info = json.loads(str(data["info"]))
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise ValueError(f"estimate file {str(path)!r} is damaged ({error}); delete it to "
-                         "recompute it") from None
+            std = np.asarray(data["std"], dtype=np.float64) if "std" in data.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise damaged(error) from None
+    if not (isinstance(settings, dict) and isinstance(info, dict)):
+        raise damaged("its settings or info are not a JSON object")
     if estimate.ndim not in (1, 2, 3) or not np.isfinite(estimate).all():
-        raise ValueError(f"estimate file {str(path)!r} holds no finite image or nodal values; "
-                         "delete it")
-    return estimate, settings, info
+        raise damaged("no finite image or nodal values")
+    if not (estimate > 0).all():
+        raise damaged(f"a modulus of {estimate.min():.3g}, not positive")
+    if std is not None and (std.shape != estimate.shape
+                            or not (np.isfinite(std).all() and (std >= 0).all())):
+        raise damaged("its standard deviations are non-finite, negative or of another shape")
+    return estimate, settings, info, std
+
+
+def read_estimate(path: str | os.PathLike) -> tuple[np.ndarray, dict, dict]:
+    """``(estimate, settings, info)`` of one run file; ``ValueError`` when it is damaged."""
+    return _read_run(path)[:3]
 
 
 def read_std(path: str | os.PathLike) -> np.ndarray | None:
     """The posterior standard deviation of one run file (``None`` when it was run without the
-    option ``uncertainty``)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data["std"], dtype=np.float64) if "std" in data.files else None
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"estimate file {str(path)!r} is damaged ({error}); delete it to "
-                         "recompute it") from None
+    option ``uncertainty``); ``ValueError`` when the file is damaged."""
+    return _read_run(path)[3]
 
 
 def _write_run(path: Path, estimate, history: Mapping, settings: dict, info: dict,
@@ -213,6 +230,16 @@ def _record(folder: Path) -> dict | None:
     return old if isinstance(old, dict) and old.get("format") == _FORMAT else None
 
 
+def _foreign_record(folder: Path) -> bool:
+    """Whether ``folder/evaluation.json`` is readable JSON of something other than an
+    evaluation (a user's file of that name), as opposed to a damaged one of ours."""
+    try:
+        record = json.loads((folder / "evaluation.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not (isinstance(record, dict) and record.get("format") == _FORMAT)
+
+
 def _stale_runs(folder: Path, runs: Mapping[str, dict], indices: Sequence[int],
                 damaged: bool = False) -> list[tuple[str, Path]]:
     """``(method, path)`` of the stored runs in ``folder`` of the samples ``indices`` made with
@@ -238,7 +265,10 @@ def _stale_runs(folder: Path, runs: Mapping[str, dict], indices: Sequence[int],
 
 #: An evaluation's own folders and files (``--overwrite`` replaces these, and only these).
 _OWN_FOLDERS = ("estimates", "figures", "xdmf")
-_OWN_FILES = ("evaluation.json", "metrics.csv", "metrics.json", "summary.md")
+_OWN_FILES = ("evaluation.json", "metrics.csv", "metrics.json", "summary.md", ".replacing")
+#: The file that marks an evaluation as being replaced by :func:`_swap_in` (it moves with it to
+#: ``OUT.replaced``): only a folder holding it is taken for a swap's leftover.
+_SWAP_MARK = ".replacing"
 
 
 def _clear(folder: Path) -> None:
@@ -267,15 +297,17 @@ def _replaced_path(out: Path) -> Path:
 def _finish_swap(out: Path) -> None:
     """Complete a swap (:func:`_swap_in`) that was cut short: an ``OUT.replaced`` evaluation
     is put back when ``OUT`` is missing (cut between the two renames: the new evaluation is
-    still in ``OUT.partial``, where the same command finishes it), else deleted."""
+    still in ``OUT.partial``, where the same command finishes it), else deleted. A folder of
+    that name that no swap left (no mark) is the user's and is left alone."""
     replaced = _replaced_path(out)
-    if not (replaced / "evaluation.json").exists():
+    if not (replaced / _SWAP_MARK).exists() or _record(replaced) is None:
         return
     with OutputLock(replaced / "evaluation.json"):  # refused while a run is swapping
         if out.exists():
             _discard_replaced(replaced, out)
         else:
             os.rename(replaced, out)
+            (out / _SWAP_MARK).unlink()
             sync_folder(out.parent)
 
 
@@ -283,6 +315,7 @@ def _swap_in(out: Path, staging: Path) -> None:
     """Put the complete evaluation ``staging`` in the place of ``out``; the old one is deleted
     only after that (an interruption between the renames is undone by :func:`_finish_swap`)."""
     replaced = _replaced_path(out)
+    (out / _SWAP_MARK).touch()
     os.rename(out, replaced)
     os.rename(staging, out)
     sync_folder(out.parent)
@@ -307,6 +340,9 @@ def _prepare_folder(out: Path, manifest: dict, overwrite: bool, runs: Mapping[st
     old = None
     if (out / "evaluation.json").exists():
         old = _record(out)
+        if old is None and _foreign_record(out):
+            raise FileExistsError(f"output folder {str(out)!r} holds an evaluation.json that "
+                                  "fenics-red did not write; choose another folder")
         if old is None and not overwrite:
             raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
                              "--overwrite to start again")

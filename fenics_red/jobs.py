@@ -127,6 +127,11 @@ class ResumableFile(ResumableOutput):
     """
 
     UNREADABLE = "not a readable HDF5 file ({error}); delete it or pass --overwrite"
+    #: Float datasets whose finished rows must be positive, and non-negative (every float
+    #: dataset's must be finite): a resumed file is checked, so a damaged or edited row never
+    #: becomes part of a finished output.
+    POSITIVE: tuple[str, ...] = ()
+    NON_NEGATIVE: tuple[str, ...] = ()
 
     def __init__(self, path: Path, attrs: dict, n_rows: int, overwrite: bool):
         self.path, self.partial, self.n_rows = path, partial_path(path), int(n_rows)
@@ -232,6 +237,23 @@ class ResumableFile(ResumableOutput):
                     dataset[start:start + step]
             except (OSError, RuntimeError) as error:
                 return f"dataset {name!r} does not read back ({write_error(error)})"
+        return self._bad_row(file)
+
+    def _bad_row(self, file) -> str | None:
+        """The first finished row holding values its dataset may not hold (non-finite, or not
+        positive / negative per :attr:`POSITIVE` and :attr:`NON_NEGATIVE`); ``None`` if none."""
+        done = np.flatnonzero(np.asarray(file["done"][...]) == 1)
+        for name in self.shapes():
+            if file[name].dtype.kind != "f":
+                continue
+            for k in done:
+                values = file[name][k]
+                if not np.isfinite(values).all():
+                    return f"row {k} of dataset {name!r}, marked done, holds non-finite values"
+                if name in self.POSITIVE and not (values > 0).all():
+                    return f"row {k} of dataset {name!r}, marked done, holds values <= 0"
+                if name in self.NON_NEGATIVE and (values < 0).any():
+                    return f"row {k} of dataset {name!r}, marked done, holds negative values"
         return None
 
     def write(self, rows: Sequence) -> None:

@@ -87,6 +87,8 @@ def has_truth(dataset) -> bool:
 class _RowFile(ResumableFile):
     """Rank 0's handle on ``OUT.h5.partial`` (layout: module docstring)."""
 
+    POSITIVE, NON_NEGATIVE = ("estimate", "truth"), ("std",)
+
     def __init__(self, path: Path, attrs: dict, index: np.ndarray, shape: tuple[int, int],
                  overwrite: bool, truth: bool = True, std: bool = False):
         self.index, self.shape = np.asarray(index, dtype=np.int64), tuple(shape)
@@ -121,14 +123,16 @@ class _RowFile(ResumableFile):
         if differences:
             raise ValueError(f"{where} was made with different {', '.join(differences)}; "
                              f"{advice}")
+        if "index" in f and not np.array_equal(f["index"][...], self.index):
+            raise ValueError(f"{where} is a run of other samples of the data set; run its "
+                             "command again to finish it, or use another --out (--overwrite "
+                             "discards it)")
         wrong = self.wrong_dataset()
         if wrong is not None:
             raise ValueError(f"{where} has no dataset {wrong[0]!r} of shape {wrong[1]}; delete "
                              "it or pass --overwrite")
         if "truth" in f and "truth" not in self.images:
             raise ValueError(f"{where} holds truths but the data set has none; {advice}")
-        if not np.array_equal(f["index"][...], self.index):
-            raise ValueError(f"{where} holds other samples of the data set; {advice}")
 
     def write_row(self, row: Result) -> int:
         f = self.file
@@ -178,7 +182,8 @@ def reconstruct_dataset(data_path: str | os.PathLike, out_path: str | os.PathLik
     """
     out_path = Path(out_path)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"the batch size (--batch-size) must be a positive integer, got "
+                         f"{batch_size!r}")
     get_method(method)  # an unknown method is refused before the data set is read
     dataset = load_dataset(data_path)  # every rank: validated, read lazily
     try:

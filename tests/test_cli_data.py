@@ -87,3 +87,30 @@ def test_show_refuses_a_missing_sample_or_file(mpi_tmp_path, capsys):
     assert main(["show", str(mpi_tmp_path / "none.h5"), "--out",
                  str(mpi_tmp_path / "f.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("noise", "has a noise level that is not a finite number >= 0"),
+    ("negative", "not strictly positive: the file is damaged"),
+])
+def test_show_refuses_a_damaged_sample_and_says_what_is_wrong(mpi_tmp_path, capsys, edit,
+                                                              message):
+    """A NaN noise level was drawn as 'σ = nan'; a negative modulus was called 'all zero'."""
+    import h5py
+
+    data = mpi_tmp_path / "set.h5"
+    assert _simulate(data) == 0
+    if MPI.COMM_WORLD.rank == 0:
+        with h5py.File(data, "r+") as f:
+            if edit == "noise":
+                f["noise_std"][1] = np.nan
+            else:
+                f["E"][1] = -f["E"][1]
+    MPI.COMM_WORLD.Barrier()
+    capsys.readouterr()
+    assert main(["show", str(data), "--sample", "1", "--out", str(mpi_tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    if MPI.COMM_WORLD.rank == 0:
+        assert message in err and "all zero" not in err
+    assert not (mpi_tmp_path / "f.png").exists()
+

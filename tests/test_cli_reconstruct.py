@@ -112,6 +112,57 @@ def test_an_interrupted_run_resumes_without_redoing_samples(data, mpi_tmp_path, 
     np.testing.assert_allclose(resumed.estimates, expected.estimates, rtol=1e-12)
 
 
+@pytest.mark.parametrize("edit", ["nan", "zero"])
+def test_an_unfinished_run_with_a_damaged_finished_row_is_not_resumed(data, mpi_tmp_path, comm,
+                                                                      edit):
+    """A finished row of ``OUT.partial`` that holds NaN or a zero modulus: the zero row used to
+    be taken into the output without a word, the NaN one was renamed to ``OUT`` and only then
+    refused (a bad file under the final name)."""
+    out = mpi_tmp_path / "resumed.h5"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(n_done):
+        raise Interrupt(n_done)
+
+    options = {"max_steps": 3}
+    with pytest.raises(Interrupt):
+        reconstruct_dataset(data, out, comm, options=options, progress=False, batch_size=1,
+                            on_batch=stop)
+    partial = out.with_name(out.name + ".partial")
+    row = None
+    if comm.rank == 0:
+        with h5py.File(partial, "r+") as f:
+            row = int(np.flatnonzero(f["done"][...])[0])
+            f["estimate"][row] = np.nan if edit == "nan" else 0.0
+    row = comm.bcast(row)
+    with pytest.raises(ValueError, match=f"it is damaged \\(row {row} of dataset 'estimate', "
+                                         "marked done"):
+        reconstruct_dataset(data, out, comm, options=options, progress=False)
+    assert not out.exists()
+    reconstruct_dataset(data, out, comm, options=options, progress=False, overwrite=True)
+    assert (load_reconstructions(out).estimates > 0).all()
+
+
+def test_an_unfinished_run_of_other_samples_is_named_as_such(data, mpi_tmp_path, comm):
+    out = mpi_tmp_path / "other.h5"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(n_done):
+        raise Interrupt(n_done)
+
+    with pytest.raises(Interrupt):
+        reconstruct_dataset(data, out, comm, options={"max_steps": 3}, progress=False,
+                            batch_size=1, on_batch=stop)
+    with pytest.raises(ValueError, match="is a run of other samples of the data set; run its "
+                                         "command again"):
+        reconstruct_dataset(data, out, comm, options={"max_steps": 3}, indices=[0],
+                            progress=False)
+
+
 def test_ctrl_c_inside_a_petsc_solve_is_reported_as_an_interruption(data, mpi_tmp_path,
                                                                       monkeypatch, capsys):
     """Ctrl-C while PETSc runs the likelihood's Python preconditioner comes back from PETSc as

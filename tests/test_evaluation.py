@@ -152,6 +152,7 @@ def test_a_data_set_without_truth_is_evaluated_without_metrics(dataset, mpi_tmp_
     ({"methods": ("ml", "magic")}, "unknown reconstruction method 'magic'"),
     ({"methods": ("ml", "ml")}, "listed twice"),
     ({"methods": ("ml",), "options": {"red": {}}}, "not evaluated"),
+    ({"methods": ("ml",), "xdmf": True, "figure_limit": 0}, "--figures 0 leaves none"),
 ])
 def test_impossible_evaluations_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -169,6 +170,10 @@ def test_evaluate_command_line(dataset, mpi_tmp_path, capsys):
     assert main(["evaluate", str(dataset), "--methods", "ml", "--samples", "7", "--out",
                  str(out), "--quiet"]) == 2
     assert "sample(s) 7 do not exist" in capsys.readouterr().err
+    # an unknown method is named first, not a flag that no listed method takes
+    assert main(["evaluate", str(dataset), "--methods", "foo", "--max-steps", "2", "--out",
+                 str(out), "--quiet"]) == 2
+    assert "unknown reconstruction method 'foo'" in capsys.readouterr().err
 
 
 def test_the_demo_runs_every_method_end_to_end(mpi_tmp_path, comm):
@@ -318,9 +323,78 @@ def test_an_overwrite_cut_between_its_renames_loses_nothing(dataset, mpi_tmp_pat
     run = out / "estimates" / "ml" / "sample_0.npz"
     stamp = run.stat().st_mtime_ns
     comm.Barrier()
-    if comm.rank == 0:
+    if comm.rank == 0:  # what the swap does before it is cut: mark, then the first rename
+        (out / ".replacing").touch()
         out.rename(mpi_tmp_path / "eval.replaced")
     comm.Barrier()
     evaluate(dataset, out, settings, comm, progress=False)
     assert run.stat().st_mtime_ns == stamp  # the old evaluation, resumed
     assert sorted(p.name for p in mpi_tmp_path.iterdir()) == ["data.h5", "eval"]
+    assert not (out / ".replacing").exists()
+
+
+def test_a_users_folder_named_like_a_swap_leftover_is_kept(dataset, mpi_tmp_path, comm):
+    """A user's copy of an evaluation named ``OUT.replaced`` was taken for a swap's leftover
+    and deleted by a plain run; only a folder that a swap marked is."""
+    out = mpi_tmp_path / "eval"
+    settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
+    evaluate(dataset, out, settings, comm, progress=False)
+    comm.Barrier()
+    copy = mpi_tmp_path / "eval.replaced"
+    if comm.rank == 0:
+        import shutil
+
+        shutil.copytree(out, copy)
+    comm.Barrier()
+    evaluate(dataset, out, settings, comm, progress=False)
+    assert (copy / "estimates" / "ml" / "sample_0.npz").exists()
+
+
+def test_a_folder_with_someone_elses_evaluation_json_is_never_overwritten(dataset, mpi_tmp_path,
+                                                                         comm):
+    out = mpi_tmp_path / "project"
+    if comm.rank == 0:
+        (out / "figures").mkdir(parents=True)
+        (out / "evaluation.json").write_text('{"accuracy": 0.93}')
+        (out / "figures" / "plot.png").write_bytes(b"precious")
+    comm.Barrier()
+    settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="evaluation.json that fenics-red did not"):
+            evaluate(dataset, out, settings, comm, progress=False, overwrite=overwrite)
+    assert (out / "figures" / "plot.png").read_bytes() == b"precious"
+    assert (out / "evaluation.json").read_text() == '{"accuracy": 0.93}'
+
+
+@pytest.mark.parametrize("damage", ["negative", "truncated", "negative std", "info a list"])
+def test_a_damaged_run_file_is_refused_never_scored(dataset, mpi_tmp_path, comm, capsys,
+                                                   damage):
+    """A run file cut short or edited: evaluate scored a negated estimate (relative error 1.24
+    instead of 0.38) and took a negative σ into the coverage, without a word; a truncated one
+    ended in a traceback."""
+    out = mpi_tmp_path / "eval"
+    run = ["evaluate", str(dataset), "--methods", "gn-tikhonov", "--samples", "0", "--max-steps",
+           "2", "--figures", "0", "--quiet", "--out", str(out),
+           *(["--uncertainty", "--uncertainty-rank", "4"] if "std" in damage else [])]
+    assert main(run) == 0
+    path = out / "estimates" / "gn-tikhonov" / "sample_0.npz"
+    if comm.rank == 0:
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[:300])
+        else:
+            with np.load(path) as archive:
+                arrays = dict(archive)
+            if damage == "negative":
+                arrays["estimate"] = -arrays["estimate"]
+            elif damage == "negative std":
+                arrays["std"] = -arrays["std"]
+            else:
+                arrays["info"] = np.array("[1, 2]")
+            np.savez(path, **arrays)
+    comm.Barrier()
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "delete it to recompute it" in err and err.count("\n") == 1
+    assert main([*run, "--overwrite"]) == 0  # --overwrite recomputes it
+    assert read_estimate(path)[0].min() > 0

@@ -6,7 +6,7 @@ import argparse
 
 from mpi4py import MPI
 
-from ..methods import METHODS, method_names
+from ..methods import METHODS, get_method, method_names
 from . import add_method_arguments, method_options
 from .simulate import check_pixel_memory
 
@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     group.add_argument("--first", type=int, default=None, metavar="N",
                        help="evaluate the first N samples")
     parser.add_argument("--figures", type=int, default=None, metavar="N",
-                        help="draw figures for the first N evaluated samples only (default: all)")
+                        help="draw figures (and XDMF files) for the first N evaluated samples "
+                             "only (default: all)")
     parser.add_argument("--xdmf", action="store_true",
                         help="also write truth and estimates as XDMF files for ParaView")
     parser.add_argument("--overwrite", action="store_true",
@@ -66,6 +67,8 @@ def settings_from_args(args):
     from ..evaluation import EvaluationSettings
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in methods:  # an unknown name first, before the flags that name methods
+        get_method(name)
     options = method_options(args, methods)
     if args.first is not None and args.first < 1:
         raise ValueError(f"--first must be a positive number of samples, got {args.first}")

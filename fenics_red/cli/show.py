@@ -57,8 +57,13 @@ def run(args) -> int:
             raise ValueError(f"sample {args.sample} of {args.dataset!r} has non-finite values in "
                              f"{name}: the file is damaged")
     if sample.E is not None and not (sample.E > 0).all():
+        lost = " (all zero: a lost write?)" if not sample.E.any() else ""
         raise ValueError(f"sample {args.sample} of {args.dataset!r} has a modulus that is not "
-                         "strictly positive (all zero: a lost write?): the file is damaged")
+                         f"strictly positive{lost}: the file is damaged")
+    noise = np.asarray(sample.noise_std, dtype=float)
+    if not (np.isfinite(noise).all() and (noise >= 0).all()):
+        raise ValueError(f"sample {args.sample} of {args.dataset!r} has a noise level that is "
+                         f"not a finite number >= 0 ({noise.tolist()}): the file is damaged")
 
     def plot():
         from ..visualise import plot_sample
