@@ -1,7 +1,7 @@
 """Run every benchmark serially and on 2 ranks; tables land in benchmarks/results/*.md.
 
     make bench                     # all of them
-    make bench SIZE=small          # all of them at a tiny size (seconds), tables in runs/bench/
+    make bench SIZE=small          # all of them at a tiny size (minutes), tables in runs/bench/
     scripts/env python benchmarks/run.py forward inverse
     scripts/env python benchmarks/run.py forward3d --ranks 2   # only the 2-rank rows (rerun)
 """
