@@ -56,6 +56,22 @@ def test_a_mesh_data_set_stores_the_mesh_and_one_value_per_node(sector_data, com
         assert np.all(sample.ux_noisy[support] == 0) and np.all(sample.uy[support] == 0)
 
 
+def test_a_damaged_mesh_block_is_called_damaged(sector_data, mpi_tmp_path, comm):
+    """Zeroed cells (a damaged file) were refused with the advice to remove the nodes that no
+    cell uses; the fingerprint says the file is damaged."""
+    import shutil
+
+    copy = mpi_tmp_path / "damaged.h5"
+    if comm.rank == 0:
+        shutil.copy(sector_data, copy)
+        with h5py.File(copy, "r+") as f:
+            f["mesh/cells"][...] = 0
+    comm.Barrier()
+    with pytest.raises(ValueError, match="does not match its fingerprint mesh_sha256 "
+                                         "\\(damaged file\\?\\)"):
+        load_dataset(copy)
+
+
 def test_mesh_data_sets_are_the_same_on_any_number_of_ranks(sector_data, mpi_tmp_path, comm):
     serial = mpi_tmp_path / "serial.h5"
     if comm.rank == 0:
