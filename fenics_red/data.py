@@ -401,7 +401,7 @@ class _SampleFile(ResumableFile):
 
     UNREADABLE = ("it is not a readable HDF5 file ({error}); delete it or pass --overwrite "
                   "(overwrite=True) to start again")
-    POSITIVE, NON_NEGATIVE = ("E",), ("noise_std", "force_std")
+    POSITIVE, NON_NEGATIVE = ("E", "noise_std"), ("force_std",)
 
     def __init__(self, path: Path, attrs: dict, settings: SimulationSettings, overwrite: bool):
         self.shape = tuple(settings.value_shape)

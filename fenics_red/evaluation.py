@@ -230,14 +230,17 @@ def _record(folder: Path) -> dict | None:
     return old if isinstance(old, dict) and old.get("format") == _FORMAT else None
 
 
-def _foreign_record(folder: Path) -> bool:
-    """Whether ``folder/evaluation.json`` is readable JSON of something other than an
-    evaluation (a user's file of that name), as opposed to a damaged one of ours."""
+def _check_not_foreign(folder: Path) -> None:
+    """Refuse a folder whose ``evaluation.json`` is readable JSON of something other than an
+    evaluation (a user's file of that name; a damaged one of ours passes): it is never cleared
+    or replaced."""
     try:
         record = json.loads((folder / "evaluation.json").read_text())
     except (OSError, ValueError):
-        return False
-    return not (isinstance(record, dict) and record.get("format") == _FORMAT)
+        return
+    if not (isinstance(record, dict) and record.get("format") == _FORMAT):
+        raise FileExistsError(f"folder {str(folder)!r} holds an evaluation.json that fenics-red "
+                              "did not write; choose another output folder")
 
 
 def _stale_runs(folder: Path, runs: Mapping[str, dict], indices: Sequence[int],
@@ -298,9 +301,13 @@ def _finish_swap(out: Path) -> None:
     """Complete a swap (:func:`_swap_in`) that was cut short: an ``OUT.replaced`` evaluation
     is put back when ``OUT`` is missing (cut between the two renames: the new evaluation is
     still in ``OUT.partial``, where the same command finishes it), else deleted. A folder of
-    that name that no swap left (no mark) is the user's and is left alone."""
+    that name that no swap left (no mark) is the user's and is left alone; a mark left in
+    ``OUT`` by a swap cut before its first rename is removed."""
     replaced = _replaced_path(out)
-    if not (replaced / _SWAP_MARK).exists() or _record(replaced) is None:
+    if not (replaced / _SWAP_MARK).exists():
+        if (out / _SWAP_MARK).exists():
+            with OutputLock(out / "evaluation.json"):  # refused while a run is swapping
+                (out / _SWAP_MARK).unlink(missing_ok=True)
         return
     with OutputLock(replaced / "evaluation.json"):  # refused while a run is swapping
         if out.exists():
@@ -340,9 +347,7 @@ def _prepare_folder(out: Path, manifest: dict, overwrite: bool, runs: Mapping[st
     old = None
     if (out / "evaluation.json").exists():
         old = _record(out)
-        if old is None and _foreign_record(out):
-            raise FileExistsError(f"output folder {str(out)!r} holds an evaluation.json that "
-                                  "fenics-red did not write; choose another folder")
+        _check_not_foreign(out)
         if old is None and not overwrite:
             raise ValueError(f"{str(out)!r} holds an unreadable evaluation.json; pass "
                              "--overwrite to start again")
@@ -362,6 +367,11 @@ def _prepare_folder(out: Path, manifest: dict, overwrite: bool, runs: Mapping[st
     elif out.is_dir() and any(out.iterdir()):  # an evaluation to replace: build the new aside
         work = partial_path(out)
         check_evaluation_folder(work, overwrite)
+        _check_not_foreign(work)
+        if _replaced_path(out).exists():  # no swap's (_finish_swap took those): the user's
+            raise FileExistsError(f"{str(_replaced_path(out))!r} is in the way: --overwrite "
+                                  "moves the old evaluation there while it puts the new one in "
+                                  "place; move or rename that folder")
     locks = []
     try:
         for folder in dict.fromkeys((out, work)):

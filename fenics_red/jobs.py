@@ -226,34 +226,42 @@ class ResumableFile(ResumableOutput):
     def damage(self, file=None) -> str | None:
         """Why ``file`` (default: the open one) cannot be resumed: a dataset that does not
         read back (a write that failed, say on a full disk, can leave pointers past the end of
-        the file); ``None`` when every row of every dataset reads."""
+        the file), or a finished row holding values its dataset may not hold
+        (:meth:`_bad_rows`); ``None`` when every row of every dataset reads and is valid."""
         file = self.file if file is None else file
-        for name in (*self.shapes(), "done"):
+        try:
+            done = np.asarray(file["done"][...]) == 1
+        except (OSError, RuntimeError) as error:
+            return f"dataset 'done' does not read back ({write_error(error)})"
+        for name in self.shapes():
             dataset = file[name]
             row = int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize
             step = max(1, 2**24 // max(row, 1))
             try:
                 for start in range(0, dataset.shape[0], step):
-                    dataset[start:start + step]
+                    bad = self._bad_rows(name, dataset[start:start + step],
+                                         done[start:start + step])
+                    if bad is not None:
+                        return f"row {start + bad[0]} of dataset {name!r}, marked done, {bad[1]}"
             except (OSError, RuntimeError) as error:
                 return f"dataset {name!r} does not read back ({write_error(error)})"
-        return self._bad_row(file)
+        return None
 
-    def _bad_row(self, file) -> str | None:
-        """The first finished row holding values its dataset may not hold (non-finite, or not
-        positive / negative per :attr:`POSITIVE` and :attr:`NON_NEGATIVE`); ``None`` if none."""
-        done = np.flatnonzero(np.asarray(file["done"][...]) == 1)
-        for name in self.shapes():
-            if file[name].dtype.kind != "f":
-                continue
-            for k in done:
-                values = file[name][k]
-                if not np.isfinite(values).all():
-                    return f"row {k} of dataset {name!r}, marked done, holds non-finite values"
-                if name in self.POSITIVE and not (values > 0).all():
-                    return f"row {k} of dataset {name!r}, marked done, holds values <= 0"
-                if name in self.NON_NEGATIVE and (values < 0).any():
-                    return f"row {k} of dataset {name!r}, marked done, holds negative values"
+    def _bad_rows(self, name: str, block: np.ndarray, done: np.ndarray
+                  ) -> tuple[int, str] | None:
+        """``(row in block, what is wrong)`` of the first finished row of a float dataset
+        holding non-finite values, or values not positive / negative per :attr:`POSITIVE` and
+        :attr:`NON_NEGATIVE`; ``None`` if none."""
+        if block.dtype.kind != "f" or not done.any():
+            return None
+        rows = block.reshape(len(block), -1)
+        for bad, what in ((~np.isfinite(rows).all(axis=1), "holds non-finite values"),
+                          ((rows <= 0).any(axis=1) if name in self.POSITIVE else None,
+                           "holds values <= 0"),
+                          ((rows < 0).any(axis=1) if name in self.NON_NEGATIVE else None,
+                           "holds negative values")):
+            if bad is not None and (bad & done).any():
+                return int(np.flatnonzero(bad & done)[0]), what
         return None
 
     def write(self, rows: Sequence) -> None:

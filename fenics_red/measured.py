@@ -1078,8 +1078,10 @@ def export_estimates(data_path: str | os.PathLike, reconstruction: str | os.Path
     to_mm = LENGTH_UNITS[s.length_unit]
     user_mesh = MeshArrays(mesh.points / to_mm, mesh.cells, mesh.load, mesh.support)
     def check():  # an earlier run's files go first: a failed export leaves none beside this one
-        for path in export_paths(reconstruction, measurement, heavy=True):
+        paths = export_paths(reconstruction, measurement, heavy=True)
+        for path in paths:
             check_output_path(path, overwrite)
+        for path in paths:
             path.unlink(missing_ok=True)
 
     on_root(comm, check)

@@ -82,7 +82,7 @@ from .raster import ImageGrid
 
 __all__ = ["Flag", "Method", "Runner", "METHODS", "DEFAULT_METHOD", "get_method", "method_names",
            "flag_users", "argument_groups", "name_methods", "warn_about_data",
-           "split_uncertainty"]
+           "split_uncertainty", "check_options"]
 
 
 def warn_about_data(runner, data_settings, comm: MPI.Comm) -> None:
@@ -304,6 +304,13 @@ def get_method(name: str) -> Method:
     except (KeyError, TypeError):
         raise ValueError(f"unknown reconstruction method {name!r}; choose from "
                          f"{method_names()}") from None
+
+
+def check_options(name: str, options: Mapping | None) -> None:
+    """Validate the overrides ``options`` of method ``name`` as its settings do (the uncertainty
+    options taken off first), before any work: a bad value is a one-line ``ValueError``."""
+    own, _ = split_uncertainty(name, options)
+    get_method(name).options(own)
 
 
 def split_uncertainty(name: str, options: Mapping | Any | None):

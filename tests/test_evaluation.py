@@ -335,19 +335,34 @@ def test_an_overwrite_cut_between_its_renames_loses_nothing(dataset, mpi_tmp_pat
 
 def test_a_users_folder_named_like_a_swap_leftover_is_kept(dataset, mpi_tmp_path, comm):
     """A user's copy of an evaluation named ``OUT.replaced`` was taken for a swap's leftover
-    and deleted by a plain run; only a folder that a swap marked is."""
+    and deleted by a plain run; only a folder that a swap marked is. ``--overwrite``, whose swap
+    needs that name, refuses before any work (it used to fail after all of it), and a mark
+    that a swap cut before its first rename left in ``OUT`` does not make a later copy a
+    leftover."""
+    import shutil
+
     out = mpi_tmp_path / "eval"
     settings = EvaluationSettings(("ml",), samples=(0,), figures=False)
     evaluate(dataset, out, settings, comm, progress=False)
     comm.Barrier()
     copy = mpi_tmp_path / "eval.replaced"
     if comm.rank == 0:
-        import shutil
-
         shutil.copytree(out, copy)
     comm.Barrier()
     evaluate(dataset, out, settings, comm, progress=False)
     assert (copy / "estimates" / "ml" / "sample_0.npz").exists()
+    other = EvaluationSettings(("gn-tikhonov",), samples=(0,), figures=False)
+    with pytest.raises(FileExistsError, match="eval.replaced' is in the way: --overwrite"):
+        evaluate(dataset, out, other, comm, progress=False, overwrite=True)
+    assert not (mpi_tmp_path / "eval.partial").exists()
+    assert (copy / "estimates" / "ml" / "sample_0.npz").exists()
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(copy)
+        (out / ".replacing").touch()  # a swap cut before its first rename
+    comm.Barrier()
+    evaluate(dataset, out, settings, comm, progress=False)
+    assert not (out / ".replacing").exists()
 
 
 def test_a_folder_with_someone_elses_evaluation_json_is_never_overwritten(dataset, mpi_tmp_path,
@@ -364,6 +379,18 @@ def test_a_folder_with_someone_elses_evaluation_json_is_never_overwritten(datase
             evaluate(dataset, out, settings, comm, progress=False, overwrite=overwrite)
     assert (out / "figures" / "plot.png").read_bytes() == b"precious"
     assert (out / "evaluation.json").read_text() == '{"accuracy": 0.93}'
+    # nor a folder of that kind named OUT.partial, where --overwrite builds the new evaluation
+    mine = mpi_tmp_path / "eval"
+    evaluate(dataset, mine, settings, comm, progress=False)
+    comm.Barrier()
+    if comm.rank == 0:
+        (out / "evaluation.json").rename(mpi_tmp_path / "mine.json")
+        out.rename(mpi_tmp_path / "eval.partial")
+        (mpi_tmp_path / "mine.json").rename(mpi_tmp_path / "eval.partial" / "evaluation.json")
+    comm.Barrier()
+    with pytest.raises(FileExistsError, match="evaluation.json that fenics-red did not"):
+        evaluate(dataset, mine, settings, comm, progress=False, overwrite=True)
+    assert (mpi_tmp_path / "eval.partial" / "figures" / "plot.png").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("damage", ["negative", "truncated", "negative std", "info a list"])

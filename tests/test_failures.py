@@ -649,8 +649,13 @@ def test_the_demo_never_replaces_a_users_data_and_checks_settings_first(mpi_tmp_
         assert not (mpi_tmp_path / "new").exists(), bad
     capsys.readouterr()
     # a method's options and model file are checked before the demo simulates its data set
+    garbage = mpi_tmp_path / "garbage.pt"
+    if comm.rank == 0:
+        garbage.write_bytes(b"not a model")
+    comm.Barrier()
     for bad, words in ((["--methods", "red", "--denoiser", str(mpi_tmp_path / "none.pt")],
-                        "does not exist"), (["--methods", "red", "--lam", "-1"], "λ must be")):
+                        "does not exist"), (["--methods", "red", "--lam", "-1"], "λ must be"),
+                       (["--methods", "denoised-ml", "--denoiser", str(garbage)], "garbage.pt")):
         assert main([*base[:3], *base[5:], *bad, "--out", str(mpi_tmp_path / "new")]) == 2
         assert words in capsys.readouterr().err, bad
         assert not (mpi_tmp_path / "new").exists(), bad

@@ -77,16 +77,21 @@ def _check_own_masks(masks: Path) -> None:
                               "choose another --out folder, or move them")
 
 
-def _check_options(options: dict) -> None:
-    """Each method's options as its settings check them, and the model files they name, before
-    the demo writes its data set (a mistyped ``--denoiser`` used to surface after it)."""
+def _check_options(methods: tuple, options: dict) -> None:
+    """Each method's options as its settings check them, and the denoiser the methods that use
+    one will load, before the demo writes its data set (a mistyped ``--denoiser`` used to
+    surface after it)."""
     from ..io import check_input_file
-    from ..methods import get_method, split_uncertainty
+    from ..methods import check_options
 
     for method, overrides in options.items():
-        get_method(method).options(split_uncertainty(method, overrides)[0])
-        if overrides.get("denoiser") is not None:
-            check_input_file(overrides["denoiser"], "--denoiser model")
+        check_options(method, overrides)
+    for method in methods:
+        if method in ("red", "denoised-ml"):
+            from ..red import load_denoiser
+
+            path = options.get(method, {}).get("denoiser")
+            load_denoiser(path if path is None else check_input_file(path, "--denoiser model"))
 
 
 def register(subparsers) -> None:
@@ -131,7 +136,7 @@ def run(args) -> int:
     def prepare():
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"--out {str(out)!r} is a file; the demo writes a folder")
-        _check_options(options)
+        _check_options(methods, options)
         _check_own_data(data, masks)
         _check_own_masks(masks)
         check_evaluation_folder(out / "results", overwrite=True)

@@ -6,7 +6,7 @@ from mpi4py import MPI
 
 import numpy as np
 
-from ..methods import DEFAULT_METHOD, METHODS, get_method, method_names, split_uncertainty
+from ..methods import DEFAULT_METHOD, METHODS, check_options, method_names
 from ..reconstruction import reconstruct_dataset
 from . import add_method_arguments, check_not_input, method_options
 from .simulate import check_pixel_memory
@@ -49,8 +49,7 @@ def options_from_args(args) -> dict:
     """The options of ``--method`` the user gave, validated (see :mod:`fenics_red.methods`); a
     flag of other methods only is an error."""
     options = method_options(args, [args.method], named_by="--method").get(args.method, {})
-    own, _ = split_uncertainty(args.method, options)  # --uncertainty: supported, valid
-    get_method(args.method).options(own)  # bad values are reported before any work
+    check_options(args.method, options)  # bad values are reported before any work
     return options
 
 
