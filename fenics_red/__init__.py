@@ -10,9 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import threads as _threads
 
-_threads.set_spin_environment()  # before NumPy loads OpenBLAS, when imported first
-if _threads.ranks_on_node() > 1:  # mpirun -n N python script.py: N ranks share the node's cores
-    _threads.set_thread_environment()
+_threads.set_thread_environment()  # before NumPy loads OpenBLAS when imported first; N ranks
+# of mpirun -n N python script.py share the node's CPUs
 
 try:
     __version__ = version("fenics-red")
