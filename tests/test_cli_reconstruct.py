@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -32,6 +33,21 @@ def data(mpi_tmp_path, comm):
 
 def _reconstruct(data, out, *extra):
     return main(["reconstruct", str(data), "--out", str(out), "--quiet", *extra])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupted(data, out, comm, options) -> Path:
+    """Run ``reconstruct_dataset`` and stop it after its first batch; ``OUT.partial``."""
+    def stop(n_done):
+        raise Interrupt(n_done)
+
+    with pytest.raises(Interrupt):
+        reconstruct_dataset(data, out, comm, options=options, progress=False, batch_size=1,
+                            on_batch=stop)
+    return out.with_name(out.name + ".partial")
 
 
 def test_all_samples_are_written_in_the_documented_layout(data, mpi_tmp_path, comm):
@@ -86,17 +102,7 @@ def test_an_interrupted_run_resumes_without_redoing_samples(data, mpi_tmp_path, 
     out = mpi_tmp_path / "resumed.h5"
     reference = mpi_tmp_path / "reference.h5"
     reconstruct_dataset(data, reference, comm, options={"max_steps": 25}, progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(n_done):
-        raise Interrupt(n_done)
-
-    with pytest.raises(Interrupt):
-        reconstruct_dataset(data, out, comm, options={"max_steps": 25}, progress=False,
-                            batch_size=1, on_batch=stop)
-    partial = out.with_name(out.name + ".partial")
+    partial = _interrupted(data, out, comm, {"max_steps": 25})
     assert partial.exists() and not out.exists()
     with pytest.raises(FileNotFoundError, match="unfinished run"):
         load_reconstructions(out)
@@ -118,19 +124,8 @@ def test_an_unfinished_run_with_a_damaged_finished_row_is_not_resumed(data, mpi_
     """A finished row of ``OUT.partial`` that holds NaN or a zero modulus: the zero row used to
     be taken into the output without a word, the NaN one was renamed to ``OUT`` and only then
     refused (a bad file under the final name)."""
-    out = mpi_tmp_path / "resumed.h5"
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(n_done):
-        raise Interrupt(n_done)
-
-    options = {"max_steps": 3}
-    with pytest.raises(Interrupt):
-        reconstruct_dataset(data, out, comm, options=options, progress=False, batch_size=1,
-                            on_batch=stop)
-    partial = out.with_name(out.name + ".partial")
+    out, options = mpi_tmp_path / "resumed.h5", {"max_steps": 3}
+    partial = _interrupted(data, out, comm, options)
     row = None
     if comm.rank == 0:
         with h5py.File(partial, "r+") as f:
@@ -147,16 +142,7 @@ def test_an_unfinished_run_with_a_damaged_finished_row_is_not_resumed(data, mpi_
 
 def test_an_unfinished_run_of_other_samples_is_named_as_such(data, mpi_tmp_path, comm):
     out = mpi_tmp_path / "other.h5"
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(n_done):
-        raise Interrupt(n_done)
-
-    with pytest.raises(Interrupt):
-        reconstruct_dataset(data, out, comm, options={"max_steps": 3}, progress=False,
-                            batch_size=1, on_batch=stop)
+    _interrupted(data, out, comm, {"max_steps": 3})
     with pytest.raises(ValueError, match="is a run of other samples of the data set; run its "
                                          "command again"):
         reconstruct_dataset(data, out, comm, options={"max_steps": 3}, indices=[0],
