@@ -221,24 +221,30 @@ def check_evaluation_folder(out: Path, overwrite: bool = False) -> None:
                               + ": --overwrite only replaces an evaluation's own results")
 
 
-def _record(folder: Path) -> dict | None:
-    """The manifest ``evaluation.json`` of an evaluation folder (``None``: none or unreadable)."""
+def _read_json(folder: Path):
+    """The parsed ``folder/evaluation.json`` (``None``: none or not JSON)."""
     try:
-        old = json.loads((folder / "evaluation.json").read_text())
+        return json.loads((folder / "evaluation.json").read_text())
     except (OSError, ValueError):
         return None
-    return old if isinstance(old, dict) and old.get("format") == _FORMAT else None
+
+
+def _ours(record) -> bool:
+    return isinstance(record, dict) and record.get("format") == _FORMAT
+
+
+def _record(folder: Path) -> dict | None:
+    """The manifest ``evaluation.json`` of an evaluation folder (``None``: none or unreadable)."""
+    old = _read_json(folder)
+    return old if _ours(old) else None
 
 
 def _check_not_foreign(folder: Path) -> None:
     """Refuse a folder whose ``evaluation.json`` is readable JSON of something other than an
     evaluation (a user's file of that name; a damaged one of ours passes): it is never cleared
     or replaced."""
-    try:
-        record = json.loads((folder / "evaluation.json").read_text())
-    except (OSError, ValueError):
-        return
-    if not (isinstance(record, dict) and record.get("format") == _FORMAT):
+    record = _read_json(folder)
+    if record is not None and not _ours(record):
         raise FileExistsError(f"folder {str(folder)!r} holds an evaluation.json that fenics-red "
                               "did not write; choose another output folder")
 
@@ -268,10 +274,10 @@ def _stale_runs(folder: Path, runs: Mapping[str, dict], indices: Sequence[int],
 
 #: An evaluation's own folders and files (``--overwrite`` replaces these, and only these).
 _OWN_FOLDERS = ("estimates", "figures", "xdmf")
-_OWN_FILES = ("evaluation.json", "metrics.csv", "metrics.json", "summary.md", ".replacing")
 #: The file that marks an evaluation as being replaced by :func:`_swap_in` (it moves with it to
 #: ``OUT.replaced``): only a folder holding it is taken for a swap's leftover.
 _SWAP_MARK = ".replacing"
+_OWN_FILES = ("evaluation.json", "metrics.csv", "metrics.json", "summary.md", _SWAP_MARK)
 
 
 def _clear(folder: Path) -> None:

@@ -82,15 +82,15 @@ def _check_options(methods: tuple, options: dict) -> None:
     one will load, before the demo writes its data set (a mistyped ``--denoiser`` used to
     surface after it)."""
     from ..io import check_input_file
-    from ..methods import check_options
+    from ..methods import DENOISER, check_options, flag_users
 
     for method, overrides in options.items():
         check_options(method, overrides)
-    for method in methods:
-        if method in ("red", "denoised-ml"):
-            from ..red import load_denoiser
+    models = {options.get(m, {}).get("denoiser") for m in methods if m in flag_users()[DENOISER]}
+    if models:
+        from ..red import load_denoiser
 
-            path = options.get(method, {}).get("denoiser")
+        for path in models:  # each model once (red and denoised-ml share the shipped one)
             load_denoiser(path if path is None else check_input_file(path, "--denoiser model"))
 
 
