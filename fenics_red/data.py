@@ -607,7 +607,7 @@ class Dataset:
             self._fail(f"incomplete: {int((done == 1).sum())} of {n} samples were written (an "
                        "interrupted run; run the same simulate command again to finish it)")
         if check_data:
-            self._check_values()
+            self.check_values()
 
     def _read_mesh(self) -> MeshArrays:
         f = self._file
@@ -631,16 +631,23 @@ class Dataset:
             self._fail(damaged)
         return mesh
 
-    def _check_values(self) -> None:
+    def check_values(self, samples: range | None = None) -> None:
+        """Check the values of ``samples`` (default: all), block by block: finite fields,
+        ``E > 0``, non-negative mask labels, ``noise_std`` finite and above round-off of the
+        sample's largest displacement (:data:`NOISE_FLOOR`), ``force_std`` finite and >= 0.
+        Raises ``ValueError`` naming the first bad sample. What ``load_dataset`` checks for
+        every sample (``check_data``), and ``show`` for the one it draws."""
         f = self._file
+        rows = range(self.n_samples) if samples is None else samples
         per_block = max(1, int(2**25 // (8 * np.prod(self.settings.value_shape))))
-        largest = np.zeros(self.n_samples)  # of each sample's noisy displacement
+        largest = np.zeros(len(rows))  # of each sample's noisy displacement
         for name in (*image_datasets(self.dim), "mask"):
             if name not in f:  # no truth (or no clean displacement)
                 continue
             d = f[name]
-            for start in range(0, self.n_samples, per_block):
-                block = d[start:start + per_block]
+            for first in range(0, len(rows), per_block):
+                start = rows.start + first
+                block = d[start:min(start + per_block, rows.stop)]
                 if name == "mask":
                     if (block < 0).any():
                         self._fail("dataset 'mask' has negative labels")
@@ -655,16 +662,17 @@ class Dataset:
                                f"(NaN or inf), first in sample {start + i} at {at}")
                 if name == "E" and not (block > 0).all():
                     i = int(np.argwhere((block <= 0).reshape(len(block), -1).any(axis=1))[0, 0])
+                    lost = " (all zero: a lost write?)" if not block[i].any() else ""
                     self._fail(f"dataset 'E' must be strictly positive; sample {start + i} has "
-                               f"minimum {block[i].min()!r}")
+                               f"minimum {float(block[i].min())!r}{lost}")
                 if name.endswith("_noisy"):
-                    rows = slice(start, start + len(block))
-                    largest[rows] = np.maximum(largest[rows], np.abs(block).reshape(
+                    at = slice(first, first + len(block))
+                    largest[at] = np.maximum(largest[at], np.abs(block).reshape(
                         len(block), -1).max(axis=1))
-        sigma = f["noise_std"][...]
+        sigma = f["noise_std"][rows.start:rows.stop]
         if not (np.isfinite(sigma).all() and (sigma > 0).all()):
             i = int(np.argwhere(~(np.isfinite(sigma) & (sigma > 0)).all(axis=1))[0, 0])
-            self._fail(f"dataset 'noise_std' must be finite and > 0; sample {i} has "
+            self._fail(f"dataset 'noise_std' must be finite and > 0; sample {rows.start + i} has "
                        f"{sigma[i].tolist()}")
         # below round-off of the data (or with sigma² out of double precision's range) the
         # noise weights 1/sigma² are meaningless and the methods divide by zero
@@ -672,15 +680,15 @@ class Dataset:
         low = (sigma < floor[:, None]).any(axis=1)
         if low.any():
             i = int(np.argmax(low))
-            self._fail(f"dataset 'noise_std' of sample {i} is {sigma[i].min():.3g}, below "
-                       f"{NOISE_FLOOR:g} of its largest displacement ({largest[i]:.3g}) where "
-                       "double precision's round-off dominates: give the measurement's real "
-                       "noise level")
-        force = f["force_std"][...]
+            self._fail(f"dataset 'noise_std' of sample {rows.start + i} is {sigma[i].min():.3g}, "
+                       f"below {NOISE_FLOOR:g} of its largest displacement ({largest[i]:.3g}) "
+                       "where double precision's round-off dominates: give the measurement's "
+                       "real noise level")
+        force = f["force_std"][rows.start:rows.stop]
         if not (np.isfinite(force).all() and (force >= 0).all()):
             i = int(np.argwhere(~(np.isfinite(force) & (force >= 0)))[0, 0])
-            self._fail(f"dataset 'force_std' must be finite and >= 0; sample {i} has "
-                       f"{force[i]!r}")
+            self._fail(f"dataset 'force_std' must be finite and >= 0; sample {rows.start + i} "
+                       f"has {force[i].tolist()}")
 
     # -- access ----------------------------------------------------------------------------------
 

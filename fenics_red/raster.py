@@ -225,8 +225,8 @@ def validate_image(image, shape: tuple[int, ...] | None = None, name: str = "ima
     if positive and not (array > 0).all():
         where = tuple(np.argwhere(array <= 0)[0])
         raise ValueError(
-            f"{name} must be strictly positive everywhere; found {array[where]!r} at "
-            f"{_position(where)} (minimum {array.min()!r})")
+            f"{name} must be strictly positive everywhere; found {array[where].item()!r} at "
+            f"{_position(where)} (minimum {array.min().item()!r})")
     return np.ascontiguousarray(array, dtype=np.float64)
 
 

@@ -90,12 +90,17 @@ def test_show_refuses_a_missing_sample_or_file(mpi_tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ("noise", "has a noise level that is not a finite number >= 0"),
-    ("negative", "not strictly positive: the file is damaged"),
+    ("noise", "dataset 'noise_std' must be finite and > 0; sample 1 has [nan"),
+    ("zero noise", "dataset 'noise_std' must be finite and > 0; sample 1 has [0.0"),
+    ("negative", "dataset 'E' must be strictly positive; sample 1 has minimum"),
+    ("displacement", "dataset 'uy_noisy' has 1 non-finite value(s) (NaN or inf), first in "
+                     "sample 1 at row 3, column 4"),
 ])
 def test_show_refuses_a_damaged_sample_and_says_what_is_wrong(mpi_tmp_path, capsys, edit,
                                                               message):
-    """A NaN noise level was drawn as 'σ = nan'; a negative modulus was called 'all zero'."""
+    """The same check of values as loading a data set, for the sample drawn (a NaN noise level
+    was drawn as 'σ = nan', a zero one let through; a negative modulus was called 'all
+    zero')."""
     import h5py
 
     data = mpi_tmp_path / "set.h5"
@@ -104,8 +109,12 @@ def test_show_refuses_a_damaged_sample_and_says_what_is_wrong(mpi_tmp_path, caps
         with h5py.File(data, "r+") as f:
             if edit == "noise":
                 f["noise_std"][1] = np.nan
-            else:
+            elif edit == "zero noise":
+                f["noise_std"][1] = 0.0
+            elif edit == "negative":
                 f["E"][1] = -f["E"][1]
+            else:
+                f["uy_noisy"][1, 3, 4] = np.inf
     MPI.COMM_WORLD.Barrier()
     capsys.readouterr()
     assert main(["show", str(data), "--sample", "1", "--out", str(mpi_tmp_path / "f.png")]) == 2
@@ -113,4 +122,6 @@ def test_show_refuses_a_damaged_sample_and_says_what_is_wrong(mpi_tmp_path, caps
     if MPI.COMM_WORLD.rank == 0:
         assert message in err and "all zero" not in err
     assert not (mpi_tmp_path / "f.png").exists()
+    # a damaged sample keeps no other from being drawn
+    assert main(["show", str(data), "--sample", "2", "--out", str(mpi_tmp_path / "f.png")]) == 0
 

@@ -191,3 +191,13 @@ def test_forward_on_a_mesh_refuses_a_subnormal_modulus(mpi_tmp_path, capsys):
     assert main(["forward", "--mesh", str(MESHES / "sector-2d.msh"), "--modulus",
                  str(mpi_tmp_path / "E.npy"), "--out", str(mpi_tmp_path / "u.npz")]) == 2
     assert "node 7 (0-based, file order) has 1e-320" in capsys.readouterr().err
+
+
+def test_forward_on_a_mesh_names_the_first_non_positive_node_as_a_plain_number(mpi_tmp_path,
+                                                                                capsys):
+    values = np.full(1105, 0.2)  # nodes of meshes/sector-2d.msh
+    values[[5, 9]] = -0.5
+    _write(mpi_tmp_path / "E.npy", values)
+    assert main(["forward", "--mesh", str(MESHES / "sector-2d.msh"), "--modulus",
+                 str(mpi_tmp_path / "E.npy"), "--out", str(mpi_tmp_path / "u.npz")]) == 2
+    assert "node 5 (0-based, file order) has -0.5\n" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 
 from dolfinx import fem
 from fenics_red.domain import Domain
-from fenics_red.raster import ImageGrid, NodalImage, PointRaster, raster_for
+from fenics_red.raster import ImageGrid, NodalImage, PointRaster, raster_for, validate_image
 
 MESHES = Path(__file__).resolve().parents[1] / "meshes"
 
@@ -164,3 +164,12 @@ def test_a_grid_covering_a_3d_box_is_3d_with_cubic_voxels():
     assert (grid.nx, grid.ny, grid.nz) == (12, 8, 4)
     assert grid.origin == (0.0, 0.0, -2.0) and grid.extent == (30.0, 20.0, 10.0)
     assert ImageGrid.covering([0.0, 0.0], [3.0, 2.0], 1.0).dim == 2
+
+
+def test_a_non_positive_modulus_image_is_named_by_pixel_and_plain_numbers():
+    image = np.full((4, 5), 2.0)
+    image[1, 3], image[2, 0] = -1.5, -4.0
+    with pytest.raises(ValueError) as error:
+        validate_image(image, (4, 5), "modulus image", positive=True)
+    message = str(error.value)
+    assert "found -1.5 at" in message and "(minimum -4.0)" in message, message

@@ -230,7 +230,7 @@ def _nodal_modulus(values: np.ndarray, n_nodes: int, path) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"modulus {str(path)!r} must be finite and strictly positive at every "
-                         f"node; node {i} (0-based, file order) has {values[i]!r}")
+                         f"node; node {i} (0-based, file order) has {values[i].item()!r}")
     values = values.astype(np.float64)
     check_normal(values, f"modulus {str(path)!r}", lambda i: f"node {i[0]} (0-based, file order)")
     return values

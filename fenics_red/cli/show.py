@@ -7,8 +7,6 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-import numpy as np
-
 from ..data import load_dataset
 from ..io import check_output_path
 from ..parallel import on_root
@@ -40,6 +38,7 @@ def run(args) -> int:
         if not 0 <= args.sample < n:
             raise ValueError(f"--sample {args.sample} does not exist: {args.dataset!r} has {n} "
                              f"samples (0 to {n - 1})")
+        dataset.check_values(range(args.sample, args.sample + 1))  # the one sample drawn
         sample = dataset.sample(args.sample)
         grid = dataset.grid
         if dataset.mesh is not None:  # a mesh data set is drawn through its raster
@@ -51,20 +50,6 @@ def run(args) -> int:
             if sample.mask is not None:
                 images["mask"] = raster.labels(sample.mask)
             sample = dataclasses.replace(sample, **images)
-    for name in _FIELDS:
-        values = getattr(sample, name)
-        if values is not None and not np.isfinite(values).all():  # E is None without truth
-            raise ValueError(f"sample {args.sample} of {args.dataset!r} has non-finite values in "
-                             f"{name}: the file is damaged")
-    if sample.E is not None and not (sample.E > 0).all():
-        lost = " (all zero: a lost write?)" if not sample.E.any() else ""
-        raise ValueError(f"sample {args.sample} of {args.dataset!r} has a modulus that is not "
-                         f"strictly positive{lost}: the file is damaged")
-    noise = np.asarray(sample.noise_std, dtype=float)
-    if not (np.isfinite(noise).all() and (noise >= 0).all()):
-        raise ValueError(f"sample {args.sample} of {args.dataset!r} has a noise level that is "
-                         f"not a finite number >= 0 ({noise.tolist()}): the file is damaged")
-
     def plot():
         from ..visualise import plot_sample
 
