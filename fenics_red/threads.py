@@ -28,9 +28,14 @@ from collections.abc import Mapping
 __all__ = ["ranks_on_node", "job_cpus", "threads_per_rank", "set_thread_environment",
            "set_spin_environment", "THREAD_VARIABLES", "SPIN_DEFAULTS"]
 
+#: The environment variable of each thread pool (OpenMP's, which torch's reads too, OpenBLAS's,
+#: MKL's, BLIS's) -> the pool as threadpoolctl names it (a user API, or a library's file name
+#: prefix), to limit a pool already loaded.
+_POOLS = {"OMP_NUM_THREADS": "openmp", "OPENBLAS_NUM_THREADS": "libopenblas",
+          "MKL_NUM_THREADS": "libmkl_rt", "BLIS_NUM_THREADS": "libblis"}
+
 #: Environment variables read by the thread pools of OpenMP, OpenBLAS, MKL, BLIS and torch.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "BLIS_NUM_THREADS")
+THREAD_VARIABLES = tuple(_POOLS)
 
 #: Idle-wait settings: OpenBLAS workers spin 2²⁰ cycles (about 0.3 ms) instead of 2²⁸ before
 #: sleeping. Measured (2026-12-01, 2 cores, 1 rank, RED at 64² and 45 dB, 3 phantoms): denoiser
@@ -173,8 +178,3 @@ def _limit_loaded_pools(threads: int, variables: list[str]) -> None:
     if limits:
         threadpool_limits(limits=limits)
 
-
-#: The pools that read each of :data:`THREAD_VARIABLES`, as threadpoolctl names them (a user
-#: API, or a library's file name prefix).
-_POOLS = {"OMP_NUM_THREADS": "openmp", "OPENBLAS_NUM_THREADS": "libopenblas",
-          "MKL_NUM_THREADS": "libmkl_rt", "BLIS_NUM_THREADS": "libblis"}

@@ -224,7 +224,5 @@ def main(argv: list[str] | None = None, abort_on_error: bool | None = None) -> i
 
 
 def console_main() -> None:  # pragma: no cover - the installed entry point
-    from ..threads import set_thread_environment
-
-    set_thread_environment()  # before NumPy, PETSc and torch start their thread pools
+    # the threads per rank are set already: importing this module imported fenics_red first
     sys.exit(main())
