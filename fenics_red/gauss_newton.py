@@ -92,6 +92,7 @@ __all__ = ["GaussNewtonSettings", "GaussNewtonInversion", "GaussNewtonHessian", 
            "l_curve_corner", "expand_component_weights"]
 
 _REGULARISERS = tuple(REGULARISERS)
+_PRECONDITIONERS = ("none", "regulariser")
 _instance_counter = itertools.count()
 
 
@@ -128,6 +129,13 @@ class GaussNewtonSettings:
             ``decrement_rtol * J`` (converged to well below the noise).
         cg_max_iterations: bound on the inner CG iterations per Gauss-Newton step.
         cg_forcing_max: largest relative tolerance of the inner CG.
+        preconditioner: of the inner CG: ``"none"``; ``"regulariser"``, a Cholesky
+            factorisation of ``alpha E R''(E) E + beta I`` at every Gauss-Newton step
+            (:class:`RegulariserPreconditioner`; hIPPYlib preconditions by the prior in the same
+            way), with at least one step per alpha (a warm start can pass the decrement test
+            before any step once the directions are accurate); or ``"auto"`` (default):
+            ``"regulariser"`` for TV, whose small smoothing left the plain CG at its iteration
+            bound, ``"none"`` for Tikhonov, where it gained nothing (``docs/studies.md``).
         armijo_c: sufficient-decrease constant of the line search.
         max_backtracks: halvings of the step before the line search gives up.
         max_log_step: cap on ``max |delta log E|`` of one step (``E`` changes by at most
@@ -149,6 +157,7 @@ class GaussNewtonSettings:
     decrement_rtol: float = 1e-4
     cg_max_iterations: int = 150
     cg_forcing_max: float = 0.5
+    preconditioner: str = "auto"
     armijo_c: float = 1e-4
     max_backtracks: int = 12
     max_log_step: float = 1.0
@@ -156,6 +165,9 @@ class GaussNewtonSettings:
     def __post_init__(self):
         set_ = object.__setattr__
         validation.one_of(self.regulariser, "regulariser", _REGULARISERS)
+        validation.one_of(self.preconditioner, "preconditioner", ("auto", *_PRECONDITIONERS))
+        if self.preconditioner == "auto":
+            set_(self, "preconditioner", "regulariser" if self.regulariser == "tv" else "none")
         weights = validation.per_component(
             self.component_weights, "component_weights", (1, 2, 3), allow_zero=True,
             shape_hint="one to three finite non-negative numbers (one per displacement "
@@ -284,6 +296,47 @@ class GaussNewtonHessian:
             obj.destroy()
 
 
+class RegulariserPreconditioner:
+    """``P = alpha E R''(E) E + beta I``, the preconditioner of the inner CG on the Gauss-Newton
+    Hessian ``H = E (Dᵀ K⁻¹ W K⁻¹ D + alpha R'') E`` (:class:`GaussNewtonHessian`).
+
+    The regulariser's part is exact; the misfit's part, of low rank where the data say little,
+    is replaced by its mean diagonal ``beta = vᵀ H_misfit v / n`` for a ±1 probe ``v`` (one
+    Hessian product, the probe a function of the node positions, so any partition gives the
+    same ``P``), which also makes ``P`` definite where ``R''`` is not (constants). CG on ``P⁻¹H``
+    then needs few iterations where the unpreconditioned one met the small TV smoothing's
+    ill-conditioning (measured in ``docs/studies.md``). :meth:`update` reassembles ``P`` at the
+    current iterate; the Cholesky factorisation is the CG's PC (MUMPS, options under its
+    prefix).
+    """
+
+    def __init__(self, hessian: GaussNewtonHessian, probe: PETSc.Vec):
+        self.hessian = hessian
+        self.probe = probe
+        self.mat: PETSc.Mat | None = None
+        self._E, self._Hv = probe.duplicate(), probe.duplicate()
+
+    def update(self, alpha: float) -> PETSc.Mat:
+        """``P`` at the model's current ``E`` and ``R''``; returns it. Collective."""
+        R = self.hessian.regulariser.hessian()
+        if self.mat is None:
+            self.mat = R.copy()
+        else:
+            R.copy(self.mat, PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+        self._E.array[:] = self.hessian.model.E.x.array[: self._E.getLocalSize()]
+        self.mat.diagonalScale(L=self._E, R=self._E)
+        self.mat.scale(alpha)
+        self.hessian.misfit_mult(self.probe, self._Hv)
+        beta = self.probe.dot(self._Hv) / self.probe.getSize()
+        self.mat.shift(beta if beta > 0 and math.isfinite(beta) else 1.0)
+        return self.mat
+
+    def destroy(self) -> None:
+        for obj in (self.mat, self.probe, self._E, self._Hv):
+            if obj is not None:
+                obj.destroy()
+
+
 class OutputMisfit:
     """The data part of the output-error functional: ``1/2 sum_free w_c (u - u_m)^2``.
 
@@ -399,8 +452,14 @@ class GaussNewtonInversion:
         self._hessian = GaussNewtonHessian(model, self._D, self.misfit.weights, self.regulariser)
         self._cg = PETSc.KSP().create(self.comm)
         self._cg.setOperators(self._hessian.mat)
-        set_options(self._cg, f"fenics_red_gn_cg_{next(_instance_counter)}_",
-                    {"ksp_type": "cg", "pc_type": "none"})
+        self._pc = None
+        cg_options = {"ksp_type": "cg", "pc_type": "none"}
+        if settings.preconditioner == "regulariser":
+            start = self._start_vector()
+            start.array[:] = np.where(start.array_r > 1.0, 1.0, -1.0)  # a ±1 probe
+            self._pc = RegulariserPreconditioner(self._hessian, start)
+            cg_options.update(pc_type="cholesky", pc_factor_mat_solver_type="mumps")
+        set_options(self._cg, f"fenics_red_gn_cg_{next(_instance_counter)}_", cg_options)
 
         self.alpha = 0.0 if settings.alpha is None else float(settings.alpha)
         self._state_current = False  # the forward solution belongs to the current m
@@ -613,6 +672,8 @@ class GaussNewtonInversion:
         forcing = min(s.cg_forcing_max, math.sqrt(g_norm / g_start)) if g_start > 0 else 0.5
         self._cg.setTolerances(rtol=forcing, atol=0.0, max_it=s.cg_max_iterations)
         self.hessian()
+        if self._pc is not None:
+            self._cg.setOperators(self._hessian.mat, self._pc.update(self.alpha))
         g.scale(-1.0)
         p.set(0.0)
         self._cg.solve(g, p)
@@ -657,8 +718,8 @@ class GaussNewtonInversion:
                 g.copy(p)
                 p.scale(-1.0)
                 slope = g.dot(p)
-            if -0.5 * slope <= s.decrement_rtol * J:  # the predicted decrease
-                reason = "decrement"
+            if -0.5 * slope <= s.decrement_rtol * J and (iteration > 1 or self._pc is None):
+                reason = "decrement"  # the predicted decrease
                 break
             p_max = p.norm(PETSc.NormType.INFINITY)
             m_old = self.parameter()
@@ -794,8 +855,9 @@ class GaussNewtonInversion:
     def destroy(self) -> None:
         """Free the PETSc objects of the inversion (not the model's). Collective."""
         for obj in (self._cg, self._hessian, self.regulariser, self.misfit, self._q_work,
-                    self._v_work1, self._v_work2, self.gradient_vec, self.direction):
-            obj.destroy()
+                    self._v_work1, self._v_work2, self.gradient_vec, self.direction, self._pc):
+            if obj is not None:
+                obj.destroy()
 
     def __enter__(self):
         return self

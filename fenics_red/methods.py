@@ -211,6 +211,11 @@ MIN_MISFIT_DECREASE = Flag(
 TAU = Flag("--tau", "discrepancy_tau", "Gauss-Newton's discrepancy target: alpha is chosen so "
            "that the weighted residual is TAU times the expected noise energy (default 1)",
            {"type": float, "metavar": "TAU"})
+GN_PRECONDITIONER = Flag(
+    "--gn-preconditioner", "preconditioner", "preconditioner of Gauss-Newton's inner CG: the "
+    "regulariser's Hessian (plus the misfit's mean diagonal), none, or auto: the regulariser "
+    "for gn-tv, none for gn-tikhonov (default auto)",
+    {"choices": ["auto", "none", "regulariser"]})
 TV_DELTA = Flag("--tv-delta", "tv_delta", "smoothing of the total variation, relative to the "
                 "initial modulus over the domain's extent (default 0.1)",
                 {"type": float, "metavar": "DELTA"})
@@ -235,11 +240,12 @@ METHODS: dict[str, Method] = {
                           _lazy("gauss_newton", "gn_tikhonov_options"),
                           "Gauss-Newton-CG, output error, Tikhonov (gradient) regulariser, alpha "
                           "by the discrepancy principle (classical baseline)",
-                          flags=(MAX_STEPS, TAU, UNCERTAINTY, UNCERTAINTY_RANK)),
+                          flags=(MAX_STEPS, TAU, GN_PRECONDITIONER, UNCERTAINTY,
+                                 UNCERTAINTY_RANK)),
     "gn-tv": Method(_lazy("gauss_newton", "setup_gn_tv"), _lazy("gauss_newton", "gn_tv_options"),
                     "Gauss-Newton-CG, output error, smoothed total variation, alpha by the "
                     "discrepancy principle (classical baseline)",
-                    flags=(MAX_STEPS, TAU, TV_DELTA)),
+                    flags=(MAX_STEPS, TAU, GN_PRECONDITIONER, TV_DELTA)),
     "ml": Method(_lazy("solvers", "setup_ml"), _lazy("solvers", "ml_options"),
                  "maximum-likelihood estimate (statistical model, no prior, early stopped; the "
                  "denoiser's training input)",

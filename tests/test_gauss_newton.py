@@ -213,6 +213,35 @@ def test_results_do_not_depend_on_the_number_of_ranks(comm, rng, regulariser, al
     model.destroy()
 
 
+def test_cg_preconditioned_by_the_regulariser_reaches_the_same_minimiser_in_fewer_iterations(
+        comm, rng):
+    """At a fixed alpha the minimiser is unique: Gauss-Newton with the inner CG preconditioned by
+    ``alpha E R'' E + beta I`` and with plain CG, both solved tightly, give the same estimate
+    (Tikhonov and TV); for TV, whose small smoothing makes R'' ill-conditioned, in under a third
+    of the CG iterations (measured at 24²: 6581 against 1424)."""
+    grid = ImageGrid(24, 24)
+    E, _ = _inclusion_phantom(grid)
+    model, ux, uy = _data(grid, E, comm)
+    ux_noisy, uy_noisy, sigma = _noise(model, ux, uy, 35.0, rng)
+    for regulariser in ("tikhonov", "tv"):
+        estimates, cg = {}, {}
+        for preconditioner in ("none", "regulariser"):
+            settings = GaussNewtonSettings(regulariser=regulariser, alpha=5e-6,
+                                           preconditioner=preconditioner, decrement_rtol=1e-12,
+                                           gradient_rtol=1e-8, max_iterations=100)
+            estimates[preconditioner], history = reconstruct_gauss_newton(
+                model, ux_noisy, uy_noisy, sigma, settings)
+            cg[preconditioner] = sum(r["cg_iterations"] for r in history["iterations"])
+        difference = _relative_error(estimates["regulariser"], estimates["none"])
+        assert difference < 1e-4, f"{regulariser}: {difference:.2e}"
+        if regulariser == "tv":
+            assert cg["regulariser"] < cg["none"] / 3, cg
+    assert GaussNewtonSettings(regulariser="tv").preconditioner == "regulariser"  # "auto"
+    assert GaussNewtonSettings(regulariser="tikhonov").preconditioner == "none"
+    with pytest.raises(ValueError, match="preconditioner must be one of"):
+        GaussNewtonSettings(preconditioner="jacobi")
+    model.destroy()
+
 def test_fixed_alpha_and_settings_round_trip(comm):
     E = _smooth_phantom(_SMALL)
     model, ux, uy = _data(_SMALL, E, comm)
