@@ -133,9 +133,11 @@ class GaussNewtonSettings:
             factorisation of ``alpha E R''(E) E + beta I`` at every Gauss-Newton step
             (:class:`RegulariserPreconditioner`; hIPPYlib preconditions by the prior in the same
             way), with at least one step per alpha (a warm start can pass the decrement test
-            before any step once the directions are accurate); or ``"auto"`` (default):
-            ``"regulariser"`` for TV, whose small smoothing left the plain CG at its iteration
-            bound, ``"none"`` for Tikhonov, where it gained nothing (``docs/studies.md``).
+            before any step once the directions are accurate); or ``"auto"`` (default,
+            :meth:`resolve_preconditioner`): ``"regulariser"`` for TV in 2-D, whose small
+            smoothing left the plain CG at its iteration bound (2-3 times faster for the same
+            accuracy on the validation sets, ``docs/studies.md``), ``"none"`` for Tikhonov, where
+            it gained nothing, and in 3-D, where it has not been measured yet.
         armijo_c: sufficient-decrease constant of the line search.
         max_backtracks: halvings of the step before the line search gives up.
         max_log_step: cap on ``max |delta log E|`` of one step (``E`` changes by at most
@@ -166,8 +168,6 @@ class GaussNewtonSettings:
         set_ = object.__setattr__
         validation.one_of(self.regulariser, "regulariser", _REGULARISERS)
         validation.one_of(self.preconditioner, "preconditioner", ("auto", *_PRECONDITIONERS))
-        if self.preconditioner == "auto":
-            set_(self, "preconditioner", "regulariser" if self.regulariser == "tv" else "none")
         weights = validation.per_component(
             self.component_weights, "component_weights", (1, 2, 3), allow_zero=True,
             shape_hint="one to three finite non-negative numbers (one per displacement "
@@ -196,6 +196,12 @@ class GaussNewtonSettings:
         for name in ("max_alpha_trials", "max_iterations", "cg_max_iterations",
                      "max_backtracks"):
             set_(self, name, validation.budget(getattr(self, name), name))
+
+    def resolve_preconditioner(self, dim: int) -> str:
+        """The inner CG's preconditioner on a ``dim``-D mesh, ``"auto"`` resolved."""
+        if self.preconditioner != "auto":
+            return self.preconditioner
+        return "regulariser" if self.regulariser == "tv" and dim == 2 else "none"
 
     def to_dict(self) -> dict:
         """Plain dictionary (JSON-serialisable; for output files and histories)."""
@@ -454,7 +460,9 @@ class GaussNewtonInversion:
         self._cg.setOperators(self._hessian.mat)
         self._pc = None
         cg_options = {"ksp_type": "cg", "pc_type": "none"}
-        if settings.preconditioner == "regulariser":
+        #: the inner CG's preconditioner, ``"auto"`` resolved for this mesh
+        self.preconditioner = settings.resolve_preconditioner(model.dim)
+        if self.preconditioner == "regulariser":
             start = self._start_vector()
             start.array[:] = np.where(start.array_r > 1.0, 1.0, -1.0)  # a ±1 probe
             self._pc = RegulariserPreconditioner(self._hessian, start)
@@ -780,7 +788,8 @@ class GaussNewtonInversion:
                        noise_std=None if noise_std is None else
                        self.misfit.noise_std(noise_std).tolist(),
                        initial_modulus=self.initial_modulus,
-                       tv_delta_absolute=self.tv_delta_absolute, settings=s.to_dict())
+                       tv_delta_absolute=self.tv_delta_absolute,
+                       preconditioner=self.preconditioner, settings=s.to_dict())
         if s.alpha is not None:
             summary = self.minimise(s.alpha, iterations, t0)
             trials.append(summary)
@@ -960,7 +969,7 @@ class GaussNewtonRunner:
                   for k in columns}
         info = {"alpha": history["alpha"], "discrepancy_reached": history["discrepancy_reached"],
                 "alpha_trials": len(history["alpha_trials"]), "iterations": len(rows),
-                "time": history["time"]}
+                "preconditioner": history["preconditioner"], "time": history["time"]}
         return estimate, arrays, info
 
     def destroy(self) -> None:
