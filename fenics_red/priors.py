@@ -60,6 +60,7 @@ import numpy as np
 
 from . import validation
 from .parallel import on_root
+from .threads import root_call_threads, torch_threads
 
 __all__ = ["RedPrior", "FixedLambda", "GradientNormLambda", "BalanceLambda",
            "LipschitzFractionLambda", "parse_lambda_rule", "LAMBDA_RULES"]
@@ -92,6 +93,8 @@ class RedPrior:
                              f"got {lipschitz!r}")
         self.denoiser = denoiser
         self.fidelity = fidelity
+        #: torch's threads on rank 0 for the call, the waiting ranks' cores included
+        self.root_threads = root_call_threads(fidelity.comm)
         self.comm = fidelity.comm
         self.lipschitz = lipschitz
         self.calls = 0
@@ -105,10 +108,11 @@ class RedPrior:
         """``image − C(image)`` on rank 0 (the torch call), broadcast to every rank."""
         def denoise():
             tic = time.perf_counter()
-            if hasattr(self.denoiser, "residual"):
-                residual = np.asarray(self.denoiser.residual(image), dtype=np.float64)
-            else:
-                residual = image - np.asarray(self.denoiser(image), dtype=np.float64)
+            with torch_threads(self.root_threads):
+                if hasattr(self.denoiser, "residual"):
+                    residual = np.asarray(self.denoiser.residual(image), dtype=np.float64)
+                else:
+                    residual = image - np.asarray(self.denoiser(image), dtype=np.float64)
             if residual.shape != image.shape:
                 raise ValueError(f"the denoiser returned shape {residual.shape} for an image of "
                                  f"shape {image.shape}")

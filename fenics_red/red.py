@@ -68,6 +68,7 @@ from .solvers import (
     MLSettings,
     stopping_rules,
 )
+from .threads import torch_threads
 
 __all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "REDFixedPoint",
            "default_denoiser_path",
@@ -605,7 +606,11 @@ class REDReconstructor:
 
     def denoise(self, image: np.ndarray) -> np.ndarray:
         """``C(image)`` on rank 0, broadcast (collective)."""
-        return on_root(self.comm, lambda: np.asarray(self.denoiser(image), dtype=np.float64))
+        def denoise():
+            with torch_threads(self.prior.root_threads):
+                return np.asarray(self.denoiser(image), dtype=np.float64)
+
+        return on_root(self.comm, denoise)
 
     def run_sample(self, sample, stages: str = "red") -> tuple[np.ndarray, dict, dict]:
         """``(estimate, history, info)`` of a data set sample; ``stages`` ``"denoised-ml"`` stops

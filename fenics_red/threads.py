@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 __all__ = ["ranks_on_node", "job_cpus", "threads_per_rank", "set_thread_environment",
-           "set_spin_environment", "THREAD_VARIABLES", "SPIN_DEFAULTS"]
+           "set_spin_environment", "root_call_threads", "torch_threads", "THREAD_VARIABLES",
+           "SPIN_DEFAULTS"]
 
 #: The environment variable of each thread pool (OpenMP's, which torch's reads too, OpenBLAS's,
 #: MKL's, BLIS's) -> the pool as threadpoolctl names it (a user API, or a library's file name
@@ -139,6 +141,7 @@ def set_thread_environment(env: dict[str, str] | None = None) -> int:
     unless ``FENICS_RED_THREADS`` is set; an invalid value of either is warned about and
     replaced. Returns the number of threads chosen.
     """
+    global _USER_CHOSE
     env = os.environ if env is None else env
     set_spin_environment(env)
     forced = _chosen(env, "FENICS_RED_THREADS")
@@ -146,8 +149,11 @@ def set_thread_environment(env: dict[str, str] | None = None) -> int:
         env.pop("FENICS_RED_THREADS", None)  # an invalid value is unset (it was warned about)
         mine = _chosen(env, "OMP_NUM_THREADS")
         if mine is not None:
+            _USER_CHOSE = _USER_CHOSE or env is os.environ
             return mine
         env.pop("OMP_NUM_THREADS", None)
+    elif env is os.environ:
+        _USER_CHOSE = True
     threads = threads_per_rank(env=env)
     set_here = [name for name in THREAD_VARIABLES if name not in env or forced is not None]
     for name in set_here:
@@ -155,6 +161,47 @@ def set_thread_environment(env: dict[str, str] | None = None) -> int:
     if env is os.environ:
         _limit_loaded_pools(threads, set_here)
     return threads
+
+
+#: Whether the user chose this process's threads (``OMP_NUM_THREADS`` or ``FENICS_RED_THREADS``):
+#: then :func:`root_call_threads` keeps them.
+_USER_CHOSE = False
+
+
+def root_call_threads(comm) -> int | None:
+    """Threads for a call that rank 0 of ``comm`` makes while its other ranks wait for the
+    result (the denoiser: :func:`fenics_red.parallel.on_root`): the threads per rank times the
+    ranks of ``comm`` on rank 0's node, whose cores would otherwise idle through the call
+    (measured: 95-106 ms for a denoiser call at 64² on one of two ranks' threads, 21-24 ms on
+    both; ``benchmarks/results/red.md``). ``None`` (keep the threads) on one rank or when the user
+    set the threads. Collective."""
+    from mpi4py import MPI
+
+    if comm.size == 1:
+        return None
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        on_node = node.size
+    finally:
+        node.Free()
+    threads = _chosen(os.environ, "OMP_NUM_THREADS") or 1
+    return None if _USER_CHOSE or on_node == 1 else threads * on_node
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the block (``None``: unchanged)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_spin_environment(env: dict[str, str] | None = None) -> None:

@@ -142,3 +142,28 @@ def test_importing_fenics_red_first_sets_the_idle_wait_before_numpy_loads_openbl
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == SPIN_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"]
+
+
+def test_rank_0_runs_the_denoiser_on_the_cores_of_the_ranks_that_wait_for_it(monkeypatch):
+    """On a mesh split over N ranks of a node, the denoiser runs on rank 0 while the others wait
+    in a broadcast: it gets N times the threads per rank (unless the user chose the threads);
+    each rank's own calls (reconstruct --all, COMM_SELF) keep their share."""
+    import torch
+    from mpi4py import MPI
+
+    from fenics_red import threads
+
+    comm = MPI.COMM_WORLD
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(threads, "_USER_CHOSE", False)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    on_node = node.size
+    node.Free()
+    assert threads.root_call_threads(MPI.COMM_SELF) is None
+    assert threads.root_call_threads(comm) == (None if on_node == 1 else on_node)
+    monkeypatch.setattr(threads, "_USER_CHOSE", True)
+    assert threads.root_call_threads(comm) is None  # collective all the same
+    before = torch.get_num_threads()
+    with threads.torch_threads(3):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
