@@ -148,8 +148,9 @@ def test_rank_0_runs_the_denoiser_on_the_cores_of_the_ranks_that_wait_for_it(mon
     """On a mesh split over N ranks of a node, the denoiser runs on rank 0 while the others wait
     in a broadcast: it gets N times the threads per rank (unless the user chose the threads);
     each rank's own calls (reconstruct --all, COMM_SELF) keep their share."""
-    import torch
     from mpi4py import MPI
+
+    import torch
 
     from fenics_red import threads
 
