@@ -214,7 +214,7 @@ TAU = Flag("--tau", "discrepancy_tau", "Gauss-Newton's discrepancy target: alpha
 GN_PRECONDITIONER = Flag(
     "--gn-preconditioner", "preconditioner", "preconditioner of Gauss-Newton's inner CG: the "
     "regulariser's Hessian (plus the misfit's mean diagonal), none, or auto: the regulariser "
-    "for gn-tv, none for gn-tikhonov (default auto)",
+    "for gn-tv in 2-D, none for gn-tikhonov and in 3-D (default auto)",
     {"choices": ["auto", "none", "regulariser"]})
 TV_DELTA = Flag("--tv-delta", "tv_delta", "smoothing of the total variation, relative to the "
                 "initial modulus over the domain's extent (default 0.1)",
