@@ -16,8 +16,9 @@ construction (a torch call on several processes need not agree to the last bit w
 counts or kernels differ, and ranks that disagree on shared nodes make the iteration rank
 dependent); an error in the network call is raised on every rank (:func:`fenics_red.parallel.
 on_root`); and on a machine with few cores the other ranks do not compete with rank 0 for them.
-The torch call sits in :meth:`RedPrior._residual_on_root` only. The cost is one broadcast of an
-image (34 kB at 64²), negligible next to the denoiser.
+Every torch call goes through :meth:`RedPrior._on_root`, which also gives rank 0 the waiting
+ranks' cores for it. The cost is one broadcast of an image (34 kB at 64²), negligible next to the
+denoiser.
 
 ``R(E)`` is computed as ``½ Σ_pixels E (E − C(E))`` on the gathered image, the same on every rank
 and for any number of ranks. The RED identities (10)-(11) hold exactly only for a denoiser that is
@@ -104,27 +105,44 @@ class RedPrior:
 
     # -- the one place where the network runs ------------------------------------------------
 
+    def _on_root(self, call):
+        """``call()`` on rank 0 with torch's threads for it (the waiting ranks' cores included),
+        its result broadcast to every rank; an error on rank 0 ends every rank. Collective."""
+        def threaded():
+            with torch_threads(self.root_threads):
+                return call()
+
+        return on_root(self.comm, threaded)
+
+    @staticmethod
+    def _checked(out: np.ndarray, image: np.ndarray) -> np.ndarray:
+        if out.shape != image.shape:
+            raise ValueError(f"the denoiser returned shape {out.shape} for an image of "
+                             f"shape {image.shape}")
+        if not np.isfinite(out).all():
+            raise ValueError("the denoiser returned non-finite values: is the model file "
+                             "the right one for these moduli?")
+        return out
+
+    def denoise(self, image: np.ndarray) -> np.ndarray:
+        """``C(image)`` on rank 0, broadcast (one pass, not counted in ``calls``). Collective."""
+        return self._on_root(lambda: self._checked(
+            np.asarray(self.denoiser(image), dtype=np.float64), image))
+
     def _residual_on_root(self, image: np.ndarray) -> np.ndarray:
         """``image − C(image)`` on rank 0 (the torch call), broadcast to every rank."""
-        def denoise():
+        def residual():
             tic = time.perf_counter()
-            with torch_threads(self.root_threads):
-                if hasattr(self.denoiser, "residual"):
-                    residual = np.asarray(self.denoiser.residual(image), dtype=np.float64)
-                else:
-                    residual = image - np.asarray(self.denoiser(image), dtype=np.float64)
-            if residual.shape != image.shape:
-                raise ValueError(f"the denoiser returned shape {residual.shape} for an image of "
-                                 f"shape {image.shape}")
-            if not np.isfinite(residual).all():
-                raise ValueError("the denoiser returned non-finite values: is the model file "
-                                 "the right one for these moduli?")
-            return residual, time.perf_counter() - tic
+            if hasattr(self.denoiser, "residual"):
+                out = self._checked(np.asarray(self.denoiser.residual(image), np.float64), image)
+            else:
+                out = image - self._checked(np.asarray(self.denoiser(image), np.float64), image)
+            return out, time.perf_counter() - tic
 
-        residual, seconds = on_root(self.comm, denoise)
+        out, seconds = self._on_root(residual)
         self.calls += 1
         self.seconds += seconds
-        return residual
+        return out
 
     # -- images --------------------------------------------------------------------------------
 

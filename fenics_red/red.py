@@ -55,7 +55,6 @@ from .forward import ElasticityModel, ForwardSettings
 from .io import file_sha256
 from .likelihood import StatisticalLikelihood
 from .measurements import Measurement
-from .parallel import on_root
 from .raster import ImageGrid
 from .solvers import (
     AT_REFRESH,
@@ -68,7 +67,6 @@ from .solvers import (
     MLSettings,
     stopping_rules,
 )
-from .threads import torch_threads
 
 __all__ = ["REDSettings", "DenoisedMLSettings", "REDReconstructor", "REDFixedPoint",
            "default_denoiser_path",
@@ -606,11 +604,7 @@ class REDReconstructor:
 
     def denoise(self, image: np.ndarray) -> np.ndarray:
         """``C(image)`` on rank 0, broadcast (collective)."""
-        def denoise():
-            with torch_threads(self.prior.root_threads):
-                return np.asarray(self.denoiser(image), dtype=np.float64)
-
-        return on_root(self.comm, denoise)
+        return self.prior.denoise(image)
 
     def run_sample(self, sample, stages: str = "red") -> tuple[np.ndarray, dict, dict]:
         """``(estimate, history, info)`` of a data set sample; ``stages`` ``"denoised-ml"`` stops
