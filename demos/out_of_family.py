@@ -103,10 +103,11 @@ if comm.rank == 0 and not small:
 # %% [markdown]
 # ## Tuning the baselines on RED's validation sets
 #
-# τ = 1 and a TV smoothing of 1 are the defaults. τ below 1 fits the data closer than their
-# noise (less regularisation), above 1 less closely. A first grid, then a second round around
-# each method's best: τ 10 % either side, and the smoothing a third and three times (settings
-# tried before are not run again).
+# τ = 1 is the default. τ below 1 fits the data closer than their noise (less
+# regularisation), above 1 less closely. A first grid, then rounds around each method's best, τ
+# 10 % either side and the smoothing one step either way on a ladder of steps of about 3, until
+# no best moves (at most six rounds; settings tried before are not run again): the search may
+# leave the first grid.
 
 # %%
 taus = (0.7, 1.0) if small else (0.6, 0.8, 1.0, 1.3, 1.7)
@@ -143,15 +144,25 @@ def tune(candidates) -> dict:
     return {method: dict(option) for method, (_, option) in best.items()}
 
 
-best = tune(first)
-around = []
-for method, option in best.items():
+deltas = (0.0037, 0.011, 0.033, 0.1, 0.3, 1.0, 3.0, 9.0)  # the smoothing's ladder
+
+
+def around(method: str, option: dict) -> list:
+    """The settings next to ``option``: τ × 0.9 and × 1.1, the smoothing's ladder neighbours."""
     tau = option["discrepancy_tau"]
-    around += [(method, {**option, "discrepancy_tau": round(tau * f, 3)}) for f in (0.9, 1.1)]
+    near = [(method, {**option, "discrepancy_tau": round(tau * f, 3)}) for f in (0.9, 1.1)]
     if "tv_delta" in option:
-        around += [(method, {**option, "tv_delta": round(option["tv_delta"] * f, 3)})
-                   for f in (1 / 3, 3)]
-best = tune(around)
+        i = deltas.index(option["tv_delta"])
+        near += [(method, {**option, "tv_delta": deltas[j]})
+                 for j in (i - 1, i + 1) if 0 <= j < len(deltas)]
+    return near
+
+
+best = tune(first)
+for _ in range(1 if small else 6):
+    before, best = best, tune([c for m, o in best.items() for c in around(m, o)])
+    if best == before:
+        break
 if comm.rank == 0:
     lines = ["# Tuning the Gauss-Newton baselines (validation: seed 5000, paper phantoms, "
              f"{n_val} per SNR at {', '.join(f'{s:g}' for s in snrs)} dB)\n",

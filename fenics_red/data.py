@@ -65,7 +65,6 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from mpi4py import MPI
 
@@ -253,12 +252,17 @@ def _grid_mesh(grid: ImageGrid) -> MeshArrays:
 
 def mesh_digest(mesh: MeshArrays) -> str:
     """A fingerprint of a mesh's arrays (a resumed mesh data set must be on the same mesh)."""
+    return _arrays_digest(mesh.points, mesh.cells, mesh.load, mesh.support, mesh.force)
+
+
+def _arrays_digest(points, cells, load, support, force=None) -> str:
+    """:func:`mesh_digest` of the arrays themselves (a damaged file's, which make no mesh)."""
     import hashlib
 
     digest = hashlib.sha256()
-    arrays = [mesh.points, mesh.cells, mesh.load, mesh.support]
-    if mesh.force is not None:  # a measurement's nodal forces are part of its mesh
-        arrays.append(mesh.force)
+    arrays = [points, cells, load, support]
+    if force is not None:  # a measurement's nodal forces are part of its mesh
+        arrays.append(force)
     for array in arrays:
         array = np.ascontiguousarray(array)
         digest.update(str((array.shape, array.dtype.str)).encode())
@@ -624,7 +628,7 @@ class Dataset:
         try:
             mesh = MeshArrays(**arrays)
         except ValueError as error:  # a damaged file is said so, not "remove the bad nodes"
-            if stored != mesh_digest(SimpleNamespace(**{"force": None, **arrays})):
+            if stored != _arrays_digest(**arrays):
                 self._fail(damaged)
             self._fail(str(error))
         if stored != mesh_digest(mesh):
