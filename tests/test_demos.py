@@ -43,7 +43,7 @@ def test_demo_runs_at_a_small_size(name, mpi_tmp_path, monkeypatch, capsys):
         if MPI.COMM_WORLD.rank == 0:  # the baselines tuned on validation, then every method
             assert "| gn-tv | discrepancy_tau = 0.7, tv_delta = 1 |" in out
             assert "## voronoi, 35 dB" in out and "## rings, 35 dB" in out
-            assert "| gn-tv (tuned) |" in out and "RED / tuned GN-TV" in out
+            assert "| gn-tv (tuned) |" in out and "RED / better GN-TV (" in out
             assert (mpi_tmp_path / "out-of-family" / "tables.md").exists()
     elif name == "red_start_check.py":  # an identity denoiser: every ratio is 1, no fallback
         rows = [line for line in out.splitlines() if line.startswith("| val-")]
